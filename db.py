@@ -1,0 +1,1524 @@
+"""The store: schema, migrations, every read and write, and the status machines.
+
+One SQLite file in WAL mode. All writes go through one connection guarded by one lock, each in a
+``BEGIN IMMEDIATE`` transaction; reads use a second connection. Status changes happen only here,
+through :func:`_transition`, which refuses what the machines below do not allow and appends every
+change to ``status_history``. After a write commits, an event is published on the hub given to
+:class:`Database` — this module knows nothing about the web server or the bot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+from loguru import logger
+
+from events import EventHub
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
+
+SourceType = Literal["telegram", "http", "ftp", "magnet", "torrent"]
+SOURCE_TYPES: tuple[str, ...] = ("telegram", "http", "ftp", "magnet", "torrent")
+
+# --- the status machines (ARCHITECTURE.md) ------------------------------------------------------
+
+DOWNLOAD_TRANSITIONS: dict[str, frozenset[str]] = {
+    "pending": frozenset({"waiting", "downloading", "failed", "cancelled"}),
+    "waiting": frozenset({"downloading", "paused", "failed", "cancelled"}),
+    "downloading": frozenset({"paused", "completed", "failed", "cancelled"}),
+    "paused": frozenset({"waiting", "downloading", "failed", "cancelled"}),
+    "completed": frozenset(),
+    "failed": frozenset({"pending"}),
+    "cancelled": frozenset({"pending"}),
+}
+UPLOAD_TRANSITIONS: dict[str, frozenset[str]] = {
+    "waiting_download": frozenset({"pending", "cancelled"}),
+    "pending": frozenset({"uploading", "cancelled"}),
+    "uploading": frozenset({"completed", "failed", "paused", "cancelled"}),
+    "paused": frozenset({"pending", "cancelled"}),
+    "completed": frozenset(),
+    "failed": frozenset({"pending"}),
+    "cancelled": frozenset({"pending"}),
+}
+MACHINES: dict[str, dict[str, frozenset[str]]] = {
+    "download": DOWNLOAD_TRANSITIONS,
+    "upload": UPLOAD_TRANSITIONS,
+}
+DOWNLOAD_STATUSES = tuple(DOWNLOAD_TRANSITIONS)
+UPLOAD_STATUSES = tuple(UPLOAD_TRANSITIONS)
+ACTIVE_DOWNLOAD_STATUSES = ("pending", "waiting", "downloading", "paused")
+FINAL_DOWNLOAD_STATUSES = ("completed", "failed", "cancelled")
+
+
+def allowed_sources(entity: str, target: str) -> tuple[str, ...]:
+    """The statuses from which `entity` may move to `target`."""
+    return tuple(src for src, targets in MACHINES[entity].items() if target in targets)
+
+
+class StoreError(Exception):
+    """Base of the store's errors."""
+
+
+class TransitionError(StoreError):
+    """A status change that the machine does not allow; nothing was written."""
+
+    def __init__(self, entity: str, item_id: int, current: str | None, target: str) -> None:
+        self.entity, self.item_id, self.current, self.target = entity, item_id, current, target
+        where = "does not exist" if current is None else f"is {current}"
+        super().__init__(f"{entity} {item_id} {where}: cannot become {target}")
+
+
+class NotFound(StoreError):
+    def __init__(self, entity: str, key: object) -> None:
+        super().__init__(f"{entity} {key} not found")
+        self.entity, self.key = entity, key
+
+
+class DuplicateDownload(StoreError):
+    """The same source is already queued or downloading."""
+
+    def __init__(self, existing_id: int, source_key: str) -> None:
+        super().__init__(f"already queued as download {existing_id}")
+        self.existing_id, self.source_key = existing_id, source_key
+
+
+def utc_now() -> str:
+    """A UTC timestamp with its offset, e.g. 2026-11-24T05:00:00.123+00:00."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+# --- records -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TgMediaRecord:
+    """Telegram media metadata, converted from a Pyrogram message by the bot."""
+
+    file_unique_id: str
+    file_id: str
+    chat_id: int
+    message_id: int
+    media_type: str
+    sender_id: int | None = None
+    sender_name: str | None = None
+    file_name: str | None = None
+    mime_type: str | None = None
+    file_size: int | None = None
+    duration: int | None = None
+    width: int | None = None
+    height: int | None = None
+    caption: str | None = None
+    media_group_id: str | None = None
+    message_date: str | None = None
+    dc_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TorrentFile:
+    index: int
+    path: str
+    length: int
+    selected: bool = True
+
+
+@dataclass(frozen=True)
+class NewDownload:
+    """Everything known about a job before aria2 sees it."""
+
+    source_type: SourceType
+    source_key: str
+    source_url: str | None = None
+    file_name: str | None = None
+    total_length: int = 0
+    file_unique_id: str | None = None
+    owner_id: int | None = None
+    chat_id: int | None = None
+    message_id: int | None = None
+    group_key: str | None = None
+    torrent_data: bytes | None = None
+    info_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class DownloadRow:
+    id: int
+    gid: str | None
+    source_type: str
+    source_key: str
+    source_url: str | None
+    status: str
+    file_name: str | None
+    local_path: str | None
+    total_length: int
+    completed_length: int
+    download_speed: int
+    error_message: str | None
+    error_code: str | None
+    file_unique_id: str | None
+    owner_id: int | None
+    chat_id: int | None
+    message_id: int | None
+    group_key: str
+    progress_message_id: int | None
+    info_hash: str | None
+    files: tuple[TorrentFile, ...]
+    media_info: dict[str, Any] | None
+    created_at: str
+    started_at: str | None
+    completed_at: str | None
+    updated_at: str
+    has_torrent_data: bool = False
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_DOWNLOAD_STATUSES
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["files"] = [asdict(f) for f in self.files]
+        return data
+
+
+@dataclass(frozen=True)
+class UploadRow:
+    id: int
+    download_id: int
+    upload_target: str
+    target_type: str
+    status: str
+    remote_path: str | None
+    uploaded_size: int
+    total_size: int
+    upload_speed: float
+    retry_count: int
+    max_retries: int
+    failure_reason: str | None
+    error_message: str | None
+    error_code: str | None
+    verified_size: int | None
+    verified_hash: str | None
+    verified_at: str | None
+    next_attempt_at: str | None
+    created_at: str
+    started_at: str | None
+    completed_at: str | None
+    cleaned_at: str | None
+    updated_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    gid: str
+    completed_length: int
+    total_length: int
+    download_speed: int
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    entity: str
+    entity_id: int
+    from_status: str | None
+    to_status: str
+    reason: str | None
+    at: str
+
+
+@dataclass
+class DownloadGroup:
+    group_key: str
+    source_type: str
+    media_group_id: str | None
+    downloads: list[DownloadRow] = field(default_factory=list)
+
+
+# --- schema ------------------------------------------------------------------------------------
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE tg_media (
+        file_unique_id TEXT PRIMARY KEY,
+        file_id        TEXT NOT NULL,
+        chat_id        INTEGER NOT NULL,
+        message_id     INTEGER NOT NULL,
+        media_type     TEXT NOT NULL,
+        sender_id      INTEGER,
+        sender_name    TEXT,
+        file_name      TEXT,
+        mime_type      TEXT,
+        file_size      INTEGER,
+        duration       INTEGER,
+        width          INTEGER,
+        height         INTEGER,
+        caption        TEXT,
+        media_group_id TEXT,
+        message_date   TEXT,
+        dc_id          INTEGER,
+        created_at     TEXT NOT NULL,
+        updated_at     TEXT NOT NULL
+    );
+    CREATE TABLE downloads (
+        id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+        gid                 TEXT UNIQUE,
+        file_unique_id      TEXT REFERENCES tg_media(file_unique_id) ON DELETE CASCADE,
+        source_type         TEXT NOT NULL
+            CHECK (source_type IN ('telegram', 'http', 'ftp', 'magnet', 'torrent')),
+        source_key          TEXT NOT NULL,
+        source_url          TEXT,
+        torrent_data        BLOB,
+        info_hash           TEXT,
+        status              TEXT NOT NULL DEFAULT 'pending'
+            CHECK (status IN ('pending', 'waiting', 'downloading', 'paused',
+                              'completed', 'failed', 'cancelled')),
+        file_name           TEXT,
+        local_path          TEXT,
+        total_length        INTEGER NOT NULL DEFAULT 0,
+        completed_length    INTEGER NOT NULL DEFAULT 0,
+        download_speed      INTEGER NOT NULL DEFAULT 0,
+        error_message       TEXT,
+        error_code          TEXT,
+        owner_id            INTEGER,
+        chat_id             INTEGER,
+        message_id          INTEGER,
+        group_key           TEXT NOT NULL,
+        progress_message_id INTEGER,
+        files_json          TEXT,
+        media_info_json     TEXT,
+        created_at          TEXT NOT NULL,
+        started_at          TEXT,
+        completed_at        TEXT,
+        updated_at          TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX downloads_one_active_per_source ON downloads(source_key)
+        WHERE status IN ('pending', 'waiting', 'downloading', 'paused');
+    CREATE INDEX downloads_by_status ON downloads(status);
+    CREATE INDEX downloads_by_group ON downloads(group_key, id);
+    CREATE INDEX downloads_by_owner ON downloads(owner_id, id);
+    CREATE INDEX downloads_by_media ON downloads(file_unique_id);
+    CREATE TABLE download_gids (
+        gid         TEXT PRIMARY KEY,
+        download_id INTEGER NOT NULL REFERENCES downloads(id) ON DELETE CASCADE,
+        reason      TEXT NOT NULL,
+        created_at  TEXT NOT NULL
+    );
+    CREATE INDEX download_gids_by_download ON download_gids(download_id);
+    CREATE TABLE uploads (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        download_id     INTEGER NOT NULL REFERENCES downloads(id) ON DELETE CASCADE,
+        upload_target   TEXT NOT NULL,
+        target_type     TEXT NOT NULL CHECK (target_type IN ('rclone', 'telegram')),
+        status          TEXT NOT NULL DEFAULT 'waiting_download'
+            CHECK (status IN ('pending', 'waiting_download', 'uploading', 'paused',
+                              'completed', 'failed', 'cancelled')),
+        remote_path     TEXT,
+        uploaded_size   INTEGER NOT NULL DEFAULT 0,
+        total_size      INTEGER NOT NULL DEFAULT 0,
+        upload_speed    REAL NOT NULL DEFAULT 0,
+        retry_count     INTEGER NOT NULL DEFAULT 0,
+        max_retries     INTEGER NOT NULL DEFAULT 3,
+        failure_reason  TEXT,
+        error_message   TEXT,
+        error_code      TEXT,
+        verified_size   INTEGER,
+        verified_hash   TEXT,
+        verified_at     TEXT,
+        next_attempt_at TEXT,
+        created_at      TEXT NOT NULL,
+        started_at      TEXT,
+        completed_at    TEXT,
+        cleaned_at      TEXT,
+        updated_at      TEXT NOT NULL,
+        UNIQUE (download_id, upload_target)
+    );
+    CREATE INDEX uploads_by_status ON uploads(status);
+    CREATE INDEX uploads_by_target ON uploads(upload_target, status);
+    CREATE TABLE status_history (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        entity      TEXT NOT NULL CHECK (entity IN ('download', 'upload')),
+        entity_id   INTEGER NOT NULL,
+        from_status TEXT,
+        to_status   TEXT NOT NULL,
+        reason      TEXT,
+        at          TEXT NOT NULL
+    );
+    CREATE INDEX status_history_by_entity ON status_history(entity, entity_id, id);
+    CREATE TABLE config_settings (
+        key        TEXT PRIMARY KEY,
+        value      TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    """,
+}
+
+_DOWNLOAD_COLUMNS = (
+    "id, gid, source_type, source_key, source_url, status, file_name, local_path, total_length, "
+    "completed_length, download_speed, error_message, error_code, file_unique_id, owner_id, "
+    "chat_id, message_id, group_key, progress_message_id, info_hash, files_json, "
+    "media_info_json, created_at, started_at, completed_at, updated_at, "
+    "torrent_data IS NOT NULL AS has_torrent_data"
+)
+_UPLOAD_COLUMNS = ", ".join(f.name for f in fields(UploadRow))
+_PROGRESS_CHUNK = 2000  # rows per statement: 4 parameters each, well under SQLite's limit
+_UPLOAD_EXTRA_COLUMNS = frozenset(
+    {
+        "remote_path",
+        "uploaded_size",
+        "total_size",
+        "upload_speed",
+        "failure_reason",
+        "error_message",
+        "error_code",
+        "next_attempt_at",
+        "started_at",
+    }
+)
+
+
+def _download_from_row(row: sqlite3.Row) -> DownloadRow:
+    data = dict(row)
+    files_json = data.pop("files_json")
+    media_json = data.pop("media_info_json")
+    files = tuple(TorrentFile(**f) for f in json.loads(files_json)) if files_json else ()
+    media_info = json.loads(media_json) if media_json else None
+    data["has_torrent_data"] = bool(data["has_torrent_data"])
+    return DownloadRow(files=files, media_info=media_info, **data)
+
+
+def _upload_from_row(row: sqlite3.Row) -> UploadRow:
+    return UploadRow(**dict(row))
+
+
+def download_event(row: DownloadRow) -> dict[str, Any]:
+    """The payload of a `download` event (seed 001 §3.3.2, plus what the page shows)."""
+    return {
+        "download_id": row.id,
+        "gid": row.gid,
+        "status": row.status,
+        "completed_length": row.completed_length,
+        "total_length": row.total_length,
+        "download_speed": row.download_speed,
+        "file_name": row.file_name,
+        "error_message": row.error_message,
+        "group_key": row.group_key,
+        "updated_at": row.updated_at,
+    }
+
+
+def upload_event(row: UploadRow) -> dict[str, Any]:
+    return {
+        "upload_id": row.id,
+        "download_id": row.download_id,
+        "upload_target": row.upload_target,
+        "status": row.status,
+        "uploaded_size": row.uploaded_size,
+        "total_size": row.total_size,
+        "upload_speed": row.upload_speed,
+        "remote_path": row.remote_path,
+        "failure_reason": row.failure_reason,
+        "error_message": row.error_message,
+        "cleaned_at": row.cleaned_at,
+        "updated_at": row.updated_at,
+    }
+
+
+def confined_path(root: Path, candidate: str | Path) -> Path | None:
+    """`candidate` resolved, if it lies strictly inside `root` (symlinks followed); else None."""
+    root_resolved = root.resolve()
+    path = Path(candidate)
+    if not path.is_absolute():
+        path = root_resolved / path
+    resolved = path.resolve()
+    if resolved == root_resolved or root_resolved not in resolved.parents:
+        return None
+    return resolved
+
+
+def remove_confined(root: Path, candidate: str | Path) -> bool:
+    """Delete a file or folder inside `root`, then its emptied parent folders up to `root`.
+
+    Refuses (returns False) for anything outside `root` or `root` itself. Synchronous: call it
+    in a thread.
+    """
+    path = confined_path(root, candidate)
+    if path is None or not path.exists():
+        return False
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    aria2_control = path.with_name(path.name + ".aria2")
+    if aria2_control.is_file():
+        aria2_control.unlink()
+    root_resolved = root.resolve()
+    parent = path.parent
+    while parent != root_resolved and root_resolved in parent.parents:
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+        parent = parent.parent
+    return True
+
+
+class Database:
+    """The MistRelay store. Open with :meth:`open`, close with :meth:`close`."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        hub: EventHub | None = None,
+        download_dir: Path | None = None,
+        busy_timeout_ms: int = 15000,
+    ) -> None:
+        self.path = Path(path)
+        self.hub = hub
+        self.download_dir = download_dir
+        self._busy_timeout_ms = busy_timeout_ms
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        await conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    async def open(self) -> Database:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await self._connect()
+        mode = await (await self._writer.execute("PRAGMA journal_mode = WAL")).fetchone()
+        if mode is None or str(mode[0]).lower() != "wal":
+            raise StoreError(f"{self.path}: could not enable WAL journal mode")
+        await self._migrate()
+        self._reader = await self._connect()
+        await self._reader.execute("PRAGMA query_only = ON")
+        return self
+
+    async def close(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    async def __aenter__(self) -> Database:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _migrate(self) -> None:
+        assert self._writer is not None
+        app_id = (await (await self._writer.execute("PRAGMA application_id")).fetchone())[0]
+        version = (await (await self._writer.execute("PRAGMA user_version")).fetchone())[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {version} is newer than this MistRelay "
+                f"({SCHEMA_VERSION}); upgrade MistRelay"
+            )
+        if version > 0 and app_id != APPLICATION_ID:
+            raise StoreError(f"{self.path}: not a MistRelay database")
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            async with self._write() as conn:
+                await conn.executescript_in_tx(_MIGRATIONS[number])
+                await conn.execute(f"PRAGMA user_version = {number}")
+                await conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            logger.info("database {} migrated to schema version {}", self.path, number)
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[_Tx]:
+        """One write transaction (BEGIN IMMEDIATE) on the single writer connection."""
+        if self._writer is None:
+            raise StoreError("database is not open")
+        async with self._write_lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            tx = _Tx(self._writer)
+            try:
+                yield tx
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            else:
+                await self._writer.execute("COMMIT")
+        tx.publish(self.hub)
+
+    async def _read_all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        if self._reader is None:
+            raise StoreError("database is not open")
+        return list(await self._reader.execute_fetchall(sql, params))
+
+    async def _read_one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        rows = await self._read_all(sql, params)
+        return rows[0] if rows else None
+
+    async def schema_version(self) -> int:
+        row = await self._read_one("PRAGMA user_version")
+        return int(row[0]) if row else 0
+
+    # --- tg_media (seed 001 §2.1) ---------------------------------------------------------------
+
+    async def save_tg_media(self, media: TgMediaRecord) -> str:
+        async with self._write() as tx:
+            await tx.upsert_media(media)
+        return media.file_unique_id
+
+    async def get_tg_media(self, file_unique_id: str) -> TgMediaRecord | None:
+        row = await self._read_one(
+            "SELECT * FROM tg_media WHERE file_unique_id = ?", (file_unique_id,)
+        )
+        if row is None:
+            return None
+        data = {k: row[k] for k in row.keys() if k not in ("created_at", "updated_at")}  # noqa: SIM118
+        return TgMediaRecord(**data)
+
+    async def update_tg_media_file_id(self, file_unique_id: str, file_id: str) -> None:
+        """Store a fresh file_id (its file reference was refreshed by re-reading the message)."""
+        async with self._write() as tx:
+            await tx.execute(
+                "UPDATE tg_media SET file_id = ?, updated_at = ? WHERE file_unique_id = ?",
+                (file_id, utc_now(), file_unique_id),
+            )
+
+    # --- downloads (seed 001 §2.2) --------------------------------------------------------------
+
+    async def create_download(self, new: NewDownload, media: TgMediaRecord | None = None) -> int:
+        """Record a job before aria2 sees it (status `pending`, no gid yet).
+
+        Telegram media gets its `tg_media` row in the same transaction. A source that is already
+        pending, waiting, downloading or paused raises :class:`DuplicateDownload`.
+        """
+        if new.source_type not in SOURCE_TYPES:
+            raise StoreError(f"unknown source type {new.source_type!r}")
+        now = utc_now()
+        try:
+            async with self._write() as tx:
+                if media is not None:
+                    await tx.upsert_media(media)
+                cursor = await tx.execute(
+                    "INSERT INTO downloads (source_type, source_key, source_url, file_name,"
+                    " total_length, file_unique_id, owner_id, chat_id, message_id, group_key,"
+                    " torrent_data, info_hash, status, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                    (
+                        new.source_type,
+                        new.source_key,
+                        new.source_url,
+                        new.file_name,
+                        new.total_length,
+                        new.file_unique_id,
+                        new.owner_id,
+                        new.chat_id,
+                        new.message_id,
+                        new.group_key or f"job:{new.source_key}",
+                        new.torrent_data,
+                        new.info_hash,
+                        now,
+                        now,
+                    ),
+                )
+                download_id = int(cursor.lastrowid or 0)
+                if new.group_key is None:
+                    await tx.execute(
+                        "UPDATE downloads SET group_key = ? WHERE id = ?",
+                        (f"download:{download_id}", download_id),
+                    )
+                await tx.history("download", download_id, None, "pending", "created", now)
+                await tx.emit_download(download_id)
+        except sqlite3.IntegrityError as exc:
+            if "downloads.source_key" not in str(exc):
+                raise
+            existing = await self._read_one(
+                "SELECT id FROM downloads WHERE source_key = ? AND status IN "
+                "('pending', 'waiting', 'downloading', 'paused')",
+                (new.source_key,),
+            )
+            raise DuplicateDownload(int(existing["id"]) if existing else 0, new.source_key) from exc
+        return download_id
+
+    async def mark_download_queued(
+        self, download_id: int, gid: str, status: str = "waiting"
+    ) -> None:
+        """aria2 accepted the job: remember its gid (and every earlier one) and leave `pending`."""
+        async with self._write() as tx:
+            await tx.set_gid(download_id, gid, "added")
+            await tx.transition("download", download_id, status, "queued in aria2")
+            await tx.emit_download(download_id)
+
+    async def follow_gid(self, old_gid: str, new_gid: str) -> int | None:
+        """aria2 replaced `old_gid` by `new_gid` (a magnet's metadata gid is followed by its real
+        download)."""
+        async with self._write() as tx:
+            download_id = await tx.download_id_by_gid(old_gid)
+            if download_id is None:
+                return None
+            await tx.set_gid(download_id, new_gid, f"followed {old_gid}")
+            await tx.emit_download(download_id)
+        return download_id
+
+    async def mark_download_started(self, gid: str) -> int | None:
+        return await self._download_transition_by_gid(gid, "downloading", "aria2 started")
+
+    async def mark_download_completed(
+        self, gid: str, local_path: str | None, total_length: int
+    ) -> int | None:
+        now = utc_now()
+        return await self._download_transition_by_gid(
+            gid,
+            "completed",
+            "aria2 completed",
+            local_path=local_path,
+            total_length=total_length,
+            completed_length=total_length,
+            download_speed=0,
+            completed_at=now,
+        )
+
+    async def mark_download_failed(
+        self, gid: str, error_message: str, error_code: str | None = None
+    ) -> int | None:
+        return await self._download_transition_by_gid(
+            gid,
+            "failed",
+            error_message,
+            error_message=error_message,
+            error_code=error_code,
+            download_speed=0,
+        )
+
+    async def mark_download_paused(self, gid: str) -> int | None:
+        return await self._download_transition_by_gid(gid, "paused", "paused", download_speed=0)
+
+    async def mark_download_resumed(self, gid: str) -> int | None:
+        return await self._download_transition_by_gid(gid, "waiting", "resumed")
+
+    async def mark_download_waiting(self, gid: str) -> int | None:
+        return await self._download_transition_by_gid(gid, "waiting", "queued in aria2")
+
+    async def fail_download(
+        self, download_id: int, error_message: str, error_code: str | None = None
+    ) -> None:
+        """Fail a job by id (e.g. aria2 refused it before it got a gid)."""
+        async with self._write() as tx:
+            await tx.transition(
+                "download",
+                download_id,
+                "failed",
+                error_message,
+                error_message=error_message,
+                error_code=error_code,
+                download_speed=0,
+            )
+            await tx.emit_download(download_id)
+
+    async def mark_download_cancelled(self, download_id: int, reason: str = "cancelled") -> None:
+        async with self._write() as tx:
+            await tx.transition("download", download_id, "cancelled", reason, download_speed=0)
+            await tx.emit_download(download_id)
+
+    async def reset_download_for_retry(self, download_id: int) -> DownloadRow:
+        """failed/cancelled → pending: progress and error cleared; the old gids stay known."""
+        async with self._write() as tx:
+            await tx.transition(
+                "download",
+                download_id,
+                "pending",
+                "retry",
+                gid=None,
+                completed_length=0,
+                download_speed=0,
+                error_message=None,
+                error_code=None,
+                started_at=None,
+                completed_at=None,
+            )
+            await tx.emit_download(download_id)
+        row = await self.get_download_by_id(download_id)
+        assert row is not None
+        return row
+
+    async def _download_transition_by_gid(
+        self, gid: str, target: str, reason: str, **columns: Any
+    ) -> int | None:
+        async with self._write() as tx:
+            download_id = await tx.download_id_by_gid(gid)
+            if download_id is None:
+                return None
+            await tx.transition("download", download_id, target, reason, **columns)
+            await tx.emit_download(download_id)
+        return download_id
+
+    async def update_download_progress(
+        self, gid: str, completed_length: int, total_length: int, download_speed: int
+    ) -> None:
+        await self.update_progress_batch(
+            [ProgressUpdate(gid, completed_length, total_length, download_speed)]
+        )
+
+    async def update_progress_batch(self, updates: Iterable[ProgressUpdate]) -> int:
+        """Write one poll cycle's progress in one transaction; returns the rows changed."""
+        batch = list(updates)
+        if not batch:
+            return 0
+        now = utc_now()
+        async with self._write() as tx:
+            changed = await tx.progress(batch, now)
+        return changed
+
+    async def update_download_details(
+        self,
+        download_id: int,
+        *,
+        file_name: str | None = None,
+        local_path: str | None = None,
+        total_length: int | None = None,
+        files: Sequence[TorrentFile] | None = None,
+        info_hash: str | None = None,
+    ) -> None:
+        """Names, paths and torrent file lists learnt from aria2 (no status change)."""
+        columns: dict[str, Any] = {}
+        if file_name is not None:
+            columns["file_name"] = file_name
+        if local_path is not None:
+            columns["local_path"] = local_path
+        if total_length is not None:
+            columns["total_length"] = total_length
+        if files is not None:
+            columns["files_json"] = json.dumps([asdict(f) for f in files])
+        if info_hash is not None:
+            columns["info_hash"] = info_hash
+        if not columns:
+            return
+        async with self._write() as tx:
+            await tx.update_columns("downloads", download_id, columns)
+            await tx.emit_download(download_id)
+
+    async def set_progress_message(self, download_id: int, message_id: int | None) -> None:
+        async with self._write() as tx:
+            await tx.update_columns("downloads", download_id, {"progress_message_id": message_id})
+
+    async def set_media_info(self, download_id: int, media_info: Mapping[str, Any]) -> None:
+        async with self._write() as tx:
+            await tx.update_columns(
+                "downloads", download_id, {"media_info_json": json.dumps(media_info)}
+            )
+
+    async def get_torrent_data(self, download_id: int) -> bytes | None:
+        row = await self._read_one(
+            "SELECT torrent_data FROM downloads WHERE id = ?", (download_id,)
+        )
+        return bytes(row["torrent_data"]) if row and row["torrent_data"] is not None else None
+
+    async def get_download_id_by_gid(self, gid: str) -> int | None:
+        row = await self._read_one("SELECT download_id FROM download_gids WHERE gid = ?", (gid,))
+        return int(row["download_id"]) if row else None
+
+    async def get_download_by_id(self, download_id: int) -> DownloadRow | None:
+        row = await self._read_one(
+            f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE id = ?", (download_id,)
+        )
+        return _download_from_row(row) if row else None
+
+    async def get_download_by_gid(self, gid: str) -> DownloadRow | None:
+        download_id = await self.get_download_id_by_gid(gid)
+        return await self.get_download_by_id(download_id) if download_id is not None else None
+
+    async def get_gids(self, download_id: int) -> list[str]:
+        rows = await self._read_all(
+            "SELECT gid FROM download_gids WHERE download_id = ? ORDER BY rowid", (download_id,)
+        )
+        return [r["gid"] for r in rows]
+
+    async def fetch_recent_downloads(
+        self,
+        limit: int = 50,
+        *,
+        status: str | None = None,
+        owner_id: int | None = None,
+    ) -> list[DownloadRow]:
+        where, params = [], []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if owner_id is not None:
+            where.append("owner_id = ?")
+            params.append(owner_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._read_all(
+            f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads {clause} ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [_download_from_row(r) for r in rows]
+
+    async def fetch_downloads_in_states(self, statuses: Sequence[str]) -> list[DownloadRow]:
+        marks = ", ".join("?" for _ in statuses)
+        rows = await self._read_all(
+            f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE status IN ({marks}) ORDER BY id",
+            tuple(statuses),
+        )
+        return [_download_from_row(r) for r in rows]
+
+    async def fetch_downloads_grouped(
+        self, limit: int = 50, *, status: str | None = None
+    ) -> list[DownloadGroup]:
+        """The `limit` most recent groups, newest first.
+
+        A Telegram album or message is one group; every other job is a group of its own.
+        """
+        status_clause = "WHERE status = ?" if status else ""
+        params: tuple[Any, ...] = (status,) if status else ()
+        rows = await self._read_all(
+            f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE group_key IN ("
+            f" SELECT group_key FROM downloads {status_clause}"
+            " GROUP BY group_key ORDER BY MAX(id) DESC LIMIT ?)"
+            f" {'AND status = ?' if status else ''} ORDER BY id",
+            (*params, limit, *params),
+        )
+        groups: dict[str, DownloadGroup] = {}
+        media_groups = await self._media_group_ids([r["file_unique_id"] for r in rows])
+        for row in rows:
+            download = _download_from_row(row)
+            group = groups.get(download.group_key)
+            if group is None:
+                group = groups[download.group_key] = DownloadGroup(
+                    group_key=download.group_key,
+                    source_type=download.source_type,
+                    media_group_id=media_groups.get(download.file_unique_id or ""),
+                )
+            group.downloads.append(download)
+        return sorted(groups.values(), key=lambda g: max(d.id for d in g.downloads), reverse=True)
+
+    async def _media_group_ids(self, unique_ids: Sequence[str | None]) -> dict[str, str | None]:
+        wanted = sorted({u for u in unique_ids if u})
+        if not wanted:
+            return {}
+        marks = ", ".join("?" for _ in wanted)
+        rows = await self._read_all(
+            "SELECT file_unique_id, media_group_id FROM tg_media"
+            f" WHERE file_unique_id IN ({marks})",
+            wanted,
+        )
+        return {r["file_unique_id"]: r["media_group_id"] for r in rows}
+
+    async def delete_download_record(
+        self, download_id: int, delete_local_file: bool = False
+    ) -> DownloadRow:
+        """Delete a job's rows (its uploads cascade); optionally its file inside the download dir.
+
+        The caller stops aria2 and running uploads first. The file is removed after the rows are
+        gone, and only when it lies inside the download directory.
+        """
+        row = await self.get_download_by_id(download_id)
+        if row is None:
+            raise NotFound("download", download_id)
+        async with self._write() as tx:
+            await tx.execute("DELETE FROM downloads WHERE id = ?", (download_id,))
+            tx.events.append(
+                ("download", download_id, {"download_id": download_id, "deleted": True})
+            )
+        if delete_local_file and row.local_path:
+            await self._remove_local_file(row)
+        return row
+
+    async def delete_all_downloads(self, delete_local_files: bool = False) -> int:
+        rows = await self.fetch_recent_downloads(limit=-1)
+        async with self._write() as tx:
+            await tx.execute("DELETE FROM downloads")
+            await tx.execute("DELETE FROM tg_media")
+            tx.events.append(("download", None, {"deleted_all": True}))
+        if delete_local_files:
+            for row in rows:
+                if row.local_path:
+                    await self._remove_local_file(row)
+        return len(rows)
+
+    async def _remove_local_file(self, row: DownloadRow) -> bool:
+        if self.download_dir is None or not row.local_path:
+            return False
+        removed = await asyncio.to_thread(remove_confined, self.download_dir, row.local_path)
+        if removed:
+            logger.bind(job=row.id).info("local file of download {} deleted", row.id)
+        return removed
+
+    async def get_download_statistics(self) -> dict[str, Any]:
+        rows = await self._read_all(
+            "SELECT status, COUNT(*) AS n, COALESCE(SUM(total_length), 0) AS bytes,"
+            " COALESCE(SUM(download_speed), 0) AS speed FROM downloads GROUP BY status"
+        )
+        by_status = {status: 0 for status in DOWNLOAD_STATUSES}
+        total_bytes = speed = 0
+        for row in rows:
+            by_status[row["status"]] = int(row["n"])
+            total_bytes += int(row["bytes"])
+            speed += int(row["speed"])
+        completed_bytes = await self._read_one(
+            "SELECT COALESCE(SUM(total_length), 0) FROM downloads WHERE status = 'completed'"
+        )
+        return {
+            "total": sum(by_status.values()),
+            "by_status": by_status,
+            "total_bytes": total_bytes,
+            "completed_bytes": int(completed_bytes[0]) if completed_bytes else 0,
+            "download_speed": speed,
+        }
+
+    # --- uploads (seed 001 §2.3) ----------------------------------------------------------------
+
+    async def create_upload(
+        self,
+        download_id: int,
+        upload_target: str,
+        remote_path: str | None,
+        max_retries: int,
+        *,
+        target_type: str = "rclone",
+        ready: bool = False,
+    ) -> int:
+        """One upload per download per target; a second call returns the existing id."""
+        now = utc_now()
+        status = "pending" if ready else "waiting_download"
+        async with self._write() as tx:
+            cursor = await tx.execute(
+                "INSERT INTO uploads (download_id, upload_target, target_type, status, remote_path,"
+                " max_retries, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (download_id, upload_target) DO NOTHING",
+                (
+                    download_id,
+                    upload_target,
+                    target_type,
+                    status,
+                    remote_path,
+                    max_retries,
+                    now,
+                    now,
+                ),
+            )
+            if cursor.rowcount:
+                upload_id = int(cursor.lastrowid or 0)
+                await tx.history("upload", upload_id, None, status, "created", now)
+                await tx.emit_upload(upload_id)
+            else:
+                existing = await tx.fetch_one(
+                    "SELECT id FROM uploads WHERE download_id = ? AND upload_target = ?",
+                    (download_id, upload_target),
+                )
+                assert existing is not None
+                upload_id = int(existing["id"])
+        return upload_id
+
+    async def update_upload_status(self, upload_id: int, status: str, **columns: Any) -> None:
+        reason = columns.pop("reason", None)
+        unknown = set(columns) - _UPLOAD_EXTRA_COLUMNS
+        if unknown:
+            raise StoreError(f"update_upload_status: unknown columns {sorted(unknown)}")
+        async with self._write() as tx:
+            await tx.transition("upload", upload_id, status, reason, **columns)
+            await tx.emit_upload(upload_id)
+
+    async def release_waiting_uploads(self, download_id: int) -> list[int]:
+        """The download completed: its `waiting_download` uploads become `pending`."""
+        async with self._write() as tx:
+            rows = await tx.fetch_all(
+                "SELECT id FROM uploads WHERE download_id = ? AND status = 'waiting_download'",
+                (download_id,),
+            )
+            ids = [int(r["id"]) for r in rows]
+            for upload_id in ids:
+                await tx.transition("upload", upload_id, "pending", "download completed")
+                await tx.emit_upload(upload_id)
+        return ids
+
+    async def mark_upload_started(self, upload_id: int, total_size: int) -> None:
+        async with self._write() as tx:
+            await tx.transition(
+                "upload",
+                upload_id,
+                "uploading",
+                "started",
+                total_size=total_size,
+                uploaded_size=0,
+                upload_speed=0,
+                started_at=utc_now(),
+                next_attempt_at=None,
+            )
+            await tx.emit_upload(upload_id)
+
+    async def update_upload_progress(
+        self, upload_id: int, uploaded_size: int, total_size: int, upload_speed: float
+    ) -> None:
+        async with self._write() as tx:
+            cursor = await tx.execute(
+                "UPDATE uploads SET uploaded_size = ?, total_size = ?, upload_speed = ?,"
+                " updated_at = ? WHERE id = ? AND status = 'uploading'",
+                (uploaded_size, total_size, upload_speed, utc_now(), upload_id),
+            )
+            if cursor.rowcount:
+                await tx.emit_upload(upload_id)
+
+    async def record_upload_verified(
+        self, upload_id: int, verified_size: int, verified_hash: str | None
+    ) -> None:
+        async with self._write() as tx:
+            await tx.update_columns(
+                "uploads",
+                upload_id,
+                {
+                    "verified_size": verified_size,
+                    "verified_hash": verified_hash,
+                    "verified_at": utc_now(),
+                },
+            )
+
+    async def mark_upload_completed(self, upload_id: int, remote_path: str | None = None) -> None:
+        columns: dict[str, Any] = {"completed_at": utc_now(), "upload_speed": 0}
+        if remote_path is not None:
+            columns["remote_path"] = remote_path
+        async with self._write() as tx:
+            row = await tx.fetch_one("SELECT verified_at FROM uploads WHERE id = ?", (upload_id,))
+            if row is not None and row["verified_at"] is None:
+                raise StoreError(f"upload {upload_id} cannot complete before it is verified")
+            await tx.transition(
+                "upload", upload_id, "completed", "uploaded and verified", **columns
+            )
+            await tx.execute(
+                "UPDATE uploads SET uploaded_size = total_size WHERE id = ?", (upload_id,)
+            )
+            await tx.emit_upload(upload_id)
+
+    async def mark_upload_failed(
+        self,
+        upload_id: int,
+        failure_reason: str,
+        error_message: str,
+        error_code: str | None = None,
+        next_attempt_at: str | None = None,
+    ) -> None:
+        async with self._write() as tx:
+            await tx.transition(
+                "upload",
+                upload_id,
+                "failed",
+                failure_reason,
+                failure_reason=failure_reason,
+                error_message=error_message,
+                error_code=error_code,
+                upload_speed=0,
+                next_attempt_at=next_attempt_at,
+            )
+            await tx.emit_upload(upload_id)
+
+    async def mark_upload_cancelled(self, upload_id: int, reason: str = "cancelled") -> None:
+        async with self._write() as tx:
+            await tx.transition(
+                "upload", upload_id, "cancelled", reason, upload_speed=0, next_attempt_at=None
+            )
+            await tx.emit_upload(upload_id)
+
+    async def reset_upload_for_retry(self, upload_id: int, *, manual: bool) -> None:
+        """failed/cancelled → pending. A retry by hand resets the retry count."""
+        columns: dict[str, Any] = {
+            "failure_reason": None,
+            "error_message": None,
+            "error_code": None,
+            "next_attempt_at": None,
+            "verified_at": None,
+            "verified_size": None,
+            "verified_hash": None,
+            "uploaded_size": 0,
+        }
+        if manual:
+            columns["retry_count"] = 0
+        async with self._write() as tx:
+            await tx.transition(
+                "upload", upload_id, "pending", "manual retry" if manual else "retry", **columns
+            )
+            await tx.emit_upload(upload_id)
+
+    async def increment_upload_retry(self, upload_id: int) -> int:
+        async with self._write() as tx:
+            await tx.execute(
+                "UPDATE uploads SET retry_count = retry_count + 1, updated_at = ? WHERE id = ?",
+                (utc_now(), upload_id),
+            )
+            row = await tx.fetch_one("SELECT retry_count FROM uploads WHERE id = ?", (upload_id,))
+        if row is None:
+            raise NotFound("upload", upload_id)
+        return int(row["retry_count"])
+
+    async def mark_upload_cleaned(self, upload_id: int) -> None:
+        async with self._write() as tx:
+            await tx.execute(
+                "UPDATE uploads SET cleaned_at = ?, updated_at = ? WHERE id = ?"
+                " AND cleaned_at IS NULL",
+                (utc_now(), utc_now(), upload_id),
+            )
+            await tx.emit_upload(upload_id, cleanup=True)
+
+    async def mark_download_cleaned(self, download_id: int) -> list[int]:
+        """The local file of `download_id` was deleted: every upload of it gets `cleaned_at`."""
+        now = utc_now()
+        async with self._write() as tx:
+            rows = await tx.fetch_all(
+                "SELECT id FROM uploads WHERE download_id = ? AND cleaned_at IS NULL",
+                (download_id,),
+            )
+            ids = [int(r["id"]) for r in rows]
+            await tx.execute(
+                "UPDATE uploads SET cleaned_at = ?, updated_at = ? WHERE download_id = ?"
+                " AND cleaned_at IS NULL",
+                (now, now, download_id),
+            )
+            for upload_id in ids:
+                await tx.emit_upload(upload_id, cleanup=True)
+        return ids
+
+    async def check_and_update_download_status_if_file_exists(
+        self, upload_id: int, file_path: str | Path
+    ) -> bool:
+        """True if the local file is there. If it is gone, the upload completes when its remote
+        copy was verified, and otherwise fails with reason `local_file_missing`."""
+        if await asyncio.to_thread(Path(file_path).exists):
+            return True
+        upload = await self.get_upload_by_id(upload_id)
+        if upload is None:
+            raise NotFound("upload", upload_id)
+        if upload.status in ("completed", "failed", "cancelled"):
+            return False
+        if upload.verified_at is not None:
+            if upload.status == "pending":
+                await self.mark_upload_started(upload_id, upload.verified_size or 0)
+            await self.mark_upload_completed(upload_id)
+        else:
+            if upload.status in ("pending", "waiting_download"):
+                await self.mark_upload_started(upload_id, upload.total_size)
+            await self.mark_upload_failed(
+                upload_id, "local_file_missing", f"local file is gone: {Path(file_path).name}"
+            )
+        return False
+
+    async def get_upload_by_id(self, upload_id: int) -> UploadRow | None:
+        row = await self._read_one(
+            f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE id = ?", (upload_id,)
+        )
+        return _upload_from_row(row) if row else None
+
+    async def get_uploads_by_download(self, download_id: int) -> list[UploadRow]:
+        rows = await self._read_all(
+            f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE download_id = ? ORDER BY id",
+            (download_id,),
+        )
+        return [_upload_from_row(r) for r in rows]
+
+    async def get_uploads_for_downloads(
+        self, download_ids: Sequence[int]
+    ) -> dict[int, list[UploadRow]]:
+        result: dict[int, list[UploadRow]] = {i: [] for i in download_ids}
+        if not download_ids:
+            return result
+        marks = ", ".join("?" for _ in download_ids)
+        rows = await self._read_all(
+            f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE download_id IN ({marks}) ORDER BY id",
+            tuple(download_ids),
+        )
+        for row in rows:
+            upload = _upload_from_row(row)
+            result.setdefault(upload.download_id, []).append(upload)
+        return result
+
+    async def fetch_recent_uploads(
+        self, limit: int = 50, status: str | None = None, upload_target: str | None = None
+    ) -> list[UploadRow]:
+        where, params = [], []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if upload_target is not None:
+            where.append("upload_target = ?")
+            params.append(upload_target)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._read_all(
+            f"SELECT {_UPLOAD_COLUMNS} FROM uploads {clause} ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [_upload_from_row(r) for r in rows]
+
+    async def fetch_uploads_in_states(self, statuses: Sequence[str]) -> list[UploadRow]:
+        marks = ", ".join("?" for _ in statuses)
+        rows = await self._read_all(
+            f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE status IN ({marks}) ORDER BY id",
+            tuple(statuses),
+        )
+        return [_upload_from_row(r) for r in rows]
+
+    async def get_pending_uploads(self, upload_target: str | None = None) -> list[UploadRow]:
+        uploads = await self.fetch_uploads_in_states(("pending",))
+        return [u for u in uploads if upload_target is None or u.upload_target == upload_target]
+
+    async def get_upload_statistics(self) -> dict[str, Any]:
+        rows = await self._read_all(
+            "SELECT status, COUNT(*) AS n, COALESCE(SUM(total_size), 0) AS bytes,"
+            " COALESCE(SUM(upload_speed), 0) AS speed,"
+            " COALESCE(SUM(cleaned_at IS NOT NULL), 0) AS cleaned FROM uploads GROUP BY status"
+        )
+        by_status = {status: 0 for status in UPLOAD_STATUSES}
+        total_bytes = cleaned = 0
+        speed = 0.0
+        for row in rows:
+            by_status[row["status"]] = int(row["n"])
+            total_bytes += int(row["bytes"])
+            speed += float(row["speed"])
+            cleaned += int(row["cleaned"])
+        targets = await self._read_all(
+            "SELECT upload_target, status, COUNT(*) AS n FROM uploads"
+            " GROUP BY upload_target, status"
+        )
+        by_target: dict[str, dict[str, int]] = {}
+        for row in targets:
+            by_target.setdefault(row["upload_target"], {})[row["status"]] = int(row["n"])
+        return {
+            "total": sum(by_status.values()),
+            "by_status": by_status,
+            "by_target": by_target,
+            "total_bytes": total_bytes,
+            "upload_speed": speed,
+            "cleaned": cleaned,
+        }
+
+    async def get_statistics(self) -> dict[str, Any]:
+        """Both statistics, the payload of a `statistics` event."""
+        return {
+            "downloads": await self.get_download_statistics(),
+            "uploads": await self.get_upload_statistics(),
+        }
+
+    # --- history and configuration --------------------------------------------------------------
+
+    async def get_status_history(self, entity: str, entity_id: int) -> list[HistoryEntry]:
+        rows = await self._read_all(
+            "SELECT entity, entity_id, from_status, to_status, reason, at FROM status_history"
+            " WHERE entity = ? AND entity_id = ? ORDER BY id",
+            (entity, entity_id),
+        )
+        return [HistoryEntry(**dict(r)) for r in rows]
+
+    async def init_config_from_yaml(self, settings: Mapping[str, str]) -> None:
+        """Store the effective configuration (secrets already masked) for the page and the API."""
+        now = utc_now()
+        async with self._write() as tx:
+            await tx.execute("DELETE FROM config_settings")
+            await tx.executemany(
+                "INSERT INTO config_settings (key, value, updated_at) VALUES (?, ?, ?)",
+                [(k, v, now) for k, v in sorted(settings.items())],
+            )
+
+    async def get_config(self, key: str) -> str | None:
+        row = await self._read_one("SELECT value FROM config_settings WHERE key = ?", (key,))
+        return str(row["value"]) if row else None
+
+    async def get_all_configs(self) -> dict[str, str]:
+        rows = await self._read_all("SELECT key, value FROM config_settings ORDER BY key")
+        return {r["key"]: r["value"] for r in rows}
+
+    # --- maintenance ----------------------------------------------------------------------------
+
+    async def backup(self, target: Path) -> None:
+        """A consistent online copy through SQLite's backup API (safe while the service runs)."""
+        if self._writer is None:
+            raise StoreError("database is not open")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".partial")
+        tmp.unlink(missing_ok=True)
+        async with aiosqlite.connect(tmp) as destination, self._write_lock:
+            await self._writer.backup(destination)
+        os.replace(tmp, target)
+
+
+class _Tx:
+    """Statements inside one write transaction; collects events to publish after COMMIT."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+        self.events: list[tuple[str, int | None, dict[str, Any]]] = []
+        self._emitted: dict[tuple[str, int], int] = {}
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Cursor:
+        return await self.conn.execute(sql, params)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self.conn.executemany(sql, rows)
+
+    async def executescript_in_tx(self, script: str) -> None:
+        # executescript() would COMMIT first; run statement by statement inside the transaction.
+        for statement in (s.strip() for s in script.split(";")):
+            if statement:
+                await self.conn.execute(statement)
+
+    async def fetch_one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        cursor = await self.conn.execute(sql, params)
+        row: sqlite3.Row | None = await cursor.fetchone()
+        return row
+
+    async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return list(await self.conn.execute_fetchall(sql, params))
+
+    async def history(
+        self,
+        entity: str,
+        entity_id: int,
+        source: str | None,
+        target: str,
+        reason: str | None,
+        at: str,
+    ) -> None:
+        await self.conn.execute(
+            "INSERT INTO status_history (entity, entity_id, from_status, to_status, reason, at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (entity, entity_id, source, target, reason, at),
+        )
+
+    async def transition(
+        self, entity: str, item_id: int, target: str, reason: str | None, **columns: Any
+    ) -> bool:
+        """Move `item_id` to `target` if the machine allows it; True if the status changed.
+
+        Repeating the current status is a no-op (nothing written); anything else the machine
+        forbids raises :class:`TransitionError` (and the caller's transaction rolls back).
+        """
+        machine = MACHINES[entity]
+        if target not in machine:
+            raise TransitionError(entity, item_id, None, target)
+        table = "downloads" if entity == "download" else "uploads"
+        current_row = await self.fetch_one(f"SELECT status FROM {table} WHERE id = ?", (item_id,))
+        if current_row is None:
+            raise NotFound(entity, item_id)
+        current = str(current_row["status"])
+        if current == target:
+            return False
+        sources = allowed_sources(entity, target)
+        if current not in sources:
+            raise TransitionError(entity, item_id, current, target)
+        now = utc_now()
+        assignments = {"status": target, "updated_at": now, **columns}
+        if entity == "download" and target == "downloading":
+            assignments.setdefault("started_at", now)
+        sets = ", ".join(f"{name} = ?" for name in assignments)
+        marks = ", ".join("?" for _ in sources)
+        cursor = await self.conn.execute(
+            f"UPDATE {table} SET {sets} WHERE id = ? AND status IN ({marks})",
+            (*assignments.values(), item_id, *sources),
+        )
+        if cursor.rowcount != 1:
+            raise TransitionError(entity, item_id, current, target)
+        await self.history(entity, item_id, current, target, reason, now)
+        return True
+
+    async def update_columns(self, table: str, item_id: int, columns: Mapping[str, Any]) -> None:
+        sets = ", ".join(f"{name} = ?" for name in columns)
+        cursor = await self.conn.execute(
+            f"UPDATE {table} SET {sets}, updated_at = ? WHERE id = ?",
+            (*columns.values(), utc_now(), item_id),
+        )
+        if cursor.rowcount != 1:
+            raise NotFound(table.rstrip("s"), item_id)
+
+    async def upsert_media(self, media: TgMediaRecord) -> None:
+        now = utc_now()
+        data = asdict(media)
+        names = ", ".join(data)
+        marks = ", ".join("?" for _ in data)
+        updates = ", ".join(f"{k} = excluded.{k}" for k in data if k != "file_unique_id")
+        await self.conn.execute(
+            f"INSERT INTO tg_media ({names}, created_at, updated_at) VALUES ({marks}, ?, ?)"
+            " ON CONFLICT (file_unique_id) DO UPDATE SET"
+            f" {updates}, updated_at = excluded.updated_at",
+            (*data.values(), now, now),
+        )
+
+    async def download_id_by_gid(self, gid: str) -> int | None:
+        row = await self.fetch_one("SELECT download_id FROM download_gids WHERE gid = ?", (gid,))
+        return int(row["download_id"]) if row else None
+
+    async def set_gid(self, download_id: int, gid: str, reason: str) -> None:
+        await self.conn.execute(
+            "INSERT INTO download_gids (gid, download_id, reason, created_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (gid) DO NOTHING",
+            (gid, download_id, reason, utc_now()),
+        )
+        owner = await self.download_id_by_gid(gid)
+        if owner != download_id:
+            raise StoreError(f"gid {gid} already belongs to download {owner}")
+        await self.update_columns("downloads", download_id, {"gid": gid})
+
+    async def progress(self, batch: Sequence[ProgressUpdate], now: str) -> int:
+        """Apply a poll cycle's progress as one UPDATE … FROM (VALUES …) per chunk of rows."""
+        changed = 0
+        for first in range(0, len(batch), _PROGRESS_CHUNK):
+            chunk = batch[first : first + _PROGRESS_CHUNK]
+            values = ", ".join("(?, ?, ?, ?)" for _ in chunk)
+            params: list[Any] = []
+            for update in chunk:
+                params += [
+                    update.gid,
+                    update.completed_length,
+                    update.total_length,
+                    update.download_speed,
+                ]
+            rows = await self.fetch_all(
+                f"WITH polled(gid, completed, total, speed) AS (VALUES {values})"
+                " UPDATE downloads SET completed_length = polled.completed,"
+                " total_length = polled.total, download_speed = polled.speed, updated_at = ?"
+                " FROM polled WHERE downloads.gid = polled.gid"
+                " AND downloads.status IN ('waiting', 'downloading', 'paused')"
+                " AND (downloads.completed_length != polled.completed"
+                " OR downloads.total_length != polled.total"
+                " OR downloads.download_speed != polled.speed)"
+                " RETURNING downloads.id, downloads.gid, downloads.status,"
+                " downloads.completed_length, downloads.total_length, downloads.download_speed",
+                (*params, now),
+            )
+            changed += len(rows)
+            for row in rows:
+                data = {key: row[key] for key in row.keys()}  # noqa: SIM118
+                data["download_id"] = data.pop("id")
+                self.events.append(("download", int(data["download_id"]), data))
+        return changed
+
+    async def emit_download(self, download_id: int) -> None:
+        row = await self.fetch_one(
+            f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE id = ?", (download_id,)
+        )
+        if row is not None:
+            self.events.append(("download", download_id, download_event(_download_from_row(row))))
+
+    async def emit_upload(self, upload_id: int, *, cleanup: bool = False) -> None:
+        row = await self.fetch_one(
+            f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE id = ?", (upload_id,)
+        )
+        if row is not None:
+            kind = "cleanup" if cleanup else "upload"
+            self.events.append((kind, upload_id, upload_event(_upload_from_row(row))))
+
+    def publish(self, hub: EventHub | None) -> None:
+        if hub is None:
+            return
+        for kind, item_id, data in self.events:
+            hub.publish(kind, data, item_id)  # type: ignore[arg-type]

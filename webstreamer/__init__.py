@@ -1,0 +1,1 @@
+"""The aiohttp server: signed streaming with Range, the REST API, WebSocket push, the dashboard."""
