@@ -1,1 +1,1 @@
-"""The Telegram front end: handlers, commands, progress messages and Telegram files as a byte source."""
+"""The Telegram front end: handlers, commands, progress messages, Telegram files as bytes."""

@@ -1,0 +1,227 @@
+"""The REST API for downloads, statistics, health and configuration (JSON under /api)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from aria2_client.sources import SourceError, parse_link
+from db import DOWNLOAD_STATUSES, DownloadRow, DuplicateDownload
+from webstreamer.server import context_of, json_error
+from webstreamer.views import download_json
+
+MAX_URLS_PER_REQUEST = 500
+MAX_LIST_LIMIT = 1000
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 that says what is wrong with it."""
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(text="the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="the body must be a JSON object")
+    return body
+
+
+def path_id(request: web.Request, name: str = "id") -> int:
+    text = request.match_info[name]
+    if not text.isdigit() or len(text) > 18:
+        raise web.HTTPNotFound(text=f"no download {text!r}")
+    return int(text)
+
+
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise web.HTTPBadRequest(text=f"{name} must be between {low} and {high}")
+    return value
+
+
+def query_bool(request: web.Request, name: str) -> bool:
+    text = request.query.get(name, "false").lower()
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no", ""):
+        return False
+    raise web.HTTPBadRequest(text=f"{name} must be true or false")
+
+
+async def health(request: web.Request) -> web.Response:
+    ctx = context_of(request)
+    return web.json_response(
+        {
+            "status": "ok",
+            "aria2": "connected" if ctx.aria2_connected() else "down",
+            "version": ctx.version,
+        }
+    )
+
+
+async def add_downloads(request: web.Request) -> web.Response:
+    ctx = context_of(request)
+    body = await read_json_object(request)
+    unknown = set(body) - {"url", "urls"}
+    if unknown:
+        raise web.HTTPBadRequest(text=f"unknown fields: {', '.join(sorted(unknown))}")
+    if ("url" in body) == ("urls" in body):
+        raise web.HTTPBadRequest(text='give either "url" or "urls"')
+    urls = [body["url"]] if "url" in body else body["urls"]
+    if not isinstance(urls, list) or not urls:
+        raise web.HTTPBadRequest(text='"urls" must be a non-empty list of strings')
+    if len(urls) > MAX_URLS_PER_REQUEST:
+        raise web.HTTPBadRequest(text=f"at most {MAX_URLS_PER_REQUEST} links per request")
+    bad: list[dict[str, Any]] = []
+    for position, url in enumerate(urls):
+        if not isinstance(url, str):
+            bad.append({"index": position, "url": None, "reason": "not a string"})
+            continue
+        try:
+            parse_link(url)
+        except SourceError as exc:
+            bad.append({"index": position, "url": url[:200], "reason": str(exc)})
+    if bad:
+        return json_error(400, "invalid_urls", bad)
+    added: list[DownloadRow] = []
+    duplicates: list[dict[str, Any]] = []
+    for url in urls:
+        try:
+            added.append(await ctx.downloads.add_link(url))
+        except DuplicateDownload as exc:
+            duplicates.append({"url": url[:200], "existing_id": exc.existing_id})
+    if not added and duplicates:
+        return json_error(409, "duplicate", duplicates if len(duplicates) > 1 else duplicates[0])
+    return web.json_response(
+        {"downloads": [download_json(ctx, row) for row in added], "duplicates": duplicates},
+        status=201,
+    )
+
+
+async def add_torrent(request: web.Request) -> web.Response:
+    ctx = context_of(request)
+    if not request.content_type.startswith("multipart/"):
+        raise web.HTTPBadRequest(text='send the .torrent as multipart form field "file"')
+    reader = await request.multipart()
+    data: bytes | None = None
+    async for part in reader:
+        if getattr(part, "name", None) == "file":
+            data = bytes(await part.read(decode=False))  # type: ignore[union-attr]
+            break
+    if data is None:
+        raise web.HTTPBadRequest(text='multipart field "file" is missing')
+    row = await ctx.downloads.add_torrent(data)
+    return web.json_response({"downloads": [download_json(ctx, row)]}, status=201)
+
+
+async def list_downloads(request: web.Request) -> web.Response:
+    ctx = context_of(request)
+    limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
+    status = request.query.get("status") or None
+    if status is not None and status not in DOWNLOAD_STATUSES:
+        raise web.HTTPBadRequest(text=f"status must be one of {', '.join(DOWNLOAD_STATUSES)}")
+    if query_bool(request, "grouped"):
+        groups = await ctx.db.fetch_downloads_grouped(limit, status=status)
+        ids = [d.id for g in groups for d in g.downloads]
+        uploads = await ctx.db.get_uploads_for_downloads(ids)
+        return web.json_response(
+            {
+                "groups": [
+                    {
+                        "group_key": g.group_key,
+                        "source_type": g.source_type,
+                        "media_group_id": g.media_group_id,
+                        "downloads": [download_json(ctx, d, uploads[d.id]) for d in g.downloads],
+                    }
+                    for g in groups
+                ]
+            }
+        )
+    rows = await ctx.db.fetch_recent_downloads(limit, status=status)
+    uploads = await ctx.db.get_uploads_for_downloads([r.id for r in rows])
+    return web.json_response({"downloads": [download_json(ctx, r, uploads[r.id]) for r in rows]})
+
+
+async def get_download(request: web.Request) -> web.Response:
+    ctx = context_of(request)
+    download_id = path_id(request)
+    row = await ctx.db.get_download_by_id(download_id)
+    if row is None:
+        raise web.HTTPNotFound(text=f"no download {download_id}")
+    uploads = await ctx.db.get_uploads_by_download(download_id)
+    history = await ctx.db.get_status_history("download", download_id)
+    return web.json_response(download_json(ctx, row, uploads, history))
+
+
+async def act_on_download(request: web.Request) -> web.Response:
+    ctx = context_of(request)
+    download_id = path_id(request)
+    action = request.match_info["action"]
+    manager = ctx.downloads
+    operations = {
+        "pause": manager.pause,
+        "resume": manager.resume,
+        "retry": manager.retry,
+        "cancel": manager.cancel,
+    }
+    row = await operations[action](download_id)
+    uploads = await ctx.db.get_uploads_by_download(download_id)
+    return web.json_response(download_json(ctx, row, uploads))
+
+
+async def delete_download(request: web.Request) -> web.Response:
+    ctx = context_of(request)
+    download_id = path_id(request)
+    delete_file = query_bool(request, "delete_file")
+    row = await ctx.downloads.delete(download_id, delete_file=delete_file)
+    return web.json_response({"deleted": row.id, "file_deleted": delete_file})
+
+
+async def delete_all(request: web.Request) -> web.Response:
+    ctx = context_of(request)
+    body = await read_json_object(request)
+    if body.get("confirm") != "delete-all":
+        raise web.HTTPBadRequest(text='confirm with {"confirm": "delete-all"}')
+    delete_files = body.get("delete_files", False)
+    if not isinstance(delete_files, bool):
+        raise web.HTTPBadRequest(text='"delete_files" must be true or false')
+    count = await ctx.downloads.delete_all(delete_files=delete_files)
+    return web.json_response({"deleted": count, "files_deleted": delete_files})
+
+
+async def download_statistics(request: web.Request) -> web.Response:
+    return web.json_response(await context_of(request).db.get_download_statistics())
+
+
+async def reload_config(request: web.Request) -> web.Response:
+    ctx = context_of(request)
+    if ctx.reload_config is None:
+        raise web.HTTPServiceUnavailable(text="configuration reload is not available")
+    diff = await ctx.reload_config()
+    return web.json_response({"applied": diff.applied, "needs_restart": diff.needs_restart})
+
+
+async def get_config(request: web.Request) -> web.Response:
+    return web.json_response({"settings": await context_of(request).db.get_all_configs()})
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/api/health", health)
+    app.router.add_post("/api/downloads", add_downloads)
+    app.router.add_post("/api/downloads/torrent", add_torrent)
+    app.router.add_get("/api/downloads", list_downloads)
+    app.router.add_delete("/api/downloads", delete_all)
+    app.router.add_get("/api/downloads/statistics", download_statistics)
+    app.router.add_get(r"/api/downloads/{id}", get_download)
+    app.router.add_delete(r"/api/downloads/{id}", delete_download)
+    app.router.add_post(r"/api/downloads/{id}/{action:pause|resume|retry|cancel}", act_on_download)
+    app.router.add_post("/api/config/reload", reload_config)
+    app.router.add_get("/api/config", get_config)

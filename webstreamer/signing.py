@@ -1,0 +1,100 @@
+"""Signed links for /stream and /watch, and the dashboard's session cookie (HMAC-SHA256)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass
+from urllib.parse import quote
+
+SESSION_COOKIE = "mistrelay_session"
+SESSION_LIFETIME = 30 * 24 * 3600
+
+
+def _b64(digest: bytes) -> str:
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+@dataclass(frozen=True)
+class LinkSigner:
+    """Signs (download id, file index, expiry). The key lives in the data folder, so links and
+    aria2's loopback links for Telegram files stay valid across restarts."""
+
+    key: bytes
+    default_lifetime: int = 0  # seconds; 0 = links never expire
+
+    def _mac(self, scope: str, download_id: int, index: int, expires: int) -> str:
+        message = f"{scope}:{download_id}:{index}:{expires}".encode()
+        return _b64(hmac.new(self.key, message, hashlib.sha256).digest())
+
+    def query(
+        self,
+        download_id: int,
+        index: int = 0,
+        *,
+        lifetime: int | None = None,
+        now: float | None = None,
+    ) -> str:
+        lifetime = self.default_lifetime if lifetime is None else lifetime
+        expires = int((now or time.time()) + lifetime) if lifetime > 0 else 0
+        sig = self._mac("stream", download_id, index, expires)
+        return f"sig={sig}&exp={expires}" if expires else f"sig={sig}"
+
+    def stream_path(self, download_id: int, name: str, index: int | None = None, **kw: int) -> str:
+        quoted = quote(name or "file", safe="")
+        middle = f"{index}/" if index is not None else ""
+        return f"/stream/{download_id}/{middle}{quoted}?{self.query(download_id, index or 0, **kw)}"
+
+    def watch_path(self, download_id: int, index: int | None = None, **kw: int) -> str:
+        suffix = f"/{index}" if index is not None else ""
+        return f"/watch/{download_id}{suffix}?{self.query(download_id, index or 0, **kw)}"
+
+    def verify(
+        self,
+        download_id: int,
+        index: int,
+        sig: str | None,
+        exp: str | None,
+        *,
+        now: float | None = None,
+    ) -> str | None:
+        """None when the link is good, else why it is refused ("missing", "forged", "expired")."""
+        if not sig:
+            return "missing signature"
+        try:
+            expires = int(exp) if exp else 0
+        except ValueError:
+            return "forged signature"
+        if expires < 0 or not hmac.compare_digest(
+            sig, self._mac("stream", download_id, index, expires)
+        ):
+            return "forged signature"
+        if expires and expires < (now or time.time()):
+            return "expired link"
+        return None
+
+    # --- dashboard sessions -----------------------------------------------------------------------
+
+    def session_cookie(self, token: str, *, now: float | None = None) -> str:
+        issued = int(now or time.time())
+        return f"{issued}.{self._session_mac(token, issued)}"
+
+    def _session_mac(self, token: str, issued: int) -> str:
+        token_hash = hashlib.sha256(token.encode()).hexdigest()
+        message = f"session:{issued}:{token_hash}".encode()
+        return _b64(hmac.new(self.key, message, hashlib.sha256).digest())
+
+    def session_valid(self, cookie: str | None, token: str, *, now: float | None = None) -> bool:
+        if not cookie or "." not in cookie:
+            return False
+        issued_text, mac = cookie.split(".", 1)
+        try:
+            issued = int(issued_text)
+        except ValueError:
+            return False
+        age = (now or time.time()) - issued
+        if age < -60 or age > SESSION_LIFETIME:
+            return False
+        return hmac.compare_digest(mac, self._session_mac(token, issued))
