@@ -1,0 +1,306 @@
+"""MistRelay's entry point: `python app.py` runs the service; sub-commands do maintenance.
+
+    python app.py [--config PATH]            run the service (default)
+    python app.py [--config PATH] check      compare the database with aria2 and the disk
+    python app.py [--config PATH] backup F   consistent online copy of the database
+    python app.py [--config PATH] restore F  restore a backup (service stopped)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from loguru import logger
+
+from aria2_client.client import Aria2Client
+from aria2_client.download_handler import DownloadManager
+from aria2_client.models import Aria2Notification
+from aria2_client.poller import Poller
+from aria2_client.process import EmbeddedAria2
+from aria2_client.transport import Aria2Transport
+from configer import (
+    Config,
+    ConfigDiff,
+    ConfigError,
+    Secrets,
+    diff_config,
+    ensure_secrets,
+    load_config,
+    masked_settings,
+)
+from db import Database, DownloadRow
+from events import EventHub
+from webstreamer.server import AppContext, WebServer
+from webstreamer.signing import LinkSigner
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
+
+
+def configure_logging(level: str, secrets: list[str] | None = None) -> None:
+    """loguru to stderr; any known secret that slips into a message is masked."""
+    hidden = [s for s in (secrets or []) if s and len(s) >= 6]
+
+    def redact(record: dict) -> None:  # type: ignore[type-arg]
+        for secret in hidden:
+            if secret in record["message"]:
+                record["message"] = record["message"].replace(secret, "***")
+
+    logger.remove()
+    logger.configure(patcher=redact)  # type: ignore[arg-type]
+    logger.add(
+        sys.stderr,
+        level=level.upper(),
+        format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {name}:{line} | {message}{extra}",
+        backtrace=False,
+        diagnose=False,
+    )
+
+
+class Service:
+    """Starts and stops every part of MistRelay in order."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.hub = EventHub()
+        self.secrets: Secrets | None = None
+        self.db: Database | None = None
+        self.embedded: EmbeddedAria2 | None = None
+        self.transport: Aria2Transport | None = None
+        self.downloads: DownloadManager | None = None
+        self.poller: Poller | None = None
+        self.web: WebServer | None = None
+        self.ctx: AppContext | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._supervisor: asyncio.Task[None] | None = None
+
+    def _spawn(self, coroutine: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coroutine, name=name)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def start(self) -> None:
+        config = self.config
+        self.secrets = secrets = ensure_secrets(config)
+        configure_logging(
+            config.logging.level,
+            [secrets.web_token, secrets.aria2_secret, config.telegram.bot_token,
+             config.telegram.api_hash],
+        )
+        download_dir = config.aria2.download_dir
+        await asyncio.to_thread(download_dir.mkdir, parents=True, exist_ok=True)
+
+        self.db = db = Database(config.database.path, hub=self.hub, download_dir=download_dir)
+        await db.open()
+        await db.init_config_from_yaml(masked_settings(config))
+
+        if config.aria2.rpc_url:
+            rpc_url, aria2_secret = config.aria2.rpc_url, secrets.aria2_secret
+            logger.info("using the external aria2 at {}", rpc_url)
+        else:
+            options = dict(config.aria2.options)
+            if not config.aria2.enable_dht:
+                options.update({"enable-dht": "false", "enable-dht6": "false"})
+            self.embedded = EmbeddedAria2(
+                download_dir=download_dir,
+                data_dir=config.data_dir,
+                secret=secrets.aria2_secret,
+                executable=config.aria2.executable,
+                port=config.aria2.rpc_port,
+                max_concurrent_downloads=config.aria2.max_concurrent_downloads,
+                extra_options=options,
+            )
+            await self.embedded.start()
+            rpc_url, aria2_secret = self.embedded.rpc_url, secrets.aria2_secret
+            logger.info("embedded aria2c started (pid {})", self.embedded.pid)
+
+        self.transport = Aria2Transport(
+            rpc_url,
+            aria2_secret,
+            on_notification=self._on_notification,
+            on_connection_change=self._on_connection_change,
+        )
+        signer = LinkSigner(secrets.link_key, config.web.link_expiry)
+        self.downloads = DownloadManager(
+            db,
+            Aria2Client(self.transport),
+            download_dir=download_dir,
+            max_download_size=config.aria2.max_download_size,
+            allow_private_addresses=config.aria2.allow_private_addresses,
+            telegram_link=self._loopback_stream_link,
+        )
+        self.poller = Poller(
+            self.downloads,
+            interval=lambda: self.config.aria2.poll_interval,
+            idle_interval=lambda: self.config.aria2.idle_poll_interval,
+        )
+        self.ctx = AppContext(
+            config=config,
+            secrets=secrets,
+            db=db,
+            hub=self.hub,
+            downloads=self.downloads,
+            signer=signer,
+            aria2_connected=lambda: bool(self.transport and self.transport.connected),
+            reload_config=self.reload,
+        )
+        self.web = WebServer(self.ctx)
+        await self.web.start()
+        logger.info("web token is kept in {}", config.data_dir / "web_token")
+
+        await self.transport.start()
+        if not await self.transport.wait_connected(10):
+            logger.warning("aria2 is not reachable yet; jobs wait until it is")
+        self.poller.start()
+        if self.embedded is not None:
+            self._supervisor = asyncio.create_task(self.embedded.supervise(self._aria2_restarted))
+        self.hub.start_statistics(db.get_statistics)
+        if not config.telegram.bot_token:
+            logger.info("no Telegram credentials (telegram.bot_token): the bot is off")
+
+    def _loopback_stream_link(self, row: DownloadRow) -> str:
+        """aria2 fetches Telegram media from our own /stream route over loopback."""
+        assert self.ctx is not None and self.web is not None
+        host = self.config.web.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        path = self.ctx.signer.stream_path(row.id, row.file_name or "file", lifetime=0)
+        return f"http://{host}:{self.web.port}{path}"
+
+    async def _on_notification(self, notification: Aria2Notification) -> None:
+        if self.downloads is not None:
+            await self.downloads.on_notification(notification)
+
+    async def _on_connection_change(self, connected: bool) -> None:
+        if connected:
+            logger.info("connected to aria2")
+            self._spawn(self._after_reconnect(), "aria2-reconnected")
+        else:
+            logger.warning("lost the connection to aria2; reconnecting")
+
+    async def _after_reconnect(self) -> None:
+        if self.downloads is None or self.poller is None:
+            return
+        await self.downloads.reconcile_pending()
+        self.poller.wake()
+
+    async def _aria2_restarted(self) -> None:
+        logger.warning("embedded aria2c died and was restarted from its session")
+        if self.poller is not None:
+            self.poller.wake()
+
+    async def reload(self) -> ConfigDiff:
+        """Re-read config.yaml; apply what can change live and name what needs a restart."""
+        new = load_config(self.config.config_path)
+        diff = diff_config(self.config, new)
+        live = replace(
+            self.config,
+            **{
+                section: getattr(new, section)
+                for section in ("telegram", "aria2", "upload", "web", "maintenance", "logging")
+            },
+        )
+        kept = self.config
+        for key in diff.needs_restart:
+            section, name = key.split(".", 1)
+            live = replace(live, **{section: replace(getattr(live, section), **{name: getattr(getattr(kept, section), name)})})
+        self.config = live
+        if self.ctx is not None:
+            self.ctx.config = live
+        if self.downloads is not None:
+            self.downloads.max_download_size = live.aria2.max_download_size
+            self.downloads.allow_private_addresses = live.aria2.allow_private_addresses
+        if self.ctx is not None:
+            self.ctx.signer = LinkSigner(self.ctx.secrets.link_key, live.web.link_expiry)
+        if self.db is not None:
+            await self.db.init_config_from_yaml(masked_settings(live))
+        configure_logging(live.logging.level)
+        logger.info(
+            "configuration reloaded: applied {}; needs a restart: {}",
+            ", ".join(diff.applied) or "nothing",
+            ", ".join(diff.needs_restart) or "nothing",
+        )
+        return diff
+
+    async def stop(self) -> None:
+        if self.poller is not None:
+            await self.poller.stop()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        for task in list(self._background):
+            task.cancel()
+        if self.web is not None:
+            await self.web.stop()
+        if self.transport is not None:
+            await self.transport.close()
+        if self.embedded is not None:
+            await self.embedded.stop()
+        await self.hub.close()
+        if self.db is not None:
+            await self.db.close()
+        logger.info("MistRelay stopped")
+
+
+async def run_service(config: Config) -> None:
+    service = Service(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: asyncio.ensure_future(_reload_logged(service))
+    )
+    try:
+        await service.start()
+        await stop.wait()
+        logger.info("stopping")
+    finally:
+        await service.stop()
+
+
+async def _reload_logged(service: Service) -> None:
+    try:
+        await service.reload()
+    except ConfigError as exc:
+        logger.error("configuration not reloaded: {}", exc)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="app.py", description="MistRelay download relay")
+    parser.add_argument("--config", type=Path, default=None, help="config file (config.yaml)")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the service (default)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    configure_logging("INFO")
+    path = args.config or Path(os.environ.get("MISTRELAY_CONFIG", "")) or None
+    if path is None or str(path) in ("", "."):
+        path = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        logger.error("{}", exc)
+        return 2
+    configure_logging(config.logging.level)
+    command = args.command or "run"
+    if command == "run":
+        asyncio.run(run_service(config))
+        return 0
+    raise AssertionError(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The poller: aria2 sends no progress events, so progress (and what notifications missed) is read
+in one batched call per cycle, fast while anything is active and slowly when idle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from loguru import logger
+
+from aria2_client.download_handler import DownloadManager
+from aria2_client.transport import Aria2RpcError, Aria2Unavailable
+
+
+class Poller:
+    def __init__(
+        self,
+        manager: DownloadManager,
+        *,
+        interval: Callable[[], float],
+        idle_interval: Callable[[], float],
+    ) -> None:
+        self.manager = manager
+        self._interval = interval
+        self._idle_interval = idle_interval
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.cycles = 0
+        self.last_cycle_seconds = 0.0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="aria2-poller")
+
+    def wake(self) -> None:
+        """Run the next cycle now (e.g. a job was added, or aria2 came back)."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            started = time.perf_counter()
+            active = 0
+            try:
+                active = await self.manager.poll_once()
+            except Aria2Unavailable:
+                logger.debug("poller: aria2 unavailable")
+            except Aria2RpcError as exc:
+                logger.warning("poller: aria2 answered an error: {}", exc.message)
+            except Exception:
+                logger.exception("poller cycle failed")
+            self.cycles += 1
+            self.last_cycle_seconds = time.perf_counter() - started
+            delay = self._interval() if active else self._idle_interval()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)

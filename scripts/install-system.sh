@@ -1,0 +1,24 @@
+#!/bin/sh
+# Installs the Debian packages named as arguments when their commands are missing.
+# As root it uses apt-get; otherwise it says what to install and fails.
+set -eu
+missing=""
+for package in "$@"; do
+    case "$package" in
+        aria2) command_name=aria2c ;;
+        *) command_name=$package ;;
+    esac
+    command -v "$command_name" >/dev/null 2>&1 || missing="$missing $package"
+done
+# Debian splits venv support out of python3.
+python3 -c "import ensurepip, venv" >/dev/null 2>&1 || missing="$missing python3-venv"
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+    echo "missing system packages:$missing — install them (e.g. sudo apt-get install$missing)" >&2
+    exit 1
+fi
+echo "installing:$missing"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing >/dev/null
