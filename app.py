@@ -1,9 +1,9 @@
 """MistRelay's entry point: `python app.py` runs the service; sub-commands do maintenance.
 
-    python app.py [--config PATH]            run the service (default)
-    python app.py [--config PATH] check      compare the database with aria2 and the disk
-    python app.py [--config PATH] backup F   consistent online copy of the database
-    python app.py [--config PATH] restore F  restore a backup (service stopped)
+python app.py [--config PATH]            run the service (default)
+python app.py [--config PATH] check      compare the database with aria2 and the disk
+python app.py [--config PATH] backup F   consistent online copy of the database
+python app.py [--config PATH] restore F  restore a backup (service stopped)
 """
 
 from __future__ import annotations
@@ -90,8 +90,12 @@ class Service:
         self.secrets = secrets = ensure_secrets(config)
         configure_logging(
             config.logging.level,
-            [secrets.web_token, secrets.aria2_secret, config.telegram.bot_token,
-             config.telegram.api_hash],
+            [
+                secrets.web_token,
+                secrets.aria2_secret,
+                config.telegram.bot_token,
+                config.telegram.api_hash,
+            ],
         )
         download_dir = config.aria2.download_dir
         await asyncio.to_thread(download_dir.mkdir, parents=True, exist_ok=True)
@@ -211,7 +215,14 @@ class Service:
         kept = self.config
         for key in diff.needs_restart:
             section, name = key.split(".", 1)
-            live = replace(live, **{section: replace(getattr(live, section), **{name: getattr(getattr(kept, section), name)})})
+            live = replace(
+                live,
+                **{
+                    section: replace(
+                        getattr(live, section), **{name: getattr(getattr(kept, section), name)}
+                    )
+                },
+            )
         self.config = live
         if self.ctx is not None:
             self.ctx.config = live
@@ -257,9 +268,7 @@ async def run_service(config: Config) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(
-        signal.SIGHUP, lambda: asyncio.ensure_future(_reload_logged(service))
-    )
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload_logged(service)))
     try:
         await service.start()
         await stop.wait()

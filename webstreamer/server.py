@@ -41,13 +41,7 @@ class AppContext:
 
     @property
     def base_url(self) -> str:
-        web_config = self.config.web
-        if web_config.public_url:
-            return web_config.public_url.rstrip("/")
-        host = web_config.host
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"http://{host}:{web_config.port}"
+        return self.config.web.base_url.rstrip("/")
 
 
 CONTEXT: web.AppKey[AppContext] = web.AppKey("context", AppContext)
