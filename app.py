@@ -14,8 +14,10 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
@@ -66,8 +68,17 @@ def configure_logging(level: str, secrets: list[str] | None = None) -> None:
 class Service:
     """Starts and stops every part of MistRelay in order."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        telegram_client_factory: Callable[[], Any] | None = None,
+    ) -> None:
         self.config = config
+        # Builds the Pyrogram client; tests pass one wired to an offline Telegram.
+        self.telegram_client_factory = telegram_client_factory
+        self.uploads: Any = None
+        self.bot: Any = None
         self.hub = EventHub()
         self.secrets: Secrets | None = None
         self.db: Database | None = None
@@ -109,6 +120,8 @@ class Service:
             logger.info("using the external aria2 at {}", rpc_url)
         else:
             options = dict(config.aria2.options)
+            # A relay downloads, uploads and cleans up: stop seeding once a torrent is complete.
+            options.setdefault("seed-time", "0")
             if not config.aria2.enable_dht:
                 options.update({"enable-dht": "false", "enable-dht6": "false"})
             self.embedded = EmbeddedAria2(
@@ -158,6 +171,38 @@ class Service:
         await self.web.start()
         logger.info("web token is kept in {}", config.data_dir / "web_token")
 
+        if config.telegram.enabled:
+            # Imported only when the bot runs: Pyrogram is heavy and unused otherwise.
+            from bot.runner import TelegramBot
+
+            self.bot = TelegramBot(
+                config,
+                db=db,
+                downloads=self.downloads,
+                hub=self.hub,
+                signer=signer,
+                client_factory=self.telegram_client_factory,
+            )
+            self.ctx.byte_sources.append(self.bot.byte_source)
+        else:
+            logger.info("no Telegram credentials (telegram.bot_token): the bot is off")
+        from aria2_client.upload_handler import UploadManager
+
+        self.uploads = UploadManager(
+            db,
+            config.upload,
+            download_dir=download_dir,
+            data_dir=config.data_dir,
+            telegram=self.bot,
+        )
+        self.ctx.uploads = self.uploads
+        self.downloads.completion_listeners.append(self.uploads.on_download_completed)
+        self.downloads.removal_listeners.append(self.uploads.on_download_removed)
+        await self.uploads.start()
+        if self.bot is not None:
+            self.bot.uploads = self.uploads
+            await self.bot.start()
+
         await self.transport.start()
         if not await self.transport.wait_connected(10):
             logger.warning("aria2 is not reachable yet; jobs wait until it is")
@@ -165,8 +210,6 @@ class Service:
         if self.embedded is not None:
             self._supervisor = asyncio.create_task(self.embedded.supervise(self._aria2_restarted))
         self.hub.start_statistics(db.get_statistics)
-        if not config.telegram.bot_token:
-            logger.info("no Telegram credentials (telegram.bot_token): the bot is off")
 
     def _loopback_stream_link(self, row: DownloadRow) -> str:
         """aria2 fetches Telegram media from our own /stream route over loopback."""
@@ -242,24 +285,37 @@ class Service:
         return diff
 
     async def stop(self) -> None:
+        """Stop everything started, newest first; safe to call twice."""
         if self.poller is not None:
             await self.poller.stop()
+            self.poller = None
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+            self._supervisor = None
         for task in list(self._background):
             task.cancel()
+        if self.bot is not None:
+            await self.bot.stop()
+            self.bot = None
+        if self.uploads is not None:
+            await self.uploads.stop()
+            self.uploads = None
         if self.web is not None:
             await self.web.stop()
+            self.web = None
         if self.transport is not None:
             await self.transport.close()
+            self.transport = None
         if self.embedded is not None:
             await self.embedded.stop()
+            self.embedded = None
         await self.hub.close()
         if self.db is not None:
             await self.db.close()
-        logger.info("MistRelay stopped")
+            self.db = None
+            logger.info("MistRelay stopped")
 
 
 async def run_service(config: Config) -> None:

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.support.torrents",
     "tests.support.rclone_cloud",
     "tests.support.fake_telegram",
+    "tests.support.service",
 ]
