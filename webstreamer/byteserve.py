@@ -286,7 +286,7 @@ async def serve_bytes(
                     },
                 )
 
-    response = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
+    response = web.StreamResponse(status=200 if byte_range is None else 206, headers=headers)
     if byte_range is not None:
         response.headers["Content-Range"] = byte_range.content_range(size)
         start, end = byte_range.start, byte_range.end

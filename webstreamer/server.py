@@ -157,7 +157,9 @@ class WebServer:
 
     async def start(self) -> None:
         web_config = self.ctx.config.web
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, web_config.host, web_config.port, reuse_address=True)
         await site.start()
