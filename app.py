@@ -56,12 +56,17 @@ def configure_logging(level: str, secrets: list[str] | None = None) -> None:
 
     logger.remove()
     logger.configure(patcher=redact)  # type: ignore[arg-type]
-    logger.add(
-        sys.stderr,
-        level=level.upper(),
-        format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {name}:{line} | {message}{extra}",
-        backtrace=False,
-        diagnose=False,
+    logger.add(sys.stderr, level=level.upper(), format=_log_format, backtrace=False, diagnose=False)
+
+
+def _log_format(record: dict) -> str:  # type: ignore[type-arg]
+    """One line per record; the bound context (job, gid, …) follows the message when present."""
+    context = " ".join(f"{key}={value}" for key, value in record["extra"].items())
+    suffix = f" [{context}]" if context else ""
+    return (
+        "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {name}:{line} | {message}"
+        + suffix.replace("{", "{{").replace("}", "}}")
+        + "\n{exception}"
     )
 
 
