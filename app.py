@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
 import sys
@@ -37,12 +38,53 @@ from configer import (
     load_config,
     masked_settings,
 )
-from db import Database, DownloadRow
+from db import (
+    Database,
+    DownloadRow,
+    StoreError,
+    backup_database_file,
+    restore_database_file,
+)
 from events import EventHub
 from webstreamer.server import AppContext, WebServer
 from webstreamer.signing import LinkSigner
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
+
+
+class InstanceLock:
+    """An exclusive lock on data_dir/mistrelay.lock held while the service runs.
+
+    The kernel drops it when the process dies (even by SIGKILL), so a stale file never blocks a
+    start; `restore` uses it to refuse replacing the database under a running service.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "mistrelay.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class AlreadyRunning(RuntimeError):
+    pass
 
 
 def configure_logging(level: str, secrets: list[str] | None = None) -> None:
@@ -95,6 +137,7 @@ class Service:
         self.ctx: AppContext | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._supervisor: asyncio.Task[None] | None = None
+        self._lock = InstanceLock(config.data_dir)
 
     def _spawn(self, coroutine: object, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coroutine, name=name)  # type: ignore[arg-type]
@@ -103,6 +146,8 @@ class Service:
 
     async def start(self) -> None:
         config = self.config
+        if not self._lock.acquire():
+            raise AlreadyRunning(f"another MistRelay is running on {config.data_dir}")
         self.secrets = secrets = ensure_secrets(config)
         configure_logging(
             config.logging.level,
@@ -321,6 +366,7 @@ class Service:
             await self.db.close()
             self.db = None
             logger.info("MistRelay stopped")
+        self._lock.release()
 
 
 async def run_service(config: Config) -> None:
@@ -350,15 +396,47 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=None, help="config file (config.yaml)")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the service (default)")
+    backup = sub.add_parser("backup", help="consistent online copy of the database")
+    backup.add_argument("path", type=Path)
+    restore = sub.add_parser("restore", help="restore a backup (the service must be stopped)")
+    restore.add_argument("path", type=Path)
     return parser.parse_args(argv)
+
+
+def backup_command(config: Config, target: Path) -> int:
+    try:
+        backup_database_file(config.database.path, target)
+    except (StoreError, OSError) as exc:
+        logger.error("backup failed: {}", exc)
+        return 2
+    logger.info("database copied to {}", target)
+    return 0
+
+
+def restore_command(config: Config, backup: Path) -> int:
+    lock = InstanceLock(config.data_dir)
+    if not lock.acquire():
+        logger.error("MistRelay is running on {}: stop it before restoring", config.data_dir)
+        return 2
+    try:
+        kept = restore_database_file(backup, config.database.path)
+    except (StoreError, OSError) as exc:
+        logger.error("restore refused: {}", exc)
+        return 2
+    finally:
+        lock.release()
+    if kept is not None:
+        logger.info("the replaced database was kept as {}", kept)
+    logger.info("database restored from {}", backup)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     configure_logging("INFO")
-    path = args.config or Path(os.environ.get("MISTRELAY_CONFIG", "")) or None
-    if path is None or str(path) in ("", "."):
-        path = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+    path = args.config
+    if path is None and "MISTRELAY_CONFIG" not in os.environ and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -366,10 +444,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(config.logging.level)
     command = args.command or "run"
-    if command == "run":
+    if command == "backup":
+        return backup_command(config, args.path)
+    if command == "restore":
+        return restore_command(config, args.path)
+    try:
         asyncio.run(run_service(config))
-        return 0
-    raise AssertionError(command)
+    except AlreadyRunning as exc:
+        logger.error("{}", exc)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

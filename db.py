@@ -1342,14 +1342,79 @@ class Database:
 
     async def backup(self, target: Path) -> None:
         """A consistent online copy through SQLite's backup API (safe while the service runs)."""
-        if self._writer is None:
-            raise StoreError("database is not open")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".partial")
-        tmp.unlink(missing_ok=True)
-        async with aiosqlite.connect(tmp) as destination, self._write_lock:
-            await self._writer.backup(destination)
-        os.replace(tmp, target)
+        await asyncio.to_thread(backup_database_file, self.path, target)
+
+
+def inspect_database_file(path: Path) -> int:
+    """The schema version of a MistRelay database file; StoreError if it is not one we know."""
+    if not path.is_file():
+        raise StoreError(f"{path}: no such file")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: not an SQLite database ({exc})") from None
+    if app_id != APPLICATION_ID:
+        raise StoreError(f"{path}: not a MistRelay database")
+    if not 1 <= version <= SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: unknown schema version {version} (this MistRelay knows 1..{SCHEMA_VERSION})"
+        )
+    if check != "ok":
+        raise StoreError(f"{path}: the database is damaged ({check})")
+    return int(version)
+
+
+def backup_database_file(source: Path, target: Path) -> None:
+    """A consistent copy of `source` through SQLite's backup API, safe while the service writes."""
+    inspect_database_file(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    dst = sqlite3.connect(partial)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
+    inspect_database_file(partial)
+    os.replace(partial, target)
+
+
+def restore_database_file(backup: Path, target: Path) -> Path | None:
+    """Replace `target` by `backup` (service stopped). The replaced file is kept aside; its path
+    is returned (None when there was no database yet)."""
+    inspect_database_file(backup)
+    kept: Path | None = None
+    if target.exists():
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        kept = target.with_name(f"{target.name}.replaced-{stamp}")
+        # Fold the WAL into the file first so the copy kept aside is whole on its own.
+        conn = sqlite3.connect(target)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+        os.replace(target, kept)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{target}{suffix}").unlink(missing_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    src = sqlite3.connect(f"file:{backup}?mode=ro", uri=True)
+    dst = sqlite3.connect(partial)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
+    os.replace(partial, target)
+    return kept
 
 
 class _Tx:
