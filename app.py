@@ -23,7 +23,9 @@ from typing import Any
 from loguru import logger
 
 from aria2_client.client import Aria2Client
+from aria2_client.consistency import ConsistencyChecker, run_check
 from aria2_client.download_handler import DownloadManager
+from aria2_client.media_probe import MediaProber
 from aria2_client.models import Aria2Notification
 from aria2_client.poller import Poller
 from aria2_client.process import EmbeddedAria2
@@ -126,6 +128,8 @@ class Service:
         self.telegram_client_factory = telegram_client_factory
         self.uploads: Any = None
         self.bot: Any = None
+        self.media: MediaProber | None = None
+        self.checker: ConsistencyChecker | None = None
         self.hub = EventHub()
         self.secrets: Secrets | None = None
         self.db: Database | None = None
@@ -202,6 +206,8 @@ class Service:
             allow_private_addresses=config.aria2.allow_private_addresses,
             telegram_link=self._loopback_stream_link,
         )
+        self.media = MediaProber(db, download_dir=download_dir)
+        self.downloads.completion_listeners.append(self.media.on_download_completed)
         self.poller = Poller(
             self.downloads,
             interval=lambda: self.config.aria2.poll_interval,
@@ -257,6 +263,14 @@ class Service:
         if not await self.transport.wait_connected(10):
             logger.warning("aria2 is not reachable yet; jobs wait until it is")
         self.poller.start()
+        self.checker = ConsistencyChecker(
+            db,
+            self.downloads.aria2,
+            download_dir,
+            interval=lambda: self.config.maintenance.check_interval,
+            confirm_after=max(2.0, config.aria2.idle_poll_interval + 1),
+        )
+        self.checker.start()
         if self.embedded is not None:
             self._supervisor = asyncio.create_task(self.embedded.supervise(self._aria2_restarted))
         self.hub.start_statistics(db.get_statistics)
@@ -336,6 +350,9 @@ class Service:
 
     async def stop(self) -> None:
         """Stop everything started, newest first; safe to call twice."""
+        if self.checker is not None:
+            await self.checker.stop()
+            self.checker = None
         if self.poller is not None:
             await self.poller.stop()
             self.poller = None
@@ -352,6 +369,9 @@ class Service:
         if self.uploads is not None:
             await self.uploads.stop()
             self.uploads = None
+        if self.media is not None:
+            await self.media.stop()
+            self.media = None
         if self.web is not None:
             await self.web.stop()
             self.web = None
@@ -396,6 +416,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=None, help="config file (config.yaml)")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the service (default)")
+    check = sub.add_parser("check", help="compare the database with aria2 and the disk")
+    check.add_argument("--fix", action="store_true", help="repair what was found")
     backup = sub.add_parser("backup", help="consistent online copy of the database")
     backup.add_argument("path", type=Path)
     restore = sub.add_parser("restore", help="restore a backup (the service must be stopped)")
@@ -444,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(config.logging.level)
     command = args.command or "run"
+    if command == "check":
+        configure_logging("WARNING")
+        return asyncio.run(run_check(config, fix=args.fix))
     if command == "backup":
         return backup_command(config, args.path)
     if command == "restore":

@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.support.rclone_cloud",
     "tests.support.fake_telegram",
     "tests.support.service",
+    "tests.support.reliability",
 ]
