@@ -55,9 +55,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from loguru import logger
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 RcloneReason = str
 
@@ -615,7 +618,7 @@ class Rclone:
         remote_path: str,
         remote: str,
         on_progress: ProgressCallback,
-        log: Any,
+        log: Logger,
     ) -> None:
         source = await asyncio.to_thread(_inspect_local, local)
         local, is_folder = source.path, source.is_folder
@@ -656,7 +659,8 @@ class Rclone:
             exit_code = await process.wait()
         finally:
             if process.returncode is None:
-                await _terminate_process(process)
+                # Shielded: a second cancellation of this task must not leave rclone running.
+                await asyncio.shield(_terminate_process(process))
             with contextlib.suppress(FileNotFoundError):
                 pid_file.unlink()
             state.finished = True
@@ -743,7 +747,7 @@ class Rclone:
 
     @staticmethod
     async def _deliver_progress(
-        state: _TransferState, on_progress: ProgressCallback, log: Any
+        state: _TransferState, on_progress: ProgressCallback, log: Logger
     ) -> None:
         while True:
             await state.changed.wait()
