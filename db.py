@@ -10,6 +10,7 @@ change to ``status_history``. After a write commits, an event is published on th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -507,12 +508,18 @@ class Database:
     async def open(self) -> Database:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = await self._connect()
-        mode = await (await self._writer.execute("PRAGMA journal_mode = WAL")).fetchone()
-        if mode is None or str(mode[0]).lower() != "wal":
-            raise StoreError(f"{self.path}: could not enable WAL journal mode")
-        await self._migrate()
-        self._reader = await self._connect()
-        await self._reader.execute("PRAGMA query_only = ON")
+        try:
+            # Refuse a foreign file before touching it (switching to WAL would modify it).
+            version = await self._check_identity()
+            mode = await self._pragma("journal_mode = WAL")
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path}: could not enable WAL journal mode")
+            await self._migrate(version)
+            self._reader = await self._connect()
+            await self._reader.execute("PRAGMA query_only = ON")
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def close(self) -> None:
@@ -527,17 +534,32 @@ class Database:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _migrate(self) -> None:
+    async def _pragma(self, statement: str) -> Any:
         assert self._writer is not None
-        app_id = (await (await self._writer.execute("PRAGMA application_id")).fetchone())[0]
-        version = (await (await self._writer.execute("PRAGMA user_version")).fetchone())[0]
+        row = await (await self._writer.execute(f"PRAGMA {statement}")).fetchone()
+        if row is None:
+            raise StoreError(f"{self.path}: PRAGMA {statement} gave no answer")
+        return row[0]
+
+    async def _check_identity(self) -> int:
+        """The file's schema version; StoreError for a file that is not a MistRelay database."""
+        app_id = await self._pragma("application_id")
+        version = int(await self._pragma("user_version"))
+        if app_id != APPLICATION_ID:
+            assert self._writer is not None
+            tables = await (
+                await self._writer.execute("SELECT COUNT(*) FROM sqlite_master")
+            ).fetchone()
+            if version > 0 or (tables is not None and tables[0] > 0):
+                raise StoreError(f"{self.path}: not a MistRelay database")
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path}: schema version {version} is newer than this MistRelay "
                 f"({SCHEMA_VERSION}); upgrade MistRelay"
             )
-        if version > 0 and app_id != APPLICATION_ID:
-            raise StoreError(f"{self.path}: not a MistRelay database")
+        return version
+
+    async def _migrate(self, version: int) -> None:
         for number in range(version + 1, SCHEMA_VERSION + 1):
             async with self._write() as conn:
                 await conn.executescript_in_tx(_MIGRATIONS[number])
@@ -548,18 +570,38 @@ class Database:
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[_Tx]:
         """One write transaction (BEGIN IMMEDIATE) on the single writer connection."""
-        if self._writer is None:
+        writer = self._writer
+        if writer is None:
             raise StoreError("database is not open")
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            tx = _Tx(self._writer)
+            if writer.in_transaction:
+                await writer.execute("ROLLBACK")
+            # BEGIN and COMMIT run on aiosqlite's thread and finish even if this task is
+            # cancelled meanwhile: wait for them, so no transaction is left open and no
+            # committed change goes unpublished.
+            begin = asyncio.ensure_future(writer.execute("BEGIN IMMEDIATE"))
+            try:
+                await asyncio.shield(begin)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await begin
+                if writer.in_transaction:
+                    await writer.execute("ROLLBACK")
+                raise
+            tx = _Tx(writer)
             try:
                 yield tx
             except BaseException:
-                await self._writer.execute("ROLLBACK")
+                if writer.in_transaction:
+                    await writer.execute("ROLLBACK")
                 raise
-            else:
-                await self._writer.execute("COMMIT")
+            commit = asyncio.ensure_future(writer.execute("COMMIT"))
+            try:
+                await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                await commit
+                tx.publish(self.hub)
+                raise
         tx.publish(self.hub)
 
     async def _read_all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
@@ -645,15 +687,23 @@ class Database:
                 await tx.history("download", download_id, None, "pending", "created", now)
                 await tx.emit_download(download_id)
         except sqlite3.IntegrityError as exc:
-            if "downloads.source_key" not in str(exc):
-                raise
-            existing = await self._read_one(
-                "SELECT id FROM downloads WHERE source_key = ? AND status IN "
-                "('pending', 'waiting', 'downloading', 'paused')",
-                (new.source_key,),
-            )
-            raise DuplicateDownload(int(existing["id"]) if existing else 0, new.source_key) from exc
+            await self._raise_duplicate_source(new.source_key, exc)
         return download_id
+
+    async def _raise_duplicate_source(self, source_key: str, exc: sqlite3.IntegrityError) -> None:
+        """Turn the one-active-job-per-source index's refusal into DuplicateDownload."""
+        if "downloads.source_key" not in str(exc):
+            raise exc
+        existing = await self._read_one(
+            "SELECT id FROM downloads WHERE source_key = ? AND status IN "
+            "('pending', 'waiting', 'downloading', 'paused')",
+            (source_key,),
+        )
+        raise DuplicateDownload(int(existing["id"]) if existing else 0, source_key) from exc
+
+    async def _raise_duplicate(self, download_id: int, exc: sqlite3.IntegrityError) -> None:
+        row = await self.get_download_by_id(download_id)
+        await self._raise_duplicate_source(row.source_key if row else "", exc)
 
     async def mark_download_queued(
         self, download_id: int, gid: str, status: str = "waiting"
@@ -737,21 +787,24 @@ class Database:
 
     async def reset_download_for_retry(self, download_id: int) -> DownloadRow:
         """failed/cancelled → pending: progress and error cleared; the old gids stay known."""
-        async with self._write() as tx:
-            await tx.transition(
-                "download",
-                download_id,
-                "pending",
-                "retry",
-                gid=None,
-                completed_length=0,
-                download_speed=0,
-                error_message=None,
-                error_code=None,
-                started_at=None,
-                completed_at=None,
-            )
-            await tx.emit_download(download_id)
+        try:
+            async with self._write() as tx:
+                await tx.transition(
+                    "download",
+                    download_id,
+                    "pending",
+                    "retry",
+                    gid=None,
+                    completed_length=0,
+                    download_speed=0,
+                    error_message=None,
+                    error_code=None,
+                    started_at=None,
+                    completed_at=None,
+                )
+                await tx.emit_download(download_id)
+        except sqlite3.IntegrityError as exc:
+            await self._raise_duplicate(download_id, exc)
         row = await self.get_download_by_id(download_id)
         assert row is not None
         return row
@@ -855,7 +908,8 @@ class Database:
         status: str | None = None,
         owner_id: int | None = None,
     ) -> list[DownloadRow]:
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if status is not None:
             where.append("status = ?")
             params.append(status)
@@ -1195,24 +1249,47 @@ class Database:
         self, upload_id: int, file_path: str | Path
     ) -> bool:
         """True if the local file is there. If it is gone, the upload completes when its remote
-        copy was verified, and otherwise fails with reason `local_file_missing`."""
+        copy was verified, and otherwise fails with reason `local_file_missing` (one transaction,
+        walking the upload machine's own edges)."""
         if await asyncio.to_thread(Path(file_path).exists):
             return True
-        upload = await self.get_upload_by_id(upload_id)
-        if upload is None:
-            raise NotFound("upload", upload_id)
-        if upload.status in ("completed", "failed", "cancelled"):
-            return False
-        if upload.verified_at is not None:
-            if upload.status == "pending":
-                await self.mark_upload_started(upload_id, upload.verified_size or 0)
-            await self.mark_upload_completed(upload_id)
-        else:
-            if upload.status in ("pending", "waiting_download"):
-                await self.mark_upload_started(upload_id, upload.total_size)
-            await self.mark_upload_failed(
-                upload_id, "local_file_missing", f"local file is gone: {Path(file_path).name}"
+        async with self._write() as tx:
+            row = await tx.fetch_one(
+                "SELECT status, verified_at FROM uploads WHERE id = ?", (upload_id,)
             )
+            if row is None:
+                raise NotFound("upload", upload_id)
+            status = str(row["status"])
+            if status in ("completed", "failed", "cancelled"):
+                return False
+            path = {
+                "waiting_download": ["pending", "uploading"],
+                "paused": ["pending", "uploading"],
+                "pending": ["uploading"],
+                "uploading": [],
+            }[status]
+            for step in path:
+                await tx.transition("upload", upload_id, step, "local file gone")
+            if row["verified_at"] is not None:
+                await tx.transition(
+                    "upload",
+                    upload_id,
+                    "completed",
+                    "remote copy verified; local file gone",
+                    completed_at=utc_now(),
+                    upload_speed=0,
+                )
+            else:
+                await tx.transition(
+                    "upload",
+                    upload_id,
+                    "failed",
+                    "local_file_missing",
+                    failure_reason="local_file_missing",
+                    error_message=f"local file is gone: {Path(file_path).name}",
+                    upload_speed=0,
+                )
+            await tx.emit_upload(upload_id)
         return False
 
     async def get_upload_by_id(self, upload_id: int) -> UploadRow | None:

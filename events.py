@@ -150,7 +150,6 @@ class EventHub:
                 logger.warning("statistics could not be computed: {}", exc)
             else:
                 self.publish("statistics", statistics)
-                self._statistics_dirty.clear()
             await asyncio.sleep(self._statistics_interval)
 
     async def close(self) -> None:
