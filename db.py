@@ -1633,15 +1633,22 @@ class _Tx:
                 " AND (downloads.completed_length != polled.completed"
                 " OR downloads.total_length != polled.total"
                 " OR downloads.download_speed != polled.speed)"
-                " RETURNING downloads.id, downloads.gid, downloads.status,"
-                " downloads.completed_length, downloads.total_length, downloads.download_speed",
+                " RETURNING downloads.id, downloads.gid, downloads.status",
                 (*params, now),
             )
             changed += len(rows)
-            for row in rows:
-                data = {key: row[key] for key in row.keys()}  # noqa: SIM118
-                data["download_id"] = data.pop("id")
-                self.events.append(("download", int(data["download_id"]), data))
+            by_gid = {update.gid: update for update in chunk}
+            for download_id, gid, status in rows:
+                update = by_gid[gid]
+                data = {
+                    "download_id": download_id,
+                    "gid": gid,
+                    "status": status,
+                    "completed_length": update.completed_length,
+                    "total_length": update.total_length,
+                    "download_speed": update.download_speed,
+                }
+                self.events.append(("download", download_id, data))
         return changed
 
     async def emit_download(self, download_id: int) -> None:
