@@ -130,9 +130,11 @@ class Aria2Transport:
         tasks = [t for t in (self._connection_task, self._dispatch_task) if t is not None]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            # Bounded: a handler that swallowed its cancellation must not hang the shutdown.
+            _, stuck = await asyncio.wait(tasks, timeout=5)
+            for task in stuck:
+                self._log.warning("aria2 task {} did not stop when cancelled", task.get_name())
         self._connection_task = None
         self._dispatch_task = None
         if self._ws is not None:
