@@ -134,7 +134,7 @@ async def security_headers_middleware(
 
 
 def create_app(ctx: AppContext) -> web.Application:
-    from webstreamer.routes import api, stream
+    from webstreamer.routes import api, page, stream, uploads, ws
 
     app = web.Application(
         middlewares=[security_headers_middleware, error_middleware, auth_middleware],
@@ -142,7 +142,10 @@ def create_app(ctx: AppContext) -> web.Application:
     )
     app[CONTEXT] = ctx
     api.setup(app)
+    uploads.setup(app)
     stream.setup(app)
+    ws.setup(app)
+    page.setup(app)
     return app
 
 
