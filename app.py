@@ -331,6 +331,8 @@ class Service:
                 },
             )
         self.config = live
+        if self.uploads is not None:
+            self.uploads.apply_config(live.upload)
         if self.ctx is not None:
             self.ctx.config = live
         if self.downloads is not None:

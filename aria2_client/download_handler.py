@@ -105,6 +105,7 @@ class DownloadManager:
         self.completion_listeners: list[CompletionListener] = []
         self.removal_listeners: list[ActionListener] = []
         self._apply_lock = asyncio.Lock()
+        self._submitting: set[int] = set()
 
     # --- the one way in ---------------------------------------------------------------------------
 
@@ -214,6 +215,16 @@ class DownloadManager:
 
     async def submit(self, download_id: int, *, paused: bool = False) -> None:
         """Hand a `pending` row to aria2; if aria2 is down the row stays pending for later."""
+        # The API and start-up reconciliation may both reach a pending row: one submit at a time.
+        if download_id in self._submitting:
+            return
+        self._submitting.add(download_id)
+        try:
+            await self._submit_pending(download_id, paused)
+        finally:
+            self._submitting.discard(download_id)
+
+    async def _submit_pending(self, download_id: int, paused: bool) -> None:
         row = await self.db.get_download_by_id(download_id)
         if row is None or row.status != "pending":
             return

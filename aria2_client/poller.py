@@ -62,4 +62,5 @@ class Poller:
             self.last_cycle_seconds = time.perf_counter() - started
             delay = self._interval() if active else self._idle_interval()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()

@@ -392,7 +392,8 @@ class EmbeddedAria2:
 
     async def _closed_within(self, seconds: float) -> bool:
         try:
-            await asyncio.wait_for(self._closed_event.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._closed_event.wait()
         except TimeoutError:
             return False
         return True

@@ -205,7 +205,10 @@ class Aria2Transport:
             except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
                 raise Aria2Unavailable(f"lost aria2 while sending {method}: {exc}") from None
             try:
-                return await asyncio.wait_for(future, timeout)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that arrives together with the reply, and the caller then never stops.
+                async with asyncio.timeout(timeout):
+                    return await future
             except TimeoutError:
                 raise Aria2Timeout(f"aria2 did not answer {method} within {timeout} s") from None
         finally:

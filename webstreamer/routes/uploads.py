@@ -1,0 +1,59 @@
+"""The REST API for uploads: list, statistics, retry and cancel (JSON under /api/uploads)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from db import UPLOAD_STATUSES
+from webstreamer.routes.api import query_int
+from webstreamer.server import context_of
+from webstreamer.views import upload_json
+
+MAX_LIST_LIMIT = 1000
+
+
+def _upload_id(request: web.Request) -> int:
+    text = request.match_info["id"]
+    if not text.isdigit() or len(text) > 18:
+        raise web.HTTPNotFound(text=f"no upload {text!r}")
+    return int(text)
+
+
+def _manager(request: web.Request) -> Any:
+    manager = context_of(request).uploads
+    if manager is None:
+        raise web.HTTPServiceUnavailable(text="uploads are not running")
+    return manager
+
+
+async def list_uploads(request: web.Request) -> web.Response:
+    ctx = context_of(request)
+    limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
+    status = request.query.get("status") or None
+    if status is not None and status not in UPLOAD_STATUSES:
+        raise web.HTTPBadRequest(text=f"status must be one of {', '.join(UPLOAD_STATUSES)}")
+    target = request.query.get("target") or None
+    rows = await ctx.db.fetch_recent_uploads(limit, status=status, upload_target=target)
+    return web.json_response({"uploads": [upload_json(row) for row in rows]})
+
+
+async def upload_statistics(request: web.Request) -> web.Response:
+    return web.json_response(await context_of(request).db.get_upload_statistics())
+
+
+async def act_on_upload(request: web.Request) -> web.Response:
+    manager = _manager(request)
+    upload_id = _upload_id(request)
+    if request.match_info["action"] == "retry":
+        row = await manager.retry(upload_id)
+    else:
+        row = await manager.cancel(upload_id)
+    return web.json_response(upload_json(row))
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/api/uploads", list_uploads)
+    app.router.add_get("/api/uploads/statistics", upload_statistics)
+    app.router.add_post(r"/api/uploads/{id}/{action:retry|cancel}", act_on_upload)
