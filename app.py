@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -51,7 +51,21 @@ from events import EventHub
 from webstreamer.server import AppContext, WebServer
 from webstreamer.signing import LinkSigner
 
+if TYPE_CHECKING:
+    from loguru import Record
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
+
+
+def with_live_changes(old: Config, new: Config, keys: list[str]) -> Config:
+    """`old` with the dotted `keys` (those that may change live) taken from `new`."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        section, name = key.split(".", 1)
+        sections.setdefault(section, {})[name] = getattr(getattr(new, section), name)
+    return replace(
+        old, **{section: replace(getattr(old, section), **v) for section, v in sections.items()}
+    )
 
 
 class InstanceLock:
@@ -93,17 +107,17 @@ def configure_logging(level: str, secrets: list[str] | None = None) -> None:
     """loguru to stderr; any known secret that slips into a message is masked."""
     hidden = [s for s in (secrets or []) if s and len(s) >= 6]
 
-    def redact(record: dict) -> None:  # type: ignore[type-arg]
+    def redact(record: Record) -> None:
         for secret in hidden:
             if secret in record["message"]:
                 record["message"] = record["message"].replace(secret, "***")
 
     logger.remove()
-    logger.configure(patcher=redact)  # type: ignore[arg-type]
+    logger.configure(patcher=redact)
     logger.add(sys.stderr, level=level.upper(), format=_log_format, backtrace=False, diagnose=False)
 
 
-def _log_format(record: dict) -> str:  # type: ignore[type-arg]
+def _log_format(record: Record) -> str:
     """One line per record; the bound context (job, gid, …) follows the message when present."""
     context = " ".join(f"{key}={value}" for key, value in record["extra"].items())
     suffix = f" [{context}]" if context else ""
@@ -142,6 +156,7 @@ class Service:
         self._background: set[asyncio.Task[None]] = set()
         self._supervisor: asyncio.Task[None] | None = None
         self._lock = InstanceLock(config.data_dir)
+        self._log_secrets: list[str] = []
 
     def _spawn(self, coroutine: object, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coroutine, name=name)  # type: ignore[arg-type]
@@ -153,15 +168,14 @@ class Service:
         if not self._lock.acquire():
             raise AlreadyRunning(f"another MistRelay is running on {config.data_dir}")
         self.secrets = secrets = ensure_secrets(config)
-        configure_logging(
-            config.logging.level,
-            [
-                secrets.web_token,
-                secrets.aria2_secret,
-                config.telegram.bot_token,
-                config.telegram.api_hash,
-            ],
-        )
+        self._log_secrets = [
+            secrets.web_token,
+            secrets.aria2_secret,
+            secrets.link_key.hex(),
+            config.telegram.bot_token,
+            config.telegram.api_hash,
+        ]
+        configure_logging(config.logging.level, self._log_secrets)
         download_dir = config.aria2.download_dir
         await asyncio.to_thread(download_dir.mkdir, parents=True, exist_ok=True)
 
@@ -312,37 +326,23 @@ class Service:
         """Re-read config.yaml; apply what can change live and name what needs a restart."""
         new = load_config(self.config.config_path)
         diff = diff_config(self.config, new)
-        live = replace(
-            self.config,
-            **{
-                section: getattr(new, section)
-                for section in ("telegram", "aria2", "upload", "web", "maintenance", "logging")
-            },
-        )
-        kept = self.config
-        for key in diff.needs_restart:
-            section, name = key.split(".", 1)
-            live = replace(
-                live,
-                **{
-                    section: replace(
-                        getattr(live, section), **{name: getattr(getattr(kept, section), name)}
-                    )
-                },
-            )
+        live = with_live_changes(self.config, new, diff.applied)
         self.config = live
-        if self.uploads is not None:
-            self.uploads.apply_config(live.upload)
         if self.ctx is not None:
             self.ctx.config = live
+            self.ctx.signer = LinkSigner(self.ctx.secrets.link_key, live.web.link_expiry)
+        if self.uploads is not None:
+            self.uploads.apply_config(live.upload)
         if self.downloads is not None:
             self.downloads.max_download_size = live.aria2.max_download_size
             self.downloads.allow_private_addresses = live.aria2.allow_private_addresses
-        if self.ctx is not None:
-            self.ctx.signer = LinkSigner(self.ctx.secrets.link_key, live.web.link_expiry)
+            if "aria2.max_concurrent_downloads" in diff.applied:
+                await self.downloads.aria2.change_global_option(
+                    {"max-concurrent-downloads": str(live.aria2.max_concurrent_downloads)}
+                )
         if self.db is not None:
             await self.db.init_config_from_yaml(masked_settings(live))
-        configure_logging(live.logging.level)
+        configure_logging(live.logging.level, self._log_secrets)
         logger.info(
             "configuration reloaded: applied {}; needs a restart: {}",
             ", ".join(diff.applied) or "nothing",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -380,29 +380,38 @@ class DownloadManager:
         Returns the number of active rows (the caller chooses the busy or idle interval).
         """
         rows = await self.db.fetch_downloads_in_states(("waiting", "downloading", "paused"))
+        rows_by_gid = {row.gid: row for row in rows if row.gid is not None}
         statuses = await self.aria2.poll(max_waiting=max(1000, len(rows)), max_stopped=0)
-        by_gid = {s.gid: s for s in statuses}
-        missing = [r.gid for r in rows if r.gid is not None and r.gid not in by_gid]
+        by_gid = {s.gid: s for s in statuses if s.gid in rows_by_gid}
+        missing = [gid for gid in rows_by_gid if gid not in by_gid]
         if missing:
             found = await self.aria2.statuses(missing)
             for gid, status in found.items():
                 if status is not None:
                     by_gid[gid] = status
-            for row in rows:
-                if row.gid in found and found[row.gid] is None:
-                    await self._readd(row)
-        await self.apply_status(list(by_gid.values()), rows=rows)
+                else:
+                    await self._readd(rows_by_gid[gid])
+        await self.apply_status(list(by_gid.values()), rows_by_gid)
         return len(rows)
 
     async def apply_status(
-        self, statuses: Sequence[Aria2Status], rows: Sequence[DownloadRow] | None = None
+        self,
+        statuses: Sequence[Aria2Status],
+        rows_by_gid: Mapping[str, DownloadRow] | None = None,
     ) -> None:
-        """Map aria2's view of some gids onto their rows (transitions, progress, details)."""
+        """Map aria2's view of some gids onto their rows (transitions, progress, details).
+
+        `rows_by_gid` saves a lookup per status when the caller (the poller) has the rows.
+        """
         async with self._apply_lock:
             progress: list[ProgressUpdate] = []
             completed: list[int] = []
-            for status in statuses:
-                row = await self.db.get_download_by_gid(status.gid)
+            for position, status in enumerate(statuses, start=1):
+                if position % 100 == 0:
+                    await asyncio.sleep(0)  # a cycle over many downloads must not hog the loop
+                row = (rows_by_gid or {}).get(status.gid)
+                if row is None:
+                    row = await self.db.get_download_by_gid(status.gid)
                 if row is None or row.gid != status.gid:
                     continue
                 try:

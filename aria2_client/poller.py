@@ -27,6 +27,7 @@ class Poller:
         self._idle_interval = idle_interval
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
         self.cycles = 0
         self.last_cycle_seconds = 0.0
 
@@ -39,14 +40,19 @@ class Poller:
         self._wake.set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop the loop; bounded even if a cycle swallowed a cancellation."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        task, self._task = self._task, None
+        task.cancel()
+        _, pending = await asyncio.wait({task}, timeout=5)
+        if pending:
+            logger.warning("poller did not stop within 5 s")
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             started = time.perf_counter()
             active = 0

@@ -234,6 +234,8 @@ def _info_span(data: bytes) -> tuple[int, int]:
 def _text(value: object, what: str) -> str:
     if not isinstance(value, bytes):
         raise SourceError(f"torrent {what} is not a string")
+    if len(value) > 255:
+        raise SourceError(f"torrent {what} is longer than 255 bytes")
     text = value.decode("utf-8", errors="replace")
     if not text or "\x00" in text or text in (".", "..") or "/" in text:
         raise SourceError(f"torrent {what} {_short(text)!r} is not a safe file name")
@@ -249,6 +251,8 @@ def parse_torrent(data: bytes) -> TorrentMeta:
     try:
         decoded, end = _bdecode(data)
         start, stop = _info_span(data)
+    except SourceError:
+        raise
     except (ValueError, IndexError, RecursionError):
         raise SourceError("not a torrent file (malformed bencode)") from None
     if end != len(data):
@@ -258,8 +262,13 @@ def parse_torrent(data: bytes) -> TorrentMeta:
     if not isinstance(info, dict):
         raise SourceError("torrent has no info dictionary")
     name = _text(info.get(b"name"), "name")
-    if not isinstance(info.get(b"pieces"), bytes) or not isinstance(info.get(b"piece length"), int):
+    pieces, piece_length = info.get(b"pieces"), info.get(b"piece length")
+    if not isinstance(pieces, bytes) or not isinstance(piece_length, int):
         raise SourceError("torrent info lacks pieces or piece length")
+    if piece_length <= 0:
+        raise SourceError("torrent piece length must be positive")
+    if len(pieces) % 20:
+        raise SourceError("torrent pieces are not a list of 20-byte hashes")
     entries: list[TorrentEntry] = []
     if b"files" in info:
         files = info[b"files"]
@@ -280,5 +289,10 @@ def parse_torrent(data: bytes) -> TorrentMeta:
         if not isinstance(length, int) or length < 0:
             raise SourceError("torrent has an invalid length")
         entries.append(TorrentEntry(1, name, length))
+    expected_pieces = -(-sum(e.length for e in entries) // piece_length)
+    if len(pieces) // 20 != expected_pieces:
+        raise SourceError(
+            f"torrent has {len(pieces) // 20} piece hashes for {expected_pieces} pieces"
+        )
     info_hash = hashlib.sha1(data[start:stop]).hexdigest()  # BitTorrent's own hash
     return TorrentMeta(info_hash=info_hash, name=name, files=tuple(entries))

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from aria2_client.sources import SourceError, parse_link
+from configer import ConfigError
 from db import DOWNLOAD_STATUSES, DownloadRow, DuplicateDownload
 from webstreamer.server import context_of, json_error
 from webstreamer.views import download_json
@@ -205,7 +206,10 @@ async def reload_config(request: web.Request) -> web.Response:
     ctx = context_of(request)
     if ctx.reload_config is None:
         raise web.HTTPServiceUnavailable(text="configuration reload is not available")
-    diff = await ctx.reload_config()
+    try:
+        diff = await ctx.reload_config()
+    except ConfigError as exc:
+        return json_error(400, "bad_config", str(exc))
     return web.json_response({"applied": diff.applied, "needs_restart": diff.needs_restart})
 
 
