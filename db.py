@@ -929,7 +929,12 @@ class Database:
             f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE status IN ({marks}) ORDER BY id",
             tuple(statuses),
         )
-        return [_download_from_row(r) for r in rows]
+        converted: list[DownloadRow] = []
+        for first in range(0, len(rows), 200):
+            if first:
+                await asyncio.sleep(0)  # the poller reads every active row: let others run
+            converted.extend(_download_from_row(r) for r in rows[first : first + 200])
+        return converted
 
     async def fetch_downloads_grouped(
         self, limit: int = 50, *, status: str | None = None

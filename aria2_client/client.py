@@ -161,10 +161,15 @@ class Aria2Client:
         result = await self.transport.call("aria2.tellStatus", *params)
         return Aria2Status.from_struct(result)
 
-    async def poll(self, max_waiting: int = 1000, max_stopped: int = 1000) -> list[Aria2Status]:
+    async def poll(
+        self,
+        max_waiting: int = 1000,
+        max_stopped: int = 1000,
+        keys: Sequence[str] = STATUS_KEYS,
+    ) -> list[Aria2Status]:
         """Every active, then up to `max_waiting` waiting, then up to `max_stopped` stopped
         downloads, in ONE request (system.multicall)."""
-        keys = list(STATUS_KEYS)
+        keys = list(keys)
         results = await self.transport.multicall(
             [
                 ("aria2.tellActive", [keys]),

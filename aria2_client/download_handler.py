@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from loguru import logger
 
 from aria2_client.client import Aria2Client
-from aria2_client.models import Aria2Notification, Aria2Status
+from aria2_client.models import PROGRESS_KEYS, Aria2Notification, Aria2Status
 from aria2_client.sources import (
     ParsedLink,
     SourceError,
@@ -381,15 +381,23 @@ class DownloadManager:
         """
         rows = await self.db.fetch_downloads_in_states(("waiting", "downloading", "paused"))
         rows_by_gid = {row.gid: row for row in rows if row.gid is not None}
-        statuses = await self.aria2.poll(max_waiting=max(1000, len(rows)), max_stopped=0)
+        statuses = await self.aria2.poll(
+            max_waiting=max(1000, len(rows)), max_stopped=0, keys=PROGRESS_KEYS
+        )
         by_gid = {s.gid: s for s in statuses if s.gid in rows_by_gid}
-        missing = [gid for gid in rows_by_gid if gid not in by_gid]
-        if missing:
-            found = await self.aria2.statuses(missing)
+        # Full details only where they matter: jobs aria2 did not list, jobs whose file is not
+        # known yet, and jobs that look finished (a magnet's metadata step must be told apart).
+        details = [
+            gid
+            for gid, row in rows_by_gid.items()
+            if gid not in by_gid or row.local_path is None or _looks_finished(by_gid[gid])
+        ]
+        if details:
+            found = await self.aria2.statuses(details)
             for gid, status in found.items():
                 if status is not None:
                     by_gid[gid] = status
-                else:
+                elif gid not in by_gid:
                     await self._readd(rows_by_gid[gid])
         await self.apply_status(list(by_gid.values()), rows_by_gid)
         return len(rows)
@@ -527,6 +535,14 @@ class DownloadManager:
                 files=files,
                 total_length=status.total_length or None,
             )
+
+
+def _looks_finished(status: Aria2Status) -> bool:
+    return (
+        status.status in ("complete", "error", "removed")
+        or bool(status.followed_by)
+        or (status.total_length > 0 and status.completed_length == status.total_length)
+    )
 
 
 def _relative(path: str, base: PurePosixPath) -> str:

@@ -38,6 +38,19 @@ STATUS_KEYS: tuple[str, ...] = (
     "connections",
 )
 
+# What the poller reads for every download each cycle: progress and state only. File lists and
+# torrent details are fetched (with STATUS_KEYS) only for the few downloads that need them.
+PROGRESS_KEYS: tuple[str, ...] = (
+    "gid",
+    "status",
+    "totalLength",
+    "completedLength",
+    "downloadSpeed",
+    "errorCode",
+    "errorMessage",
+    "followedBy",
+)
+
 METADATA_PREFIX = "[METADATA]"
 
 
