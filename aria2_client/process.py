@@ -330,16 +330,16 @@ class EmbeddedAria2:
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.shield(process.wait()), timeout)
-            except TimeoutError:
+            if not await _exited_within(process, timeout):
                 self._log.warning(
                     "aria2c {} ignored SIGTERM for {} s; killing it", process.pid, timeout
                 )
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
-        returncode = await process.wait()
-        self._log.info("aria2c {} exited with code {}", process.pid, returncode)
+                if not await _exited_within(process, 5):
+                    self._log.error("aria2c {} did not exit after SIGKILL", process.pid)
+                    return
+        self._log.info("aria2c {} exited with code {}", process.pid, process.returncode)
 
     # -- supervision ---------------------------------------------------------------------------
 
@@ -397,3 +397,13 @@ class EmbeddedAria2:
         except TimeoutError:
             return False
         return True
+
+
+async def _exited_within(process: asyncio.subprocess.Process, seconds: float) -> bool:
+    """Bounded wait for a child's exit (asyncio.timeout: wait_for may swallow a cancel on 3.11)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await asyncio.shield(process.wait())
+    except TimeoutError:
+        return False
+    return True

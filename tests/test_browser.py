@@ -1,0 +1,396 @@
+"""The dashboard in a real headless Chromium, driven over the DevTools protocol.
+
+Sign in through the form, add a slow link through the add box, cut the list API off so only
+WebSocket pushes can move the row, and watch the row reach "completed" in the DOM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.support.http_files import MIB, FileServer
+from tests.support.service import ServiceFactory
+from tests.test_web_page import Site, serve_site
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = shutil.which("chromium")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class DevToolsError(Exception):
+    pass
+
+
+class PageSession:
+    """One page target over the DevTools WebSocket: commands by id, events to listeners."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for message in self.ws:
+            if message.type != aiohttp.WSMsgType.TEXT:
+                break
+            payload = json.loads(message.data)
+            if "id" in payload:
+                future = self._waiting.pop(payload["id"], None)
+                if future is not None and not future.done():
+                    future.set_result(payload)
+            elif "method" in payload:
+                for listener in list(self._listeners):
+                    listener(payload["method"], payload.get("params", {}))
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(DevToolsError("the DevTools connection closed"))
+
+    def on_event(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
+        self._listeners.append(listener)
+
+    async def send(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        number = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[number] = future
+        await self.ws.send_str(json.dumps({"id": number, "method": method, "params": params or {}}))
+        reply = await asyncio.wait_for(future, 30)
+        if "error" in reply:
+            raise DevToolsError(f"{method}: {reply['error']}")
+        return dict(reply.get("result", {}))
+
+    async def evaluate(self, expression: str) -> Any:
+        result = await self.send(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
+        )
+        if "exceptionDetails" in result:
+            raise DevToolsError(f"page script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout: float, what: str) -> Any:
+        """Poll a page expression until it is truthy (bounded)."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                last = await self.evaluate(expression)
+            except DevToolsError as exc:  # e.g. the page is still loading
+                last = exc
+            else:
+                if last:
+                    return last
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}; last value {last!r}")
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader
+
+
+def _launch(command: list[str], profile: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    profile.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        # Its own session: the renderers and helpers can be killed with it by its PID.
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+@contextlib.asynccontextmanager
+async def chromium(profile: Path, log_path: Path) -> AsyncIterator[PageSession]:
+    """A headless Chromium with its own profile, killed by PID however the test ends."""
+    assert CHROMIUM is not None
+    command = [
+        CHROMIUM,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-default-apps",
+        "--lang=en-US",
+        "--window-size=1280,1000",
+        f"--user-data-dir={profile}",
+        "--remote-debugging-port=0",
+        "about:blank",
+    ]
+    process = await asyncio.to_thread(_launch, command, profile, log_path)
+    http = aiohttp.ClientSession()
+    session: PageSession | None = None
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or len(port_file.read_text().splitlines()) < 2:
+            if process.poll() is not None:
+                raise DevToolsError(f"chromium exited with {process.returncode}")
+            if time.monotonic() > deadline:
+                raise DevToolsError("chromium never wrote DevToolsActivePort")
+            await asyncio.sleep(0.1)
+        port = int(port_file.read_text().splitlines()[0])
+        async with http.get(f"http://127.0.0.1:{port}/json/list") as response:
+            targets = await response.json()
+        page_target = next(t for t in targets if t.get("type") == "page")
+        ws = await http.ws_connect(page_target["webSocketDebuggerUrl"], max_msg_size=0)
+        session = PageSession(ws)
+        yield session
+    finally:
+        if session is not None:
+            with contextlib.suppress(Exception):
+                await session.close()
+        await http.close()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                await asyncio.to_thread(process.wait, 5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait, 5)
+        # Renderer and helper processes share the browser's session: none may outlive the test.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+async def browser_site(service_factory: ServiceFactory) -> AsyncIterator[Site]:
+    running = await service_factory()
+    async with serve_site(running) as served:
+        yield served
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)"
+)
+async def test_dashboard_follows_a_download_over_the_websocket(
+    browser_site: Site, file_server: FileServer, tmp_path: Path
+) -> None:
+    site = browser_site
+    size = 3 * MIB
+    file_server.add_file("slow file.bin", size=size)
+    link = file_server.url("slow file.bin", route="slow", rate=MIB)
+
+    console_errors: list[str] = []
+    blocked: list[str] = []
+    replies: set[asyncio.Future[dict[str, Any]]] = set()
+    page: PageSession
+    async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
+
+        def on_event(method: str, params: dict[str, Any]) -> None:
+            if method == "Runtime.exceptionThrown":
+                console_errors.append(json.dumps(params.get("exceptionDetails", {}))[:500])
+            elif method == "Log.entryAdded":
+                entry = params.get("entry", {})
+                if entry.get("level") == "error":
+                    console_errors.append(f"{entry.get('url', '')} {entry.get('text', '')}")
+            elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
+                console_errors.append(json.dumps(params.get("args", []))[:500])
+            elif method == "Fetch.requestPaused":
+                request = params["request"]
+                if request["method"] == "GET":
+                    blocked.append(request["url"])
+                    reply = asyncio.ensure_future(
+                        page.send(
+                            "Fetch.failRequest",
+                            {"requestId": params["requestId"], "errorReason": "Failed"},
+                        )
+                    )
+                else:
+                    reply = asyncio.ensure_future(
+                        page.send("Fetch.continueRequest", {"requestId": params["requestId"]})
+                    )
+                replies.add(reply)
+                reply.add_done_callback(replies.discard)
+
+        page.on_event(on_event)
+        await page.send("Runtime.enable")
+        await page.send("Log.enable")
+        await page.send("Page.enable")
+        await page.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1280, "height": 1000, "deviceScaleFactor": 1, "mobile": False},
+        )
+        await page.send("Page.navigate", {"url": site.base_url + "/"})
+
+        # Signed out: the form is the page.
+        await page.wait_for(
+            "!document.getElementById('login-view').hidden"
+            " && !document.documentElement.classList.contains('boot')",
+            20,
+            "the sign-in form",
+        )
+        assert await page.evaluate("document.getElementById('dashboard').hidden") is True
+        assert await page.evaluate("document.getElementById('conn').dataset.state") == "signed-out"
+
+        # A wrong token is refused in place.
+        await page.evaluate("document.getElementById('token').focus()")
+        await page.send("Input.insertText", {"text": "not-the-token"})
+        await page.evaluate("document.getElementById('login-submit').click()")
+        await page.wait_for(
+            "document.body.dataset.loginState === 'failed'", 10, "the refusal of a wrong token"
+        )
+        assert await page.evaluate("document.getElementById('dashboard').hidden") is True
+
+        # The right token: the dashboard, live over the WebSocket, with one list load.
+        await page.evaluate("document.getElementById('token').select()")
+        await page.send("Input.insertText", {"text": site.token})
+        await page.evaluate("document.getElementById('login-submit').click()")
+        await page.wait_for(
+            "document.getElementById('conn').dataset.state === 'live'"
+            " && document.body.dataset.synced === '1'",
+            20,
+            "the live dashboard",
+        )
+        assert await page.evaluate("document.cookie") == ""  # HttpOnly: not readable by script
+
+        # From now on the list API fails: only pushes can move the row.
+        await page.send(
+            "Fetch.enable",
+            {"patterns": [{"urlPattern": "*/api/downloads*", "requestStage": "Request"}]},
+        )
+
+        await page.evaluate("document.getElementById('add-links').focus()")
+        await page.send("Input.insertText", {"text": link})
+        await page.evaluate("document.getElementById('add-submit').click()")
+        row_id = await page.wait_for(
+            "document.querySelector('article.item') &&"
+            " document.querySelector('article.item').dataset.downloadId",
+            20,
+            "the new row",
+        )
+        row = f"document.querySelector('article.item[data-download-id=\"{row_id}\"]')"
+        assert await page.evaluate(f"{row}.querySelector('.name').textContent") == "slow file.bin"
+
+        seen_statuses: set[str] = set()
+        seen_partial = False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status, percent = await page.evaluate(
+                f"[{row}.dataset.status, {row}.querySelector('.percent').textContent]"
+            )
+            seen_statuses.add(status)
+            value = float(percent.rstrip("%"))
+            if status == "downloading" and 0 < value < 100:
+                seen_partial = True
+            if status == "completed":
+                break
+            await asyncio.sleep(0.1)
+        assert "completed" in seen_statuses, seen_statuses
+        assert seen_partial, "no partial progress was ever shown"
+        assert await page.evaluate(f"{row}.querySelector('.badge.state').textContent") == (
+            "Completed"
+        )
+        assert await page.evaluate(f"{row}.querySelector('.percent').textContent") == "100.0%"
+        await page.wait_for(
+            "document.querySelector('[data-stat=\"completed\"] .value').textContent === '1'",
+            10,
+            "the completed count pushed by statistics_update",
+        )
+        # The completion's own detail fetch was refused too: the pushes did all the work.
+        await page.wait_for(f"{len(blocked)} > 0", 1, "a refused list request")
+        assert any("/api/downloads" in url for url in blocked)
+        await page.evaluate("document.getElementById('toasts').replaceChildren()")
+
+        # The language switch re-renders in Chinese.
+        await page.evaluate("document.getElementById('lang-switch').click()")
+        assert await page.evaluate(f"{row}.querySelector('.badge.state').textContent") == "已完成"
+        await page.evaluate("document.getElementById('lang-switch').click()")
+
+        await asyncio.sleep(1.2)  # one chart sample after the download
+        shot = await page.send("Page.captureScreenshot", {"format": "png"})
+        png = base64.b64decode(shot["data"])
+        screenshot = tmp_path / "dashboard.png"
+        screenshot.write_bytes(png)
+        assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+    # Expected: the refused list requests, the signed-out probe and the wrong token's 401.
+    unexpected = [
+        error
+        for error in console_errors
+        if "/api/downloads" not in error and not ("/login " in error and "401" in error)
+    ]
+    assert unexpected == [], unexpected
+
+
+def _make_clip(path: Path) -> None:
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=duration=4:size=160x120:rate=10",
+            "-c:v",
+            "libvpx",
+            "-b:v",
+            "100k",
+            str(path),
+        ],
+        check=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)"
+)
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+async def test_player_page_plays_and_seeks_through_the_signed_stream(
+    browser_site: Site, file_server: FileServer, tmp_path: Path
+) -> None:
+    site = browser_site
+    clip = tmp_path / "clip.webm"
+    await asyncio.to_thread(_make_clip, clip)
+    file_server.add_file("clip.webm", data=await asyncio.to_thread(clip.read_bytes))
+    download = await site.add_and_complete(file_server.url("clip.webm"))
+    watch_path = "/" + download["watch_url"].split("://", 1)[1].split("/", 1)[1]
+    console_errors: list[str] = []
+    async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
+
+        def on_event(method: str, params: dict[str, Any]) -> None:
+            if method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+                console_errors.append(params["entry"].get("text", ""))
+
+        page.on_event(on_event)
+        await page.send("Log.enable")
+        await page.send("Page.navigate", {"url": site.base_url + watch_path})
+        duration = await page.wait_for(
+            "(() => { const v = document.querySelector('video.player');"
+            " return v && v.readyState >= 1 && v.duration; })()",
+            20,
+            "the video's metadata",
+        )
+        assert 3.5 < duration < 4.5
+        await page.evaluate("document.querySelector('video.player').currentTime = 3")
+        await page.wait_for(
+            "(() => { const v = document.querySelector('video.player');"
+            " return !v.seeking && v.currentTime >= 2.9 && v.readyState >= 2; })()",
+            20,
+            "the seek to 3 s",
+        )
+        title = await page.evaluate("document.querySelector('h1.name').textContent")
+        assert title == "clip.webm"
+    assert console_errors == []
