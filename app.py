@@ -157,6 +157,7 @@ class Service:
         self._supervisor: asyncio.Task[None] | None = None
         self._lock = InstanceLock(config.data_dir)
         self._log_secrets: list[str] = []
+        self._bot_start: asyncio.Task[None] | None = None
 
     def _spawn(self, coroutine: object, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coroutine, name=name)  # type: ignore[arg-type]
@@ -271,7 +272,6 @@ class Service:
         await self.uploads.start()
         if self.bot is not None:
             self.bot.uploads = self.uploads
-            await self.bot.start()
 
         await self.transport.start()
         if not await self.transport.wait_connected(10):
@@ -288,6 +288,24 @@ class Service:
         if self.embedded is not None:
             self._supervisor = asyncio.create_task(self.embedded.supervise(self._aria2_restarted))
         self.hub.start_statistics(db.get_statistics)
+        if self.bot is not None:
+            # Telegram may be unreachable: the service runs (API, page, jobs) while the bot
+            # keeps trying to log in on its own.
+            self._bot_start = asyncio.create_task(self._start_bot(), name="telegram-bot-start")
+
+    async def wait_bot(self) -> None:
+        """Wait until the bot's start-up has finished (or failed and was logged)."""
+        if self._bot_start is not None:
+            await asyncio.shield(self._bot_start)
+
+    async def _start_bot(self) -> None:
+        assert self.bot is not None
+        try:
+            await self.bot.start()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.error("the Telegram bot could not start ({}); the service runs without it", exc)
 
     def _loopback_stream_link(self, row: DownloadRow) -> str:
         """aria2 fetches Telegram media from our own /stream route over loopback."""
@@ -363,8 +381,9 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
             self._supervisor = None
-        for task in list(self._background):
-            task.cancel()
+        for task in [*self._background, self._bot_start]:
+            if task is not None:
+                task.cancel()
         if self.bot is not None:
             await self.bot.stop()
             self.bot = None

@@ -12,6 +12,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
 
 from loguru import logger
 
@@ -211,6 +212,9 @@ class DownloadManager:
             return None, options
         if row.source_url is None:
             raise SourceError(f"download {row.id} has no source link")
+        if row.source_type in ("http", "ftp") and not _safe_link_name(row.source_url):
+            # aria2 would use the link's last segment as it is (too long, "..", bidi marks…).
+            options["out"] = row.file_name or "download"
         return [row.source_url], options
 
     async def submit(self, download_id: int, *, paused: bool = False) -> None:
@@ -484,7 +488,7 @@ class DownloadManager:
             log.info("download {} completed ({} bytes)", row.id, status.total_length)
             return True
         if aria2_state == "error":
-            message = status.error_message or f"aria2 error {status.error_code}"
+            message = describe_aria2_error(status.error_code, status.error_message)
             await self.db.mark_download_failed(status.gid, message, status.error_code)
             log.warning("download {} failed: {}", row.id, message)
             return False
@@ -535,6 +539,44 @@ class DownloadManager:
                 files=files,
                 total_length=status.total_length or None,
             )
+
+
+# aria2's error codes (its manual, "EXIT STATUS"), said in words a user understands.
+ARIA2_ERRORS = {
+    "2": "timed out",
+    "3": "not found on the server",
+    "5": "too slow",
+    "6": "network problem",
+    "9": "not enough disk space",
+    "13": "a file of that name already exists",
+    "16": "could not create the file",
+    "17": "file input/output error",
+    "18": "could not create the folder",
+    "19": "host name could not be resolved",
+    "22": "bad HTTP response header",
+    "23": "too many redirects",
+    "24": "authorization failed",
+    "25": "the torrent could not be parsed",
+    "26": "the torrent is corrupted",
+    "27": "bad magnet link",
+    "32": "checksum validation failed",
+}
+
+
+def describe_aria2_error(code: str | None, message: str | None) -> str:
+    """A readable failure reason: what the code means, then aria2's own words."""
+    detail = (message or "").strip()
+    if "No space left" in detail or "ENOSPC" in detail:
+        code = "9"
+    meaning = ARIA2_ERRORS.get(code or "")
+    if meaning and detail:
+        return f"{meaning} ({detail})"
+    return meaning or detail or f"aria2 error {code}"
+
+
+def _safe_link_name(url: str) -> bool:
+    segment = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+    return segment in ("", safe_file_name(segment, "")) and segment not in (".", "..")
 
 
 def _looks_finished(status: Aria2Status) -> bool:

@@ -128,6 +128,7 @@ async def service_factory(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
         running = RunningService(service, path, http, path.parent)
         started.append(running)
         await service.start()
+        await service.wait_bot()
         assert service.secrets is not None
         running.token = service.secrets.web_token
         return running
