@@ -384,7 +384,7 @@ def _inspect_local(path: Path) -> _LocalSource:
     return _LocalSource(absolute, absolute.exists(), absolute.is_dir())
 
 
-def _local_total_size(path: Path) -> int:
+def local_total_size(path: Path) -> int:
     """Bytes rclone will send for ``path`` (symlinks are skipped, as rclone skips them)."""
     if path.is_file():
         return path.stat().st_size
@@ -624,7 +624,7 @@ class Rclone:
         local, is_folder = source.path, source.is_folder
         if not source.exists:
             raise RcloneError(LOCAL_FILE_MISSING, f"nothing to upload at {local}")
-        total_hint = await asyncio.to_thread(_local_total_size, local)
+        total_hint = await asyncio.to_thread(local_total_size, local)
         if job.cancel_requested:
             raise RcloneError(CANCELLED, "the upload was cancelled")
 

@@ -43,6 +43,7 @@ from aria2_client.rclone import (
     Rclone,
     RcloneError,
     TransferProgress,
+    local_total_size,
 )
 from aria2_client.telegram_upload import TelegramSender, TelegramUploadError
 from configer import UploadConfig, UploadTarget
@@ -110,20 +111,6 @@ def _parse_iso(text: str) -> datetime | None:
     except ValueError:
         return None
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def local_total_size(path: Path) -> int:
-    """Bytes of a file, or of every regular file under a folder. Synchronous: use a thread."""
-    if path.is_file():
-        return path.stat().st_size
-    total = 0
-    for directory, _dirs, files in os.walk(path):
-        for name in files:
-            file_path = Path(directory, name)
-            with contextlib.suppress(OSError):
-                if not file_path.is_symlink():
-                    total += file_path.stat().st_size
-    return total
 
 
 def default_rclone_args(environment: Mapping[str, str] | None = None) -> list[str]:

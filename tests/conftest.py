@@ -7,5 +7,6 @@ pytest_plugins = [
     "tests.support.rclone_cloud",
     "tests.support.fake_telegram",
     "tests.support.service",
+    "tests.support.service_process",
     "tests.support.reliability",
 ]

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +25,8 @@ from tests.support.service_process import (
     ServiceProcess,
     ServiceProcessFactory,
     read_only_db,
-    service_processes,
     wait_until,
 )
-
-
-@pytest.fixture
-async def service_process(tmp_path: Path) -> AsyncIterator[ServiceProcessFactory]:
-    async with service_processes(tmp_path) as factory:
-        yield factory
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,16 +39,8 @@ from tests.support.service_process import (
     ServiceProcessFactory,
     bytes_lost,
     integrity_check,
-    service_processes,
     wait_until,
 )
-
-
-@pytest.fixture
-async def service_process(tmp_path: Path) -> AsyncIterator[ServiceProcessFactory]:
-    async with service_processes(tmp_path) as factory:
-        yield factory
-
 
 # --------------------------------------------------------------------------- helpers
 

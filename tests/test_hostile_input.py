@@ -36,17 +36,9 @@ from tests.support.http_files import FileServer
 from tests.support.service import RunningService, ServiceFactory
 from tests.support.service_process import (
     ServiceProcessFactory,
-    service_processes,
     wait_until,
 )
 from webstreamer.signing import SESSION_COOKIE, SESSION_LIFETIME
-
-
-@pytest.fixture
-async def service_process(tmp_path: Path) -> AsyncIterator[ServiceProcessFactory]:
-    async with service_processes(tmp_path) as factory:
-        yield factory
-
 
 # --------------------------------------------------------------------------- helpers
 

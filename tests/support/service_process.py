@@ -13,7 +13,7 @@ crash the whole service, or run it inside another mount namespace, use :class:`S
   nothing behind even when the product would.
 
 :func:`service_processes` builds them under a folder and stops and reaps every one on the way
-out, also when the test fails; a test module wraps it in its own ``service_process`` fixture.
+out, also when the test fails; the ``service_process`` fixture wraps it for a test.
 Also here: :class:`HealthProbe` (times ``/api/health`` from its own thread), read-only database
 access (:func:`read_only_db`, :func:`integrity_check`), :func:`bytes_lost` and :func:`wait_until`.
 """
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.support.processes import pid_alive
 from tests.support.service import service_config
@@ -395,13 +396,6 @@ async def service_processes(root: Path) -> AsyncIterator[ServiceProcessFactory]:
     """Build service processes under `root`: ``svc = factory(overrides={...}, name="a")``, then
     ``await svc.start()``. Every one is stopped, and its children reaped, on the way out (also
     when the body raised).
-
-    A test module turns it into its fixture::
-
-        @pytest.fixture
-        async def service_process(tmp_path: Path) -> AsyncIterator[ServiceProcessFactory]:
-            async with service_processes(tmp_path) as factory:
-                yield factory
     """
     made: list[ServiceProcess] = []
 
@@ -509,3 +503,10 @@ class HealthProbe:
                 self.failures.append(f"{type(exc).__name__}: {exc}")
             self.latencies.append(time.monotonic() - started)
             self._stop.wait(self.interval)
+
+
+@pytest.fixture
+async def service_process(tmp_path: Path) -> AsyncIterator[ServiceProcessFactory]:
+    """Service subprocesses for one test, all stopped and reaped at its end."""
+    async with service_processes(tmp_path) as factory:
+        yield factory
