@@ -349,6 +349,9 @@ class Service:
         if self.ctx is not None:
             self.ctx.config = live
             self.ctx.signer = LinkSigner(self.ctx.secrets.link_key, live.web.link_expiry)
+            if self.bot is not None:
+                self.bot.config = live
+                self.bot.signer = self.ctx.signer
         if self.uploads is not None:
             self.uploads.apply_config(live.upload)
         if self.downloads is not None:
