@@ -78,6 +78,7 @@ LIVE_KEYS: frozenset[str] = frozenset(
         "telegram.admins",
         "telegram.allowed_users",
         "aria2.poll_interval",
+        "telegram.progress_interval",
         "aria2.idle_poll_interval",
         "aria2.max_download_size",
         "aria2.allow_private_addresses",
@@ -117,6 +118,7 @@ class TelegramConfig:
     admins: tuple[int, ...] = ()
     allowed_users: tuple[int, ...] = ()
     parts_in_flight: int = 4  # upload.GetFile parts fetched ahead while streaming
+    progress_interval: float = 3.0  # seconds between edits of one chat's progress messages
 
     @property
     def enabled(self) -> bool:
@@ -740,6 +742,7 @@ _PARSERS: dict[str, _Parser] = {
     "telegram.admins": _id_list,
     "telegram.allowed_users": _id_list,
     "telegram.parts_in_flight": _integer(1, 64),
+    "telegram.progress_interval": _number(0, 3600, lo_open=True),
     "aria2.rpc_url": _url(("http", "https", "ws", "wss")),
     "aria2.rpc_secret": _single_token,
     "aria2.download_dir": _path,

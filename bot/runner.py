@@ -37,7 +37,7 @@ from aria2_client.download_handler import DownloadManager
 from bot.auth import NO_ONE_SERVED, Gatekeeper
 from bot.commands import COMMANDS, register_commands
 from bot.handlers import media_of, media_record, register_handlers
-from bot.progress import DEFAULT_INTERVAL, ProgressNotifier
+from bot.progress import ProgressNotifier
 from bot.text import Language, language_of, translate
 from bot.tg_source import TelegramByteSource, TelegramFileRef, TelegramStreamer
 from configer import Config, TelegramConfig
@@ -76,7 +76,7 @@ class TelegramBot:
         self.uploads: Any = None  # the upload manager; set by the service after construction
         self.streamer: TelegramStreamer | None = None
         self.gatekeeper = Gatekeeper(lambda: self.config.telegram)
-        interval = float(getattr(config.telegram, "progress_interval", DEFAULT_INTERVAL))
+        interval = config.telegram.progress_interval
         self.progress = ProgressNotifier(self, interval)
         self.languages: dict[int, Language] = {}
         self._chat_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = (
