@@ -241,6 +241,10 @@ class EmbeddedAria2:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=console,
                 stderr=asyncio.subprocess.STDOUT,
+                # Ctrl-C in a terminal signals the whole foreground group: keep aria2c out of it
+                # so that MistRelay saves the session and stops it in order
+                # (--stop-with-process still ends it if MistRelay dies).
+                start_new_session=True,
             )
         except OSError as exc:
             raise Aria2StartError(f"cannot run {self.executable}: {exc}") from None
