@@ -25,7 +25,7 @@ from typing import Any, Literal
 import aiosqlite
 from loguru import logger
 
-from events import EventHub
+from events import EventHub, EventKind
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
@@ -1504,7 +1504,7 @@ class _Tx:
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self.conn = conn
-        self.events: list[tuple[str, int | None, dict[str, Any]]] = []
+        self.events: list[tuple[EventKind, int | None, dict[str, Any]]] = []
         self._emitted: dict[tuple[str, int], int] = {}
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Cursor:
@@ -1668,11 +1668,9 @@ class _Tx:
             f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE id = ?", (upload_id,)
         )
         if row is not None:
-            kind = "cleanup" if cleanup else "upload"
+            kind: EventKind = "cleanup" if cleanup else "upload"
             self.events.append((kind, upload_id, upload_event(_upload_from_row(row))))
 
     def publish(self, hub: EventHub | None) -> None:
-        if hub is None:
-            return
-        for kind, item_id, data in self.events:
-            hub.publish(kind, data, item_id)  # type: ignore[arg-type]
+        if hub is not None:
+            hub.publish_many((kind, data, item_id) for kind, item_id, data in self.events)

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,16 +60,20 @@ class Subscription:
 
     def offer(self, event: Event) -> bool:
         """Queue `event`; returns False when the subscriber had to be dropped for falling behind."""
+        return self.offer_many((event,))
+
+    def offer_many(self, events: Iterable[Event]) -> bool:
+        """Queue events in order (one wake-up for all); False when the subscriber was dropped."""
         if self._closed:
             return False
-        if event.key in self._pending:
-            self._pending[event.key] = event
-        elif len(self._pending) >= self.maxsize:
-            self.dropped = True
-            self.close()
-            return False
-        else:
-            self._pending[event.key] = event
+        pending = self._pending
+        for event in events:
+            key = (event.kind, event.item_id)
+            if key not in pending and len(pending) >= self.maxsize:
+                self.dropped = True
+                self.close()
+                return False
+            pending[key] = event
         self._ready.set()
         return True
 
@@ -126,11 +130,17 @@ class EventHub:
         return len(self._subscribers)
 
     def publish(self, kind: EventKind, data: dict[str, Any], item_id: int | None = None) -> None:
-        event = Event(kind=kind, data=data, item_id=item_id)
-        self.published += 1
+        self.publish_many(((kind, data, item_id),))
+
+    def publish_many(self, items: Iterable[tuple[EventKind, dict[str, Any], int | None]]) -> None:
+        """Publish several committed changes at once (e.g. one poll cycle's progress)."""
+        events = [Event(kind=kind, data=data, item_id=item_id) for kind, data, item_id in items]
+        if not events:
+            return
+        self.published += len(events)
         for subscription in list(self._subscribers):
-            subscription.offer(event)
-        if kind != "statistics":
+            subscription.offer_many(events)
+        if any(event.kind != "statistics" for event in events):
             self._statistics_dirty.set()
 
     def start_statistics(self, source: Callable[[], Awaitable[dict[str, Any]]]) -> None:

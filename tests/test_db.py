@@ -9,7 +9,7 @@ import inspect
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -510,15 +510,17 @@ class CommitCheckingHub(EventHub):
         self.visible: list[bool] = []
         self._conn: sqlite3.Connection | None = None
 
-    def publish(self, kind: Any, data: dict[str, Any], item_id: int | None = None) -> None:
-        if kind == "download" and "completed_length" in data and item_id is not None:
-            if self._conn is None:
-                self._conn = sqlite3.connect(self.path)
-            row = self._conn.execute(
-                "SELECT completed_length FROM downloads WHERE id = ?", (item_id,)
-            ).fetchone()
-            self.visible.append(row is not None and row[0] == data["completed_length"])
-        super().publish(kind, data, item_id)
+    def publish_many(self, items: Iterable[tuple[Any, dict[str, Any], int | None]]) -> None:
+        batch = list(items)
+        for kind, data, item_id in batch:
+            if kind == "download" and "completed_length" in data and item_id is not None:
+                if self._conn is None:
+                    self._conn = sqlite3.connect(self.path)
+                row = self._conn.execute(
+                    "SELECT completed_length FROM downloads WHERE id = ?", (item_id,)
+                ).fetchone()
+                self.visible.append(row is not None and row[0] == data["completed_length"])
+        super().publish_many(batch)
 
     def close_reader(self) -> None:
         if self._conn is not None:
