@@ -15,7 +15,7 @@ import fcntl
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ from aria2_client.models import Aria2Notification
 from aria2_client.poller import Poller
 from aria2_client.process import EmbeddedAria2
 from aria2_client.transport import Aria2Transport
+from aria2_client.upload_handler import UploadManager
 from configer import (
     Config,
     ConfigDiff,
@@ -140,7 +141,7 @@ class Service:
         self.config = config
         # Builds the Pyrogram client; tests pass one wired to an offline Telegram.
         self.telegram_client_factory = telegram_client_factory
-        self.uploads: Any = None
+        self.uploads: UploadManager | None = None
         self.bot: Any = None
         self.media: MediaProber | None = None
         self.checker: ConsistencyChecker | None = None
@@ -159,8 +160,8 @@ class Service:
         self._log_secrets: list[str] = []
         self._bot_start: asyncio.Task[None] | None = None
 
-    def _spawn(self, coroutine: object, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coroutine, name=name)  # type: ignore[arg-type]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -257,8 +258,6 @@ class Service:
             self.ctx.byte_sources.append(self.bot.byte_source)
         else:
             logger.info("no Telegram credentials (telegram.bot_token): the bot is off")
-        from aria2_client.upload_handler import UploadManager
-
         self.uploads = UploadManager(
             db,
             config.upload,
