@@ -8,7 +8,7 @@ RUN_PACKAGES := aria2 rclone ffmpeg
 TEST_PACKAGES := $(RUN_PACKAGES) chromium
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench system-run system-test clean
+.PHONY: run test lint system-run system-test clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -34,9 +34,7 @@ test: system-test $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-
-bench: system-test $(VENV)/.dev
-	@echo "Each benchmark prints its ratio; see bench/README.md for the commands and figures."
+	$(VENV)/bin/mypy app.py configer.py db.py events.py aria2_client webstreamer bot
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
