@@ -390,6 +390,13 @@ _UPLOAD_EXTRA_COLUMNS = frozenset(
 )
 
 
+def _equal_filters(**columns: Any) -> tuple[str, list[Any]]:
+    """A WHERE clause matching every column given a value (None = no filter), and its params."""
+    given = {name: value for name, value in columns.items() if value is not None}
+    clause = " AND ".join(f"{name} = ?" for name in given)
+    return (f"WHERE {clause}" if clause else ""), list(given.values())
+
+
 def _download_from_row(row: sqlite3.Row) -> DownloadRow:
     data = dict(row)
     files_json = data.pop("files_json")
@@ -908,15 +915,7 @@ class Database:
         status: str | None = None,
         owner_id: int | None = None,
     ) -> list[DownloadRow]:
-        where: list[str] = []
-        params: list[Any] = []
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if owner_id is not None:
-            where.append("owner_id = ?")
-            params.append(owner_id)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, params = _equal_filters(status=status, owner_id=owner_id)
         rows = await self._read_all(
             f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads {clause} ORDER BY id DESC LIMIT ?",
             (*params, limit),
@@ -1329,14 +1328,7 @@ class Database:
     async def fetch_recent_uploads(
         self, limit: int = 50, status: str | None = None, upload_target: str | None = None
     ) -> list[UploadRow]:
-        where, params = [], []
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if upload_target is not None:
-            where.append("upload_target = ?")
-            params.append(upload_target)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, params = _equal_filters(status=status, upload_target=upload_target)
         rows = await self._read_all(
             f"SELECT {_UPLOAD_COLUMNS} FROM uploads {clause} ORDER BY id DESC LIMIT ?",
             (*params, limit),
