@@ -59,6 +59,7 @@ async def obscure(password: str, executable: str = "rclone") -> str:
     process = await asyncio.create_subprocess_exec(
         executable,
         "obscure",
+        "--",  # a password may start with "-"
         password,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -177,7 +178,7 @@ async def start_sftp(
 ) -> RcloneCloud:
     """Serve ``root`` over SFTP (random password) on a free loopback port; add remote ``name``."""
     port = free_port()
-    password = secrets.token_urlsafe(12)
+    password = secrets.token_hex(12)  # never starts with "-", which rclone would read as a flag
     cloud = RcloneCloud(
         kind="sftp",
         root=root,
