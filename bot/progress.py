@@ -163,14 +163,7 @@ def download_buttons(
         actions = ["cancel"]
     elif row.status in ("failed", "cancelled"):
         actions = ["retry"]
-    suffix = f":{origin}" if origin else ""
-    buttons = []
-    for action in actions:
-        label = translate(lang, f"bot.button.{action}")
-        if with_id:
-            label = f"{label} #{row.id}"
-        buttons.append(InlineKeyboardButton(label, callback_data=f"d:{action}:{row.id}{suffix}"))
-    return buttons
+    return _action_buttons(lang, "d", "", "#", row.id, actions, origin, with_id)
 
 
 def upload_buttons(
@@ -181,13 +174,28 @@ def upload_buttons(
         actions = ["retry"]
     elif upload.status in ("pending", "uploading", "paused", "waiting_download"):
         actions = ["cancel"]
+    return _action_buttons(lang, "u", "upload_", "↑", upload.id, actions, origin, with_id)
+
+
+def _action_buttons(
+    lang: str,
+    prefix: str,
+    label_prefix: str,
+    marker: str,
+    item_id: int,
+    actions: Sequence[str],
+    origin: str,
+    with_id: bool,
+) -> list[InlineKeyboardButton]:
+    """One button per action; callback data is `<prefix>:<action>:<id>[:<origin>]`."""
     suffix = f":{origin}" if origin else ""
     buttons = []
     for action in actions:
-        label = translate(lang, f"bot.button.upload_{action}")
+        label = translate(lang, f"bot.button.{label_prefix}{action}")
         if with_id:
-            label = f"{label} ↑{upload.id}"
-        buttons.append(InlineKeyboardButton(label, callback_data=f"u:{action}:{upload.id}{suffix}"))
+            label = f"{label} {marker}{item_id}"
+        callback = f"{prefix}:{action}:{item_id}{suffix}"
+        buttons.append(InlineKeyboardButton(label, callback_data=callback))
     return buttons
 
 
