@@ -25,12 +25,10 @@ from loguru import logger
 from aria2_client.client import Aria2Client
 from aria2_client.consistency import ConsistencyChecker, run_check
 from aria2_client.download_handler import DownloadManager
-from aria2_client.media_probe import MediaProber
 from aria2_client.models import Aria2Notification
 from aria2_client.poller import Poller
 from aria2_client.process import EmbeddedAria2
 from aria2_client.transport import Aria2Transport
-from aria2_client.upload_handler import UploadManager
 from configer import (
     Config,
     ConfigDiff,
@@ -49,6 +47,8 @@ from db import (
     restore_database_file,
 )
 from events import EventHub
+from uploads.manager import UploadManager
+from uploads.media import MediaProber
 from webstreamer.server import AppContext, WebServer
 from webstreamer.signing import LinkSigner
 

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -26,6 +25,7 @@ import aiosqlite
 from loguru import logger
 
 from events import EventHub, EventKind
+from files import remove_confined
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
@@ -442,45 +442,6 @@ def upload_event(row: UploadRow) -> dict[str, Any]:
         "cleaned_at": row.cleaned_at,
         "updated_at": row.updated_at,
     }
-
-
-def confined_path(root: Path, candidate: str | Path) -> Path | None:
-    """`candidate` resolved, if it lies strictly inside `root` (symlinks followed); else None."""
-    root_resolved = root.resolve()
-    path = Path(candidate)
-    if not path.is_absolute():
-        path = root_resolved / path
-    resolved = path.resolve()
-    if resolved == root_resolved or root_resolved not in resolved.parents:
-        return None
-    return resolved
-
-
-def remove_confined(root: Path, candidate: str | Path) -> bool:
-    """Delete a file or folder inside `root`, then its emptied parent folders up to `root`.
-
-    Refuses (returns False) for anything outside `root` or `root` itself. Synchronous: call it
-    in a thread.
-    """
-    path = confined_path(root, candidate)
-    if path is None or not path.exists():
-        return False
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-    aria2_control = path.with_name(path.name + ".aria2")
-    if aria2_control.is_file():
-        aria2_control.unlink()
-    root_resolved = root.resolve()
-    parent = path.parent
-    while parent != root_resolved and root_resolved in parent.parents:
-        try:
-            parent.rmdir()
-        except OSError:
-            break
-        parent = parent.parent
-    return True
 
 
 class Database:

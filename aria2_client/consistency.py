@@ -49,10 +49,10 @@ from db import (
     Database,
     DownloadRow,
     StoreError,
-    confined_path,
     inspect_database_file,
     utc_now,
 )
+from files import confined_path
 
 if TYPE_CHECKING:
     from db import _Tx

@@ -8,7 +8,6 @@ aria2's view onto the store's status machine.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -38,6 +37,7 @@ from db import (
     TorrentFile,
     TransitionError,
 )
+from files import remove_empty_tree
 
 CompletionListener = Callable[[DownloadRow], Awaitable[None]]
 TelegramLinkMaker = Callable[[DownloadRow], str]
@@ -331,7 +331,7 @@ class DownloadManager:
         deleted = await self.db.delete_download_record(download_id, delete_local_file=delete_file)
         if delete_file:
             job_dir = self.job_dir(download_id)
-            await asyncio.to_thread(_remove_empty_tree, job_dir)
+            await asyncio.to_thread(remove_empty_tree, self.download_dir, job_dir)
         return deleted
 
     async def delete_all(self, *, delete_files: bool = False) -> int:
@@ -590,14 +590,3 @@ def _looks_finished(status: Aria2Status) -> bool:
 def _relative(path: str, base: PurePosixPath) -> str:
     pure = PurePosixPath(path)
     return str(pure.relative_to(base)) if pure.is_relative_to(base) else pure.name
-
-
-def _remove_empty_tree(path: Path) -> None:
-    """Remove `path` and its subfolders if they hold no files (a torrent's leftover folders)."""
-    if not path.is_dir():
-        return
-    for folder, _subdirs, _files in sorted(os.walk(path), key=lambda w: -len(w[0])):
-        try:
-            os.rmdir(folder)
-        except OSError:
-            return

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loguru import logger
 
-from aria2_client.upload_handler import UploadManager
 from configer import UploadConfig, UploadTarget
 from db import Database, DownloadRow, NewDownload, UploadRow
 from tests.support.rclone_cloud import RcloneCloud, start_webdav
+from uploads.manager import UploadManager
 
 MIB = 1024 * 1024
 TARGET_RATIO = 1.10

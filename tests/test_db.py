@@ -28,9 +28,9 @@ from db import (
     StoreError,
     TgMediaRecord,
     TransitionError,
-    remove_confined,
 )
 from events import Event, EventHub, Subscription
+from files import remove_confined
 
 # --- helpers -----------------------------------------------------------------------------------
 

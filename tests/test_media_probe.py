@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from aria2_client.media_probe import MediaProber, is_media_name, probe
 from db import Database, DownloadRow, NewDownload, TorrentFile
 from tests.support.processes import pid_alive
+from uploads.media import MediaProber, is_media_name, probe
 
 
 @dataclass(frozen=True)

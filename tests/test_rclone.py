@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from aria2_client.rclone import (
+from tests.support.rclone_cloud import (
+    FullWebdavCloud,
+    RcloneCloud,
+    add_remote,
+    free_port,
+)
+from uploads.rclone import (
     AUTH_FAILED,
     CANCELLED,
     LOCAL_FILE_MISSING,
@@ -26,12 +32,6 @@ from aria2_client.rclone import (
     TransferProgress,
     classify_failure,
     redact,
-)
-from tests.support.rclone_cloud import (
-    FullWebdavCloud,
-    RcloneCloud,
-    add_remote,
-    free_port,
 )
 
 MIB = 1024 * 1024

@@ -26,20 +26,20 @@ from pyrogram import raw
 from pyrogram.errors import FloodWait
 
 from app import configure_logging
-from aria2_client import telegram_upload
-from aria2_client.telegram_upload import FileWindow, plan_parts
-from aria2_client.upload_handler import (
-    ProgressWriter,
-    UploadManager,
-    default_rclone_args,
-    remote_path_for,
-)
 from configer import UploadConfig, UploadTarget
 from db import Database, DownloadRow, NewDownload, UploadRow
 from tests.support.fake_telegram import FakeTelegram
 from tests.support.http_files import FileServer
 from tests.support.rclone_cloud import RcloneCloud
 from tests.support.service import RunningService, ServiceFactory
+from uploads import telegram as telegram_upload
+from uploads.manager import (
+    ProgressWriter,
+    UploadManager,
+    default_rclone_args,
+    remote_path_for,
+)
+from uploads.telegram import FileWindow, plan_parts
 
 MIB = 1024 * 1024
 

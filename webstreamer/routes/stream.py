@@ -8,7 +8,8 @@ import os
 from aiohttp import web
 from loguru import logger
 
-from db import DownloadRow, confined_path
+from db import DownloadRow
+from files import confined_path
 from webstreamer.byteserve import ByteSource, LocalFileSource, serve_bytes
 from webstreamer.server import AppContext, context_of, json_error
 

@@ -19,7 +19,8 @@ from typing import Any
 
 from loguru import logger
 
-from db import Database, DownloadRow, confined_path
+from db import Database, DownloadRow
+from files import confined_path
 
 PROBE_TIMEOUT = 30.0
 # A torrent may hold thousands of files; the facts of the first few dozen media files are enough.

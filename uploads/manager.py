@@ -37,15 +37,6 @@ from typing import Any
 
 from loguru import logger
 
-from aria2_client import telegram_upload
-from aria2_client.rclone import (
-    LOCAL_FILE_MISSING,
-    Rclone,
-    RcloneError,
-    TransferProgress,
-    local_total_size,
-)
-from aria2_client.telegram_upload import TelegramSender, TelegramUploadError
 from configer import UploadConfig, UploadTarget
 from db import (
     Database,
@@ -55,9 +46,17 @@ from db import (
     TransitionError,
     UploadRow,
     allowed_sources,
-    confined_path,
-    remove_confined,
 )
+from files import confined_path, remove_confined
+from uploads import telegram as telegram_upload
+from uploads.rclone import (
+    LOCAL_FILE_MISSING,
+    Rclone,
+    RcloneError,
+    TransferProgress,
+    local_total_size,
+)
+from uploads.telegram import TelegramSender, TelegramUploadError
 
 PROGRESS_INTERVAL = 1.0  # seconds between progress writes while bytes move
 PROGRESS_HEARTBEAT = 2.0  # a running upload's row is rewritten at least this often
@@ -72,7 +71,7 @@ _SPEED_WINDOW_SECONDS = 3.0
 # An RCLONE_<FLAG> variable in the environment takes precedence over these.
 DEFAULT_RCLONE_FLAGS: tuple[tuple[str, str], ...] = (("retries", "1"), ("low-level-retries", "3"))
 
-# Failure reasons of our own (rclone's are in aria2_client.rclone).
+# Failure reasons of our own (rclone's are in uploads.rclone).
 TARGET_NOT_CONFIGURED = "target_not_configured"
 TELEGRAM_UNAVAILABLE = "telegram_unavailable"
 INTERNAL_ERROR = "internal_error"
