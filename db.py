@@ -732,7 +732,7 @@ class Database:
     async def mark_download_waiting(self, gid: str) -> int | None:
         return await self._download_transition_by_gid(gid, "waiting", "queued in aria2")
 
-    async def fail_download(
+    async def mark_download_failed_by_id(
         self, download_id: int, error_message: str, error_code: str | None = None
     ) -> None:
         """Fail a job by id (e.g. aria2 refused it before it got a gid)."""
@@ -748,7 +748,9 @@ class Database:
             )
             await tx.emit_download(download_id)
 
-    async def mark_download_cancelled(self, download_id: int, reason: str = "cancelled") -> None:
+    async def mark_download_cancelled_by_id(
+        self, download_id: int, reason: str = "cancelled"
+    ) -> None:
         async with self._write() as tx:
             await tx.transition("download", download_id, "cancelled", reason, download_speed=0)
             await tx.emit_download(download_id)

@@ -250,7 +250,7 @@ class DownloadManager:
         except (Aria2RpcError, SourceError) as exc:
             message = exc.message if isinstance(exc, Aria2RpcError) else str(exc)
             log.warning("aria2 refused download {}: {}", download_id, message)
-            await self.db.fail_download(download_id, message, "refused")
+            await self.db.mark_download_failed_by_id(download_id, message, "refused")
             return
         await self.db.mark_download_queued(
             download_id, gid, status="paused" if paused else "waiting"
@@ -305,7 +305,7 @@ class DownloadManager:
             raise TransitionError("download", download_id, row.status, "cancelled")
         if row.gid is not None:
             await self.aria2.remove(row.gid)
-        await self.db.mark_download_cancelled(download_id, "cancelled by user")
+        await self.db.mark_download_cancelled_by_id(download_id, "cancelled by user")
         updated = await self._row(download_id)
         for listener in self.removal_listeners:
             await listener(updated)
@@ -362,7 +362,9 @@ class DownloadManager:
                 gid = await self.aria2.add_uri(uris, options)
         except (Aria2RpcError, SourceError) as exc:
             message = exc.message if isinstance(exc, Aria2RpcError) else str(exc)
-            await self.db.fail_download(row.id, f"could not re-add after aria2 lost it: {message}")
+            await self.db.mark_download_failed_by_id(
+                row.id, f"could not re-add after aria2 lost it: {message}"
+            )
             return
         await self.db.mark_download_queued(row.id, gid, status=row.status)
         log.info("aria2 had lost download {}; re-added as {}", row.id, gid)
@@ -493,7 +495,7 @@ class DownloadManager:
             log.warning("download {} failed: {}", row.id, message)
             return False
         if aria2_state == "removed":
-            await self.db.mark_download_cancelled(row.id, "removed from aria2")
+            await self.db.mark_download_cancelled_by_id(row.id, "removed from aria2")
             return False
         if aria2_state == "active" and row.status != "downloading":
             await self.db.mark_download_started(status.gid)

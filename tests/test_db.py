@@ -427,7 +427,7 @@ async def test_new_row_allowed_once_old_one_is_final(db: Database, final: str) -
     elif final == "failed":
         await db.mark_download_failed("g1", "boom")
     else:
-        await db.mark_download_cancelled(download_id)
+        await db.mark_download_cancelled_by_id(download_id)
     second = await new_http(db, "http://h/a")
     assert second != download_id
     assert (await db.get_download_by_id(second)).status == "pending"  # type: ignore[union-attr]
@@ -436,7 +436,7 @@ async def test_new_row_allowed_once_old_one_is_final(db: Database, final: str) -
 
 async def test_retry_while_same_source_is_active_raises_duplicate(db: Database) -> None:
     old = await new_http(db, "http://h/a")
-    await db.fail_download(old, "boom")
+    await db.mark_download_failed_by_id(old, "boom")
     newer = await new_http(db, "http://h/a")
     row_before = download_row(db, old)
     with pytest.raises(DuplicateDownload) as caught:
@@ -647,7 +647,7 @@ async def put_download_in(db: Database, status: str) -> tuple[int, str]:
     elif status == "failed":
         await db.mark_download_failed("g1", "boom")
     elif status == "cancelled":
-        await db.mark_download_cancelled(download_id)
+        await db.mark_download_cancelled_by_id(download_id)
     return download_id, "g1"
 
 
@@ -692,7 +692,7 @@ async def test_repeating_current_status_is_a_no_op(db: Database) -> None:
     failed_before = download_row(db, download_id)
     history_before = history_rows(db)
     await db.mark_download_failed("g1", "a different message")
-    await db.fail_download(download_id, "yet another")
+    await db.mark_download_failed_by_id(download_id, "yet another")
     assert download_row(db, download_id) == failed_before
     assert history_rows(db) == history_before
     assert paused_before != failed_before
@@ -1134,7 +1134,7 @@ async def test_fetch_downloads_grouped_album_and_single_jobs(db: Database) -> No
     limited = await db.fetch_downloads_grouped(limit=2)
     assert [[d.id for d in g.downloads] for g in limited] == [album_ids, [middle]]
     assert len(await db.fetch_downloads_grouped(limit=1)) == 1
-    await db.fail_download(first, "x")
+    await db.mark_download_failed_by_id(first, "x")
     failed_only = await db.fetch_downloads_grouped(limit=10, status="failed")
     assert [[d.id for d in g.downloads] for g in failed_only] == [[first]]
 
@@ -1143,7 +1143,7 @@ async def test_fetch_recent_downloads(db: Database) -> None:
     a = await new_http(db, "http://h/a", owner_id=1)
     b = await new_http(db, "http://h/b", owner_id=2)
     c = await new_http(db, "http://h/c", owner_id=1)
-    await db.fail_download(b, "x")
+    await db.mark_download_failed_by_id(b, "x")
     assert [r.id for r in await db.fetch_recent_downloads()] == [c, b, a]
     assert [r.id for r in await db.fetch_recent_downloads(2)] == [c, b]
     assert [r.id for r in await db.fetch_recent_downloads(status="failed")] == [b]
@@ -1154,9 +1154,9 @@ async def test_download_statistics_count_by_status(db: Database) -> None:
     await new_http(db, "http://h/pending")
     await completed_download(db, "http://h/done", "g-done")
     failed = await new_http(db, "http://h/failed")
-    await db.fail_download(failed, "x")
+    await db.mark_download_failed_by_id(failed, "x")
     cancelled = await new_http(db, "http://h/cancelled")
-    await db.mark_download_cancelled(cancelled)
+    await db.mark_download_cancelled_by_id(cancelled)
     await new_downloading(db, "http://h/running", "g-run")
     await db.update_download_progress("g-run", 5, 500, 42)
     statistics = await db.get_download_statistics()

@@ -35,8 +35,8 @@ PublicCall = Callable[[Database, int], Awaitable[Any]]
 
 # The public functions that move a row by id to a given status.
 DOWNLOAD_PUBLIC: dict[str, PublicCall] = {
-    "failed": lambda db, i: db.fail_download(i, "property step", "1"),
-    "cancelled": lambda db, i: db.mark_download_cancelled(i, "property step"),
+    "failed": lambda db, i: db.mark_download_failed_by_id(i, "property step", "1"),
+    "cancelled": lambda db, i: db.mark_download_cancelled_by_id(i, "property step"),
     "pending": lambda db, i: db.reset_download_for_retry(i),
 }
 UPLOAD_PUBLIC: dict[str, PublicCall] = {
