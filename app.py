@@ -10,25 +10,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import fcntl
 import os
 import signal
+import sqlite3
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from aria2_client.client import Aria2Client
-from aria2_client.consistency import ConsistencyChecker, run_check
+from aria2_client.consistency import ConsistencyChecker, check, repair
 from aria2_client.download_handler import DownloadManager
-from aria2_client.models import Aria2Notification
-from aria2_client.poller import Poller
-from aria2_client.process import EmbeddedAria2
-from aria2_client.transport import Aria2Transport
+from aria2_client.engine import Engine
+from aria2_client.process import running_aria2
+from aria2_client.transport import Aria2RpcError, Aria2Unavailable
 from configer import (
     Config,
     ConfigDiff,
@@ -40,20 +38,27 @@ from configer import (
     masked_settings,
 )
 from db import (
+    SCHEMA_VERSION,
     Database,
-    DownloadRow,
     StoreError,
     backup_database_file,
+    inspect_database_file,
     restore_database_file,
 )
 from events import EventHub
+from files import DownloadFiles
 from uploads.manager import UploadManager
 from uploads.media import MediaProber
-from webstreamer.server import AppContext, WebServer
+from webstreamer.context import AppContext
+from webstreamer.links import StreamLinks
+from webstreamer.server import Listener, WebServer
 from webstreamer.signing import LinkSigner
 
 if TYPE_CHECKING:
     from loguru import Record
+
+    from bot.runner import TelegramBot
+    from bot.session import TelegramSession
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 
@@ -142,28 +147,21 @@ class Service:
         # Builds the Pyrogram client; tests pass one wired to an offline Telegram.
         self.telegram_client_factory = telegram_client_factory
         self.uploads: UploadManager | None = None
-        self.bot: Any = None
+        self.telegram: TelegramSession | None = None
+        self.bot: TelegramBot | None = None
         self.media: MediaProber | None = None
         self.checker: ConsistencyChecker | None = None
         self.hub = EventHub()
         self.secrets: Secrets | None = None
         self.db: Database | None = None
-        self.embedded: EmbeddedAria2 | None = None
-        self.transport: Aria2Transport | None = None
+        self.engine: Engine | None = None
         self.downloads: DownloadManager | None = None
-        self.poller: Poller | None = None
+        self.listener: Listener | None = None
         self.web: WebServer | None = None
         self.ctx: AppContext | None = None
-        self._background: set[asyncio.Task[None]] = set()
-        self._supervisor: asyncio.Task[None] | None = None
         self._lock = InstanceLock(config.data_dir)
         self._log_secrets: list[str] = []
         self._bot_start: asyncio.Task[None] | None = None
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coroutine, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def start(self) -> None:
         config = self.config
@@ -180,112 +178,91 @@ class Service:
         configure_logging(config.logging.level, self._log_secrets)
         download_dir = config.aria2.download_dir
         await asyncio.to_thread(download_dir.mkdir, parents=True, exist_ok=True)
+        # Bound first: aria2's loopback links to Telegram files need the port before the engine.
+        self.listener = listener = await asyncio.to_thread(
+            Listener, config.web.host, config.web.port
+        )
+        links = StreamLinks(
+            LinkSigner(secrets.link_key, config.web.link_expiry),
+            config.web.base_url,
+            listener.loopback_origin,
+        )
 
-        self.db = db = Database(config.database.path, hub=self.hub, download_dir=download_dir)
+        self.db = db = Database(config.database.path, hub=self.hub)
         await db.open()
         await db.init_config_from_yaml(masked_settings(config))
 
-        if config.aria2.rpc_url:
-            rpc_url, aria2_secret = config.aria2.rpc_url, secrets.aria2_secret
-            logger.info("using the external aria2 at {}", rpc_url)
-        else:
-            options = dict(config.aria2.options)
-            # A relay downloads, uploads and cleans up: stop seeding once a torrent is complete.
-            options.setdefault("seed-time", "0")
-            if not config.aria2.enable_dht:
-                options.update({"enable-dht": "false", "enable-dht6": "false"})
-            self.embedded = EmbeddedAria2(
-                download_dir=download_dir,
-                data_dir=config.data_dir,
-                secret=secrets.aria2_secret,
-                executable=config.aria2.executable,
-                port=config.aria2.rpc_port,
-                max_concurrent_downloads=config.aria2.max_concurrent_downloads,
-                extra_options=options,
-            )
-            await self.embedded.start()
-            rpc_url, aria2_secret = self.embedded.rpc_url, secrets.aria2_secret
-            logger.info("embedded aria2c started (pid {})", self.embedded.pid)
-
-        self.transport = Aria2Transport(
-            rpc_url,
-            aria2_secret,
-            on_notification=self._on_notification,
-            on_connection_change=self._on_connection_change,
-        )
-        signer = LinkSigner(secrets.link_key, config.web.link_expiry)
-        self.downloads = DownloadManager(
-            db,
-            Aria2Client(self.transport),
-            download_dir=download_dir,
-            max_download_size=config.aria2.max_download_size,
-            allow_private_addresses=config.aria2.allow_private_addresses,
-            telegram_link=self._loopback_stream_link,
-        )
-        self.media = MediaProber(db, download_dir=download_dir)
-        self.downloads.completion_listeners.append(self.media.on_download_completed)
-        self.poller = Poller(
-            self.downloads,
-            interval=lambda: self.config.aria2.poll_interval,
-            idle_interval=lambda: self.config.aria2.idle_poll_interval,
-        )
-        self.ctx = AppContext(
-            config=config,
-            secrets=secrets,
-            db=db,
-            hub=self.hub,
-            downloads=self.downloads,
-            signer=signer,
-            aria2_connected=lambda: bool(self.transport and self.transport.connected),
-            reload_config=self.reload,
-        )
-        self.web = WebServer(self.ctx)
-        await self.web.start()
-        logger.info("web token is kept in {}", config.data_dir / "web_token")
-
+        self.media = MediaProber(db, files=DownloadFiles(download_dir))
+        await self.media.start()
         if config.telegram.enabled:
             # Imported only when the bot runs: Pyrogram is heavy and unused otherwise.
-            from bot.runner import TelegramBot
+            from bot.session import TelegramSession
 
-            self.bot = TelegramBot(
-                config,
-                db=db,
-                downloads=self.downloads,
-                hub=self.hub,
-                signer=signer,
+            self.telegram = TelegramSession(
+                config.telegram,
+                workdir=config.data_dir,
+                store=db,
                 client_factory=self.telegram_client_factory,
             )
-            self.ctx.byte_sources.append(self.bot.byte_source)
         else:
             logger.info("no Telegram credentials (telegram.bot_token): the bot is off")
         self.uploads = UploadManager(
             db,
             config.upload,
-            download_dir=download_dir,
+            files=DownloadFiles(download_dir),
             data_dir=config.data_dir,
-            telegram=self.bot,
+            telegram_client=lambda: self.telegram.client if self.telegram is not None else None,
         )
-        self.ctx.uploads = self.uploads
-        self.downloads.completion_listeners.append(self.uploads.on_download_completed)
-        self.downloads.removal_listeners.append(self.uploads.on_download_removed)
-        await self.uploads.start()
-        if self.bot is not None:
-            self.bot.uploads = self.uploads
+        self.engine = engine = Engine(
+            db,
+            DownloadFiles(download_dir),
+            config.aria2,
+            data_dir=config.data_dir,
+            secret=secrets.aria2_secret,
+            telegram_link=links.loopback_url,
+            on_completed=[self.media.on_download_completed, self.uploads.on_download_completed],
+            on_removed=[self.uploads.on_download_removed],
+        )
+        self.downloads = engine.downloads
+        if self.telegram is not None:
+            from bot.runner import TelegramBot
 
-        await self.transport.start()
-        if not await self.transport.wait_connected(10):
-            logger.warning("aria2 is not reachable yet; jobs wait until it is")
-        self.poller.start()
+            self.bot = TelegramBot(
+                self.telegram,
+                store=db,
+                downloads=self.downloads,
+                uploads=self.uploads,
+                links=links,
+                hub=self.hub,
+                config=lambda: self.config,
+            )
+        await self.uploads.start()
+        self.ctx = AppContext(
+            live_config=lambda: self.config,
+            secrets=secrets,
+            store=db,
+            hub=self.hub,
+            downloads=self.downloads,
+            uploads=self.uploads,
+            links=links,
+            files=DownloadFiles(download_dir),
+            byte_sources=[self.telegram.byte_source] if self.telegram is not None else [],
+            aria2_connected=lambda: engine.connected,
+            reload_config=self.reload,
+        )
+        self.web = WebServer(self.ctx, listener)
+        await self.web.start()
+        logger.info("web token is kept in {}", config.data_dir / "web_token")
+
+        await engine.start()
         self.checker = ConsistencyChecker(
             db,
-            self.downloads.aria2,
+            engine.aria2,
             download_dir,
             interval=lambda: self.config.maintenance.check_interval,
             confirm_after=max(2.0, config.aria2.idle_poll_interval + 1),
         )
         self.checker.start()
-        if self.embedded is not None:
-            self._supervisor = asyncio.create_task(self.embedded.supervise(self._aria2_restarted))
         self.hub.start_statistics(db.get_statistics)
         if self.bot is not None:
             # Telegram may be unreachable: the service runs (API, page, jobs) while the bot
@@ -298,46 +275,14 @@ class Service:
             await asyncio.shield(self._bot_start)
 
     async def _start_bot(self) -> None:
-        assert self.bot is not None
+        assert self.bot is not None and self.telegram is not None
         try:
             await self.bot.start()
+            await self.telegram.start()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             logger.error("the Telegram bot could not start ({}); the service runs without it", exc)
-
-    def _loopback_stream_link(self, row: DownloadRow) -> str:
-        """aria2 fetches Telegram media from our own /stream route over loopback."""
-        assert self.ctx is not None and self.web is not None
-        host = self.config.web.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        path = self.ctx.signer.stream_path(row.id, row.file_name or "file", lifetime=0)
-        return f"http://{host}:{self.web.port}{path}"
-
-    async def _on_notification(self, notification: Aria2Notification) -> None:
-        if self.downloads is not None:
-            await self.downloads.on_notification(notification)
-
-    async def _on_connection_change(self, connected: bool) -> None:
-        if connected:
-            logger.info("connected to aria2")
-            self._spawn(self._after_reconnect(), "aria2-reconnected")
-        else:
-            logger.warning("lost the connection to aria2; reconnecting")
-
-    async def _after_reconnect(self) -> None:
-        if self.downloads is None or self.poller is None:
-            return
-        await self.downloads.reconcile_pending()
-        self.poller.wake()
-
-    async def _aria2_restarted(self) -> None:
-        logger.warning("embedded aria2c died and was restarted from its session")
-        if self.poller is not None:
-            self.poller.wake()
 
     async def reload(self) -> ConfigDiff:
         """Re-read config.yaml; apply what can change live and name what needs a restart."""
@@ -346,20 +291,11 @@ class Service:
         live = with_live_changes(self.config, new, diff.applied)
         self.config = live
         if self.ctx is not None:
-            self.ctx.config = live
-            self.ctx.signer = LinkSigner(self.ctx.secrets.link_key, live.web.link_expiry)
-            if self.bot is not None:
-                self.bot.config = live
-                self.bot.signer = self.ctx.signer
+            self.ctx.links.reconfigure(link_expiry=live.web.link_expiry, base_url=live.web.base_url)
         if self.uploads is not None:
             self.uploads.apply_config(live.upload)
-        if self.downloads is not None:
-            self.downloads.max_download_size = live.aria2.max_download_size
-            self.downloads.allow_private_addresses = live.aria2.allow_private_addresses
-            if "aria2.max_concurrent_downloads" in diff.applied:
-                await self.downloads.aria2.change_global_option(
-                    {"max-concurrent-downloads": str(live.aria2.max_concurrent_downloads)}
-                )
+        if self.engine is not None:
+            await self.engine.apply_config(live.aria2)
         if self.db is not None:
             await self.db.init_config_from_yaml(masked_settings(live))
         configure_logging(live.logging.level, self._log_secrets)
@@ -375,35 +311,29 @@ class Service:
         if self.checker is not None:
             await self.checker.stop()
             self.checker = None
-        if self.poller is not None:
-            await self.poller.stop()
-            self.poller = None
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-            self._supervisor = None
-        for task in [*self._background, self._bot_start]:
-            if task is not None:
-                task.cancel()
+        if self.engine is not None:
+            await self.engine.stop()
+            self.engine = None
+        if self._bot_start is not None:
+            self._bot_start.cancel()
         if self.bot is not None:
             await self.bot.stop()
             self.bot = None
         if self.uploads is not None:
             await self.uploads.stop()
             self.uploads = None
+        if self.telegram is not None:
+            await self.telegram.stop()
+            self.telegram = None
         if self.media is not None:
             await self.media.stop()
             self.media = None
         if self.web is not None:
             await self.web.stop()
             self.web = None
-        if self.transport is not None:
-            await self.transport.close()
-            self.transport = None
-        if self.embedded is not None:
-            await self.embedded.stop()
-            self.embedded = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
         await self.hub.close()
         if self.db is not None:
             await self.db.close()
@@ -446,6 +376,59 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     restore = sub.add_parser("restore", help="restore a backup (the service must be stopped)")
     restore.add_argument("path", type=Path)
     return parser.parse_args(argv)
+
+
+async def check_command(config: Config, *, fix: bool) -> int:
+    """`python app.py check [--fix]`: print every mismatch; with `fix`, repair them.
+
+    Exit code: 0 nothing found, 1 mismatches found (also when they were fixed), 2 error.
+    """
+    db_path = config.database.path
+    try:
+        version = await asyncio.to_thread(inspect_database_file, db_path)
+    except StoreError as exc:
+        print(f"check: {exc}")
+        return 2
+    if version != SCHEMA_VERSION:
+        print(
+            f"check: {db_path} has schema version {version}; start the service once to "
+            f"migrate it to {SCHEMA_VERSION}"
+        )
+        return 2
+    db = Database(db_path)
+    try:
+        await db.open()
+        async with running_aria2(config.aria2, config.data_dir) as (aria2, where):
+            result = await check(db, aria2, config.aria2.download_dir)
+            if result.aria2_compared:
+                print(f"aria2: compared (at {where})")
+            else:
+                print(f"aria2: not reachable: {where}; compared with the disk only")
+            for mismatch in result.mismatches:
+                print(mismatch.line())
+            found = result.mismatches
+            if not found:
+                print(
+                    "No mismatches: the database agrees with the disk"
+                    + (" and aria2." if result.aria2_compared else ".")
+                )
+                return 0
+            if not fix:
+                print(f"{len(found)} mismatch(es). Dry run: nothing was changed. With --fix:")
+                for mismatch in found:
+                    print(f"  {mismatch.subject}: {mismatch.fix}")
+                return 1
+            changes = await repair(db, aria2, found)
+        print(f"{len(found)} mismatch(es). Changed:")
+        for line in changes:
+            print(f"  {line}")
+        print("Exit code 1: mismatches were found (and fixed as above).")
+        return 1
+    except (StoreError, sqlite3.Error, OSError, Aria2RpcError, Aria2Unavailable) as exc:
+        print(f"check failed: {exc}")
+        return 2
+    finally:
+        await db.close()
 
 
 def backup_command(config: Config, target: Path) -> int:
@@ -491,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "run"
     if command == "check":
         configure_logging("WARNING")
-        return asyncio.run(run_check(config, fix=args.fix))
+        return asyncio.run(check_command(config, fix=args.fix))
     if command == "backup":
         return backup_command(config, args.path)
     if command == "restore":

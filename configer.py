@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 import yaml
 from loguru import logger
 
+from files import discard
+
 __all__ = [
     "CONFIG_ENV_VAR",
     "DB_PATH_ALIAS",
@@ -458,7 +460,7 @@ def _host(value: Any, ctx: _Context) -> str:
     return text
 
 
-def _url(schemes: tuple[str, ...]) -> _Parser:
+def _url(schemes: tuple[str, ...]) -> Callable[[Any, _Context], str]:
     problem = "must be empty or a URL starting with " + " or ".join(f"{s}://" for s in schemes)
 
     def parse(value: Any, ctx: _Context) -> str:
@@ -794,7 +796,8 @@ class _StrictLoader(yaml.SafeLoader):
                         None, None, f"duplicate key {_show(key)} (line {mark.line + 1})", mark
                     )
                 seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 def _parse_yaml(text: str, source: str) -> Any:
@@ -1130,13 +1133,13 @@ def _read_secret_file(path: Path) -> str | None:
     return data.decode("utf-8", errors="replace").strip()
 
 
-def _write_private_file(path: Path, text: str, *, replace: bool) -> bool:
-    """Write text with mode 0600 atomically. Without replace, an existing file wins (→ False)."""
+def _write_atomically(path: Path, text: str, *, mode: int, replace: bool = True) -> bool:
+    """Write text with `mode` atomically. Without replace, an existing file wins (→ False)."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         if replace:
@@ -1152,8 +1155,7 @@ def _write_private_file(path: Path, text: str, *, replace: bool) -> bool:
             os.replace(tmp_name, path)
         return True
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+        discard(Path(tmp_name))
 
 
 def _stored_secret(
@@ -1166,7 +1168,7 @@ def _stored_secret(
             return existing
         value = generate()
         try:
-            stored = _write_private_file(path, value, replace=existing is not None)
+            stored = _write_atomically(path, value + "\n", mode=0o600, replace=existing is not None)
         except OSError as exc:
             raise ConfigError(
                 f"cannot write secret file: {exc.strerror}", source=str(path)
@@ -1310,15 +1312,5 @@ def set_value_in_file(path: Path | str, dotted_key: str, value: Any) -> None:
             key=dotted_key,
             source=str(path),
         )
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(new_text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+    _write_atomically(path, new_text, mode=mode)
     logger.bind(key=dotted_key, path=str(path)).info("Wrote {} to {}", dotted_key, path)

@@ -1,10 +1,13 @@
 """The store: schema, migrations, every read and write, and the status machines.
 
-One SQLite file in WAL mode. All writes go through one connection guarded by one lock, each in a
-``BEGIN IMMEDIATE`` transaction; reads use a second connection. Status changes happen only here,
-through :func:`_transition`, which refuses what the machines below do not allow and appends every
-change to ``status_history``. After a write commits, an event is published on the hub given to
-:class:`Database` — this module knows nothing about the web server or the bot.
+Callers see the :class:`Store` protocol and the records of ``records.py``; :class:`Database` is
+the SQLite store. One file in WAL mode. All writes go through one connection guarded by one lock,
+each in a ``BEGIN IMMEDIATE`` transaction; reads use a second connection. Status changes happen
+only here, through ``_Tx.transition``, which refuses what the machines below do not allow and
+appends every change to ``status_history``. After a write commits, events carrying the committed
+records (read in the same transaction) are published on the hub given to :class:`Database` —
+this module knows nothing about the web server or the bot, and does no file work beyond its own
+database file.
 """
 
 from __future__ import annotations
@@ -16,22 +19,40 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Protocol, Self, get_args
 
 import aiosqlite
 from loguru import logger
 
 from events import EventHub, EventKind
-from files import remove_confined
+from files import discard
+from records import (
+    ChangeOutcome,
+    DownloadChange,
+    DownloadGroup,
+    DownloadRemoved,
+    DownloadRow,
+    DownloadSnapshot,
+    DownloadStatistics,
+    EventData,
+    HistoryEntry,
+    NewDownload,
+    ProgressUpdate,
+    SourceType,
+    Statistics,
+    TgMediaRecord,
+    TorrentFile,
+    UploadRow,
+    UploadStatistics,
+)
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
 
-SourceType = Literal["telegram", "http", "ftp", "magnet", "torrent"]
-SOURCE_TYPES: tuple[str, ...] = ("telegram", "http", "ftp", "magnet", "torrent")
+SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
 
 # --- the status machines (ARCHITECTURE.md) ------------------------------------------------------
 
@@ -68,6 +89,53 @@ def allowed_sources(entity: str, target: str) -> tuple[str, ...]:
     return tuple(src for src, targets in MACHINES[entity].items() if target in targets)
 
 
+def _download_steps(current: str, target: str) -> tuple[str, ...] | None:
+    """The statuses a download passes through from `current` to `target`: the target alone when
+    the machine allows it directly, else by way of `downloading` when that is allowed (aria2
+    finished a job the row still had as waiting or paused); None when neither is."""
+    if current == target:
+        return ()
+    if target in DOWNLOAD_TRANSITIONS.get(current, frozenset()):
+        return (target,)
+    if "downloading" in DOWNLOAD_TRANSITIONS.get(current, frozenset()) and (
+        target in DOWNLOAD_TRANSITIONS["downloading"]
+    ):
+        return ("downloading", target)
+    return None
+
+
+# What a person may ask of a row now, in the order the page and the bot show them. Each action
+# is a transition of the machine above (tests/test_state_machines.py holds them together).
+_DOWNLOAD_ACTIONS: dict[str, tuple[str, ...]] = {
+    "pending": ("cancel",),
+    "waiting": ("pause", "cancel"),
+    "downloading": ("pause", "cancel"),
+    "paused": ("resume", "cancel"),
+    "completed": (),
+    "failed": ("retry",),
+    "cancelled": ("retry",),
+}
+_UPLOAD_ACTIONS: dict[str, tuple[str, ...]] = {
+    "waiting_download": ("cancel",),
+    "pending": ("cancel",),
+    "uploading": ("cancel",),
+    "paused": ("cancel",),
+    "completed": (),
+    "failed": ("retry",),
+    "cancelled": ("retry",),
+}
+
+
+def download_actions(status: str) -> tuple[str, ...]:
+    """`pause`, `resume`, `retry`, `cancel`: those a download in `status` allows, in that order."""
+    return _DOWNLOAD_ACTIONS.get(status, ())
+
+
+def upload_actions(status: str) -> tuple[str, ...]:
+    """`retry`, `cancel`: those an upload in `status` allows."""
+    return _UPLOAD_ACTIONS.get(status, ())
+
+
 class StoreError(Exception):
     """Base of the store's errors."""
 
@@ -98,154 +166,6 @@ class DuplicateDownload(StoreError):
 def utc_now() -> str:
     """A UTC timestamp with its offset, e.g. 2026-11-24T05:00:00.123+00:00."""
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-# --- records -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TgMediaRecord:
-    """Telegram media metadata, converted from a Pyrogram message by the bot."""
-
-    file_unique_id: str
-    file_id: str
-    chat_id: int
-    message_id: int
-    media_type: str
-    sender_id: int | None = None
-    sender_name: str | None = None
-    file_name: str | None = None
-    mime_type: str | None = None
-    file_size: int | None = None
-    duration: int | None = None
-    width: int | None = None
-    height: int | None = None
-    caption: str | None = None
-    media_group_id: str | None = None
-    message_date: str | None = None
-    dc_id: int | None = None
-
-
-@dataclass(frozen=True)
-class TorrentFile:
-    index: int
-    path: str
-    length: int
-    selected: bool = True
-
-
-@dataclass(frozen=True)
-class NewDownload:
-    """Everything known about a job before aria2 sees it."""
-
-    source_type: SourceType
-    source_key: str
-    source_url: str | None = None
-    file_name: str | None = None
-    total_length: int = 0
-    file_unique_id: str | None = None
-    owner_id: int | None = None
-    chat_id: int | None = None
-    message_id: int | None = None
-    group_key: str | None = None
-    torrent_data: bytes | None = None
-    info_hash: str | None = None
-
-
-@dataclass(frozen=True)
-class DownloadRow:
-    id: int
-    gid: str | None
-    source_type: str
-    source_key: str
-    source_url: str | None
-    status: str
-    file_name: str | None
-    local_path: str | None
-    total_length: int
-    completed_length: int
-    download_speed: int
-    error_message: str | None
-    error_code: str | None
-    file_unique_id: str | None
-    owner_id: int | None
-    chat_id: int | None
-    message_id: int | None
-    group_key: str
-    progress_message_id: int | None
-    info_hash: str | None
-    files: tuple[TorrentFile, ...]
-    media_info: dict[str, Any] | None
-    created_at: str
-    started_at: str | None
-    completed_at: str | None
-    updated_at: str
-    has_torrent_data: bool = False
-
-    @property
-    def is_active(self) -> bool:
-        return self.status in ACTIVE_DOWNLOAD_STATUSES
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["files"] = [asdict(f) for f in self.files]
-        return data
-
-
-@dataclass(frozen=True)
-class UploadRow:
-    id: int
-    download_id: int
-    upload_target: str
-    target_type: str
-    status: str
-    remote_path: str | None
-    uploaded_size: int
-    total_size: int
-    upload_speed: float
-    retry_count: int
-    max_retries: int
-    failure_reason: str | None
-    error_message: str | None
-    error_code: str | None
-    verified_size: int | None
-    verified_hash: str | None
-    verified_at: str | None
-    next_attempt_at: str | None
-    created_at: str
-    started_at: str | None
-    completed_at: str | None
-    cleaned_at: str | None
-    updated_at: str
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class ProgressUpdate:
-    gid: str
-    completed_length: int
-    total_length: int
-    download_speed: int
-
-
-@dataclass(frozen=True)
-class HistoryEntry:
-    entity: str
-    entity_id: int
-    from_status: str | None
-    to_status: str
-    reason: str | None
-    at: str
-
-
-@dataclass
-class DownloadGroup:
-    group_key: str
-    source_type: str
-    media_group_id: str | None
-    downloads: list[DownloadRow] = field(default_factory=list)
 
 
 # --- schema ------------------------------------------------------------------------------------
@@ -373,7 +293,8 @@ _DOWNLOAD_COLUMNS = (
     "media_info_json, created_at, started_at, completed_at, updated_at, "
     "torrent_data IS NOT NULL AS has_torrent_data"
 )
-_UPLOAD_COLUMNS = ", ".join(f.name for f in fields(UploadRow))
+_UPLOAD_COLUMNS = ", ".join(UploadRow._fields)
+_DOWNLOAD_STAMPS = {"downloading": "started_at", "completed": "completed_at"}
 _PROGRESS_CHUNK = 2000  # rows per statement: 4 parameters each, well under SQLite's limit
 _UPLOAD_EXTRA_COLUMNS = frozenset(
     {
@@ -398,50 +319,148 @@ def _equal_filters(**columns: Any) -> tuple[str, list[Any]]:
 
 
 def _download_from_row(row: sqlite3.Row) -> DownloadRow:
-    data = dict(row)
-    files_json = data.pop("files_json")
-    media_json = data.pop("media_info_json")
+    # Positional, in _DOWNLOAD_COLUMNS order (the record's field order).
+    files_json, media_json = row[20], row[21]
     files = tuple(TorrentFile(**f) for f in json.loads(files_json)) if files_json else ()
     media_info = json.loads(media_json) if media_json else None
-    data["has_torrent_data"] = bool(data["has_torrent_data"])
-    return DownloadRow(files=files, media_info=media_info, **data)
+    return DownloadRow._make((*row[:20], files, media_info, *row[22:26], bool(row[26])))
 
 
 def _upload_from_row(row: sqlite3.Row) -> UploadRow:
-    return UploadRow(**dict(row))
+    return UploadRow._make(row)
 
 
-def download_event(row: DownloadRow) -> dict[str, Any]:
-    """The payload of a `download` event (seed 001 §3.3.2, plus what the page shows)."""
-    return {
-        "download_id": row.id,
-        "gid": row.gid,
-        "status": row.status,
-        "completed_length": row.completed_length,
-        "total_length": row.total_length,
-        "download_speed": row.download_speed,
-        "file_name": row.file_name,
-        "error_message": row.error_message,
-        "group_key": row.group_key,
-        "updated_at": row.updated_at,
-    }
+class Store(Protocol):
+    """What the rest of the service asks of the store; :class:`Database` (SQLite) is one."""
 
+    async def open(self) -> Self: ...
+    async def close(self) -> None: ...
 
-def upload_event(row: UploadRow) -> dict[str, Any]:
-    return {
-        "upload_id": row.id,
-        "download_id": row.download_id,
-        "upload_target": row.upload_target,
-        "status": row.status,
-        "uploaded_size": row.uploaded_size,
-        "total_size": row.total_size,
-        "upload_speed": row.upload_speed,
-        "remote_path": row.remote_path,
-        "failure_reason": row.failure_reason,
-        "error_message": row.error_message,
-        "cleaned_at": row.cleaned_at,
-        "updated_at": row.updated_at,
-    }
+    # Telegram media
+    async def save_tg_media(self, media: TgMediaRecord) -> str: ...
+    async def get_tg_media(self, file_unique_id: str) -> TgMediaRecord | None: ...
+    async def update_tg_media_file_id(self, file_unique_id: str, file_id: str) -> None: ...
+
+    # downloads: written
+    async def create_download(
+        self, new: NewDownload, media: TgMediaRecord | None = None
+    ) -> int: ...
+    async def mark_download_queued_by_id(
+        self, download_id: int, gid: str, status: str = "waiting"
+    ) -> None: ...
+    async def follow_gid(self, old_gid: str, new_gid: str) -> int | None: ...
+    async def mark_download_started(self, gid: str) -> int | None: ...
+    async def mark_download_completed(
+        self, gid: str, local_path: str | None, total_length: int
+    ) -> int | None: ...
+    async def mark_download_failed(
+        self, gid: str, error_message: str, error_code: str | None = None
+    ) -> int | None: ...
+    async def mark_download_paused(self, gid: str) -> int | None: ...
+    async def mark_download_resumed(self, gid: str) -> int | None: ...
+    async def mark_download_failed_by_id(
+        self, download_id: int, error_message: str, error_code: str | None = None
+    ) -> None: ...
+    async def mark_download_cancelled_by_id(
+        self, download_id: int, reason: str = "cancelled"
+    ) -> None: ...
+    async def apply_download_changes(
+        self, changes: Sequence[DownloadChange]
+    ) -> list[ChangeOutcome]: ...
+    async def reset_download_for_retry(self, download_id: int) -> DownloadRow: ...
+    async def update_download_progress(
+        self, gid: str, completed_length: int, total_length: int, download_speed: int
+    ) -> None: ...
+    async def update_progress_batch(self, updates: Iterable[ProgressUpdate]) -> int: ...
+    async def update_download_details_by_id(
+        self,
+        download_id: int,
+        *,
+        file_name: str | None = None,
+        local_path: str | None = None,
+        total_length: int | None = None,
+        files: Sequence[TorrentFile] | None = None,
+        info_hash: str | None = None,
+    ) -> None: ...
+    async def set_progress_message(self, download_id: int, message_id: int | None) -> None: ...
+    async def set_media_info(self, download_id: int, media_info: Mapping[str, Any]) -> None: ...
+    async def delete_download_record(self, download_id: int) -> DownloadRow: ...
+    async def delete_all_downloads(self) -> list[DownloadRow]: ...
+
+    # downloads: read
+    async def get_torrent_data(self, download_id: int) -> bytes | None: ...
+    async def get_download_id_by_gid(self, gid: str) -> int | None: ...
+    async def get_download_by_id(self, download_id: int) -> DownloadRow | None: ...
+    async def get_download_by_gid(self, gid: str) -> DownloadRow | None: ...
+    async def get_gids(self, download_id: int) -> list[str]: ...
+    async def fetch_recent_downloads(
+        self, limit: int = 50, *, status: str | None = None, owner_id: int | None = None
+    ) -> list[DownloadRow]: ...
+    async def fetch_downloads_in_states(self, statuses: Sequence[str]) -> list[DownloadRow]: ...
+    async def fetch_downloads_grouped(
+        self, limit: int = 50, *, status: str | None = None
+    ) -> list[DownloadGroup]: ...
+    async def get_download_statistics(self) -> DownloadStatistics: ...
+
+    # uploads: written
+    async def create_upload(
+        self,
+        download_id: int,
+        upload_target: str,
+        remote_path: str | None,
+        max_retries: int,
+        *,
+        target_type: str = "rclone",
+        ready: bool = False,
+    ) -> int: ...
+    async def update_upload_status(self, upload_id: int, status: str, **columns: Any) -> None: ...
+    async def release_waiting_uploads(self, download_id: int) -> list[int]: ...
+    async def mark_upload_started(self, upload_id: int, total_size: int) -> None: ...
+    async def update_upload_progress(
+        self, upload_id: int, uploaded_size: int, total_size: int, upload_speed: float
+    ) -> None: ...
+    async def record_upload_verified(
+        self, upload_id: int, verified_size: int, verified_hash: str | None
+    ) -> None: ...
+    async def mark_upload_completed(
+        self, upload_id: int, remote_path: str | None = None
+    ) -> None: ...
+    async def mark_upload_failed(
+        self,
+        upload_id: int,
+        failure_reason: str,
+        error_message: str,
+        error_code: str | None = None,
+        next_attempt_at: str | None = None,
+    ) -> None: ...
+    async def mark_upload_cancelled(self, upload_id: int, reason: str = "cancelled") -> None: ...
+    async def reset_upload_for_retry(self, upload_id: int, *, manual: bool) -> None: ...
+    async def increment_upload_retry(self, upload_id: int) -> int: ...
+    async def mark_upload_cleaned(self, upload_id: int) -> None: ...
+    async def mark_download_cleaned_by_id(self, download_id: int) -> list[int]: ...
+    async def check_and_update_download_status_if_file_exists(
+        self, upload_id: int, file_path: str | Path, *, exists: bool
+    ) -> bool: ...
+
+    # uploads: read
+    async def get_upload_by_id(self, upload_id: int) -> UploadRow | None: ...
+    async def get_uploads_by_download(self, download_id: int) -> list[UploadRow]: ...
+    async def get_uploads_for_downloads(
+        self, download_ids: Sequence[int]
+    ) -> dict[int, list[UploadRow]]: ...
+    async def fetch_recent_uploads(
+        self, limit: int = 50, status: str | None = None, upload_target: str | None = None
+    ) -> list[UploadRow]: ...
+    async def fetch_uploads_in_states(self, statuses: Sequence[str]) -> list[UploadRow]: ...
+    async def get_pending_uploads(self, upload_target: str | None = None) -> list[UploadRow]: ...
+    async def get_upload_statistics(self) -> UploadStatistics: ...
+
+    # statistics, history, configuration
+    async def get_statistics(self) -> Statistics: ...
+    async def get_status_history(self, entity: str, entity_id: int) -> list[HistoryEntry]: ...
+    async def init_config_from_yaml(self, settings: Mapping[str, str]) -> None: ...
+    async def get_config(self, key: str) -> str | None: ...
+    async def get_all_configs(self) -> dict[str, str]: ...
 
 
 class Database:
@@ -452,12 +471,10 @@ class Database:
         path: Path,
         *,
         hub: EventHub | None = None,
-        download_dir: Path | None = None,
         busy_timeout_ms: int = 15000,
     ) -> None:
         self.path = Path(path)
         self.hub = hub
-        self.download_dir = download_dir
         self._busy_timeout_ms = busy_timeout_ms
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -471,6 +488,8 @@ class Database:
         await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         await conn.execute("PRAGMA foreign_keys = ON")
         await conn.execute("PRAGMA synchronous = NORMAL")
+        # RETURNING collects its rows in a temporary table before the first one is read.
+        await conn.execute("PRAGMA temp_store = MEMORY")
         return conn
 
     async def open(self) -> Database:
@@ -673,7 +692,7 @@ class Database:
         row = await self.get_download_by_id(download_id)
         await self._raise_duplicate_source(row.source_key if row else "", exc)
 
-    async def mark_download_queued(
+    async def mark_download_queued_by_id(
         self, download_id: int, gid: str, status: str = "waiting"
     ) -> None:
         """aria2 accepted the job: remember its gid (and every earlier one) and leave `pending`."""
@@ -699,7 +718,6 @@ class Database:
     async def mark_download_completed(
         self, gid: str, local_path: str | None, total_length: int
     ) -> int | None:
-        now = utc_now()
         return await self._download_transition_by_gid(
             gid,
             "completed",
@@ -708,7 +726,6 @@ class Database:
             total_length=total_length,
             completed_length=total_length,
             download_speed=0,
-            completed_at=now,
         )
 
     async def mark_download_failed(
@@ -728,9 +745,6 @@ class Database:
 
     async def mark_download_resumed(self, gid: str) -> int | None:
         return await self._download_transition_by_gid(gid, "waiting", "resumed")
-
-    async def mark_download_waiting(self, gid: str) -> int | None:
-        return await self._download_transition_by_gid(gid, "waiting", "queued in aria2")
 
     async def mark_download_failed_by_id(
         self, download_id: int, error_message: str, error_code: str | None = None
@@ -754,6 +768,20 @@ class Database:
         async with self._write() as tx:
             await tx.transition("download", download_id, "cancelled", reason, download_speed=0)
             await tx.emit_download(download_id)
+
+    async def apply_download_changes(
+        self, changes: Sequence[DownloadChange]
+    ) -> list[ChangeOutcome]:
+        """Apply conditional repairs in ONE transaction, one outcome per change, in order.
+
+        A change whose row no longer has the status and gid it expects (or already records one
+        of `skip_if_error_code_in`) is left alone and said so; statuses move through the machine,
+        by way of `downloading` where the machine needs it (see `_download_steps`).
+        """
+        if not changes:
+            return []
+        async with self._write() as tx:
+            return [await tx.apply_download_change(change) for change in changes]
 
     async def reset_download_for_retry(self, download_id: int) -> DownloadRow:
         """failed/cancelled → pending: progress and error cleared; the old gids stay known."""
@@ -807,7 +835,7 @@ class Database:
             changed = await tx.progress(batch, now)
         return changed
 
-    async def update_download_details(
+    async def update_download_details_by_id(
         self,
         download_id: int,
         *,
@@ -838,12 +866,14 @@ class Database:
     async def set_progress_message(self, download_id: int, message_id: int | None) -> None:
         async with self._write() as tx:
             await tx.update_columns("downloads", download_id, {"progress_message_id": message_id})
+            await tx.emit_download(download_id)
 
     async def set_media_info(self, download_id: int, media_info: Mapping[str, Any]) -> None:
         async with self._write() as tx:
             await tx.update_columns(
                 "downloads", download_id, {"media_info_json": json.dumps(media_info)}
             )
+            await tx.emit_download(download_id)
 
     async def get_torrent_data(self, download_id: int) -> bytes | None:
         row = await self._read_one(
@@ -940,47 +970,31 @@ class Database:
         )
         return {r["file_unique_id"]: r["media_group_id"] for r in rows}
 
-    async def delete_download_record(
-        self, download_id: int, delete_local_file: bool = False
-    ) -> DownloadRow:
-        """Delete a job's rows (its uploads cascade); optionally its file inside the download dir.
+    async def delete_download_record(self, download_id: int) -> DownloadRow:
+        """Delete a job's rows (its uploads cascade) and return the row as it was.
 
-        The caller stops aria2 and running uploads first. The file is removed after the rows are
-        gone, and only when it lies inside the download directory.
+        The caller stops aria2 and running uploads first, and deletes files itself.
         """
-        row = await self.get_download_by_id(download_id)
-        if row is None:
-            raise NotFound("download", download_id)
         async with self._write() as tx:
-            await tx.execute("DELETE FROM downloads WHERE id = ?", (download_id,))
-            tx.events.append(
-                ("download", download_id, {"download_id": download_id, "deleted": True})
+            row = await tx.fetch_one(
+                f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE id = ?", (download_id,)
             )
-        if delete_local_file and row.local_path:
-            await self._remove_local_file(row)
-        return row
+            if row is None:
+                raise NotFound("download", download_id)
+            await tx.execute("DELETE FROM downloads WHERE id = ?", (download_id,))
+            tx.emit_removed(download_id)
+        return _download_from_row(row)
 
-    async def delete_all_downloads(self, delete_local_files: bool = False) -> int:
-        rows = await self.fetch_recent_downloads(limit=-1)
+    async def delete_all_downloads(self) -> list[DownloadRow]:
+        """Delete every job's rows (and the Telegram media records); returns the rows deleted."""
         async with self._write() as tx:
+            rows = await tx.fetch_all(f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads ORDER BY id")
             await tx.execute("DELETE FROM downloads")
             await tx.execute("DELETE FROM tg_media")
-            tx.events.append(("download", None, {"deleted_all": True}))
-        if delete_local_files:
-            for row in rows:
-                if row.local_path:
-                    await self._remove_local_file(row)
-        return len(rows)
+            tx.emit_removed(None)
+        return [_download_from_row(r) for r in rows]
 
-    async def _remove_local_file(self, row: DownloadRow) -> bool:
-        if self.download_dir is None or not row.local_path:
-            return False
-        removed = await asyncio.to_thread(remove_confined, self.download_dir, row.local_path)
-        if removed:
-            logger.bind(job=row.id).info("local file of download {} deleted", row.id)
-        return removed
-
-    async def get_download_statistics(self) -> dict[str, Any]:
+    async def get_download_statistics(self) -> DownloadStatistics:
         rows = await self._read_all(
             "SELECT status, COUNT(*) AS n, COALESCE(SUM(total_length), 0) AS bytes,"
             " COALESCE(SUM(download_speed), 0) AS speed FROM downloads GROUP BY status"
@@ -1108,6 +1122,7 @@ class Database:
                     "verified_at": utc_now(),
                 },
             )
+            await tx.emit_upload(upload_id)
 
     async def mark_upload_completed(self, upload_id: int, remote_path: str | None = None) -> None:
         columns: dict[str, Any] = {"completed_at": utc_now(), "upload_speed": 0}
@@ -1181,6 +1196,7 @@ class Database:
                 (utc_now(), upload_id),
             )
             row = await tx.fetch_one("SELECT retry_count FROM uploads WHERE id = ?", (upload_id,))
+            await tx.emit_upload(upload_id)
         if row is None:
             raise NotFound("upload", upload_id)
         return int(row["retry_count"])
@@ -1194,7 +1210,7 @@ class Database:
             )
             await tx.emit_upload(upload_id, cleanup=True)
 
-    async def mark_download_cleaned(self, download_id: int) -> list[int]:
+    async def mark_download_cleaned_by_id(self, download_id: int) -> list[int]:
         """The local file of `download_id` was deleted: every upload of it gets `cleaned_at`."""
         now = utc_now()
         async with self._write() as tx:
@@ -1213,12 +1229,13 @@ class Database:
         return ids
 
     async def check_and_update_download_status_if_file_exists(
-        self, upload_id: int, file_path: str | Path
+        self, upload_id: int, file_path: str | Path, *, exists: bool
     ) -> bool:
-        """True if the local file is there. If it is gone, the upload completes when its remote
-        copy was verified, and otherwise fails with reason `local_file_missing` (one transaction,
-        walking the upload machine's own edges)."""
-        if await asyncio.to_thread(Path(file_path).exists):
+        """`exists`: whether the caller found the local file at `file_path`, returned as is.
+        If it is gone, the upload completes when its remote copy was verified, and otherwise
+        fails with reason `local_file_missing` (one transaction, walking the upload machine's own
+        edges)."""
+        if exists:
             return True
         async with self._write() as tx:
             row = await tx.fetch_one(
@@ -1310,7 +1327,7 @@ class Database:
         uploads = await self.fetch_uploads_in_states(("pending",))
         return [u for u in uploads if upload_target is None or u.upload_target == upload_target]
 
-    async def get_upload_statistics(self) -> dict[str, Any]:
+    async def get_upload_statistics(self) -> UploadStatistics:
         rows = await self._read_all(
             "SELECT status, COUNT(*) AS n, COALESCE(SUM(total_size), 0) AS bytes,"
             " COALESCE(SUM(upload_speed), 0) AS speed,"
@@ -1340,7 +1357,7 @@ class Database:
             "cleaned": cleaned,
         }
 
-    async def get_statistics(self) -> dict[str, Any]:
+    async def get_statistics(self) -> Statistics:
         """Both statistics, the payload of a `statistics` event."""
         return {
             "downloads": await self.get_download_statistics(),
@@ -1412,7 +1429,7 @@ def backup_database_file(source: Path, target: Path) -> None:
     inspect_database_file(source)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
-    partial.unlink(missing_ok=True)
+    discard(partial)
     src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
     dst = sqlite3.connect(partial)
     try:
@@ -1440,9 +1457,9 @@ def restore_database_file(backup: Path, target: Path) -> Path | None:
             conn.close()
         os.replace(target, kept)
     for suffix in ("-wal", "-shm"):
-        Path(f"{target}{suffix}").unlink(missing_ok=True)
+        discard(Path(f"{target}{suffix}"))
     partial = target.with_name(target.name + ".partial")
-    partial.unlink(missing_ok=True)
+    discard(partial)
     src = sqlite3.connect(f"file:{backup}?mode=ro", uri=True)
     dst = sqlite3.connect(partial)
     try:
@@ -1459,8 +1476,7 @@ class _Tx:
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self.conn = conn
-        self.events: list[tuple[EventKind, int | None, dict[str, Any]]] = []
-        self._emitted: dict[tuple[str, int], int] = {}
+        self.events: list[tuple[EventKind, int | None, EventData]] = []
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Cursor:
         return await self.conn.execute(sql, params)
@@ -1520,8 +1536,9 @@ class _Tx:
             raise TransitionError(entity, item_id, current, target)
         now = utc_now()
         assignments = {"status": target, "updated_at": now, **columns}
-        if entity == "download" and target == "downloading":
-            assignments.setdefault("started_at", now)
+        stamp = _DOWNLOAD_STAMPS.get(target) if entity == "download" else None
+        if stamp is not None:
+            assignments.setdefault(stamp, now)
         sets = ", ".join(f"{name} = ?" for name in assignments)
         marks = ", ".join("?" for _ in sources)
         cursor = await self.conn.execute(
@@ -1584,39 +1601,48 @@ class _Tx:
                     update.total_length,
                     update.download_speed,
                 ]
+            # The CTE's names differ from the table's so RETURNING reads the updated row.
             rows = await self.fetch_all(
-                f"WITH polled(gid, completed, total, speed) AS (VALUES {values})"
-                " UPDATE downloads SET completed_length = polled.completed,"
-                " total_length = polled.total, download_speed = polled.speed, updated_at = ?"
-                " FROM polled WHERE downloads.gid = polled.gid"
+                f"WITH polled(p_gid, p_completed, p_total, p_speed) AS (VALUES {values})"
+                " UPDATE downloads SET completed_length = p_completed,"
+                " total_length = p_total, download_speed = p_speed, updated_at = ?"
+                " FROM polled WHERE downloads.gid = p_gid"
                 " AND downloads.status IN ('waiting', 'downloading', 'paused')"
-                " AND (downloads.completed_length != polled.completed"
-                " OR downloads.total_length != polled.total"
-                " OR downloads.download_speed != polled.speed)"
-                " RETURNING downloads.id, downloads.gid, downloads.status",
+                " AND (downloads.completed_length != p_completed"
+                " OR downloads.total_length != p_total"
+                " OR downloads.download_speed != p_speed)"
+                f" RETURNING {_DOWNLOAD_COLUMNS}",
                 (*params, now),
             )
             changed += len(rows)
-            by_gid = {update.gid: update for update in chunk}
-            for download_id, gid, status in rows:
-                update = by_gid[gid]
-                data = {
-                    "download_id": download_id,
-                    "gid": gid,
-                    "status": status,
-                    "completed_length": update.completed_length,
-                    "total_length": update.total_length,
-                    "download_speed": update.download_speed,
-                }
-                self.events.append(("download", download_id, data))
+            await self._snapshots([_download_from_row(row) for row in rows])
         return changed
+
+    async def _snapshots(self, downloads: Sequence[DownloadRow]) -> None:
+        """Queue a `download` event for each row, with its uploads read in one query."""
+        if not downloads:
+            return
+        marks = ", ".join("?" for _ in downloads)
+        uploads: dict[int, list[UploadRow]] = {}
+        for row in await self.fetch_all(
+            f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE download_id IN ({marks}) ORDER BY id",
+            [d.id for d in downloads],
+        ):
+            upload = _upload_from_row(row)
+            uploads.setdefault(upload.download_id, []).append(upload)
+        for download in downloads:
+            snapshot = DownloadSnapshot(download, tuple(uploads.get(download.id, ())))
+            self.events.append(("download", download.id, snapshot))
 
     async def emit_download(self, download_id: int) -> None:
         row = await self.fetch_one(
             f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE id = ?", (download_id,)
         )
         if row is not None:
-            self.events.append(("download", download_id, download_event(_download_from_row(row))))
+            await self._snapshots([_download_from_row(row)])
+
+    def emit_removed(self, download_id: int | None) -> None:
+        self.events.append(("download", download_id, DownloadRemoved(download_id)))
 
     async def emit_upload(self, upload_id: int, *, cleanup: bool = False) -> None:
         row = await self.fetch_one(
@@ -1624,8 +1650,74 @@ class _Tx:
         )
         if row is not None:
             kind: EventKind = "cleanup" if cleanup else "upload"
-            self.events.append((kind, upload_id, upload_event(_upload_from_row(row))))
+            self.events.append((kind, upload_id, _upload_from_row(row)))
+
+    async def apply_download_change(self, change: DownloadChange) -> ChangeOutcome:
+        download_id = change.download_id
+
+        def left_alone(why: str) -> ChangeOutcome:
+            return ChangeOutcome(download_id, False, f"left alone: {why}")
+
+        row = await self.fetch_one(
+            "SELECT status, gid, error_code FROM downloads WHERE id = ?", (download_id,)
+        )
+        if row is None:
+            return left_alone("the download no longer exists")
+        current, gid, error_code = str(row["status"]), row["gid"], row["error_code"]
+        if current != change.expected_status or gid != change.expected_gid:
+            return left_alone(f"it changed since the check (now {current})")
+        if error_code in change.skip_if_error_code_in:
+            return left_alone(f"already recorded ({error_code})")
+        steps: tuple[str, ...] = ()
+        if change.target is not None:
+            found = _download_steps(current, change.target)
+            if found is None:
+                return left_alone(f"the status machine forbids {current} → {change.target}")
+            steps = found
+        if change.new_gid is not None:
+            owner = await self.download_id_by_gid(change.new_gid)
+            if owner not in (None, download_id):
+                return left_alone(f"gid {change.new_gid} belongs to download {owner}")
+
+        done: list[str] = []
+        if change.new_gid is not None:
+            await self.set_gid(download_id, change.new_gid, change.reason)
+            done.append(f"gid {gid} → {change.new_gid}")
+        for step in steps[:-1]:
+            await self.transition("download", download_id, step, change.reason)
+        if steps:
+            await self.transition(
+                "download", download_id, steps[-1], change.reason, **change.columns
+            )
+            done.append(" → ".join((current, *steps)))
+        elif change.columns:
+            await self.update_columns("downloads", download_id, change.columns)
+            done.append(f"recorded on the row: {', '.join(change.columns)}")
+        if change.cancel_unstarted_uploads:
+            uploads = await self.fetch_all(
+                "SELECT id FROM uploads WHERE download_id = ?"
+                " AND status IN ('waiting_download', 'pending', 'paused') ORDER BY id",
+                (download_id,),
+            )
+            for upload in uploads:
+                upload_id = int(upload["id"])
+                await self.transition(
+                    "upload",
+                    upload_id,
+                    "cancelled",
+                    change.reason,
+                    upload_speed=0,
+                    next_attempt_at=None,
+                )
+                await self.emit_upload(upload_id)
+            if uploads:
+                done.append(f"{len(uploads)} upload(s) not started cancelled")
+        await self.emit_download(download_id)
+        return ChangeOutcome(download_id, True, "; ".join(done) or "nothing to change")
 
     def publish(self, hub: EventHub | None) -> None:
         if hub is not None:
             hub.publish_many((kind, data, item_id) for kind, item_id, data in self.events)
+
+
+_DATABASE_IS_A_STORE: type[Store] = Database  # mypy holds the SQLite store to the protocol

@@ -10,25 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal, NamedTuple
 
 from loguru import logger
+
+from records import EventData, Statistics
 
 EventKind = Literal["download", "upload", "cleanup", "statistics"]
 
 
-@dataclass(frozen=True)
-class Event:
-    """One committed change: `data` is a plain JSON-ready mapping."""
+class Event(NamedTuple):
+    """One committed change. `data` by kind: "download" a `DownloadSnapshot` or `DownloadRemoved`,
+    "upload" and "cleanup" an `UploadRow`, "statistics" the `Statistics`. A named tuple: a poll
+    cycle publishes a thousand at once."""
 
     kind: EventKind
-    data: dict[str, Any]
+    data: EventData
     item_id: int | None = None
-    published_at: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> tuple[str, int | None]:
@@ -109,7 +109,7 @@ class EventHub:
     def __init__(self, statistics_interval: float = 0.5) -> None:
         self._subscribers: list[Subscription] = []
         self._statistics_interval = statistics_interval
-        self._statistics_source: Callable[[], Awaitable[dict[str, Any]]] | None = None
+        self._statistics_source: Callable[[], Awaitable[Statistics]] | None = None
         self._statistics_dirty = asyncio.Event()
         self._statistics_task: asyncio.Task[None] | None = None
         self.published = 0
@@ -129,10 +129,10 @@ class EventHub:
     def subscriber_count(self) -> int:
         return len(self._subscribers)
 
-    def publish(self, kind: EventKind, data: dict[str, Any], item_id: int | None = None) -> None:
+    def publish(self, kind: EventKind, data: EventData, item_id: int | None = None) -> None:
         self.publish_many(((kind, data, item_id),))
 
-    def publish_many(self, items: Iterable[tuple[EventKind, dict[str, Any], int | None]]) -> None:
+    def publish_many(self, items: Iterable[tuple[EventKind, EventData, int | None]]) -> None:
         """Publish several committed changes at once (e.g. one poll cycle's progress)."""
         events = [Event(kind=kind, data=data, item_id=item_id) for kind, data, item_id in items]
         if not events:
@@ -143,7 +143,7 @@ class EventHub:
         if any(event.kind != "statistics" for event in events):
             self._statistics_dirty.set()
 
-    def start_statistics(self, source: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    def start_statistics(self, source: Callable[[], Awaitable[Statistics]]) -> None:
         """Publish a statistics event at most every `statistics_interval` s after any change."""
         self._statistics_source = source
         if self._statistics_task is None:

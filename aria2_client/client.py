@@ -12,7 +12,7 @@ from loguru import logger
 from aria2_client.models import STATUS_KEYS, Aria2File, Aria2Status
 from aria2_client.transport import Aria2RpcError, Aria2Transport
 
-Options = Mapping[str, Any]
+Options = Mapping[str, str | int | float | bool]
 
 
 def _options(options: Options | None) -> dict[str, str]:

@@ -28,34 +28,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from loguru import logger
 
 from aria2_client.client import Aria2Client
 from aria2_client.models import Aria2Status
-from aria2_client.process import CONF_NAME
-from aria2_client.transport import Aria2RpcError, Aria2Transport, Aria2Unavailable
-from configer import ARIA2_SECRET_FILE, Config
-from db import (
-    DOWNLOAD_STATUSES,
-    SCHEMA_VERSION,
-    Database,
-    DownloadRow,
-    StoreError,
-    inspect_database_file,
-    utc_now,
-)
+from aria2_client.sync import Complete, Fail, FollowGid, Move, StatusChange, plan, store_change
+from aria2_client.transport import Aria2RpcError, Aria2Unavailable
+from db import DOWNLOAD_STATUSES, Store
 from files import confined_path
-
-if TYPE_CHECKING:
-    from db import _Tx
+from records import DownloadChange, DownloadRow
 
 GID_UNKNOWN = "gid_unknown_to_aria2"
 STATUS_DIFFERS = "status_differs"
@@ -89,8 +75,9 @@ class Mismatch:
     detail: str
     fix: str
     gid: str | None = None
-    row_status: str | None = None  # as found; a repair acts only if the row is still so
-    facts: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # The row change that fixes it, applied only if the row is still as found; None: an aria2
+    # job to remove.
+    change: DownloadChange | None = field(default=None, compare=False, repr=False)
 
     @property
     def subject(self) -> str:
@@ -121,7 +108,7 @@ class CheckResult:
 
 
 async def find_mismatches(
-    db: Database, aria2: Aria2Client | None, download_dir: Path
+    db: Store, aria2: Aria2Client | None, download_dir: Path
 ) -> list[Mismatch]:
     """Every mismatch between the rows and aria2 (when reachable) and the disk."""
     result = await check(db, aria2, download_dir)
@@ -130,7 +117,7 @@ async def find_mismatches(
     return result.mismatches
 
 
-async def check(db: Database, aria2: Aria2Client | None, download_dir: Path) -> CheckResult:
+async def check(db: Store, aria2: Aria2Client | None, download_dir: Path) -> CheckResult:
     """Like :func:`find_mismatches`, also saying whether aria2 took part, and if not, why."""
     rows = await db.fetch_downloads_in_states(DOWNLOAD_STATUSES)
     completed = [r for r in rows if r.status == "completed" and r.error_code not in DISK_KINDS]
@@ -157,7 +144,7 @@ async def check(db: Database, aria2: Aria2Client | None, download_dir: Path) -> 
     return CheckResult(mismatches, aria2_compared=note is None, aria2_note=note)
 
 
-async def _cleaned_download_ids(db: Database, ids: Sequence[int]) -> set[int]:
+async def _cleaned_download_ids(db: Store, ids: Sequence[int]) -> set[int]:
     cleaned: set[int] = set()
     for first in range(0, len(ids), _IN_CHUNK):
         uploads = await db.get_uploads_for_downloads(ids[first : first + _IN_CHUNK])
@@ -166,7 +153,7 @@ async def _cleaned_download_ids(db: Database, ids: Sequence[int]) -> set[int]:
 
 
 async def _aria2_mismatches(
-    db: Database, aria2: Aria2Client, rows: Sequence[DownloadRow]
+    db: Store, aria2: Aria2Client, rows: Sequence[DownloadRow]
 ) -> tuple[list[Mismatch], set[str]]:
     """The mismatches with aria2, and the gids aria2 is still running (or seeding)."""
     unfinished = [r for r in rows if r.status in UNFINISHED and r.gid]
@@ -178,6 +165,18 @@ async def _aria2_mismatches(
         assert row.gid is not None
         status = statuses.get(row.gid)
         if status is None:
+            lost = DownloadChange(
+                row.id,
+                row.status,
+                row.gid,
+                f"{LOST_BY_ARIA2} ({REPAIR_REASON})",
+                target="failed",
+                columns={
+                    "error_message": LOST_BY_ARIA2,
+                    "error_code": "lost_by_aria2",
+                    "download_speed": 0,
+                },
+            )
             found.append(
                 Mismatch(
                     row.id,
@@ -186,13 +185,17 @@ async def _aria2_mismatches(
                     f"the row is {row.status} with gid {row.gid}, which aria2 does not know",
                     f'mark it failed ("{LOST_BY_ARIA2}") so that a retry downloads it again',
                     gid=row.gid,
-                    row_status=row.status,
+                    change=lost,
                 )
             )
             continue
-        differs = _status_mismatch(row, status)
-        if differs is not None:
-            found.append(differs)
+        change = plan(row, status).change
+        if change is not None:
+            detail, fix = _describe(row, status, change)
+            follow = store_change(row, change, note=REPAIR_REASON)
+            found.append(
+                Mismatch(row.id, row.file_name, STATUS_DIFFERS, detail, fix, row.gid, follow)
+            )
 
     by_id = {r.id: r for r in rows}
     current = {r.gid for r in unfinished}
@@ -220,82 +223,25 @@ async def _aria2_mismatches(
                 detail,
                 "remove the job from aria2 (its files on disk are left alone)",
                 gid=job.gid,
-                row_status=owner.status if owner is not None else None,
             )
         )
     return found, {job.gid for job in running}
 
 
-def _status_mismatch(row: DownloadRow, status: Aria2Status) -> Mismatch | None:
-    """What the poller would change on `row` from aria2's `status`, as a mismatch (or None)."""
+def _describe(row: DownloadRow, status: Aria2Status, change: StatusChange) -> tuple[str, str]:
+    """What aria2 did that the row did not follow, and the fix, in words."""
     said = f"the row says {row.status}, aria2 says {status.status} (gid {status.gid})"
-
-    def differs(detail: str, fix: str, **facts: Any) -> Mismatch:
-        return Mismatch(
-            row.id,
-            row.file_name,
-            STATUS_DIFFERS,
-            detail,
-            fix,
-            gid=row.gid,
-            row_status=row.status,
-            facts=facts,
+    if isinstance(change, FollowGid):
+        return (
+            f"aria2 continued this magnet as gid {change.new_gid}; the row still has {row.gid}",
+            f"record gid {change.new_gid} as the download's gid",
         )
-
-    if status.followed_by:
-        new_gid = status.followed_by[0]
-        return differs(
-            f"aria2 continued this magnet as gid {new_gid}; the row still has {status.gid}",
-            f"record gid {new_gid} as the download's gid",
-            target="follow",
-            new_gid=new_gid,
-        )
-    bt_done = (
-        status.is_torrent
-        and not status.is_metadata
-        and status.total_length > 0
-        and status.completed_length == status.total_length
-    )
-    if status.status == "complete" or (status.status == "active" and bt_done):
-        if status.is_metadata or status.completed_length != status.total_length:
-            return None
-        return differs(
-            f"{said}: finished, {status.total_length} bytes",
-            "move the row to completed",
-            target="completed",
-            local_path=_aria2_local_path(status),
-            total_length=status.total_length,
-        )
-    if status.status == "error":
-        message = status.error_message or f"aria2 error {status.error_code}"
-        return differs(
-            f"{said}: {message}",
-            "move the row to failed with aria2's message",
-            target="failed",
-            error_message=message,
-            error_code=status.error_code,
-        )
-    if status.status == "removed":
-        return differs(said, "move the row to cancelled", target="cancelled")
-    target: str | None = None
-    if status.status == "active" and row.status != "downloading":
-        target = "downloading"
-    elif status.status == "waiting" and row.status == "paused":
-        target = "waiting"
-    elif status.status == "paused" and row.status in ("waiting", "downloading"):
-        target = "paused"
-    if target is None:
-        return None
-    return differs(said, f"move the row to {target}", target=target)
-
-
-def _aria2_local_path(status: Aria2Status) -> str | None:
-    """Where aria2 put the bytes: a multi-file torrent's folder, else the one file's path."""
-    if status.is_torrent and status.bittorrent_name and len(status.files) > 1:
-        return str(Path(status.dir) / status.bittorrent_name)
-    if status.files and status.files[0].path:
-        return status.files[0].path
-    return None
+    if isinstance(change, Complete):
+        return f"{said}: finished, {change.total_length} bytes", "move the row to completed"
+    if isinstance(change, Fail):
+        return f"{said}: {change.message}", "move the row to failed with aria2's message"
+    target = change.target if isinstance(change, Move) else "failed"
+    return said, f"move the row to {target}"
 
 
 def _disk_mismatches(download_dir: Path, rows: Sequence[DownloadRow]) -> list[Mismatch]:
@@ -309,14 +255,17 @@ def _disk_mismatches(download_dir: Path, rows: Sequence[DownloadRow]) -> list[Mi
 
 def _row_on_disk(root: Path, row: DownloadRow) -> list[Mismatch]:
     def mismatch(kind: str, detail: str) -> Mismatch:
-        return Mismatch(
+        record = DownloadChange(
             row.id,
-            row.file_name,
-            kind,
-            detail,
-            _DISK_FIX.format(kind=kind),
-            gid=row.gid,
-            row_status=row.status,
+            row.status,
+            row.gid,
+            f"{REPAIR_REASON}: {kind}",
+            columns={"error_code": kind, "error_message": detail},
+            cancel_unstarted_uploads=True,
+            skip_if_error_code_in=DISK_KINDS,
+        )
+        return Mismatch(
+            row.id, row.file_name, kind, detail, _DISK_FIX.format(kind=kind), row.gid, record
         )
 
     if not row.local_path:
@@ -375,25 +324,21 @@ def _row_on_disk(root: Path, row: DownloadRow) -> list[Mismatch]:
 # --- repairing ---------------------------------------------------------------------------------
 
 
-async def repair(
-    db: Database,
-    aria2: Aria2Client | None,
-    download_dir: Path,
-    mismatches: Sequence[Mismatch],
-) -> list[str]:
+async def repair(db: Store, aria2: Aria2Client | None, mismatches: Sequence[Mismatch]) -> list[str]:
     """Apply the fixes of `mismatches`: every row change in ONE transaction (status changes
     through the status machine, so the history records them), then the aria2 removals.
 
     A row that changed since the check is left alone (and said so). Returns one line per fix.
-    `download_dir` is accepted for symmetry with the check; repairs never touch files.
+    Repairs never touch files.
     """
-    del download_dir
     lines: list[str] = []
-    row_fixes = [m for m in mismatches if m.kind != ORPHAN_JOB and m.download_id is not None]
-    if row_fixes:
-        async with db._write() as tx:
-            for mismatch in row_fixes:
-                lines.append(f"{mismatch.subject}: {await _repair_row(tx, mismatch)}")
+    fixes = [(m, m.change) for m in mismatches if m.change is not None]
+    outcomes = await db.apply_download_changes([change for _, change in fixes])
+    for (mismatch, _), outcome in zip(fixes, outcomes, strict=True):
+        done = outcome.detail
+        if outcome.applied and mismatch.kind == GID_UNKNOWN:
+            done += f' ("{LOST_BY_ARIA2}"); a retry downloads it again'
+        lines.append(f"{mismatch.subject}: {done}")
     for mismatch in (m for m in mismatches if m.kind == ORPHAN_JOB and m.gid):
         assert mismatch.gid is not None
         if aria2 is None or not aria2.connected:
@@ -410,97 +355,6 @@ async def repair(
     return lines
 
 
-async def _repair_row(tx: _Tx, mismatch: Mismatch) -> str:
-    assert mismatch.download_id is not None
-    download_id = mismatch.download_id
-    row = await tx.fetch_one(
-        "SELECT status, gid, error_code FROM downloads WHERE id = ?", (download_id,)
-    )
-    if row is None:
-        return "left alone: the download no longer exists"
-    if row["status"] != mismatch.row_status or row["gid"] != mismatch.gid:
-        return f"left alone: it changed since the check (now {row['status']})"
-    reason = f"{REPAIR_REASON}: {mismatch.kind}"
-
-    if mismatch.kind == GID_UNKNOWN:
-        await tx.transition(
-            "download",
-            download_id,
-            "failed",
-            f"{LOST_BY_ARIA2} ({REPAIR_REASON})",
-            error_message=LOST_BY_ARIA2,
-            error_code="lost_by_aria2",
-            download_speed=0,
-        )
-        done = f'{row["status"]} → failed ("{LOST_BY_ARIA2}"); a retry downloads it again'
-    elif mismatch.kind == STATUS_DIFFERS:
-        done = await _apply_aria2_view(tx, download_id, str(row["status"]), mismatch, reason)
-    elif mismatch.kind in DISK_KINDS:
-        if row["error_code"] in DISK_KINDS:
-            return f"left alone: already recorded ({row['error_code']})"
-        await tx.update_columns(
-            "downloads",
-            download_id,
-            {"error_code": mismatch.kind, "error_message": mismatch.detail},
-        )
-        uploads = await tx.fetch_all(
-            "SELECT id FROM uploads WHERE download_id = ?"
-            " AND status IN ('waiting_download', 'pending', 'paused') ORDER BY id",
-            (download_id,),
-        )
-        for upload in uploads:
-            await tx.transition("upload", int(upload["id"]), "cancelled", reason)
-            await tx.emit_upload(int(upload["id"]))
-        done = f"recorded on the row (error_code {mismatch.kind})"
-        if uploads:
-            done += f"; {len(uploads)} upload(s) not started cancelled"
-    else:
-        return f"left alone: no repair for {mismatch.kind}"
-    await tx.emit_download(download_id)
-    return done
-
-
-async def _apply_aria2_view(
-    tx: _Tx, download_id: int, current: str, mismatch: Mismatch, reason: str
-) -> str:
-    facts = mismatch.facts
-    target = str(facts.get("target"))
-    if target == "follow":
-        new_gid = str(facts["new_gid"])
-        await tx.set_gid(download_id, new_gid, f"followed {mismatch.gid} ({REPAIR_REASON})")
-        return f"gid {mismatch.gid} → {new_gid}"
-    if target == "completed":
-        if current in ("waiting", "paused"):
-            await tx.transition("download", download_id, "downloading", reason)
-        total = int(facts.get("total_length") or 0)
-        await tx.transition(
-            "download",
-            download_id,
-            "completed",
-            reason,
-            local_path=facts.get("local_path"),
-            total_length=total,
-            completed_length=total,
-            download_speed=0,
-            completed_at=utc_now(),
-        )
-    elif target == "failed":
-        await tx.transition(
-            "download",
-            download_id,
-            "failed",
-            reason,
-            error_message=facts.get("error_message"),
-            error_code=facts.get("error_code"),
-            download_speed=0,
-        )
-    elif target in ("cancelled", "paused"):
-        await tx.transition("download", download_id, target, reason, download_speed=0)
-    else:
-        await tx.transition("download", download_id, target, reason)
-    return f"{current} → {target}"
-
-
 # --- the periodic check ------------------------------------------------------------------------
 
 
@@ -514,7 +368,7 @@ class ConsistencyChecker:
 
     def __init__(
         self,
-        db: Database,
+        db: Store,
         aria2: Aria2Client | None,
         download_dir: Path,
         interval: Callable[[], float],
@@ -596,121 +450,3 @@ class ConsistencyChecker:
                 "consistency check: nothing to report ({:.2f} s)", time.monotonic() - started
             )
         return found
-
-
-# --- the command line --------------------------------------------------------------------------
-
-
-def _read_conf(path: Path) -> dict[str, str] | None:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    options: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep and not key.lstrip().startswith("#"):
-            options[key.strip()] = value.strip()
-    return options
-
-
-def _read_secret(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8").strip() or None
-    except FileNotFoundError:
-        return None
-
-
-async def _connect_aria2(config: Config) -> tuple[Aria2Transport | None, str]:
-    """A connection to the service's aria2, or None and why not."""
-    data_dir = config.data_dir
-    secret: str | None
-    if config.aria2.rpc_url:
-        url = config.aria2.rpc_url
-        secret = config.aria2.rpc_secret or (
-            await asyncio.to_thread(_read_secret, data_dir / ARIA2_SECRET_FILE)
-        )
-    else:
-        options = await asyncio.to_thread(_read_conf, data_dir / CONF_NAME)
-        if options is None or not options.get("rpc-listen-port"):
-            return None, "the service has not run with this data folder"
-        url = f"http://127.0.0.1:{options['rpc-listen-port']}/jsonrpc"
-        secret = options.get("rpc-secret")
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
-    try:
-        _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
-    except (OSError, TimeoutError):
-        return None, f"nothing answers on {host}:{port} (is the service running?)"
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    transport = Aria2Transport(url, secret, connect_timeout=2, max_backoff=0.5, heartbeat=None)
-    await transport.start()
-    try:
-        if not await transport.wait_connected(3):
-            raise Aria2Unavailable(f"no WebSocket connection to {host}:{port}")
-        await Aria2Client(transport).version()
-    except (Aria2Unavailable, Aria2RpcError) as exc:
-        await transport.close()
-        return None, str(exc)
-    return transport, f"{host}:{port}"
-
-
-async def run_check(config: Config, *, fix: bool) -> int:
-    """`python app.py check [--fix]`: print every mismatch; with `fix`, repair them.
-
-    Exit code: 0 nothing found, 1 mismatches found (also when they were fixed), 2 error.
-    """
-    db_path = config.database.path
-    try:
-        version = await asyncio.to_thread(inspect_database_file, db_path)
-    except StoreError as exc:
-        print(f"check: {exc}")
-        return 2
-    if version != SCHEMA_VERSION:
-        print(
-            f"check: {db_path} has schema version {version}; start the service once to "
-            f"migrate it to {SCHEMA_VERSION}"
-        )
-        return 2
-    download_dir = config.aria2.download_dir
-    db = Database(db_path, download_dir=download_dir)
-    transport: Aria2Transport | None = None
-    try:
-        await db.open()
-        transport, where = await _connect_aria2(config)
-        aria2 = Aria2Client(transport) if transport is not None else None
-        result = await check(db, aria2, download_dir)
-        if result.aria2_compared:
-            print(f"aria2: compared (at {where})")
-        else:
-            print(f"aria2: not reachable: {where}; compared with the disk only")
-        for mismatch in result.mismatches:
-            print(mismatch.line())
-        found = result.mismatches
-        if not found:
-            print(
-                "No mismatches: the database agrees with the disk"
-                + (" and aria2." if result.aria2_compared else ".")
-            )
-            return 0
-        if not fix:
-            print(f"{len(found)} mismatch(es). Dry run: nothing was changed. With --fix:")
-            for mismatch in found:
-                print(f"  {mismatch.subject}: {mismatch.fix}")
-            return 1
-        changes = await repair(db, aria2, download_dir, found)
-        print(f"{len(found)} mismatch(es). Changed:")
-        for line in changes:
-            print(f"  {line}")
-        print("Exit code 1: mismatches were found (and fixed as above).")
-        return 1
-    except (StoreError, sqlite3.Error, OSError, Aria2RpcError, Aria2Unavailable) as exc:
-        print(f"check failed: {exc}")
-        return 2
-    finally:
-        if transport is not None:
-            await transport.close()
-        await db.close()

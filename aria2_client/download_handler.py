@@ -1,8 +1,8 @@
 """Downloads: the one way in for every source, user actions, and keeping rows true to aria2.
 
 Every job becomes a `downloads` row (committed) before aria2 is asked; the gid is attached after.
-aria2's notifications and the poller both feed :meth:`DownloadManager.apply_status`, which maps
-aria2's view onto the store's status machine.
+aria2's notifications and the poller both feed :meth:`DownloadManager.apply_status`, which applies
+the decision of :func:`aria2_client.sync.plan` through the store.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from loguru import logger
@@ -24,24 +24,23 @@ from aria2_client.sources import (
     ensure_public_host,
     parse_link,
     parse_torrent,
+    safe_file_name,
 )
+from aria2_client.sync import Oversized, RowDetails, plan, store_change, too_large_message
 from aria2_client.transport import Aria2RpcError, Aria2Unavailable
-from db import (
-    Database,
+from db import ACTIVE_DOWNLOAD_STATUSES, NotFound, Store, StoreError, TransitionError
+from files import DownloadFiles
+from records import (
+    DownloadChange,
     DownloadRow,
     NewDownload,
-    NotFound,
     ProgressUpdate,
-    StoreError,
     TgMediaRecord,
     TorrentFile,
-    TransitionError,
 )
-from files import remove_empty_tree
 
-CompletionListener = Callable[[DownloadRow], Awaitable[None]]
+DownloadListener = Callable[[DownloadRow], Awaitable[None]]
 TelegramLinkMaker = Callable[[DownloadRow], str]
-ActionListener = Callable[[DownloadRow], Awaitable[None]]
 
 
 class TooLarge(SourceError):
@@ -68,45 +67,40 @@ def human_limit(size: int) -> str:
     return f"{size} B"
 
 
-def safe_file_name(name: str, fallback: str = "file") -> str:
-    """A name that is one path element: no separators, NUL, control or bidi-override chars."""
-    cleaned = "".join(
-        ch
-        for ch in name
-        if ch >= " " and ch not in "/\\\x7f" and not ("\u202a" <= ch <= "\u202e")
-        if not ("\u2066" <= ch <= "\u2069")
-    ).strip()
-    cleaned = cleaned.lstrip(".") or fallback
-    encoded = cleaned.encode("utf-8")
-    if len(encoded) > 200:
-        _stem, dot, suffix = cleaned.rpartition(".")
-        keep = suffix if dot and len(suffix.encode()) <= 16 else ""
-        budget = 200 - len(keep.encode()) - 1
-        cleaned = cleaned.encode()[:budget].decode("utf-8", "ignore") + ("." + keep if keep else "")
-    return cleaned
-
-
 class DownloadManager:
+    """Adds jobs, acts on them for users, and keeps their rows true to aria2.
+
+    `on_completed` listeners hear of every download aria2 completed (a failing listener is
+    logged and the others still run); `on_removed` listeners hear of every download cancelled or
+    deleted by a user, before its rows go.
+    """
+
     def __init__(
         self,
-        db: Database,
+        store: Store,
         aria2: Aria2Client,
+        files: DownloadFiles,
         *,
-        download_dir: Path,
         max_download_size: int = 0,
         allow_private_addresses: bool = False,
         telegram_link: TelegramLinkMaker | None = None,
+        on_completed: Sequence[DownloadListener] = (),
+        on_removed: Sequence[DownloadListener] = (),
     ) -> None:
-        self.db = db
+        self.store = store
         self.aria2 = aria2
-        self.download_dir = download_dir
+        self.files = files
         self.max_download_size = max_download_size
         self.allow_private_addresses = allow_private_addresses
         self.telegram_link = telegram_link
-        self.completion_listeners: list[CompletionListener] = []
-        self.removal_listeners: list[ActionListener] = []
+        self._on_completed = tuple(on_completed)
+        self._on_removed = tuple(on_removed)
         self._apply_lock = asyncio.Lock()
         self._submitting: set[int] = set()
+
+    @property
+    def download_dir(self) -> Path:
+        return self.files.root
 
     # --- the one way in ---------------------------------------------------------------------------
 
@@ -123,7 +117,7 @@ class DownloadManager:
 
     def _new_from_link(self, link: ParsedLink, requester: Requester) -> NewDownload:
         return NewDownload(
-            source_type=link.source_type,  # type: ignore[arg-type]
+            source_type=link.source_type,
             source_key=link.source_key,
             source_url=link.url,
             file_name=safe_file_name(link.display_name, "download"),
@@ -151,8 +145,7 @@ class DownloadManager:
             message_id=requester.message_id,
             group_key=requester.group_key,
         )
-        row = await self._create_and_submit(new, files=self._torrent_files(meta))
-        return row
+        return await self._create_and_submit(new, files=self._torrent_files(meta))
 
     async def add_telegram(
         self, media: TgMediaRecord, requester: Requester | None = None
@@ -174,10 +167,7 @@ class DownloadManager:
 
     def _check_size(self, size: int) -> None:
         if self.max_download_size and size > self.max_download_size:
-            raise TooLarge(
-                f"{human_limit(size)} is larger than the limit of "
-                f"{human_limit(self.max_download_size)} (aria2.max_download_size)"
-            )
+            raise TooLarge(too_large_message(size, self.max_download_size))
 
     @staticmethod
     def _torrent_files(meta: TorrentMeta) -> list[TorrentFile]:
@@ -190,32 +180,36 @@ class DownloadManager:
         media: TgMediaRecord | None = None,
         files: Sequence[TorrentFile] | None = None,
     ) -> DownloadRow:
-        download_id = await self.db.create_download(new, media)
+        download_id = await self.store.create_download(new, media)
         if files:
-            await self.db.update_download_details(download_id, files=files)
+            await self.store.update_download_details_by_id(download_id, files=files)
         await self.submit(download_id)
-        row = await self.db.get_download_by_id(download_id)
-        assert row is not None
-        return row
+        return await self._row(download_id)
 
-    def job_dir(self, download_id: int) -> Path:
-        return self.download_dir / str(download_id)
+    async def _hand_to_aria2(self, row: DownloadRow, *, paused: bool) -> str:
+        """Add the row's job to aria2 (paused if asked); returns its gid.
 
-    async def _uris_and_options(self, row: DownloadRow) -> tuple[list[str] | None, dict[str, str]]:
-        options = {"dir": str(self.job_dir(row.id))}
+        Raises SourceError (nothing aria2 could fetch), Aria2RpcError or Aria2Unavailable.
+        """
+        options = {"dir": str(self.files.job_dir(row.id))}
+        if paused:
+            options["pause"] = "true"
+        if row.source_type == "torrent":
+            data = await self.store.get_torrent_data(row.id)
+            if data is None:
+                raise SourceError("the torrent file of this download is missing")
+            return await self.aria2.add_torrent(data, options)
         if row.source_type == "telegram":
             if self.telegram_link is None:
                 raise SourceError("Telegram downloads need the bot to be running")
             options["out"] = row.file_name or f"telegram_{row.id}"
-            return [self.telegram_link(row)], options
-        if row.source_type == "torrent":
-            return None, options
+            return await self.aria2.add_uri([self.telegram_link(row)], options)
         if row.source_url is None:
             raise SourceError(f"download {row.id} has no source link")
         if row.source_type in ("http", "ftp") and not _safe_link_name(row.source_url):
             # aria2 would use the link's last segment as it is (too long, "..", bidi marks…).
             options["out"] = row.file_name or "download"
-        return [row.source_url], options
+        return await self.aria2.add_uri([row.source_url], options)
 
     async def submit(self, download_id: int, *, paused: bool = False) -> None:
         """Hand a `pending` row to aria2; if aria2 is down the row stays pending for later."""
@@ -229,37 +223,28 @@ class DownloadManager:
             self._submitting.discard(download_id)
 
     async def _submit_pending(self, download_id: int, paused: bool) -> None:
-        row = await self.db.get_download_by_id(download_id)
+        row = await self.store.get_download_by_id(download_id)
         if row is None or row.status != "pending":
             return
         log = logger.bind(job=download_id)
         try:
-            uris, options = await self._uris_and_options(row)
-            if paused:
-                options["pause"] = "true"
-            if uris is None:
-                data = await self.db.get_torrent_data(download_id)
-                if data is None:
-                    raise SourceError("the torrent file of this download is missing")
-                gid = await self.aria2.add_torrent(data, options)
-            else:
-                gid = await self.aria2.add_uri(uris, options)
+            gid = await self._hand_to_aria2(row, paused=paused)
         except Aria2Unavailable:
             log.warning("aria2 is unavailable; download {} stays pending", download_id)
             return
         except (Aria2RpcError, SourceError) as exc:
             message = exc.message if isinstance(exc, Aria2RpcError) else str(exc)
             log.warning("aria2 refused download {}: {}", download_id, message)
-            await self.db.mark_download_failed_by_id(download_id, message, "refused")
+            await self.store.mark_download_failed_by_id(download_id, message, "refused")
             return
-        await self.db.mark_download_queued(
+        await self.store.mark_download_queued_by_id(
             download_id, gid, status="paused" if paused else "waiting"
         )
         log.bind(gid=gid).info("download {} queued in aria2 as {}", download_id, gid)
 
     async def reconcile_pending(self) -> int:
         """Submit every row that never reached aria2 (e.g. the service stopped in between)."""
-        rows = await self.db.fetch_downloads_in_states(("pending",))
+        rows = await self.store.fetch_downloads_in_states(("pending",))
         for row in rows:
             await self.submit(row.id)
         return len(rows)
@@ -267,7 +252,7 @@ class DownloadManager:
     # --- user actions -----------------------------------------------------------------------------
 
     async def _row(self, download_id: int) -> DownloadRow:
-        row = await self.db.get_download_by_id(download_id)
+        row = await self.store.get_download_by_id(download_id)
         if row is None:
             raise NotFound("download", download_id)
         return row
@@ -280,7 +265,7 @@ class DownloadManager:
             await self.aria2.pause(row.gid)
         except Aria2RpcError as exc:
             logger.bind(job=download_id, gid=row.gid).info("aria2 pause: {}", exc.message)
-        await self.db.mark_download_paused(row.gid)
+        await self.store.mark_download_paused(row.gid)
         return await self._row(download_id)
 
     async def resume(self, download_id: int) -> DownloadRow:
@@ -296,19 +281,18 @@ class DownloadManager:
                 return await self._row(download_id)
             if status.status != "active":
                 raise
-        await self.db.mark_download_resumed(row.gid)
+        await self.store.mark_download_resumed(row.gid)
         return await self._row(download_id)
 
     async def cancel(self, download_id: int) -> DownloadRow:
         row = await self._row(download_id)
-        if row.status not in ("pending", "waiting", "downloading", "paused"):
+        if row.status not in ACTIVE_DOWNLOAD_STATUSES:
             raise TransitionError("download", download_id, row.status, "cancelled")
         if row.gid is not None:
             await self.aria2.remove(row.gid)
-        await self.db.mark_download_cancelled_by_id(download_id, "cancelled by user")
+        await self.store.mark_download_cancelled_by_id(download_id, "cancelled by user")
         updated = await self._row(download_id)
-        for listener in self.removal_listeners:
-            await listener(updated)
+        await self._tell_removed(updated)
         return updated
 
     async def retry(self, download_id: int) -> DownloadRow:
@@ -317,56 +301,56 @@ class DownloadManager:
             raise TransitionError("download", download_id, row.status, "pending")
         if row.gid is not None:
             await self.aria2.remove(row.gid)
-        await self.db.reset_download_for_retry(download_id)
+        await self.store.reset_download_for_retry(download_id)
         await self.submit(download_id)
         return await self._row(download_id)
 
     async def delete(self, download_id: int, *, delete_file: bool = False) -> DownloadRow:
         """Stop the aria2 job and running uploads first, then remove the rows (and the file)."""
         row = await self._row(download_id)
-        if row.gid is not None and row.is_active:
+        if row.gid is not None and row.status in ACTIVE_DOWNLOAD_STATUSES:
             await self.aria2.remove(row.gid)
-        for listener in self.removal_listeners:
-            await listener(row)
-        deleted = await self.db.delete_download_record(download_id, delete_local_file=delete_file)
+        await self._tell_removed(row)
+        deleted = await self.store.delete_download_record(download_id)
         if delete_file:
-            job_dir = self.job_dir(download_id)
-            await asyncio.to_thread(remove_empty_tree, self.download_dir, job_dir)
+            await self._delete_files(deleted)
         return deleted
 
     async def delete_all(self, *, delete_files: bool = False) -> int:
-        for row in await self.db.fetch_downloads_in_states(
-            ("pending", "waiting", "downloading", "paused")
-        ):
+        for row in await self.store.fetch_downloads_in_states(ACTIVE_DOWNLOAD_STATUSES):
             if row.gid is not None:
                 await self.aria2.remove(row.gid)
-        for row in await self.db.fetch_recent_downloads(limit=-1):
-            for listener in self.removal_listeners:
-                await listener(row)
-        return await self.db.delete_all_downloads(delete_local_files=delete_files)
+        for row in await self.store.fetch_recent_downloads(limit=-1):
+            await self._tell_removed(row)
+        deleted = await self.store.delete_all_downloads()
+        if delete_files:
+            for row in deleted:
+                await self._delete_files(row)
+        return len(deleted)
+
+    async def _tell_removed(self, row: DownloadRow) -> None:
+        for listener in self._on_removed:
+            await listener(row)
+
+    async def _delete_files(self, row: DownloadRow) -> None:
+        """The download's file or folder (inside the download folder only), then its job folder
+        if nothing else is left in it."""
+        if row.local_path:
+            await self.files.remove(row.local_path, job=row.id)
+        await self.files.remove_job_dir_if_empty(row.id)
 
     async def _readd(self, row: DownloadRow) -> None:
         """aria2 forgot this job (restarted without its session): add it again under a new gid."""
         log = logger.bind(job=row.id, gid=row.gid)
-        paused = row.status == "paused"
         try:
-            uris, options = await self._uris_and_options(row)
-            if paused:
-                options["pause"] = "true"
-            if uris is None:
-                data = await self.db.get_torrent_data(row.id)
-                if data is None:
-                    raise SourceError("the torrent file of this download is missing")
-                gid = await self.aria2.add_torrent(data, options)
-            else:
-                gid = await self.aria2.add_uri(uris, options)
+            gid = await self._hand_to_aria2(row, paused=row.status == "paused")
         except (Aria2RpcError, SourceError) as exc:
             message = exc.message if isinstance(exc, Aria2RpcError) else str(exc)
-            await self.db.mark_download_failed_by_id(
+            await self.store.mark_download_failed_by_id(
                 row.id, f"could not re-add after aria2 lost it: {message}"
             )
             return
-        await self.db.mark_download_queued(row.id, gid, status=row.status)
+        await self.store.mark_download_queued_by_id(row.id, gid, status=row.status)
         log.info("aria2 had lost download {}; re-added as {}", row.id, gid)
 
     # --- keeping rows true to aria2 ---------------------------------------------------------------
@@ -374,9 +358,7 @@ class DownloadManager:
     async def on_notification(self, notification: Aria2Notification) -> None:
         try:
             status = await self.aria2.tell_status(notification.gid)
-        except Aria2RpcError:
-            return
-        except Aria2Unavailable:
+        except (Aria2RpcError, Aria2Unavailable):
             return
         await self.apply_status([status])
 
@@ -385,7 +367,7 @@ class DownloadManager:
 
         Returns the number of active rows (the caller chooses the busy or idle interval).
         """
-        rows = await self.db.fetch_downloads_in_states(("waiting", "downloading", "paused"))
+        rows = await self.store.fetch_downloads_in_states(("waiting", "downloading", "paused"))
         rows_by_gid = {row.gid: row for row in rows if row.gid is not None}
         statuses = await self.aria2.poll(
             max_waiting=max(1000, len(rows)), max_stopped=0, keys=PROGRESS_KEYS
@@ -413,167 +395,69 @@ class DownloadManager:
         statuses: Sequence[Aria2Status],
         rows_by_gid: Mapping[str, DownloadRow] | None = None,
     ) -> None:
-        """Map aria2's view of some gids onto their rows (transitions, progress, details).
+        """Map aria2's view of some gids onto their rows: every status change in one transaction,
+        then the progress in another.
 
         `rows_by_gid` saves a lookup per status when the caller (the poller) has the rows.
         """
         async with self._apply_lock:
             progress: list[ProgressUpdate] = []
-            completed: list[int] = []
+            changes: list[DownloadChange] = []
             for position, status in enumerate(statuses, start=1):
                 if position % 100 == 0:
                     await asyncio.sleep(0)  # a cycle over many downloads must not hog the loop
                 row = (rows_by_gid or {}).get(status.gid)
                 if row is None:
-                    row = await self.db.get_download_by_gid(status.gid)
+                    row = await self.store.get_download_by_gid(status.gid)
                 if row is None or row.gid != status.gid:
                     continue
-                try:
-                    done = await self._apply_one(row, status, progress)
-                except (TransitionError, StoreError) as exc:
-                    logger.bind(job=row.id, gid=status.gid).debug("status not applied: {}", exc)
+                sync = plan(row, status, self.max_download_size)
+                if sync.details is not None:
+                    await self._learn(row, sync.details)
+                if sync.progress is not None:
+                    progress.append(sync.progress)
+                if sync.change is None:
                     continue
-                if done:
-                    completed.append(row.id)
-            await self.db.update_progress_batch(progress)
+                if isinstance(sync.change, Oversized):
+                    await self.aria2.remove(status.gid)
+                changes.append(store_change(row, sync.change))
+            outcomes = await self.store.apply_download_changes(changes)
+            await self.store.update_progress_batch(progress)
+        completed: list[int] = []
+        for change, outcome in zip(changes, outcomes, strict=True):
+            log = logger.bind(job=change.download_id, gid=change.expected_gid)
+            if not outcome.applied:
+                log.debug("aria2's view not applied: {}", outcome.detail)
+            elif change.target == "completed":
+                log.info("download {} completed ({})", change.download_id, outcome.detail)
+                completed.append(change.download_id)
+            elif change.target == "failed":
+                log.warning("download {} failed: {}", change.download_id, change.reason)
+            else:
+                log.info("download {}: {} ({})", change.download_id, outcome.detail, change.reason)
         for download_id in completed:
-            row = await self.db.get_download_by_id(download_id)
-            if row is None:
-                continue
-            for listener in self.completion_listeners:
-                try:
-                    await listener(row)
-                except Exception:
-                    logger.bind(job=download_id).exception("completion listener failed")
+            row = await self.store.get_download_by_id(download_id)
+            if row is not None:
+                await self._tell_completed(row)
 
-    async def _apply_one(
-        self, row: DownloadRow, status: Aria2Status, progress: list[ProgressUpdate]
-    ) -> bool:
-        """Returns True when this status completed the download."""
-        log = logger.bind(job=row.id, gid=status.gid)
-        if row.status in ("completed", "failed", "cancelled", "pending"):
-            return False
-        if status.followed_by:
-            await self.db.follow_gid(status.gid, status.followed_by[0])
-            log.info("magnet metadata done; download {} follows {}", row.id, status.followed_by[0])
-            return False
-        if status.files and not status.is_metadata:
-            await self._learn_details(row, status)
-        if (
-            self.max_download_size
-            and status.total_length > self.max_download_size
-            and not status.is_metadata
-        ):
-            await self.aria2.remove(status.gid)
-            await self.db.mark_download_failed(
-                status.gid,
-                f"{human_limit(status.total_length)} is larger than the limit of "
-                f"{human_limit(self.max_download_size)} (aria2.max_download_size)",
-                "too_large",
-            )
-            return False
-        aria2_state = status.status
-        bt_done = (
-            status.is_torrent
-            and not status.is_metadata
-            and status.total_length > 0
-            and status.completed_length == status.total_length
-        )
-        if aria2_state == "complete" or (aria2_state == "active" and bt_done):
-            if status.completed_length != status.total_length or status.is_metadata:
-                return False
-            if row.status in ("waiting", "paused"):
-                await self.db.mark_download_started(status.gid)
-            await self.db.mark_download_completed(
-                status.gid, self._local_path(status), status.total_length
-            )
-            log.info("download {} completed ({} bytes)", row.id, status.total_length)
-            return True
-        if aria2_state == "error":
-            message = describe_aria2_error(status.error_code, status.error_message)
-            await self.db.mark_download_failed(status.gid, message, status.error_code)
-            log.warning("download {} failed: {}", row.id, message)
-            return False
-        if aria2_state == "removed":
-            await self.db.mark_download_cancelled_by_id(row.id, "removed from aria2")
-            return False
-        if aria2_state == "active" and row.status != "downloading":
-            await self.db.mark_download_started(status.gid)
-        elif aria2_state == "waiting" and row.status == "paused":
-            await self.db.mark_download_resumed(status.gid)
-        elif aria2_state == "paused" and row.status in ("waiting", "downloading"):
-            await self.db.mark_download_paused(status.gid)
-        progress.append(
-            ProgressUpdate(
-                status.gid, status.completed_length, status.total_length, status.download_speed
-            )
-        )
-        return False
-
-    def _local_path(self, status: Aria2Status) -> str | None:
-        if status.is_torrent and status.bittorrent_name and len(status.files) > 1:
-            return str(Path(status.dir) / status.bittorrent_name)
-        if status.files and status.files[0].path:
-            return status.files[0].path
-        return None
-
-    async def _learn_details(self, row: DownloadRow, status: Aria2Status) -> None:
-        name = status.bittorrent_name or (
-            PurePosixPath(status.files[0].path).name if status.files[0].path else None
-        )
-        local_path = self._local_path(status)
-        files: list[TorrentFile] | None = None
-        if status.is_torrent and not row.files:
-            base = PurePosixPath(status.dir)
-            files = [
-                TorrentFile(f.index, _relative(f.path, base), f.length, f.selected)
-                for f in status.files
-            ]
-        if (
-            (name and (name != row.file_name or local_path != row.local_path))
-            or files is not None
-            or (status.total_length and status.total_length != row.total_length)
-        ):
-            await self.db.update_download_details(
+    async def _learn(self, row: DownloadRow, details: RowDetails) -> None:
+        try:
+            await self.store.update_download_details_by_id(
                 row.id,
-                file_name=safe_file_name(name) if name else None,
-                local_path=local_path,
-                files=files,
-                total_length=status.total_length or None,
+                file_name=details.file_name,
+                local_path=details.local_path,
+                files=details.files,
+                total_length=details.total_length,
             )
+        except StoreError as exc:
+            logger.bind(job=row.id, gid=row.gid).debug("details not recorded: {}", exc)
 
-
-# aria2's error codes (its manual, "EXIT STATUS"), said in words a user understands.
-ARIA2_ERRORS = {
-    "2": "timed out",
-    "3": "not found on the server",
-    "5": "too slow",
-    "6": "network problem",
-    "9": "not enough disk space",
-    "13": "a file of that name already exists",
-    "16": "could not create the file",
-    "17": "file input/output error",
-    "18": "could not create the folder",
-    "19": "host name could not be resolved",
-    "22": "bad HTTP response header",
-    "23": "too many redirects",
-    "24": "authorization failed",
-    "25": "the torrent could not be parsed",
-    "26": "the torrent is corrupted",
-    "27": "bad magnet link",
-    "32": "checksum validation failed",
-}
-
-
-def describe_aria2_error(code: str | None, message: str | None) -> str:
-    """A readable failure reason: what the code means, then aria2's own words."""
-    detail = (message or "").strip()
-    if "No space left" in detail or "ENOSPC" in detail:
-        code = "9"
-    meaning = ARIA2_ERRORS.get(code or "")
-    if meaning and detail:
-        return f"{meaning} ({detail})"
-    return meaning or detail or f"aria2 error {code}"
+    async def _tell_completed(self, row: DownloadRow) -> None:
+        for listener in self._on_completed:
+            try:
+                await listener(row)
+            except Exception:
+                logger.bind(job=row.id).exception("completion listener failed")
 
 
 def _safe_link_name(url: str) -> bool:
@@ -587,8 +471,3 @@ def _looks_finished(status: Aria2Status) -> bool:
         or bool(status.followed_by)
         or (status.total_length > 0 and status.completed_length == status.total_length)
     )
-
-
-def _relative(path: str, base: PurePosixPath) -> str:
-    pure = PurePosixPath(path)
-    return str(pure.relative_to(base)) if pure.is_relative_to(base) else pure.name

@@ -14,12 +14,17 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from loguru import logger
+
+from aria2_client.client import Aria2Client
+from aria2_client.transport import Aria2RpcError, Aria2Transport, Aria2Unavailable
+from configer import ARIA2_SECRET_FILE, Aria2Config
 
 CONF_NAME = "aria2.conf"
 SESSION_NAME = "aria2.session"
@@ -411,3 +416,85 @@ async def _exited_within(process: asyncio.subprocess.Process, seconds: float) ->
     except TimeoutError:
         return False
     return True
+
+
+# --- the aria2 of a service running elsewhere --------------------------------------------------
+
+
+def _read_conf(path: Path) -> dict[str, str] | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    options: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.lstrip().startswith("#"):
+            options[key.strip()] = value.strip()
+    return options
+
+
+def _read_secret(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+
+
+async def _where_running(config: Aria2Config, data_dir: Path) -> tuple[str, str | None] | str:
+    """The RPC url and secret of the service's aria2, or why there is none to look for."""
+    if config.rpc_url:
+        secret: str | None = config.rpc_secret or (
+            await asyncio.to_thread(_read_secret, data_dir / ARIA2_SECRET_FILE)
+        )
+        return config.rpc_url, secret
+    options = await asyncio.to_thread(_read_conf, data_dir / CONF_NAME)
+    if options is None or not options.get("rpc-listen-port"):
+        return "the service has not run with this data folder"
+    return f"http://127.0.0.1:{options['rpc-listen-port']}/jsonrpc", options.get("rpc-secret")
+
+
+@contextlib.asynccontextmanager
+async def running_aria2(
+    config: Aria2Config, data_dir: Path
+) -> AsyncIterator[tuple[Aria2Client | None, str]]:
+    """The aria2 of a service using `data_dir` (its own aria2c, or `aria2.rpc_url`), if it answers.
+
+    Yields a connected client and where it is, or None and why not; the connection is closed on
+    the way out. For maintenance commands run beside (or without) the service.
+    """
+    found = await _where_running(config, data_dir)
+    if isinstance(found, str):
+        yield None, found
+        return
+    url, secret = found
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+    except (OSError, TimeoutError):
+        yield None, f"nothing answers on {host}:{port} (is the service running?)"
+        return
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    transport = Aria2Transport(url, secret, connect_timeout=2, max_backoff=0.5, heartbeat=None)
+    client = Aria2Client(transport)
+    await transport.start()
+    try:
+        problem: str | None = None
+        try:
+            if await transport.wait_connected(3):
+                await client.version()
+            else:
+                problem = f"no WebSocket connection to {host}:{port}"
+        except (Aria2Unavailable, Aria2RpcError) as exc:
+            problem = str(exc)
+        if problem is None:
+            yield client, f"{host}:{port}"
+        else:
+            await transport.close()  # not kept reconnecting while the caller goes on without it
+            yield None, problem
+    finally:
+        await transport.close()

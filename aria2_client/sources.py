@@ -10,11 +10,13 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 MAX_URL_LENGTH = 8192
 MAX_TORRENT_SIZE = 10 * 1024 * 1024
-LINK_SCHEMES = {"http": "http", "https": "http", "ftp": "ftp"}
+LinkType = Literal["http", "ftp", "magnet"]
+LINK_SCHEMES: dict[str, LinkType] = {"http": "http", "https": "http", "ftp": "ftp"}
 _LINK_TOKEN = re.compile(r"(?i)\b(?:[a-z][a-z0-9+.-]{1,15}://|magnet:\?)\S+")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _BTIH_HEX = re.compile(r"^[0-9a-fA-F]{40}$")
@@ -27,7 +29,7 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class ParsedLink:
-    source_type: str  # http | ftp | magnet
+    source_type: LinkType
     url: str
     source_key: str
     display_name: str
@@ -59,6 +61,24 @@ class TorrentMeta:
 
 def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def safe_file_name(name: str, fallback: str = "file") -> str:
+    """A name that is one path element: no separators, NUL, control or bidi-override chars."""
+    cleaned = "".join(
+        ch
+        for ch in name
+        if ch >= " " and ch not in "/\\\x7f" and not ("\u202a" <= ch <= "\u202e")
+        if not ("\u2066" <= ch <= "\u2069")
+    ).strip()
+    cleaned = cleaned.lstrip(".") or fallback
+    encoded = cleaned.encode("utf-8")
+    if len(encoded) > 200:
+        _stem, dot, suffix = cleaned.rpartition(".")
+        keep = suffix if dot and len(suffix.encode()) <= 16 else ""
+        budget = 200 - len(keep.encode()) - 1
+        cleaned = cleaned.encode()[:budget].decode("utf-8", "ignore") + ("." + keep if keep else "")
+    return cleaned
 
 
 def parse_link(text: str) -> ParsedLink:

@@ -77,8 +77,6 @@ class Aria2Transport:
         url: str,
         secret: str | None,
         *,
-        on_notification: NotificationHandler | None = None,
-        on_connection_change: ConnectionHandler | None = None,
         initial_backoff: float = 0.1,
         max_backoff: float = 5.0,
         connect_timeout: float = 5.0,
@@ -87,8 +85,8 @@ class Aria2Transport:
         self.url = url
         self.ws_url = websocket_url(url)
         self._token = f"token:{secret}" if secret else None
-        self._on_notification = on_notification
-        self._on_connection_change = on_connection_change
+        self._on_notification: NotificationHandler | None = None
+        self._on_connection_change: ConnectionHandler | None = None
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
         self._connect_timeout = connect_timeout
@@ -112,10 +110,21 @@ class Aria2Transport:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start connecting in the background; returns at once (see `wait_connected`)."""
+    async def start(
+        self,
+        *,
+        on_notification: NotificationHandler | None = None,
+        on_connection_change: ConnectionHandler | None = None,
+    ) -> None:
+        """Start connecting in the background; returns at once (see `wait_connected`).
+
+        From now on aria2's notifications, and each connection change (True: connected, False:
+        lost), are handed in order to the handlers given here.
+        """
         if self._connection_task is not None:
             return
+        self._on_notification = on_notification
+        self._on_connection_change = on_connection_change
         self._closing = False
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self._connect_timeout, sock_connect=self._connect_timeout

@@ -33,11 +33,11 @@ from loguru import logger  # noqa: E402
 
 from aria2_client.client import Aria2Client  # noqa: E402
 from aria2_client.download_handler import DownloadManager  # noqa: E402
-from aria2_client.models import Aria2Notification  # noqa: E402
 from aria2_client.process import EmbeddedAria2  # noqa: E402
 from aria2_client.transport import Aria2Transport  # noqa: E402
 from bench.bench_pipeline import FileServerProcess  # noqa: E402
 from db import Database  # noqa: E402
+from files import DownloadFiles  # noqa: E402
 
 HEARTBEAT_SECONDS = 0.001
 SETTLE_TIMEOUT = 120.0
@@ -136,24 +136,18 @@ async def bench(scales: list[int], cycles: int) -> None:
                 "max-tries": "1",
             },
         )
-        db = Database(work / "mistrelay.db", download_dir=work / "downloads")
-        manager: DownloadManager | None = None
-
-        async def on_notification(notification: Aria2Notification) -> None:
-            if manager is not None:
-                await manager.on_notification(notification)
-
-        transport = Aria2Transport(aria2.rpc_url, aria2.secret, on_notification=on_notification)
+        db = Database(work / "mistrelay.db")
+        transport = Aria2Transport(aria2.rpc_url, aria2.secret)
+        manager = DownloadManager(db, Aria2Client(transport), DownloadFiles(work / "downloads"))
         heartbeat = Heartbeat()
         report: list[tuple[int, list[Cycle]]] = []
         try:
             await server.start()
             await aria2.start()
             await db.open()
-            await transport.start()
+            await transport.start(on_notification=manager.on_notification)
             if not await transport.wait_connected(10):
                 raise RuntimeError("could not connect to aria2c")
-            manager = DownloadManager(db, Aria2Client(transport), download_dir=work / "downloads")
             heartbeat.start()
             added = 0
             for scale in sorted(scales):

@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loguru import logger
 
-from db import Database, ProgressUpdate
+from db import Database
 from events import EventHub
+from records import ProgressUpdate
 
 ROWS = 1000
 ROUNDS = 5

@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loguru import logger
 
 from configer import UploadConfig, UploadTarget
-from db import Database, DownloadRow, NewDownload, UploadRow
+from db import Database
+from files import DownloadFiles
+from records import DownloadRow, NewDownload, UploadRow
 from tests.support.rclone_cloud import RcloneCloud, start_webdav
 from uploads.manager import UploadManager
 
@@ -86,7 +88,7 @@ class Bench:
         self.cloud = await start_webdav(self.work / "cloud", self.rclone_config, "benchdav")
         await asyncio.to_thread(write_file, self.source, self.size)
         self.download_dir.mkdir(parents=True)
-        self.db = await Database(self.data_dir / "bench.db", download_dir=self.download_dir).open()
+        self.db = await Database(self.data_dir / "bench.db").open()
         config = UploadConfig(
             targets=(UploadTarget("dav", "rclone", "benchdav", "/relay"),),
             rclone_config=str(self.rclone_config),
@@ -94,7 +96,7 @@ class Bench:
             max_retries=0,
         )
         self.manager = UploadManager(
-            self.db, config, download_dir=self.download_dir, data_dir=self.data_dir
+            self.db, config, files=DownloadFiles(self.download_dir), data_dir=self.data_dir
         )
         await self.manager.start()
 
@@ -118,7 +120,7 @@ class Bench:
         path.parent.mkdir(parents=True)
         os.link(self.source, path)
         gid = f"{download_id:016x}"
-        await self.db.mark_download_queued(download_id, gid, status="downloading")
+        await self.db.mark_download_queued_by_id(download_id, gid, status="downloading")
         await self.db.mark_download_completed(gid, str(path), self.size)
         row = await self.db.get_download_by_id(download_id)
         assert row is not None

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from enum import Enum
 
 from configer import TelegramConfig
-from db import DownloadRow
+from records import DownloadRow
 
 NO_ONE_SERVED = (
     "the Telegram bot serves no one: put your Telegram user id in telegram.admins in config.yaml "

@@ -11,7 +11,6 @@ per round trip instead of one.
 from __future__ import annotations
 
 import asyncio
-import mimetypes
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,9 @@ from pyrogram.errors import (
 )
 from pyrogram.file_id import FileId, FileType
 from pyrogram.session import Session
+
+from bot.messages import media_of
+from records import TgMediaRecord
 
 if TYPE_CHECKING:
     from loguru import Logger
@@ -102,7 +104,7 @@ class _FileLocation:
 
 
 def _decode_file_id(encoded: str) -> FileId:
-    file_id = FileId.decode(encoded)
+    file_id: FileId = FileId.decode(encoded)
     if file_id.file_type in (FileType.CHAT_PHOTO, FileType.THUMBNAIL):
         raise ValueError(f"cannot stream a {file_id.file_type.name.lower()} file id")
     _input_location(file_id)  # refuses ids without a media id or access hash
@@ -319,38 +321,33 @@ async def _cancel_all(tasks: list[asyncio.Task[bytes]], log: Logger) -> None:
 
 
 def refresh_from_message(
-    client: pyrogram.Client, chat_id: int | str, message_id: int
+    client: pyrogram.Client,
+    chat_id: int | str,
+    message_id: int,
+    *,
+    file_unique_id: str | None = None,
 ) -> FileIdRefresher:
-    """A ``TelegramFileRef.refresh`` that re-reads the message and returns its media's file id."""
+    """A ``TelegramFileRef.refresh`` that re-reads the message and returns its media's file id
+    (refusing, when ``file_unique_id`` is given, a message that now carries another file)."""
 
     async def refresh() -> str:
         message = await client.get_messages(chat_id=chat_id, message_ids=message_id)
-        media = _message_media(message) if isinstance(message, pyrogram.types.Message) else None
-        if media is None:
+        found = media_of(message) if isinstance(message, pyrogram.types.Message) else None
+        if found is None or file_unique_id not in (None, found[1].file_unique_id):
             raise TelegramStreamError("the message no longer carries its file")
-        return str(media.file_id)
+        return str(found[1].file_id)
 
     return refresh
 
 
-_MEDIA_ATTRIBUTES = (
-    "document",
-    "video",
-    "audio",
-    "voice",
-    "animation",
-    "video_note",
-    "sticker",
-    "photo",
-)
-
-
-def _message_media(message: pyrogram.types.Message) -> Any:
-    for attribute in _MEDIA_ATTRIBUTES:
-        media = getattr(message, attribute, None)
-        if media is not None and getattr(media, "file_id", None):
-            return media
-    return None
+def _sent_at(message_date: str | None) -> datetime | None:
+    """A recorded message date as an aware instant (Pyrogram gives naive local times)."""
+    if not message_date:
+        return None
+    try:
+        return datetime.fromisoformat(message_date).astimezone(UTC)
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -379,37 +376,22 @@ class TelegramByteSource:
         return self.streamer.iter_range(self.location, start, end)
 
     @classmethod
-    def for_message(
+    def for_media(
         cls,
         streamer: TelegramStreamer,
-        message: pyrogram.types.Message,
+        media: TgMediaRecord,
         *,
         refresh: FileIdRefresher | None = None,
+        name: str | None = None,
     ) -> TelegramByteSource:
-        """The source for a message's media; refreshes through the message by default."""
-        media = _message_media(message)
-        if media is None:
-            raise ValueError("the message carries no downloadable media")
-        size = int(getattr(media, "file_size", 0) or 0)
-        if size <= 0:
+        """The source for a recorded Telegram file; its size must be known."""
+        if not media.file_size:
             raise ValueError("the media has no known size")
-        mime = getattr(media, "mime_type", None) or (
-            "image/jpeg" if message.photo is not None else "application/octet-stream"
-        )
-        name = getattr(media, "file_name", None) or (
-            f"{media.file_unique_id}{mimetypes.guess_extension(mime) or ''}"
-        )
-        chat_id = message.chat.id if message.chat is not None else None
-        if refresh is None and chat_id is not None:
-            refresh = refresh_from_message(streamer.client, chat_id, message.id)
-        sent_at = getattr(media, "date", None) or message.date
-        # Pyrogram's dates are naive local times; the web layer wants an aware instant.
-        last_modified = sent_at.astimezone(UTC) if isinstance(sent_at, datetime) else None
         return cls(
             streamer=streamer,
-            location=TelegramFileRef(file_id=media.file_id, size=size, refresh=refresh),
-            name=name,
-            mime=mime,
+            location=TelegramFileRef(file_id=media.file_id, size=media.file_size, refresh=refresh),
+            name=name or media.file_name or "file",
+            mime=media.mime_type or "application/octet-stream",
             file_unique_id=media.file_unique_id,
-            last_modified=last_modified,
+            last_modified=_sent_at(media.message_date),
         )

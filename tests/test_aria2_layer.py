@@ -27,12 +27,25 @@ from aria2_client.models import (
     human_speed,
 )
 from aria2_client.process import Aria2StartError, EmbeddedAria2
+from aria2_client.sync import (
+    Complete,
+    Fail,
+    FollowGid,
+    Move,
+    Oversized,
+    RowDetails,
+    RowSync,
+    local_path,
+    plan,
+    store_change,
+)
 from aria2_client.transport import (
     Aria2RpcError,
     Aria2Transport,
     Aria2Unavailable,
     websocket_url,
 )
+from records import DownloadRow, ProgressUpdate, TorrentFile
 from tests.support.processes import ProcessReaper, free_port, make_test_aria2, pid_alive
 
 UNKNOWN_GID = "0123456789abcdef"
@@ -193,6 +206,221 @@ def test_notification_and_url_parsing() -> None:
     assert "infoHash" in STATUS_KEYS and "bitfield" not in STATUS_KEYS
 
 
+# -- sync: aria2's view onto a row (no process) ------------------------------------------------
+
+GID = "2089b05ecca3d829"
+NEXT_GID = "a1b2c3d4e5f60718"
+INFO_HASH = "ab" * 20
+
+
+def download_row(
+    status: str,
+    *,
+    source_type: str = "http",
+    file_name: str = "movie.mkv",
+    local_path: str | None = None,
+    total_length: int = 0,
+    files: tuple[TorrentFile, ...] = (),
+) -> DownloadRow:
+    """A row as the store reads it: job 7, handed to aria2 as GID."""
+    return DownloadRow(
+        id=7,
+        gid=GID,
+        source_type=source_type,
+        source_key="http://h/x/movie.mkv",
+        source_url="http://h/x/movie.mkv",
+        status=status,
+        file_name=file_name,
+        local_path=local_path,
+        total_length=total_length,
+        completed_length=0,
+        download_speed=0,
+        error_message=None,
+        error_code=None,
+        file_unique_id=None,
+        owner_id=None,
+        chat_id=None,
+        message_id=None,
+        group_key="http:7",
+        progress_message_id=None,
+        info_hash=None,
+        files=files,
+        media_info=None,
+        created_at="2026-01-01T00:00:00.000+00:00",
+        started_at=None,
+        completed_at=None,
+        updated_at="2026-01-01T00:00:00.000+00:00",
+    )
+
+
+def http_status(state: str, done: int = 420, total: int = 1000, **extra: object) -> Aria2Status:
+    """`aria2.tellStatus` of a one-file HTTP job, as aria2 sends it (numbers as strings)."""
+    return Aria2Status.from_struct(
+        {
+            "gid": GID,
+            "status": state,
+            "totalLength": str(total),
+            "completedLength": str(done),
+            "downloadSpeed": "10" if state == "active" else "0",
+            "dir": "/dl/7",
+            "files": [
+                {
+                    "index": "1",
+                    "path": "/dl/7/movie.mkv",
+                    "length": str(total),
+                    "completedLength": str(done),
+                    "selected": "true",
+                    "uris": [{"uri": "http://h/x/movie.mkv", "status": "used"}],
+                }
+            ],
+            **extra,
+        }
+    )
+
+
+def torrent_status(state: str, done: int) -> Aria2Status:
+    """A two-file torrent (70 + 50 bytes) in /dl/9, as `aria2.tellStatus` reports it."""
+    return Aria2Status.from_struct(
+        {
+            "gid": GID,
+            "status": state,
+            "totalLength": "120",
+            "completedLength": str(done),
+            "downloadSpeed": "0",
+            "infoHash": INFO_HASH,
+            "seeder": "true" if done == 120 else "false",
+            "dir": "/dl/9",
+            "bittorrent": {"info": {"name": "pack"}, "mode": "multi"},
+            "files": [
+                {
+                    "index": "1",
+                    "path": "/dl/9/pack/sub/one.bin",
+                    "length": "70",
+                    "selected": "true",
+                },
+                {"index": "2", "path": "/dl/9/pack/two.bin", "length": "50", "selected": "false"},
+            ],
+        }
+    )
+
+
+def metadata_status(state: str, followed_by: list[str] | None = None) -> Aria2Status:
+    """A magnet's metadata job: aria2 names its one file "[METADATA]<info hash>"."""
+    return Aria2Status.from_struct(
+        {
+            "gid": GID,
+            "status": state,
+            "totalLength": "0",
+            "completedLength": "0",
+            "infoHash": INFO_HASH,
+            "bittorrent": {},
+            "files": [{"index": "1", "path": f"[METADATA]{INFO_HASH}", "length": "0"}],
+            **({"followedBy": followed_by} if followed_by else {}),
+        }
+    )
+
+
+@pytest.mark.parametrize("final", ["pending", "completed", "failed", "cancelled"])
+def test_sync_leaves_rows_aria2_does_not_drive(final: str) -> None:
+    assert plan(download_row(final), http_status("complete", 1000)) == RowSync()
+    assert plan(download_row(final), http_status("error")) == RowSync()
+
+
+def test_sync_starts_resumes_pauses_and_records_progress() -> None:
+    learnt = RowDetails("movie.mkv", "/dl/7/movie.mkv", 1000, None)
+    progress = ProgressUpdate(GID, 420, 1000, 10)
+    assert plan(download_row("waiting"), http_status("active")) == RowSync(
+        Move("downloading"), learnt, progress
+    )
+    assert plan(download_row("paused"), http_status("waiting")).change == Move("waiting")
+    assert plan(download_row("downloading"), http_status("paused")).change == Move("paused")
+    assert plan(download_row("waiting"), http_status("paused")).change == Move("paused")
+    # What the row already says needs no change: progress only, and nothing learnt twice.
+    known = download_row("downloading", local_path="/dl/7/movie.mkv", total_length=1000)
+    assert plan(known, http_status("active")) == RowSync(progress=progress)
+    assert plan(download_row("downloading"), http_status("waiting")).change is None
+
+
+def test_sync_completes_only_whole_downloads_even_from_a_queue() -> None:
+    for queued in ("waiting", "paused", "downloading"):
+        sync = plan(download_row(queued), http_status("complete", 1000))
+        assert sync.change == Complete("/dl/7/movie.mkv", 1000), queued
+        assert sync.progress is None
+    short = plan(download_row("downloading"), http_status("complete", 999))
+    assert short.change is None and short.progress is None
+
+    change = store_change(download_row("waiting"), Complete("/dl/7/movie.mkv", 1000))
+    assert (change.download_id, change.expected_status, change.expected_gid) == (7, "waiting", GID)
+    assert change.target == "completed" and change.reason == "aria2 completed"
+    assert change.columns == {
+        "local_path": "/dl/7/movie.mkv",
+        "total_length": 1000,
+        "completed_length": 1000,
+        "download_speed": 0,
+    }
+
+
+def test_sync_completes_a_seeding_torrent_with_its_folder_and_files() -> None:
+    downloading = plan(download_row("downloading"), torrent_status("active", 60))
+    assert downloading.change is None and downloading.progress is not None
+    assert downloading.details == RowDetails(
+        "pack",
+        "/dl/9/pack",
+        120,
+        (TorrentFile(1, "pack/sub/one.bin", 70, True), TorrentFile(2, "pack/two.bin", 50, False)),
+    )
+    seeding = plan(download_row("downloading"), torrent_status("active", 120))
+    assert seeding.change == Complete("/dl/9/pack", 120)
+    assert local_path(torrent_status("active", 120)) == "/dl/9/pack"
+    # A row that lists its files already is not given them again.
+    listed = download_row("downloading", files=(TorrentFile(1, "pack/sub/one.bin", 70),))
+    details = plan(listed, torrent_status("active", 60)).details
+    assert details is not None and details.files is None
+
+
+def test_sync_follows_a_magnet_and_never_completes_its_metadata() -> None:
+    magnet = download_row("downloading", source_type="magnet", file_name="wanted")
+    assert plan(magnet, metadata_status("active")) == RowSync(progress=ProgressUpdate(GID, 0, 0, 0))
+    assert plan(magnet, metadata_status("complete")) == RowSync()
+    followed = plan(magnet, metadata_status("complete", [NEXT_GID]))
+    assert followed == RowSync(FollowGid(NEXT_GID))
+    change = store_change(magnet, FollowGid(NEXT_GID), note="consistency repair")
+    assert (change.target, change.new_gid, change.expected_gid) == (None, NEXT_GID, GID)
+    assert change.reason == f"followed {GID} (consistency repair)"
+
+
+def test_sync_fails_in_words_and_cancels_what_aria2_removed() -> None:
+    failed = plan(
+        download_row("downloading"),
+        http_status("error", errorCode="3", errorMessage="Resource not found"),
+    )
+    assert failed.change == Fail("not found on the server (Resource not found)", "3")
+    full = plan(
+        download_row("downloading"),
+        http_status("error", errorCode="1", errorMessage="No space left on device"),
+    )
+    assert full.change == Fail("not enough disk space (No space left on device)", "1")
+    change = store_change(download_row("downloading"), full.change)
+    assert change.columns == {
+        "error_message": "not enough disk space (No space left on device)",
+        "error_code": "1",
+        "download_speed": 0,
+    }
+    removed = plan(download_row("paused"), http_status("removed"))
+    assert removed.change == Move("cancelled")
+    assert store_change(download_row("paused"), Move("cancelled")).reason == "removed from aria2"
+
+
+def test_sync_stops_a_job_above_the_size_limit() -> None:
+    big = plan(download_row("downloading"), http_status("active", 10, 5000), 1000)
+    assert big.change == Oversized(5000, 1000) and big.progress is None
+    change = store_change(download_row("downloading"), Oversized(5000, 1000))
+    assert change.target == "failed" and change.columns["error_code"] == "too_large"
+    assert change.reason == "4.9 KiB is larger than the limit of 1000 B (aria2.max_download_size)"
+    assert plan(download_row("downloading"), http_status("active", 10, 5000)).change is None
+    assert plan(download_row("downloading"), metadata_status("active"), 1).change is None
+
+
 # -- process ---------------------------------------------------------------------------------
 
 
@@ -280,10 +508,9 @@ async def test_add_uri_completes_with_notifications_in_order(
     async def on_change(up: bool) -> None:
         changes.append(up)
 
-    transport = Aria2Transport(
-        aria2.rpc_url, aria2.secret, on_notification=on_notification, on_connection_change=on_change
-    )
-    async with transport:
+    transport = Aria2Transport(aria2.rpc_url, aria2.secret)
+    await transport.start(on_notification=on_notification, on_connection_change=on_change)
+    try:
         assert await transport.wait_connected(5)
         client = Aria2Client(transport)
         gid = await client.add_uri([url])
@@ -304,6 +531,8 @@ async def test_add_uri_completes_with_notifications_in_order(
         assert [f.path for f in files] == [status.files[0].path]
         stat_counts = await client.global_stat()
         assert stat_counts["numStopped"] >= 1
+    finally:
+        await transport.close()
     assert changes == [True]
 
 
@@ -403,13 +632,15 @@ async def test_heartbeat_keeps_the_connection(aria2: EmbeddedAria2) -> None:
     async def on_change(up: bool) -> None:
         changes.append(up)
 
-    async with Aria2Transport(
-        aria2.rpc_url, aria2.secret, on_connection_change=on_change, heartbeat=0.2
-    ) as transport:
+    transport = Aria2Transport(aria2.rpc_url, aria2.secret, heartbeat=0.2)
+    await transport.start(on_connection_change=on_change)
+    try:
         assert await transport.wait_connected(5)
         await asyncio.sleep(1.0)  # several pings; aria2 also answers each with an id-less error
         assert transport.connected
         assert (await Aria2Client(transport).version()).startswith("1.")
+    finally:
+        await transport.close()
     assert changes == [True]
 
 
@@ -422,9 +653,9 @@ async def test_transport_reconnects_after_aria2_restart(
     async def on_change(up: bool) -> None:
         changes.append(up)
 
-    async with Aria2Transport(
-        aria2.rpc_url, aria2.secret, on_connection_change=on_change
-    ) as transport:
+    transport = Aria2Transport(aria2.rpc_url, aria2.secret)
+    await transport.start(on_connection_change=on_change)
+    try:
         client = Aria2Client(transport)
         assert await transport.wait_connected(5)
         pid = aria2.pid
@@ -456,6 +687,8 @@ async def test_transport_reconnects_after_aria2_restart(
 
         await wait_until(all_reported, 5, "connection changes")
         assert changes == [True, False, True]
+    finally:
+        await transport.close()
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyrogram
 import pytest
 from pyrogram import raw
 from pyrogram.errors import FloodWait
@@ -22,8 +23,10 @@ from pyrogram.file_id import FileId
 from app import configure_logging
 from bot.commands import COMMANDS, DOWNLOAD_ACTIONS, UPLOAD_ACTIONS
 from bot.runner import TelegramBot
+from bot.session import TelegramSession
 from bot.text import has_key
-from db import DOWNLOAD_STATUSES, UPLOAD_STATUSES, DownloadRow, TgMediaRecord
+from db import DOWNLOAD_STATUSES, UPLOAD_STATUSES
+from records import DownloadRow, TgMediaRecord
 from tests.support.fake_telegram import CallbackAnswer, FakeTelegram, SentMessage
 from tests.support.http_files import FileServer
 from tests.support.rclone_cloud import add_remote
@@ -83,7 +86,7 @@ class Chat:
         """Deliver `update`; wait for `replies` messages sent by the bot; return those to us."""
         before = len(self.fake.sent_messages())
         mark = self.fake.mark()
-        await self.fake.feed(self.relay.bot.client, update)
+        await self.fake.feed(self.relay.client, update)
         if replies:
             await self.fake.wait_for_requests(
                 replies, of_type="messages.SendMessage", after=mark, timeout=timeout
@@ -98,7 +101,7 @@ class Chat:
         before = len(self.fake.callback_answers())
         mark = self.fake.mark()
         update = self.fake.callback_query_update(self.user, message_id, payload)
-        await self.fake.feed(self.relay.bot.client, update)
+        await self.fake.feed(self.relay.client, update)
         await self.fake.wait_for_requests(
             1, of_type="messages.SetBotCallbackAnswer", after=mark, timeout=10
         )
@@ -115,6 +118,18 @@ class Relay:
         bot = self.running.service.bot
         assert bot is not None
         return bot
+
+    @property
+    def session(self) -> TelegramSession:
+        session = self.running.service.telegram
+        assert session is not None
+        return session
+
+    @property
+    def client(self) -> pyrogram.Client:
+        client = self.session.client
+        assert client is not None, "the bot is not logged in"
+        return client
 
     @property
     def db(self) -> Any:
@@ -178,7 +193,8 @@ async def relay_factory(
         wait_started: bool = True,
     ) -> Relay:
         document = dict(overrides or {})
-        document["telegram"] = telegram if telegram is not None else telegram_section()
+        section = telegram if telegram is not None else telegram_section()
+        document["telegram"] = {**section, "progress_interval": interval}
         options = client_options or {}
         running = await service_factory(
             document,
@@ -188,7 +204,6 @@ async def relay_factory(
         )
         relay = Relay(running, fake_telegram)
         started.append(relay)
-        relay.bot.progress.interval = interval
         if wait_started:
             # The service logs the bot in in the background; tests talk to it once it is in.
             await asyncio.wait_for(relay.bot.started.wait(), 20)
@@ -727,7 +742,7 @@ async def test_flood_wait_on_edit_is_waited_out(relay_factory: RelayFactory) -> 
     assert edit_times[1] - edit_times[0] >= 1.9
     edits = [e for e in relay.fake.edits() if e.message_id == ack.message_id]
     assert edits and "Completed" in edits[-1].text
-    assert relay.bot.progress._task is not None and not relay.bot.progress._task.done()
+    assert relay.bot.progress.running  # the FloodWait did not end the notifier
 
 
 @pytest.mark.slow
@@ -841,8 +856,9 @@ async def test_refused_credentials_leave_the_rest_running(relay_factory: RelayFa
     relay = await relay_factory(client_options={"bot_token": "1:"}, wait_started=False)
     await relay.fake.wait_for_requests(1, of_type="auth.ImportBotAuthorization")
     await asyncio.sleep(0.3)
+    assert not relay.session.logged_in.is_set() and relay.session.client is None
+    assert not relay.session.retrying  # no retry loop for credentials Telegram refused
     assert not relay.bot.started.is_set()
-    assert relay.bot._starter is None  # no retry loop for credentials Telegram refused
     status, health = await relay.running.api("GET", "/api/health", auth=False)
     assert status == 200 and health["status"] == "ok"
     imports = relay.fake.requests_of("auth.ImportBotAuthorization")

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from pyrogram.file_id import FileId
 
-from db import NewDownload, TgMediaRecord
+from records import NewDownload, TgMediaRecord
 from tests.support.fake_telegram import FakeFile, FakeTelegram
 from tests.support.http_files import deterministic_bytes
 from tests.test_bot import ADMIN, Relay, eventually, raw_message, relay, relay_factory
@@ -53,7 +53,7 @@ async def _pending_telegram_row(relay: Relay, file: FakeFile, name: str) -> int:
 
 
 def _stream_url(relay: Relay, download_id: int, name: str) -> str:
-    signer = relay.running.service.ctx.signer  # type: ignore[union-attr]
+    signer = relay.running.service.ctx.links.signer  # type: ignore[union-attr]
     return relay.running.base_url + signer.stream_path(download_id, name)
 
 
@@ -123,7 +123,7 @@ async def test_jobs_survive_the_bot_connection_dropping(relay: Relay) -> None:
     await chat.say(file=file)
     [row] = await relay.jobs(1)
     await relay.wait_status(row.id, "downloading")
-    await relay.bot.client.session.restart()  # the bot's own connection drops and comes back
+    await relay.client.session.restart()  # the bot's own connection drops and comes back
     [status] = await chat.say("/status")
     assert f"#{row.id} steady.bin" in status.text
     await relay.wait_status(row.id, "completed", timeout=60)

@@ -1,7 +1,8 @@
 """The dashboard in a real headless Chromium, driven over the DevTools protocol.
 
 Sign in through the form, add a slow link through the add box, cut the list API off so only
-WebSocket pushes can move the row, and watch the row reach "completed" in the DOM.
+WebSocket pushes can move the row, and watch the row reach "completed" in the DOM with the
+buttons its pushed JSON allows (its `actions`, its copy-link and watch links) and no fetch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The row's buttons that are not one of its `actions`, in the order the page puts them after.
+LINK_AND_PANEL_BUTTONS = ("copy", "watch", "details", "delete")
 
 
 class DevToolsError(Exception):
@@ -187,11 +190,12 @@ async def test_dashboard_follows_a_download_over_the_websocket(
 ) -> None:
     site = browser_site
     size = 3 * MIB
-    file_server.add_file("slow file.bin", size=size)
-    link = file_server.url("slow file.bin", route="slow", rate=MIB)
+    file_server.add_file("slow clip.mp4", size=size)
+    link = file_server.url("slow clip.mp4", route="slow", rate=MIB)
 
     console_errors: list[str] = []
     blocked: list[str] = []
+    pushed_rows: list[dict[str, Any]] = []  # download_update data the page received
     replies: set[asyncio.Future[dict[str, Any]]] = set()
     page: PageSession
     async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
@@ -205,6 +209,10 @@ async def test_dashboard_follows_a_download_over_the_websocket(
                     console_errors.append(f"{entry.get('url', '')} {entry.get('text', '')}")
             elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
                 console_errors.append(json.dumps(params.get("args", []))[:500])
+            elif method == "Network.webSocketFrameReceived" and params["response"]["opcode"] == 1:
+                message = json.loads(params["response"]["payloadData"])
+                if message.get("type") == "download_update":
+                    pushed_rows.append(message["data"])
             elif method == "Fetch.requestPaused":
                 request = params["request"]
                 if request["method"] == "GET":
@@ -226,6 +234,7 @@ async def test_dashboard_follows_a_download_over_the_websocket(
         await page.send("Runtime.enable")
         await page.send("Log.enable")
         await page.send("Page.enable")
+        await page.send("Network.enable")
         await page.send(
             "Emulation.setDeviceMetricsOverride",
             {"width": 1280, "height": 1000, "deviceScaleFactor": 1, "mobile": False},
@@ -279,16 +288,23 @@ async def test_dashboard_follows_a_download_over_the_websocket(
             "the new row",
         )
         row = f"document.querySelector('article.item[data-download-id=\"{row_id}\"]')"
-        assert await page.evaluate(f"{row}.querySelector('.name').textContent") == "slow file.bin"
+        assert await page.evaluate(f"{row}.querySelector('.name').textContent") == "slow clip.mp4"
+        row_buttons = (
+            f"Array.from({row}.querySelectorAll(':scope > .actions > [data-action]'),"
+            " (b) => b.dataset.action)"
+        )
 
         seen_statuses: set[str] = set()
+        shown_buttons: set[tuple[str, tuple[str, ...]]] = set()
         seen_partial = False
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            status, percent = await page.evaluate(
-                f"[{row}.dataset.status, {row}.querySelector('.percent').textContent]"
+            status, percent, buttons = await page.evaluate(
+                f"[{row}.dataset.status, {row}.querySelector('.percent').textContent,"
+                f" {row_buttons}]"
             )
             seen_statuses.add(status)
+            shown_buttons.add((status, tuple(buttons)))
             value = float(percent.rstrip("%"))
             if status == "downloading" and 0 < value < 100:
                 seen_partial = True
@@ -306,9 +322,30 @@ async def test_dashboard_follows_a_download_over_the_websocket(
             10,
             "the completed count pushed by statistics_update",
         )
-        # The completion's own detail fetch was refused too: the pushes did all the work.
-        await page.wait_for(f"{len(blocked)} > 0", 1, "a refused list request")
-        assert any("/api/downloads" in url for url in blocked)
+
+        # Every state shown had the buttons of the row's pushed `actions`, then its links.
+        own_pushes = [d for d in pushed_rows if d.get("id") == int(row_id)]
+        pushed_actions = {(d["status"], tuple(d["actions"])) for d in own_pushes}
+        assert {"downloading", "completed"} <= {status for status, _ in pushed_actions}
+        for status, buttons in shown_buttons:
+            verbs = tuple(b for b in buttons if b not in LINK_AND_PANEL_BUTTONS)
+            if status in {pushed for pushed, _ in pushed_actions}:
+                assert (status, verbs) in pushed_actions, (status, buttons, pushed_actions)
+        assert ("downloading", ("pause", "cancel", "details", "delete")) in shown_buttons
+        completed = [d for d in own_pushes if d["status"] == "completed"][-1]
+        assert completed["stream_url"] and completed["watch_url"]
+        expected_buttons = json.dumps([*completed["actions"], *LINK_AND_PANEL_BUTTONS])
+        await page.wait_for(
+            f"JSON.stringify({row_buttons}) === JSON.stringify({expected_buttons})",
+            5,
+            "the completed row's copy-link and watch buttons",
+        )
+        watch_href = await page.evaluate(
+            f"{row}.querySelector(':scope > .actions > a[data-action=\"watch\"]').href"
+        )
+        assert watch_href == completed["watch_url"]
+        # Not one list or detail request: the pushed rows carried the links and the actions.
+        assert blocked == [], blocked
         await page.evaluate("document.getElementById('toasts').replaceChildren()")
 
         # The language switch re-renders in Chinese.

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from loguru import logger
 
+from app import check_command
 from aria2_client.client import Aria2Client
 from aria2_client.consistency import (
     FILE_MISSING,
@@ -30,12 +31,12 @@ from aria2_client.consistency import (
     ConsistencyChecker,
     find_mismatches,
     repair,
-    run_check,
 )
 from aria2_client.process import EmbeddedAria2
 from aria2_client.transport import Aria2Transport
 from configer import Config, DatabaseConfig, ensure_secrets
-from db import Database, DownloadRow, NewDownload
+from db import Database
+from records import DownloadRow, NewDownload
 from tests.support.http_files import FileServer
 from tests.support.service import RunningService, ServiceFactory
 from tests.support.torrents import SeederFactory, Tracker, make_torrent
@@ -147,7 +148,7 @@ async def test_check_finds_dry_runs_and_repairs_every_mismatch(
 ) -> None:
     config, ids = stopped_service
     download_dir = config.aria2.download_dir
-    db = Database(config.database.path, download_dir=download_dir)
+    db = Database(config.database.path)
     await db.open()
     aria2 = aria2_for(config)
     transport: Aria2Transport | None = None
@@ -161,7 +162,7 @@ async def test_check_finds_dry_runs_and_repairs_every_mismatch(
         lost_id = await db.create_download(
             NewDownload("http", "test:lost", "http://127.0.0.1:9/lost.bin", "lost.bin")
         )
-        await db.mark_download_queued(lost_id, "00000000deadbeef")
+        await db.mark_download_queued_by_id(lost_id, "00000000deadbeef")
         await db.mark_download_started("00000000deadbeef")
 
         # -- aria2 alone: a job that finished behind its row's back, and a job with no row
@@ -176,7 +177,7 @@ async def test_check_finds_dry_runs_and_repairs_every_mismatch(
         late_gid = await client.add_uri(
             [file_server.url("late.bin")], {"dir": str(download_dir / str(late_id))}
         )
-        await db.mark_download_queued(late_id, late_gid)  # waiting, while aria2 completes it
+        await db.mark_download_queued_by_id(late_id, late_gid)  # waiting, while aria2 completes it
         await wait_aria2_complete(client, late_gid)
         # A finished download aria2 still works on (as when it seeds a torrent): its job is not
         # an orphan, and aria2's control file next to it is not a sign of a partial file.
@@ -189,7 +190,7 @@ async def test_check_finds_dry_runs_and_repairs_every_mismatch(
         seeding_id = await db.create_download(
             NewDownload("http", "test:seeding", file_server.url("seeding.bin"), "seeding.bin")
         )
-        await db.mark_download_queued(seeding_id, seeding_gid)
+        await db.mark_download_queued_by_id(seeding_id, seeding_gid)
         await db.mark_download_started(seeding_gid)
         await db.mark_download_completed(seeding_gid, str(seeding_file), 100)
         orphan_gid = await client.add_uri(
@@ -217,7 +218,7 @@ async def test_check_finds_dry_runs_and_repairs_every_mismatch(
         # -- dry run: every mismatch printed, nothing changed
         before = await db_dump(config.database.path)
         capsys.readouterr()
-        assert await run_check(config, fix=False) == 1
+        assert await check_command(config, fix=False) == 1
         printed = capsys.readouterr().out
         assert printed.startswith("aria2: compared")
         for mismatch in mismatches:
@@ -232,7 +233,7 @@ async def test_check_finds_dry_runs_and_repairs_every_mismatch(
         assert db._writer is not None
         await db._writer.set_trace_callback(statements.append)
         try:
-            lines = await repair(db, client, download_dir, mismatches)
+            lines = await repair(db, client, mismatches)
         finally:
             await db._writer.set_trace_callback(None)  # type: ignore[arg-type]
         assert [s for s in statements if s in ("BEGIN IMMEDIATE", "COMMIT", "ROLLBACK")] == [
@@ -259,7 +260,7 @@ async def test_check_finds_dry_runs_and_repairs_every_mismatch(
 
         # -- nothing left to find, by the function and by the command
         assert await find_mismatches(db, client, download_dir) == []
-        assert await run_check(config, fix=False) == 0
+        assert await check_command(config, fix=False) == 0
         assert "No mismatches" in capsys.readouterr().out
 
         # -- the service is gone (aria2 too): --fix compares with the disk only
@@ -268,12 +269,12 @@ async def test_check_finds_dry_runs_and_repairs_every_mismatch(
         transport = None
         await aria2.stop()
         await asyncio.to_thread(os.unlink, rows["d.bin"].local_path or "")
-        assert await run_check(config, fix=True) == 1
+        assert await check_command(config, fix=True) == 1
         printed = capsys.readouterr().out
         assert "aria2: not reachable" in printed
         assert f"download {ids['d.bin']} (d.bin): file_missing: " in printed
         assert "Changed:" in printed and "fixed" in printed
-        assert await run_check(config, fix=False) == 0
+        assert await check_command(config, fix=False) == 0
         assert (await row_of(db, ids["d.bin"])).error_code == FILE_MISSING
     finally:
         if transport is not None:
@@ -282,11 +283,11 @@ async def test_check_finds_dry_runs_and_repairs_every_mismatch(
         await db.close()
 
 
-async def test_run_check_without_a_database_is_an_error(
+async def test_check_command_without_a_database_is_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = replace(Config(), database=DatabaseConfig(path=tmp_path / "none" / "x.db"))
-    assert await run_check(config, fix=False) == 2
+    assert await check_command(config, fix=False) == 2
     assert "no such file" in capsys.readouterr().out
 
 
@@ -295,7 +296,7 @@ async def test_periodic_checker_logs_but_never_repairs(tmp_path: Path) -> None:
     (downloads / "1").mkdir(parents=True)
     kept = downloads / "1" / "kept.bin"
     kept.write_bytes(b"k" * 100)
-    db = Database(tmp_path / "data" / "mistrelay.db", download_dir=downloads)
+    db = Database(tmp_path / "data" / "mistrelay.db")
     await db.open()
     messages: list[str] = []
     sink = logger.add(
@@ -309,7 +310,7 @@ async def test_periodic_checker_logs_but_never_repairs(tmp_path: Path) -> None:
         for name in ("kept.bin", "gone.bin"):
             download_id = await db.create_download(NewDownload("http", f"t:{name}", None, name))
             gid = f"{download_id:016x}"
-            await db.mark_download_queued(download_id, gid)
+            await db.mark_download_queued_by_id(download_id, gid)
             await db.mark_download_started(gid)
             await db.mark_download_completed(gid, str(downloads / "1" / name), 100)
             ids.append(download_id)

@@ -17,20 +17,30 @@ from typing import Any
 import pytest
 
 from db import (
+    ACTIVE_DOWNLOAD_STATUSES,
     APPLICATION_ID,
     DOWNLOAD_TRANSITIONS,
     SCHEMA_VERSION,
     Database,
     DuplicateDownload,
-    NewDownload,
     NotFound,
-    ProgressUpdate,
     StoreError,
-    TgMediaRecord,
     TransitionError,
 )
-from events import Event, EventHub, Subscription
-from files import remove_confined
+from events import Event, EventHub, EventKind, Subscription
+from files import DownloadFiles, remove_confined
+from records import (
+    ChangeOutcome,
+    DownloadChange,
+    DownloadRemoved,
+    DownloadSnapshot,
+    EventData,
+    HistoryEntry,
+    NewDownload,
+    ProgressUpdate,
+    TgMediaRecord,
+    UploadRow,
+)
 
 # --- helpers -----------------------------------------------------------------------------------
 
@@ -52,8 +62,8 @@ def download_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def db(tmp_path: Path, hub: EventHub, download_dir: Path) -> AsyncIterator[Database]:
-    async with Database(tmp_path / "m.db", hub=hub, download_dir=download_dir) as database:
+async def db(tmp_path: Path, hub: EventHub) -> AsyncIterator[Database]:
+    async with Database(tmp_path / "m.db", hub=hub) as database:
         yield database
 
 
@@ -88,8 +98,23 @@ def history_rows(db: Database) -> list[tuple[Any, ...]]:
     return fetch(db.path, "SELECT * FROM status_history ORDER BY id")
 
 
+def history_rows_of(db: Database, download_id: int) -> list[HistoryEntry]:
+    rows = fetch(
+        db.path,
+        "SELECT entity, entity_id, from_status, to_status, reason, at FROM status_history"
+        " WHERE entity = 'download' AND entity_id = ? ORDER BY id",
+        (download_id,),
+    )
+    return [HistoryEntry(*row) for row in rows]
+
+
 def table_count(db: Database, table: str) -> int:
     return int(fetch(db.path, f"SELECT COUNT(*) FROM {table}")[0][0])
+
+
+def snapshot_of(event: Event) -> DownloadSnapshot:
+    assert isinstance(event.data, DownloadSnapshot), event.data
+    return event.data
 
 
 async def drain(subscription: Subscription) -> list[Event]:
@@ -121,7 +146,7 @@ async def new_http(db: Database, key: str, **extra: Any) -> int:
 
 async def new_downloading(db: Database, key: str, gid: str) -> int:
     download_id = await new_http(db, key)
-    await db.mark_download_queued(download_id, gid)
+    await db.mark_download_queued_by_id(download_id, gid)
     assert await db.mark_download_started(gid) == download_id
     return download_id
 
@@ -335,15 +360,16 @@ async def test_create_download_records_pending_row_history_and_event(
     assert row is not None
     assert (row.status, row.gid, row.file_name, row.total_length) == ("pending", None, "a.bin", 10)
     assert row.group_key == f"download:{download_id}"
-    assert row.is_active
+    assert row.status in ACTIVE_DOWNLOAD_STATUSES
     history = await db.get_status_history("download", download_id)
     assert [(h.from_status, h.to_status, h.reason) for h in history] == [
         (None, "pending", "created")
     ]
     events = await drain(subscription)
-    assert [(e.kind, e.item_id, e.data["status"]) for e in events] == [
+    assert [(e.kind, e.item_id, snapshot_of(e).row.status) for e in events] == [
         ("download", download_id, "pending")
     ]
+    assert snapshot_of(events[0]) == DownloadSnapshot(row, ())
     assert await db.get_download_by_id(download_id + 100) is None
 
 
@@ -406,7 +432,7 @@ async def test_duplicate_create_download_leaves_neither_row(db: Database) -> Non
 async def test_duplicate_refused_while_active(db: Database, active: str) -> None:
     download_id = await new_http(db, "http://h/a")
     if active != "pending":
-        await db.mark_download_queued(download_id, "g1")
+        await db.mark_download_queued_by_id(download_id, "g1")
     if active in ("downloading", "paused"):
         await db.mark_download_started("g1")
     if active == "paused":
@@ -449,7 +475,7 @@ async def test_gid_history_every_gid_finds_the_row(db: Database) -> None:
     download_id = await db.create_download(
         NewDownload(source_type="magnet", source_key="magnet:?xt=urn:btih:abc")
     )
-    await db.mark_download_queued(download_id, "meta-gid")
+    await db.mark_download_queued_by_id(download_id, "meta-gid")
     assert await db.follow_gid("meta-gid", "real-gid") == download_id
     row = await db.get_download_by_id(download_id)
     assert row is not None and row.gid == "real-gid" and row.status == "waiting"
@@ -468,7 +494,7 @@ async def test_gid_history_every_gid_finds_the_row(db: Database) -> None:
         None,
         0,
     )
-    await db.mark_download_queued(download_id, "third-gid")
+    await db.mark_download_queued_by_id(download_id, "third-gid")
     for gid in ("meta-gid", "real-gid", "third-gid"):
         assert await db.get_download_id_by_gid(gid) == download_id
         by_gid = await db.get_download_by_gid(gid)
@@ -482,16 +508,16 @@ async def test_gid_history_every_gid_finds_the_row(db: Database) -> None:
 async def test_a_gid_cannot_belong_to_two_downloads(db: Database) -> None:
     first = await new_http(db, "http://h/a")
     second = await new_http(db, "http://h/b")
-    await db.mark_download_queued(first, "shared")
+    await db.mark_download_queued_by_id(first, "shared")
     row_before = download_row(db, second)
     history_before = history_rows(db)
     with pytest.raises(StoreError):
-        await db.mark_download_queued(second, "shared")
+        await db.mark_download_queued_by_id(second, "shared")
     assert download_row(db, second) == row_before
     assert history_rows(db) == history_before
     assert await db.get_download_id_by_gid("shared") == first
     third = await new_http(db, "http://h/c")
-    await db.mark_download_queued(third, "g3")
+    await db.mark_download_queued_by_id(third, "g3")
     with pytest.raises(StoreError):
         await db.follow_gid("g3", "shared")
     assert await db.get_gids(third) == ["g3"]
@@ -510,16 +536,16 @@ class CommitCheckingHub(EventHub):
         self.visible: list[bool] = []
         self._conn: sqlite3.Connection | None = None
 
-    def publish_many(self, items: Iterable[tuple[Any, dict[str, Any], int | None]]) -> None:
+    def publish_many(self, items: Iterable[tuple[EventKind, EventData, int | None]]) -> None:
         batch = list(items)
-        for kind, data, item_id in batch:
-            if kind == "download" and "completed_length" in data and item_id is not None:
+        for _kind, data, item_id in batch:
+            if isinstance(data, DownloadSnapshot) and item_id is not None:
                 if self._conn is None:
                     self._conn = sqlite3.connect(self.path)
                 row = self._conn.execute(
                     "SELECT completed_length FROM downloads WHERE id = ?", (item_id,)
                 ).fetchone()
-                self.visible.append(row is not None and row[0] == data["completed_length"])
+                self.visible.append(row is not None and row[0] == data.row.completed_length)
         super().publish_many(batch)
 
     def close_reader(self) -> None:
@@ -541,6 +567,11 @@ async def test_update_progress_batch_1000_rows(tmp_path: Path) -> None:
                 )
                 await tx.execute("UPDATE downloads SET status = 'failed' WHERE gid = 'gid-0002'")
             final_before = fetch(path, "SELECT * FROM downloads WHERE id <= 3 ORDER BY id")
+            with_uploads = await db.get_download_id_by_gid("gid-0007")
+            assert with_uploads is not None
+            upload_ids = [
+                await db.create_upload(with_uploads, name, None, 3) for name in ("a", "b")
+            ]
             subscription = hub.subscribe("progress", maxsize=5000)
             updates = [
                 ProgressUpdate(f"gid-{i:04d}", 500 + i, 2_000_000, 100 + i) for i in range(1000)
@@ -561,6 +592,15 @@ async def test_update_progress_batch_1000_rows(tmp_path: Path) -> None:
                 1499,
                 2_000_000,
                 1099,
+            )
+            # each event is the whole committed row, with its uploads
+            snapshots = {e.item_id: snapshot_of(e) for e in events}
+            assert snapshots[row.id] == DownloadSnapshot(row, ())
+            uploads = tuple(await db.get_uploads_by_download(with_uploads))
+            assert [u.id for u in uploads] == upload_ids
+            assert snapshots[with_uploads] == DownloadSnapshot(
+                await db.get_download_by_id(with_uploads),  # type: ignore[arg-type]
+                uploads,
             )
             # the same cycle again changes nothing and publishes nothing
             assert await db.update_progress_batch(updates) == 0
@@ -601,9 +641,9 @@ async def test_mark_download_completed_from_downloading(db: Database, hub: Event
     assert row.completed_length == row.total_length == 4096 and row.download_speed == 0
     assert_utc(row.completed_at)
     assert_utc(row.started_at)
-    assert not row.is_active
+    assert row.status not in ACTIVE_DOWNLOAD_STATUSES
     events = await drain(subscription)
-    assert [(e.kind, e.item_id, e.data["status"]) for e in events] == [
+    assert [(e.kind, e.item_id, snapshot_of(e).row.status) for e in events] == [
         ("download", download_id, "completed")
     ]
     assert await db.mark_download_completed("unknown", None, 1) is None
@@ -639,7 +679,7 @@ async def put_download_in(db: Database, status: str) -> tuple[int, str]:
         async with db._write() as tx:
             await tx.set_gid(download_id, "g1", "test")
         return download_id, "g1"
-    await db.mark_download_queued(download_id, "g1")
+    await db.mark_download_queued_by_id(download_id, "g1")
     if status in ("downloading", "completed", "failed"):
         await db.mark_download_started("g1")
     if status == "completed":
@@ -725,7 +765,7 @@ async def test_timestamps_everywhere_are_utc_with_offset(db: Database, download_
     await db.mark_upload_started(upload_id, 10)
     await db.record_upload_verified(upload_id, 10, "abc")
     await db.mark_upload_completed(upload_id)
-    await db.mark_download_cleaned(download_id)
+    await db.mark_download_cleaned_by_id(download_id)
     await db.init_config_from_yaml({"web.port": "8080"})
     columns = {
         "downloads": ["created_at", "updated_at", "started_at", "completed_at"],
@@ -892,16 +932,139 @@ async def test_mark_upload_cleaned_and_download_cleaned(db: Database, hub: Event
     first_stamp = (await db.get_upload_by_id(ids[0])).cleaned_at  # type: ignore[union-attr]
     assert_utc(first_stamp)
     subscription = hub.subscribe("t")
-    assert await db.mark_download_cleaned(download_id) == ids[1:]
+    assert await db.mark_download_cleaned_by_id(download_id) == ids[1:]
     events = await drain(subscription)
     assert [(e.kind, e.item_id) for e in events] == [("cleanup", ids[1]), ("cleanup", ids[2])]
-    assert all(e.data["cleaned_at"] is not None for e in events)
+    assert all(isinstance(e.data, UploadRow) and e.data.cleaned_at is not None for e in events)
     for upload in await db.get_uploads_by_download(download_id):
         assert_utc(upload.cleaned_at)
     assert (await db.get_upload_by_id(ids[0])).cleaned_at == first_stamp  # type: ignore[union-attr]
     assert (await db.get_upload_by_id(other)).cleaned_at is None  # type: ignore[union-attr]
-    assert await db.mark_download_cleaned(download_id) == []
+    assert await db.mark_download_cleaned_by_id(download_id) == []
     assert (await db.get_upload_statistics())["cleaned"] == 3
+
+
+# --- conditional repairs (apply_download_changes) ---------------------------------------------
+
+
+async def test_apply_download_changes_checks_each_row_then_writes_through_the_machine(
+    db: Database, hub: EventHub
+) -> None:
+    late = await new_http(db, "http://h/late")
+    await db.mark_download_queued_by_id(late, "g-late")  # waiting, while aria2 finished it
+    moved = await new_downloading(db, "http://h/moved", "g-moved")
+    await db.mark_download_paused("g-moved")
+    magnet = await new_downloading(db, "http://h/magnet", "g-meta")
+    damaged = await completed_download(db, "http://h/damaged", "g-damaged")
+    waiting, pending, running = [
+        await db.create_upload(damaged, name, None, 3, ready=name != "waiting")
+        for name in ("waiting", "pending", "running")
+    ]
+    await db.mark_upload_started(running, 100)
+    history_before = len(history_rows(db))
+    subscription = hub.subscribe("t")
+    disk = DownloadChange(
+        damaged,
+        "completed",
+        "g-damaged",
+        "repair: file_missing",
+        columns={"error_code": "file_missing", "error_message": "a.bin is not there"},
+        cancel_unstarted_uploads=True,
+        skip_if_error_code_in=frozenset({"file_missing"}),
+    )
+    outcomes = await db.apply_download_changes(
+        [
+            DownloadChange(
+                late,
+                "waiting",
+                "g-late",
+                "repair: finished",
+                target="completed",
+                columns={"local_path": "/data/late.bin", "total_length": 7, "download_speed": 0},
+            ),
+            DownloadChange(moved, "downloading", "g-moved", "repair", target="completed"),
+            DownloadChange(moved, "paused", "someone-else", "repair", target="downloading"),
+            DownloadChange(magnet + 100, "downloading", None, "repair", target="failed"),
+            DownloadChange(magnet, "downloading", "g-meta", "followed g-meta", new_gid="g-real"),
+            DownloadChange(damaged, "completed", "g-damaged", "repair", target="failed"),
+            disk,
+        ]
+    )
+    assert outcomes == [
+        ChangeOutcome(late, True, "waiting → downloading → completed"),
+        ChangeOutcome(moved, False, "left alone: it changed since the check (now paused)"),
+        ChangeOutcome(moved, False, "left alone: it changed since the check (now paused)"),
+        ChangeOutcome(magnet + 100, False, "left alone: the download no longer exists"),
+        ChangeOutcome(magnet, True, "gid g-meta → g-real"),
+        ChangeOutcome(damaged, False, "left alone: the status machine forbids completed → failed"),
+        ChangeOutcome(
+            damaged,
+            True,
+            "recorded on the row: error_code, error_message; 2 upload(s) not started cancelled",
+        ),
+    ]
+    finished = await db.get_download_by_id(late)
+    assert finished is not None
+    assert (finished.status, finished.local_path, finished.total_length) == (
+        "completed",
+        "/data/late.bin",
+        7,
+    )
+    assert_utc(finished.started_at)
+    assert_utc(finished.completed_at)
+    assert [(h.from_status, h.to_status, h.reason) for h in history_rows_of(db, late)][-2:] == [
+        ("waiting", "downloading", "repair: finished"),
+        ("downloading", "completed", "repair: finished"),
+    ]
+    assert (await db.get_download_by_id(moved)).status == "paused"  # type: ignore[union-attr]
+    assert await db.get_download_id_by_gid("g-real") == magnet
+    assert await db.get_download_id_by_gid("g-meta") == magnet
+    marked = await db.get_download_by_id(damaged)
+    assert marked is not None and marked.status == "completed"
+    assert (marked.error_code, marked.error_message) == ("file_missing", "a.bin is not there")
+    statuses = {u.id: u.status for u in await db.get_uploads_by_download(damaged)}
+    assert statuses == {waiting: "cancelled", pending: "cancelled", running: "uploading"}
+    # 2 steps for `late`, 2 upload cancellations; nothing for the rows left alone
+    assert len(history_rows(db)) == history_before + 4
+    events = await drain(subscription)
+    assert [(e.kind, e.item_id) for e in events] == [
+        ("download", late),
+        ("download", magnet),
+        ("upload", waiting),
+        ("upload", pending),
+        ("download", damaged),
+    ]
+    assert snapshot_of(events[-1]).row == marked
+    assert [u.status for u in snapshot_of(events[-1]).uploads] == [
+        "cancelled",
+        "cancelled",
+        "uploading",
+    ]
+    # already recorded: the same disk repair again is left alone
+    assert await db.apply_download_changes([disk]) == [
+        ChangeOutcome(damaged, False, "left alone: already recorded (file_missing)")
+    ]
+    assert await db.apply_download_changes([]) == []
+
+
+async def test_apply_download_changes_is_one_transaction(db: Database, hub: EventHub) -> None:
+    first = await new_downloading(db, "http://h/a", "g1")
+    second = await new_downloading(db, "http://h/b", "g2")
+    before = [download_row(db, first), download_row(db, second)]
+    history_before = history_rows(db)
+    subscription = hub.subscribe("t")
+    with pytest.raises(sqlite3.OperationalError):
+        await db.apply_download_changes(
+            [
+                DownloadChange(first, "downloading", "g1", "repair", target="paused"),
+                DownloadChange(
+                    second, "downloading", "g2", "repair", columns={"no_such_column": 1}
+                ),
+            ]
+        )
+    assert [download_row(db, first), download_row(db, second)] == before
+    assert history_rows(db) == history_before
+    assert await drain(subscription) == []
 
 
 # --- check_and_update_download_status_if_file_exists -------------------------------------------
@@ -920,7 +1083,10 @@ async def test_file_present_changes_nothing(db: Database, tmp_path: Path) -> Non
     present.write_bytes(b"x")
     row_before = upload_row(db, upload_id)
     history_before = history_rows(db)
-    assert await db.check_and_update_download_status_if_file_exists(upload_id, present) is True
+    found = await db.check_and_update_download_status_if_file_exists(
+        upload_id, present, exists=True
+    )
+    assert found is True
     assert upload_row(db, upload_id) == row_before
     assert history_rows(db) == history_before
 
@@ -929,7 +1095,10 @@ async def test_file_gone_and_verified_completes(db: Database, tmp_path: Path) ->
     upload_id = await uploading(db)
     await db.record_upload_verified(upload_id, 100, None)
     gone = tmp_path / "gone.bin"
-    assert await db.check_and_update_download_status_if_file_exists(upload_id, gone) is False
+    assert (
+        await db.check_and_update_download_status_if_file_exists(upload_id, gone, exists=False)
+        is False
+    )
     upload = await db.get_upload_by_id(upload_id)
     assert upload is not None and upload.status == "completed"
 
@@ -937,19 +1106,27 @@ async def test_file_gone_and_verified_completes(db: Database, tmp_path: Path) ->
 async def test_file_gone_and_not_verified_fails(db: Database, tmp_path: Path) -> None:
     upload_id = await uploading(db)
     gone = str(tmp_path / "gone.bin")
-    assert await db.check_and_update_download_status_if_file_exists(upload_id, gone) is False
+    assert (
+        await db.check_and_update_download_status_if_file_exists(upload_id, gone, exists=False)
+        is False
+    )
     upload = await db.get_upload_by_id(upload_id)
     assert upload is not None and upload.status == "failed"
     assert upload.failure_reason == "local_file_missing"
     with pytest.raises(NotFound):
-        await db.check_and_update_download_status_if_file_exists(upload_id + 100, gone)
+        await db.check_and_update_download_status_if_file_exists(
+            upload_id + 100, gone, exists=False
+        )
 
 
 async def test_file_gone_pending_upload_fails(db: Database, tmp_path: Path) -> None:
     download_id = await completed_download(db)
     upload_id = await db.create_upload(download_id, "cloud", None, 3, ready=True)
     gone = tmp_path / "gone.bin"
-    assert await db.check_and_update_download_status_if_file_exists(upload_id, gone) is False
+    assert (
+        await db.check_and_update_download_status_if_file_exists(upload_id, gone, exists=False)
+        is False
+    )
     upload = await db.get_upload_by_id(upload_id)
     assert upload is not None and upload.status == "failed"
     assert upload.failure_reason == "local_file_missing"
@@ -966,7 +1143,10 @@ async def test_file_gone_waiting_or_paused_upload_fails(
         await db.update_upload_status(upload_id, "paused")
     assert (await db.get_upload_by_id(upload_id)).status == status  # type: ignore[union-attr]
     gone = tmp_path / "gone.bin"
-    assert await db.check_and_update_download_status_if_file_exists(upload_id, gone) is False
+    assert (
+        await db.check_and_update_download_status_if_file_exists(upload_id, gone, exists=False)
+        is False
+    )
     upload = await db.get_upload_by_id(upload_id)
     assert upload is not None and upload.status == "failed"
     assert upload.failure_reason == "local_file_missing"
@@ -987,8 +1167,8 @@ async def test_delete_download_record_cascades(db: Database, hub: EventHub) -> N
     assert await db.get_uploads_by_download(download_id) == []
     assert await db.get_download_id_by_gid("g1") is None
     assert [u.id for u in await db.get_uploads_by_download(keep)] == [kept_upload]
-    assert [(e.kind, e.item_id, e.data.get("deleted")) for e in await drain(subscription)] == [
-        ("download", download_id, True)
+    assert [(e.kind, e.item_id, e.data) for e in await drain(subscription)] == [
+        ("download", download_id, DownloadRemoved(download_id))
     ]
     with pytest.raises(NotFound):
         await db.delete_download_record(download_id)
@@ -1000,27 +1180,28 @@ async def download_at(db: Database, local_path: str, key: str) -> int:
     return download_id
 
 
-async def test_delete_local_file_inside_download_dir(db: Database, download_dir: Path) -> None:
+async def test_deleting_records_leaves_files_to_the_caller(
+    db: Database, download_dir: Path
+) -> None:
+    """The store deletes rows only; the caller removes files (confined) from what it returns."""
     inside = download_dir / "a.bin"
     inside.write_bytes(b"data")
     (download_dir / "a.bin.aria2").write_bytes(b"control")
-    download_id = await download_at(db, str(inside), "a")
-    await db.delete_download_record(download_id, delete_local_file=True)
-    assert not inside.exists()
-    assert not (download_dir / "a.bin.aria2").exists()
-    assert await asyncio.to_thread(download_dir.is_dir)
     relative = download_dir / "b.bin"
     relative.write_bytes(b"data")
-    keep_file = await download_at(db, "b.bin", "b")
-    await db.delete_download_record(keep_file, delete_local_file=False)
+    download_id = await download_at(db, str(inside), "a")
+    other = await download_at(db, "b.bin", "b")
+    deleted = await db.delete_download_record(download_id)
+    assert deleted.local_path == str(inside) and inside.exists()
+    assert await DownloadFiles(download_dir).remove(str(deleted.local_path), job=deleted.id)
+    assert not inside.exists() and not (download_dir / "a.bin.aria2").exists()
+    assert await asyncio.to_thread(download_dir.is_dir)
+    assert [(r.id, r.local_path) for r in await db.delete_all_downloads()] == [(other, "b.bin")]
     assert relative.exists()
-    other = await download_at(db, "b.bin", "c")
-    await db.delete_download_record(other, delete_local_file=True)
-    assert not relative.exists()
 
 
 @pytest.mark.parametrize("how", ["absolute", "dotdot", "absolute-dotdot", "symlink", "symlinkdir"])
-async def test_delete_local_file_never_outside_download_dir(
+async def test_deleted_record_file_never_removed_outside_download_dir(
     db: Database, download_dir: Path, tmp_path: Path, how: str
 ) -> None:
     outside_dir = tmp_path / "outside"
@@ -1039,28 +1220,39 @@ async def test_delete_local_file_never_outside_download_dir(
     if how == "symlinkdir":
         (download_dir / "linkdir").symlink_to(outside_dir, target_is_directory=True)
     download_id = await download_at(db, local_path, how)
-    await db.delete_download_record(download_id, delete_local_file=True)
+    deleted = await db.delete_download_record(download_id)
     assert await db.get_download_by_id(download_id) is None
+    assert deleted.local_path == local_path
+    assert await DownloadFiles(download_dir).remove(local_path, job=download_id) is False
     assert secret.read_bytes() == b"precious"
     assert outside_dir.is_dir()
 
 
-async def test_delete_all_downloads_never_outside(
-    db: Database, download_dir: Path, tmp_path: Path
+async def test_delete_all_downloads_returns_every_row(
+    db: Database, hub: EventHub, download_dir: Path, tmp_path: Path
 ) -> None:
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"precious")
     inside = download_dir / "in.bin"
     inside.write_bytes(b"x")
-    await download_at(db, str(secret), "a")
-    await download_at(db, str(inside), "b")
-    await db.create_download(
+    first = await download_at(db, str(secret), "a")
+    second = await download_at(db, str(inside), "b")
+    third = await db.create_download(
         NewDownload(source_type="telegram", source_key="tg:U1", file_unique_id="U1"), media("U1")
     )
-    assert await db.delete_all_downloads(delete_local_files=True) == 3
+    subscription = hub.subscribe("t")
+    deleted = await db.delete_all_downloads()
+    assert [row.id for row in deleted] == [first, second, third]
     assert table_count(db, "downloads") == 0 and table_count(db, "tg_media") == 0
+    assert [(e.kind, e.item_id, e.data) for e in await drain(subscription)] == [
+        ("download", None, DownloadRemoved(None))
+    ]
+    files = DownloadFiles(download_dir)
+    removed = [await files.remove(str(row.local_path), job=row.id) for row in deleted[:2]]
+    assert removed == [False, True]
     assert secret.exists() and not inside.exists()
     assert await asyncio.to_thread(download_dir.is_dir)
+    assert await db.delete_all_downloads() == []
 
 
 def test_remove_confined_removes_emptied_parents_not_root(tmp_path: Path) -> None:

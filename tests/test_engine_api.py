@@ -123,7 +123,7 @@ async def aria2_state(svc: RunningService, gid: str) -> str:
 
 def signer_of(svc: RunningService) -> LinkSigner:
     assert svc.service.ctx is not None
-    return svc.service.ctx.signer
+    return svc.service.ctx.links.signer
 
 
 def edit_config(svc: RunningService, change: Callable[[dict[str, Any]], None]) -> None:
@@ -141,7 +141,8 @@ async def settled(svc: RunningService) -> RunningService:
     Stopping a service while that wake-up is in flight hits the poller stop bug (see
     test_poller_stops_when_woken_at_the_same_moment); waiting here keeps the other tests clear.
     """
-    poller = svc.service.poller
+    assert svc.service.engine is not None
+    poller = svc.service.engine.poller
     assert poller is not None
 
     async def cycled() -> bool:
@@ -161,7 +162,8 @@ async def svc(service_factory: ServiceFactory) -> RunningService:
 
 
 async def test_poller_stops_when_woken_at_the_same_moment(svc: RunningService) -> None:
-    poller = svc.service.poller
+    assert svc.service.engine is not None
+    poller = svc.service.engine.poller
     assert poller is not None
     task = poller._task
     assert task is not None
@@ -751,8 +753,8 @@ async def test_delete_file_never_touches_anything_outside_the_download_dir(
     link_inside = download_dir / "link-to-outside"
     link_inside.symlink_to(outside)
     # Rows whose recorded path leads outside (crafted: the API never writes such paths).
-    await db.update_download_details(rows[0]["id"], local_path=str(outside))
-    await db.update_download_details(
+    await db.update_download_details_by_id(rows[0]["id"], local_path=str(outside))
+    await db.update_download_details_by_id(
         rows[1]["id"], local_path=str(download_dir / ".." / ".." / outside.name)
     )
     status, _ = await svc.api("DELETE", f"/api/downloads/{rows[0]['id']}?delete_file=true")

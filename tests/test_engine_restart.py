@@ -14,7 +14,8 @@ import pytest
 
 from aria2_client.process import EmbeddedAria2
 from aria2_client.sources import parse_link
-from db import Database, NewDownload
+from db import Database
+from records import NewDownload
 from tests.support.http_files import MIB, FileServer
 from tests.support.processes import ProcessReaper, free_port, make_test_aria2
 from tests.support.service import RunningService, ServiceFactory
@@ -101,7 +102,7 @@ async def test_a_pending_row_without_gid_is_reconciled_at_start(
     await first.stop()
 
     # The service died between committing the row and asking aria2: a pending row, no gid.
-    db = Database(first.config.database.path, download_dir=first.config.aria2.download_dir)
+    db = Database(first.config.database.path)
     await db.open()
     try:
         link = parse_link(url)
@@ -150,7 +151,7 @@ async def test_external_aria2_killed_and_restarted_on_the_same_session(
                 {"aria2": {"rpc_url": external.rpc_url, "rpc_secret": external.secret}}
             )
         )
-        assert svc.service.embedded is None
+        assert svc.service.engine is not None and svc.service.engine.embedded is None
         assert await health(svc) == "connected"
         row = await add_link(svc, file_server.url("external.bin", route="slow", rate=512 * 1024))
         await wait_bytes(svc, row["id"], 200 * 1024)
@@ -197,7 +198,8 @@ async def test_embedded_aria2_sigkill_is_restarted_and_the_download_completes(
     size = 3 * MIB
     data = file_server.add_file("crash.bin", size=size, seed=24)
     svc = await settled(await service_factory())
-    embedded = svc.service.embedded
+    assert svc.service.engine is not None
+    embedded = svc.service.engine.embedded
     db = svc.service.db
     assert embedded is not None and db is not None
     process_reaper.track(embedded.pid)

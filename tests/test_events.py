@@ -5,11 +5,115 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
 from events import Event, EventHub, Subscription, SubscriptionClosed
+from records import (
+    DownloadRemoved,
+    DownloadRow,
+    DownloadSnapshot,
+    Statistics,
+    UploadRow,
+)
+
+NOW = "2026-01-01T00:00:00.000+00:00"
+
+
+def snapshot(
+    download_id: int, completed: int = 0, file_name: str | None = None
+) -> DownloadSnapshot:
+    """A download event's record; `completed` tells one version from another."""
+    row = DownloadRow(
+        id=download_id,
+        gid=None,
+        source_type="http",
+        source_key=f"http://h/{download_id}",
+        source_url=None,
+        status="downloading",
+        file_name=file_name,
+        local_path=None,
+        total_length=1_000_000,
+        completed_length=completed,
+        download_speed=0,
+        error_message=None,
+        error_code=None,
+        file_unique_id=None,
+        owner_id=None,
+        chat_id=None,
+        message_id=None,
+        group_key=f"download:{download_id}",
+        progress_message_id=None,
+        info_hash=None,
+        files=(),
+        media_info=None,
+        created_at=NOW,
+        started_at=None,
+        completed_at=None,
+        updated_at=NOW,
+    )
+    return DownloadSnapshot(row, ())
+
+
+def upload(upload_id: int, uploaded: int = 0, cleaned_at: str | None = None) -> UploadRow:
+    return UploadRow(
+        id=upload_id,
+        download_id=1,
+        upload_target="cloud",
+        target_type="rclone",
+        status="uploading",
+        remote_path=None,
+        uploaded_size=uploaded,
+        total_size=1_000_000,
+        upload_speed=0.0,
+        retry_count=0,
+        max_retries=3,
+        failure_reason=None,
+        error_message=None,
+        error_code=None,
+        verified_size=None,
+        verified_hash=None,
+        verified_at=None,
+        next_attempt_at=None,
+        created_at=NOW,
+        started_at=None,
+        completed_at=None,
+        cleaned_at=cleaned_at,
+        updated_at=NOW,
+    )
+
+
+def statistics(state: int) -> Statistics:
+    """Statistics whose download total is `state`."""
+    return {
+        "downloads": {
+            "total": state,
+            "by_status": {},
+            "total_bytes": 0,
+            "completed_bytes": 0,
+            "download_speed": 0,
+        },
+        "uploads": {
+            "total": 0,
+            "by_status": {},
+            "by_target": {},
+            "total_bytes": 0,
+            "upload_speed": 0.0,
+            "cleaned": 0,
+        },
+    }
+
+
+def version(event: Event) -> int:
+    """The number a test put in an event's record."""
+    data = event.data
+    if isinstance(data, DownloadSnapshot):
+        return data.row.completed_length
+    if isinstance(data, UploadRow):
+        return data.uploaded_size
+    if isinstance(data, DownloadRemoved):
+        raise AssertionError(f"no version in {data}")
+    return data["downloads"]["total"]
 
 
 @pytest.fixture
@@ -30,12 +134,12 @@ async def test_events_reach_every_subscriber_in_order(hub: EventHub) -> None:
     second = hub.subscribe("second")
     assert hub.subscriber_count == 2
     for index in range(50):
-        hub.publish("download", {"n": index}, index)
-    hub.publish("upload", {"n": 50}, 7)
-    hub.publish("cleanup", {"n": 51}, 7)
+        hub.publish("download", snapshot(index, index), index)
+    hub.publish("upload", upload(7, 50), 7)
+    hub.publish("cleanup", upload(7, 51), 7)
     for subscription in (first, second):
         events = await take(subscription, 52)
-        assert [e.data["n"] for e in events] == list(range(52))
+        assert [version(e) for e in events] == list(range(52))
         assert [e.kind for e in events[-3:]] == ["download", "upload", "cleanup"]
         assert len(subscription) == 0
     assert hub.published == 52
@@ -46,33 +150,33 @@ async def test_subscriber_waiting_in_get_is_woken(hub: EventHub) -> None:
     waiter = asyncio.create_task(subscription.get())
     await asyncio.sleep(0)
     assert not waiter.done()
-    hub.publish("download", {"n": 1}, 1)
+    hub.publish("download", DownloadRemoved(1), 1)
     event = await asyncio.wait_for(waiter, 5)
-    assert (event.kind, event.item_id, event.data) == ("download", 1, {"n": 1})
+    assert (event.kind, event.item_id, event.data) == ("download", 1, DownloadRemoved(1))
 
 
 async def test_coalescing_keeps_latest_data_and_original_position(hub: EventHub) -> None:
     subscription = hub.subscribe("t")
-    hub.publish("download", {"v": "a1"}, 1)
-    hub.publish("download", {"v": "b1"}, 2)
-    hub.publish("upload", {"v": "u1"}, 1)
-    hub.publish("download", {"v": "a2"}, 1)
-    hub.publish("download", {"v": "a3"}, 1)
-    hub.publish("statistics", {"v": "s1"})
-    hub.publish("upload", {"v": "u2"}, 1)
-    hub.publish("statistics", {"v": "s2"})
+    hub.publish("download", snapshot(1, 11), 1)
+    hub.publish("download", snapshot(2, 21), 2)
+    hub.publish("upload", upload(1, 1), 1)
+    hub.publish("download", snapshot(1, 12), 1)
+    hub.publish("download", snapshot(1, 13), 1)
+    hub.publish("statistics", statistics(1))
+    hub.publish("upload", upload(1, 2), 1)
+    hub.publish("statistics", statistics(2))
     assert len(subscription) == 4
     events = await take(subscription, 4)
-    assert [(e.kind, e.item_id, e.data["v"]) for e in events] == [
-        ("download", 1, "a3"),
-        ("download", 2, "b1"),
-        ("upload", 1, "u2"),
-        ("statistics", None, "s2"),
+    assert [(e.kind, e.item_id, version(e)) for e in events] == [
+        ("download", 1, 13),
+        ("download", 2, 21),
+        ("upload", 1, 2),
+        ("statistics", None, 2),
     ]
     # once taken, the same item queues again at the end
-    hub.publish("download", {"v": "b2"}, 2)
-    hub.publish("download", {"v": "a4"}, 1)
-    assert [e.data["v"] for e in await take(subscription, 2)] == ["b2", "a4"]
+    hub.publish("download", snapshot(2, 22), 2)
+    hub.publish("download", snapshot(1, 14), 1)
+    assert [version(e) for e in await take(subscription, 2)] == [22, 14]
 
 
 async def test_slow_subscriber_is_dropped_other_keeps_everything(hub: EventHub) -> None:
@@ -82,20 +186,20 @@ async def test_slow_subscriber_is_dropped_other_keeps_everything(hub: EventHub) 
 
     async def consume() -> None:
         async for event in fast:
-            received.append(event.data["n"])
-            if event.data["n"] == 99:
+            received.append(version(event))
+            if version(event) == 99:
                 return
 
     consumer = asyncio.create_task(consume())
     for index in range(100):
-        hub.publish("download", {"n": index}, index)
+        hub.publish("download", snapshot(index, index), index)
         await asyncio.sleep(0)  # the fast subscriber keeps up; the slow one never reads
     await asyncio.wait_for(consumer, 5)
     assert received == list(range(100))
     assert slow.dropped and slow.closed
     assert not fast.dropped and not fast.closed
     assert hub.subscriber_count == 1
-    assert not slow.offer(Event("download", {"n": -1}, 1))
+    assert not slow.offer(Event("download", DownloadRemoved(1), 1))
     # what was queued before the drop may be read; then the subscription reports it is closed
     leftovers = 0
     with pytest.raises(SubscriptionClosed):
@@ -109,13 +213,13 @@ async def test_slow_subscriber_is_dropped_other_keeps_everything(hub: EventHub) 
 async def test_coalescing_at_capacity_does_not_drop(hub: EventHub) -> None:
     subscription = hub.subscribe("t", maxsize=3)
     for item in (1, 2, 3):
-        hub.publish("download", {"v": 0}, item)
-    for version in range(1, 50):
-        hub.publish("download", {"v": version}, 2)
+        hub.publish("download", snapshot(item, 0), item)
+    for step in range(1, 50):
+        hub.publish("download", snapshot(2, step), 2)
     assert not subscription.dropped
     events = await take(subscription, 3)
-    assert [(e.item_id, e.data["v"]) for e in events] == [(1, 0), (2, 49), (3, 0)]
-    hub.publish("download", {"v": 0}, 4)
+    assert [(e.item_id, version(e)) for e in events] == [(1, 0), (2, 49), (3, 0)]
+    hub.publish("download", snapshot(4, 0), 4)
     assert not subscription.dropped
 
 
@@ -142,10 +246,10 @@ class CountingSource:
         self.state = 0
         self.calls = 0
 
-    async def __call__(self) -> dict[str, Any]:
+    async def __call__(self) -> Statistics:
         self.calls += 1
         await asyncio.sleep(0)
-        return {"state": self.state}
+        return statistics(self.state)
 
 
 async def wait_for_statistics(subscription: Subscription, state: int) -> list[int]:
@@ -154,7 +258,7 @@ async def wait_for_statistics(subscription: Subscription, state: int) -> list[in
     while not seen or seen[-1] != state:
         event = await subscription.get()
         if event.kind == "statistics":
-            seen.append(event.data["state"])
+            seen.append(version(event))
     return seen
 
 
@@ -166,7 +270,7 @@ async def test_statistics_burst_is_throttled_and_ends_on_final_state() -> None:
         hub.start_statistics(source)
         for _ in range(1000):
             source.state += 1
-            hub.publish("download", {"state": source.state}, source.state)
+            hub.publish("download", snapshot(source.state, source.state), source.state)
         seen = await asyncio.wait_for(wait_for_statistics(subscription, 1000), 5)
         assert seen[-1] == 1000
         # let any further computation that the burst could cause happen, then count
@@ -185,7 +289,7 @@ async def test_statistics_spread_burst_is_throttled() -> None:
         for _ in range(20):
             for _ in range(50):
                 source.state += 1
-                hub.publish("download", {"state": source.state}, source.state)
+                hub.publish("download", snapshot(source.state, source.state), source.state)
             await asyncio.sleep(0.005)
         seen = await asyncio.wait_for(wait_for_statistics(subscription, 1000), 5)
         assert seen == sorted(seen)
@@ -205,12 +309,12 @@ class GatedSource:
         self.computing = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def __call__(self) -> dict[str, Any]:
+    async def __call__(self) -> Statistics:
         self.calls += 1
-        snapshot = self.state
+        state = self.state
         self.computing.set()
         await self.gate.wait()
-        return {"state": snapshot}
+        return statistics(state)
 
 
 async def test_change_during_statistics_computation_is_not_lost() -> None:
@@ -220,10 +324,10 @@ async def test_change_during_statistics_computation_is_not_lost() -> None:
         subscription = hub.subscribe("page")
         hub.start_statistics(source)
         source.state = 1
-        hub.publish("download", {"state": 1}, 1)
+        hub.publish("download", snapshot(1, 1), 1)
         await asyncio.wait_for(source.computing.wait(), 5)
         source.state = 2
-        hub.publish("download", {"state": 2}, 1)
+        hub.publish("download", snapshot(1, 2), 1)
         source.gate.set()
         seen = await asyncio.wait_for(wait_for_statistics(subscription, 2), 2)
         assert seen[-1] == 2
@@ -236,13 +340,13 @@ async def test_close_stops_statistics_task() -> None:
     source = CountingSource()
     subscription = hub.subscribe("page")
     hub.start_statistics(source)
-    hub.publish("download", {}, 1)
+    hub.publish("download", DownloadRemoved(1), 1)
     await asyncio.wait_for(wait_for_statistics(subscription, 0), 5)
     await hub.close()
     calls = source.calls
     assert hub._statistics_task is None
     for index in range(10):
-        hub.publish("download", {}, index)
+        hub.publish("download", DownloadRemoved(index), index)
         await asyncio.sleep(0.02)
     assert source.calls == calls
 
@@ -251,23 +355,23 @@ async def test_failing_statistics_source_does_not_stop_the_loop() -> None:
     hub = EventHub(statistics_interval=0.02)
     attempts = 0
 
-    async def flaky() -> dict[str, Any]:
+    async def flaky() -> Statistics:
         nonlocal attempts
         attempts += 1
         if attempts == 1:
             raise RuntimeError("database busy")
-        return {"state": attempts}
+        return statistics(attempts)
 
     try:
         subscription = hub.subscribe("page")
         hub.start_statistics(flaky)
-        hub.publish("download", {}, 1)
+        hub.publish("download", DownloadRemoved(1), 1)
         await asyncio.sleep(0.1)
-        hub.publish("download", {}, 2)
+        hub.publish("download", DownloadRemoved(2), 2)
         event = await asyncio.wait_for(subscription.get(), 5)
         while event.kind != "statistics":
             event = await asyncio.wait_for(subscription.get(), 5)
-        assert event.data["state"] >= 2
+        assert version(event) >= 2
     finally:
         await hub.close()
 
@@ -278,6 +382,6 @@ def test_publish_is_synchronous_and_needs_no_running_loop() -> None:
     hub = EventHub()
     subscription = hub.subscribe("t", maxsize=100)
     for index in range(10):
-        assert hub.publish("download", {"n": index}, index) is None  # type: ignore[func-returns-value]
+        assert hub.publish("download", DownloadRemoved(index), index) is None  # type: ignore[func-returns-value]
     assert len(subscription) == 10
     assert hub.published == 10

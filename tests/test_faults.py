@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from db import UploadRow
+from records import UploadRow
 from tests.support.fake_telegram import FakeTelegram
 from tests.support.http_files import MIB, FileServer
 from tests.support.rclone_cloud import RcloneCloud
@@ -330,7 +330,8 @@ async def test_two_hundred_links_in_one_chat_message(
     try:
         text = "\n".join(file_server.url(f"c/{i}") for i in range(200))
         user = fake_telegram.default_user
-        await fake_telegram.feed(svc.service.bot.client, fake_telegram.message_update(user, text))
+        client = svc.service.telegram.client
+        await fake_telegram.feed(client, fake_telegram.message_update(user, text))
         assert svc.service.db is not None
         db = svc.service.db
 

@@ -137,7 +137,7 @@ async def test_every_api_route_refuses_requests_without_a_valid_token(
 ) -> None:
     svc = await service_factory()
     assert svc.service.ctx is not None
-    signer = svc.service.ctx.signer
+    signer = svc.service.ctx.links.signer
     token = svc.token
     bad_credentials: dict[str, dict[str, str]] = {
         "none": {},
@@ -205,7 +205,7 @@ async def test_forged_or_expired_stream_and_watch_links_get_403(
 ) -> None:
     svc = await service_factory()
     assert svc.service.ctx is not None
-    signer = svc.service.ctx.signer
+    signer = svc.service.ctx.links.signer
     first = await completed_download(svc, file_server, "signed-1.bin", b"first file " * 100)
     second = await completed_download(svc, file_server, "signed-2.bin", b"second file " * 100)
     one, two = int(first["id"]), int(second["id"])
@@ -345,7 +345,7 @@ async def test_path_traversal_never_reads_or_deletes_outside(
         str(link),
         str(job_dir / ".." / ".." / ".." / canary_path.name),
     ):
-        await svc.service.db.update_download_details(download_id, local_path=hostile)
+        await svc.service.db.update_download_details_by_id(download_id, local_path=hostile)
         status, body = await svc.api("GET", path_and_query(row["stream_url"]), auth=False)
         assert status != 200 and canary_secret not in (
             body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -395,7 +395,8 @@ async def test_embedded_aria2_rpc_listens_on_loopback_only(
 ) -> None:
     # The product's own options (IPv6 enabled), not the test defaults.
     svc = await service_factory({"aria2": {"options": {"disable-ipv6": "false"}}})
-    embedded = svc.service.embedded
+    assert svc.service.engine is not None
+    embedded = svc.service.engine.embedded
     assert embedded is not None and embedded.pid is not None
     sockets = _listening_sockets(embedded.pid)
     rpc = [(address, port) for address, port in sockets if port == embedded.port]
@@ -520,7 +521,7 @@ async def test_bot_credentials_never_reach_answers_logs_or_chats(
             "/status",
         ):
             await fake_telegram.feed(
-                svc.service.bot.client, fake_telegram.message_update(user, text)
+                svc.service.telegram.client, fake_telegram.message_update(user, text)
             )
         assert svc.service.db is not None
         db = svc.service.db

@@ -1,4 +1,5 @@
-"""Property tests of both status machines through the store on a real SQLite file.
+"""Property tests of both status machines through the store on a real SQLite file, and the
+action tables (what a row offers the page and the bot) held against the machines.
 
 Random sequences of target statuses are applied to one fresh row per example. After every step:
 an allowed edge moved the row and added one history row; repeating the status wrote nothing; any
@@ -23,10 +24,13 @@ from db import (
     MACHINES,
     UPLOAD_TRANSITIONS,
     Database,
-    NewDownload,
     TransitionError,
+    allowed_sources,
+    download_actions,
+    upload_actions,
 )
 from events import EventHub
+from records import NewDownload
 
 UNKNOWN_STATUS = "teleported"
 # (a target status, or an index into the allowed next statuses; use the public function if any)
@@ -208,3 +212,61 @@ def test_upload_machine_property(harness: Harness) -> None:
 
     run()
     assert harness.examples >= 200
+
+
+# What each action asks of the machine: any one of these targets.
+ACTION_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "download": {
+        "pause": ("paused",),
+        "resume": ("waiting", "downloading"),
+        "retry": ("pending",),
+        "cancel": ("cancelled",),
+    },
+    "upload": {"retry": ("pending",), "cancel": ("cancelled",)},
+}
+ACTIONS = {"download": download_actions, "upload": upload_actions}
+
+
+@pytest.mark.parametrize("entity", ["download", "upload"])
+def test_every_action_offered_is_a_transition_the_machine_allows(entity: str) -> None:
+    machine = MACHINES[entity]
+    targets = ACTION_TARGETS[entity]
+    for status in machine:
+        offered = ACTIONS[entity](status)
+        assert list(offered) == [a for a in targets if a in offered], f"{status}: order {offered}"
+        for action in offered:
+            assert any(t in machine[status] for t in targets[action]), (
+                f"{entity} {status} offers {action}, but the machine allows none of "
+                f"{targets[action]} from it"
+            )
+    assert ACTIONS[entity]("teleported") == ()
+
+
+@pytest.mark.parametrize(
+    ("entity", "action"), [("download", "pause"), ("download", "cancel"), ("upload", "cancel")]
+)
+def test_actions_are_offered_wherever_the_machine_allows_them(entity: str, action: str) -> None:
+    (target,) = ACTION_TARGETS[entity][action]
+    offering = {status for status in MACHINES[entity] if action in ACTIONS[entity](status)}
+    assert offering == set(allowed_sources(entity, target))
+
+
+def test_action_tables() -> None:
+    assert {s: download_actions(s) for s in DOWNLOAD_TRANSITIONS} == {
+        "pending": ("cancel",),
+        "waiting": ("pause", "cancel"),
+        "downloading": ("pause", "cancel"),
+        "paused": ("resume", "cancel"),
+        "completed": (),
+        "failed": ("retry",),
+        "cancelled": ("retry",),
+    }
+    assert {s: upload_actions(s) for s in UPLOAD_TRANSITIONS} == {
+        "waiting_download": ("cancel",),
+        "pending": ("cancel",),
+        "uploading": ("cancel",),
+        "paused": ("cancel",),
+        "completed": (),
+        "failed": ("retry",),
+        "cancelled": ("retry",),
+    }

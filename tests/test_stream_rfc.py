@@ -20,7 +20,7 @@ import pytest
 from tests.support.http_files import MIB, FileServer
 from tests.support.service import ServiceFactory
 from tests.test_web_page import Site, serve_site
-from webstreamer.routes.page import STATIC_DIR
+from webstreamer.context import STATIC_DIR
 
 K = 2
 SIZES = (K * MIB - 1, K * MIB, K * MIB + 1)

@@ -15,6 +15,7 @@ from pyrogram import filters
 from pyrogram.errors import FileIdInvalid, FloodWait
 from pyrogram.types import Message
 
+from bot.messages import media_record
 from bot.tg_source import (
     PART_SIZE,
     TelegramByteSource,
@@ -209,6 +210,21 @@ async def test_an_expired_file_reference_is_refreshed_through_the_callback(
     assert fake_telegram.requests_of("messages.GetMessages")
 
 
+async def test_a_refresh_refuses_a_message_that_carries_another_file(
+    fake_telegram: FakeTelegram, tg_client: pyrogram.Client
+) -> None:
+    file = fake_telegram.add_file(_payload(1000), file_name="one.bin")
+    message = await _received_message(fake_telegram, tg_client, file)
+    assert message.chat is not None
+    same = refresh_from_message(
+        tg_client, message.chat.id, message.id, file_unique_id=file.file_unique_id
+    )
+    assert await same() == file.file_id
+    other = refresh_from_message(tg_client, message.chat.id, message.id, file_unique_id="other")
+    with pytest.raises(TelegramStreamError):
+        await other()
+
+
 async def test_an_expired_reference_without_refresh_raises(
     fake_telegram: FakeTelegram, streamer: TelegramStreamer
 ) -> None:
@@ -316,14 +332,19 @@ async def test_invalid_ranges_are_refused(
     assert fake_telegram.get_file_calls == 0
 
 
-async def test_byte_source_for_a_message_describes_and_streams_the_file(
+async def test_byte_source_for_recorded_media_describes_and_streams_the_file(
     fake_telegram: FakeTelegram, tg_client: pyrogram.Client, streamer: TelegramStreamer
 ) -> None:
     data = _payload(MIB + 1)
     file = fake_telegram.add_file(data, kind="video", file_name="talk.mp4", dc_id=3)
     message = await _received_message(fake_telegram, tg_client, file)
 
-    source = TelegramByteSource.for_message(streamer, message)
+    record = media_record(message)
+    assert record is not None and message.chat is not None
+    refresh = refresh_from_message(
+        tg_client, message.chat.id, message.id, file_unique_id=record.file_unique_id
+    )
+    source = TelegramByteSource.for_media(streamer, record, refresh=refresh)
 
     assert source.size == len(data)
     assert source.name == "talk.mp4"

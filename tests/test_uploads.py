@@ -27,7 +27,9 @@ from pyrogram.errors import FloodWait
 
 from app import configure_logging
 from configer import UploadConfig, UploadTarget
-from db import Database, DownloadRow, NewDownload, UploadRow
+from db import Database
+from files import DownloadFiles
+from records import DownloadRow, NewDownload, UploadRow
 from tests.support.fake_telegram import FakeTelegram
 from tests.support.http_files import FileServer
 from tests.support.rclone_cloud import RcloneCloud
@@ -156,7 +158,7 @@ async def completed_download(
             (path / relative).parent.mkdir(parents=True, exist_ok=True)
             (path / relative).write_bytes(data)
     gid = f"{download_id:016x}"
-    await db.mark_download_queued(download_id, gid, status="downloading")
+    await db.mark_download_queued_by_id(download_id, gid, status="downloading")
     await db.mark_download_completed(gid, str(path), sum(len(d) for d in files.values()))
     row = await db.get_download_by_id(download_id)
     assert row is not None
@@ -169,9 +171,9 @@ async def standalone_manager(
 ) -> AsyncIterator[tuple[Database, UploadManager]]:
     download_dir = tmp_path / "downloads"
     download_dir.mkdir(parents=True, exist_ok=True)
-    db = await Database(tmp_path / "data" / "store.db", download_dir=download_dir).open()
+    db = await Database(tmp_path / "data" / "store.db").open()
     manager = UploadManager(
-        db, config, download_dir=download_dir, data_dir=tmp_path / "data", **options
+        db, config, files=DownloadFiles(download_dir), data_dir=tmp_path / "data", **options
     )
     try:
         yield db, manager
@@ -288,6 +290,7 @@ async def test_missing_remote_is_named_at_start_and_fails_at_once(
             [rclone_target("dav", "testdav"), rclone_target("cloudy", "nosuchremote")],
         )
     )
+    assert svc.service.uploads is not None
     assert svc.service.uploads.missing_remotes == {"cloudy": "nosuchremote"}
     logged = capfd.readouterr().err
     assert any(
@@ -344,6 +347,7 @@ async def test_reloaded_targets_catch_up_on_completed_downloads(
     download, data = await fetch(svc, file_server, "reload.bin", 120_000)
     await wait_uploads(svc, download["id"], all_in("completed"))
 
+    assert svc.service.uploads is not None
     current = svc.service.uploads.config
     added = UploadTarget("second", "rclone", "testdav", "/two")
     svc.service.uploads.apply_config(replace(current, targets=(*current.targets, added)))
@@ -604,7 +608,10 @@ async def test_telegram_target_sends_parts_and_checks_each_size(
     chat_id = await known_user(fake_telegram, tg_client)
     data = os.urandom(600_000)
     async with standalone_manager(
-        tmp_path, telegram_config(chat_id), telegram=tg_client, telegram_part_size=256 * 1024
+        tmp_path,
+        telegram_config(chat_id),
+        telegram_client=lambda: tg_client,
+        telegram_part_size=256 * 1024,
     ) as (db, manager):
         await manager.start()
         row = await completed_download(db, tmp_path / "downloads", "archive.zip", {"": data})
@@ -656,10 +663,9 @@ async def test_telegram_video_goes_as_a_streamable_video_with_thumbnail(
     tmp_path: Path, fake_telegram: FakeTelegram, tg_client: PyrogramClient
 ) -> None:
     chat_id = await known_user(fake_telegram, tg_client)
-    async with standalone_manager(tmp_path, telegram_config(chat_id), telegram=tg_client) as (
-        db,
-        manager,
-    ):
+    async with standalone_manager(
+        tmp_path, telegram_config(chat_id), telegram_client=lambda: tg_client
+    ) as (db, manager):
         await manager.start()
         row = await completed_download(db, tmp_path / "downloads", "clip.mp4", {"": b""})
         video = make_video(tmp_path / "clip.mp4")
@@ -694,7 +700,7 @@ async def test_telegram_flood_wait_is_retried_after_the_backoff(
     async with standalone_manager(
         tmp_path,
         telegram_config(chat_id, retry_backoff=0.2, max_retries=2),
-        telegram=tg_client,
+        telegram_client=lambda: tg_client,
     ) as (db, manager):
         await manager.start()
         row = await completed_download(db, tmp_path / "downloads", "again.bin", {"": data})
@@ -751,9 +757,9 @@ async def test_telegram_target_through_the_running_bot(
         },
         telegram_client_factory=fake_telegram.make_client,
     )
-    bot = svc.service.bot
-    assert bot is not None and bot.client is not None
-    await fake_telegram.feed(bot.client, [fake_telegram.message_update(user, "/start")])
+    telegram = svc.service.telegram
+    assert telegram is not None and telegram.client is not None
+    await fake_telegram.feed(telegram.client, [fake_telegram.message_update(user, "/start")])
     download, data = await fetch(svc, file_server, "twice.bin", 2 * MIB + 100)
 
     (row,) = await wait_uploads(

@@ -368,7 +368,7 @@ async def test_deleting_the_download_stops_its_upload(
     status, body = await svc.api("DELETE", f"/api/downloads/{download['id']}?delete_file=true")
     assert status == 200, body
     assert not pid_alive(pid)
-    assert svc.service.uploads.running() == []
+    assert svc.service.uploads is not None and svc.service.uploads.running() == []
     assert await svc.service.db.get_upload_by_id(upload.id) is None  # type: ignore[union-attr]
 
 

@@ -17,18 +17,16 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
+import yaml
 
 from tests.support.http_files import FileServer
 from tests.support.service import RunningService, ServiceFactory
 from tests.support.torrents import SeederFactory, Tracker, make_torrent
+from webstreamer.context import STATIC_DIR as STATIC
 from webstreamer.i18n import catalogue, language_for, translate
-from webstreamer.routes import page, ws
-from webstreamer.server import create_app
+from webstreamer.routes import auth
+from webstreamer.server import Listener, WebServer
 from webstreamer.signing import SESSION_COOKIE
-
-STATIC = Path(page.__file__).resolve().parent.parent / "static"
-
 
 # --- a served site on a real service (shared with the other web test modules) -------------------
 
@@ -75,40 +73,11 @@ class Site:
         return await self.running.wait_download(download_id, ["completed"], timeout=timeout)
 
 
-def _has_route(app: web.Application, path: str) -> bool:
-    return any(getattr(route.resource, "canonical", None) == path for route in app.router.routes())
-
-
 @contextlib.asynccontextmanager
 async def serve_site(running: RunningService) -> AsyncIterator[Site]:
-    """The service's own server once create_app mounts the page and the WebSocket; until then
-    the same application (same context, middlewares and routes) on a second loopback port."""
-    assert running.service.web is not None and running.service.ctx is not None
-    http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-    runner: web.AppRunner | None = None
-    try:
-        app = running.service.web.app
-        if _has_route(app, "/api/ws") and _has_route(app, "/"):
-            yield Site(running, running.base_url, http)
-            return
-        app = create_app(running.service.ctx)
-        ws.setup(app)
-        page.setup(app)
-        runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, handler_cancellation=True
-        )
-        await runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
-        sock.setblocking(False)
-        port = sock.getsockname()[1]
-        await web.SockSite(runner, sock).start()
-        yield Site(running, f"http://127.0.0.1:{port}", http)
-    finally:
-        if runner is not None:
-            await runner.cleanup()
-        await http.close()
+    """The service's own server, with a client that keeps no cookies between requests."""
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        yield Site(running, running.base_url, http)
 
 
 @pytest.fixture
@@ -219,7 +188,7 @@ async def test_page_is_public_and_runs_no_inline_script(site: Site, path: str) -
 
 async def test_static_files_have_fixed_types_and_policy(site: Site) -> None:
     expected = {
-        "/static/app.js": "text/javascript",
+        **{f"/static/js/{m.name}": "text/javascript" for m in sorted((STATIC / "js").glob("*.js"))},
         "/static/app.css": "text/css",
         "/static/i18n/common.json": "application/json",
         "/static/watch.css": "text/css",
@@ -240,7 +209,7 @@ async def test_static_files_have_fixed_types_and_policy(site: Site) -> None:
 
 
 def test_script_builds_no_markup_from_strings() -> None:
-    source = (STATIC / "app.js").read_text(encoding="utf-8")
+    source = "\n".join(m.read_text(encoding="utf-8") for m in (STATIC / "js").glob("*.js"))
     for forbidden in (
         "innerHTML",
         "outerHTML",
@@ -257,7 +226,7 @@ def test_every_message_the_page_uses_exists_in_both_languages() -> None:
     document = json.loads((STATIC / "i18n" / "common.json").read_text(encoding="utf-8"))
     assert set(document["en"]) == set(document["zh"])
     html = (STATIC / "index.html").read_text(encoding="utf-8")
-    script = (STATIC / "app.js").read_text(encoding="utf-8")
+    script = "\n".join(m.read_text(encoding="utf-8") for m in (STATIC / "js").glob("*.js"))
     used = set(re.findall(r'data-i18n(?:-placeholder|-title)?="([^"]+)"', html))
     used |= set(re.findall(r'\bt\(\s*"([a-z_.]+)"', script))
     used |= set(re.findall(r'"(web\.[a-z_.]+)"', script))
@@ -343,7 +312,7 @@ async def test_a_token_prefix_or_extension_is_not_the_token(site: Site) -> None:
 
 async def test_login_refuses_a_large_body_with_json_413(site: Site) -> None:
     status, body, response = await site.request(
-        "POST", "/login", auth=False, json={"token": "x" * (page.LOGIN_BODY_LIMIT + 10)}
+        "POST", "/login", auth=False, json={"token": "x" * (auth.LOGIN_BODY_LIMIT + 10)}
     )
     assert status == 413
     assert response.content_type == "application/json"
@@ -368,8 +337,8 @@ async def test_forged_foreign_and_stale_cookies_are_refused(site: Site) -> None:
     forged = [
         f"{issued}.{flip_first(mac)}",
         f"{int(issued) + 1}.{mac}",
-        ctx.signer.session_cookie("another-token"),
-        ctx.signer.session_cookie(site.token, now=time.time() - 40 * 24 * 3600),
+        ctx.links.signer.session_cookie("another-token"),
+        ctx.links.signer.session_cookie(site.token, now=time.time() - 40 * 24 * 3600),
         "garbage",
         "",
     ]
@@ -443,6 +412,39 @@ async def test_watch_page_plays_the_signed_stream(site: Site, file_server: FileS
     assert parse_markup(html).scripts == []
 
 
+def _player_source(html: str) -> str:
+    match = re.search(r'<(?:video|audio) class="player"[^>]* src="([^"]+)"', html)
+    assert match is not None, html
+    return match.group(1).replace("&amp;", "&")
+
+
+async def test_a_reloaded_link_expiry_reaches_api_links_and_the_player(
+    site: Site, file_server: FileServer
+) -> None:
+    data = file_server.add_file("later.mp4", size=50_000, seed=5)
+    download = await site.add_and_complete(file_server.url("later.mp4"))
+    assert "exp=" not in download["stream_url"] and "exp=" not in download["watch_url"]
+    document = yaml.safe_load(site.running.config_path.read_text())
+    document["web"]["link_expiry"] = 3600
+    site.running.config_path.write_text(yaml.safe_dump(document, sort_keys=False))
+    status, answer, _ = await site.request("POST", "/api/config/reload")
+    assert status == 200 and "web.link_expiry" in answer["applied"], answer
+
+    status, fresh, _ = await site.request("GET", f"/api/downloads/{download['id']}")
+    assert status == 200
+    expiry = int(fresh["stream_url"].rsplit("exp=", 1)[1])
+    assert time.time() + 3500 < expiry < time.time() + 3700
+    assert fresh["watch_url"].endswith(f"exp={expiry}")
+    watch_path = "/" + fresh["watch_url"].split("://", 1)[1].split("/", 1)[1]
+    status, body, _ = await site.request("GET", watch_path, auth=False)
+    assert status == 200
+    source = _player_source(body.decode())
+    assert source.startswith(f"/stream/{download['id']}/later.mp4?sig=")
+    assert source.endswith(f"exp={expiry}")
+    status, streamed, _ = await site.request("GET", source, auth=False)
+    assert status == 200 and streamed == data
+
+
 async def test_watch_page_refuses_bad_signatures(site: Site, file_server: FileServer) -> None:
     file_server.add_file("a.mp4", size=1000)
     file_server.add_file("b.mp4", size=1000, seed=1)
@@ -466,7 +468,7 @@ async def test_watch_page_refuses_bad_signatures(site: Site, file_server: FileSe
     assert status == 403
     ctx = site.running.service.ctx
     assert ctx is not None
-    status, body, _ = await site.request("GET", ctx.signer.watch_path(999999), auth=False)
+    status, body, _ = await site.request("GET", ctx.links.signer.watch_path(999999), auth=False)
     assert status == 404 and body["error"] == "not_found"
 
 
@@ -563,13 +565,15 @@ async def test_watch_each_file_of_a_multi_file_torrent(
     ctx = site.running.service.ctx
     assert ctx is not None
     # The whole download holds several files: the player points to them, it plays none.
-    status, page_body, _ = await site.request("GET", ctx.signer.watch_path(download_id), auth=False)
+    status, page_body, _ = await site.request(
+        "GET", ctx.links.signer.watch_path(download_id), auth=False
+    )
     assert status == 200
     assert translate("en", "watch.several_files").encode() in page_body
     assert b"<video" not in page_body
     for entry in download["files"]:
         name = entry["path"].rsplit("/", 1)[-1]
-        path = ctx.signer.watch_path(download_id, entry["index"])
+        path = ctx.links.signer.watch_path(download_id, entry["index"])
         status, page_body, _ = await site.request("GET", path, auth=False)
         assert status == 200
         html = page_body.decode()
@@ -583,8 +587,65 @@ async def test_watch_each_file_of_a_multi_file_torrent(
         else:
             assert match is None and translate("en", "watch.not_playable") in html
         # A file index signed for another file is refused.
-        other = ctx.signer.watch_path(download_id, 1 - entry["index"]).split("?", 1)[1]
+        other = ctx.links.signer.watch_path(download_id, 1 - entry["index"]).split("?", 1)[1]
         status, _, _ = await site.request(
             "GET", f"/watch/{download_id}/{entry['index']}?{other}", auth=False
         )
         assert status == 403
+
+
+# --- the listener -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "origin_host", "family"),
+    [
+        ("127.0.0.1", "127.0.0.1", socket.AF_INET),
+        ("::1", "[::1]", socket.AF_INET6),
+        ("0.0.0.0", "127.0.0.1", socket.AF_INET),
+        ("::", "[::1]", socket.AF_INET6),
+    ],
+)
+def test_listener_binds_at_construction_and_names_its_loopback(
+    host: str, origin_host: str, family: socket.AddressFamily
+) -> None:
+    listener = Listener(host, 0)
+    try:
+        assert listener.port > 0
+        assert [s.family for s in listener.sockets] == [family]
+        assert listener.loopback_origin == f"http://{origin_host}:{listener.port}"
+        # Connections are accepted into the backlog before any application serves them.
+        address = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        with socket.create_connection((address, listener.port), timeout=5):
+            pass
+    finally:
+        listener.close()
+    with pytest.raises(OSError):
+        socket.create_connection((address, listener.port), timeout=5).close()
+
+
+def test_listener_on_a_taken_port_fails_and_holds_nothing() -> None:
+    first = Listener("127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError):
+            Listener("127.0.0.1", first.port)
+    finally:
+        first.close()
+    Listener("127.0.0.1", first.port).close()  # the port is free again
+
+
+async def test_a_second_server_serves_the_same_context_on_ipv6(site: Site) -> None:
+    ctx = site.running.service.ctx
+    assert ctx is not None
+    server = WebServer(ctx, Listener("::1", 0))
+    url = f"http://[::1]:{server.port}/api/downloads"
+    await server.start()
+    try:
+        async with site.http.get(url, headers=site.auth) as response:
+            assert response.status == 200
+            assert (await response.json())["downloads"] == []
+    finally:
+        await server.stop()
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with site.http.get(url, headers=site.auth):
+            pass

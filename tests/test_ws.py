@@ -17,9 +17,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from records import DownloadRemoved
 from tests.support.http_files import MIB, FileServer
 from tests.support.processes import free_port
 from tests.support.service import ServiceFactory
+from tests.test_events import snapshot, upload
 from tests.test_web_page import Site, login_cookie, serve_site
 from webstreamer.routes import ws as ws_routes
 from webstreamer.server import create_app
@@ -45,7 +47,8 @@ async def receive(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10) -> d
 
 async def connect(site: Site, **kwargs: Any) -> aiohttp.ClientWebSocketResponse:
     kwargs.setdefault("headers", site.auth)
-    return await site.http.ws_connect(site.ws_url, **kwargs)
+    ws: aiohttp.ClientWebSocketResponse = await site.http.ws_connect(site.ws_url, **kwargs)
+    return ws
 
 
 async def wait_until(predicate: Any, timeout: float, what: str) -> None:
@@ -134,7 +137,7 @@ async def test_a_real_download_is_pushed_in_order(site: Site, file_server: FileS
             data = message["data"]
             if (
                 message["type"] == "download_update"
-                and data["download_id"] == download_id
+                and data["id"] == download_id
                 and data["status"] == "completed"
             ):
                 break
@@ -146,10 +149,10 @@ async def test_a_real_download_is_pushed_in_order(site: Site, file_server: FileS
         partial = [u for u in updates if 0 < u["completed_length"] < 2 * MIB]
         assert partial, "no progress was pushed"
         for update in updates:
-            assert {"gid", "download_id", "status", "completed_length", "total_length"} <= set(
-                update
-            )
-            assert "download_speed" in update
+            assert {"id", "gid", "status", "completed_length", "total_length"} <= set(update)
+            assert {"download_speed", "uploads", "stream_url", "actions"} <= set(update)
+        assert [u["actions"] for u in partial][:1] == [["pause", "cancel"]]
+        assert updates[-1]["actions"] == [] and updates[-1]["stream_url"]
         # The statistics follow the change.
         deadline = time.monotonic() + 10
         completed = 0
@@ -162,50 +165,82 @@ async def test_a_real_download_is_pushed_in_order(site: Site, file_server: FileS
         await ws.close()
 
 
-async def test_progress_only_update_without_status_is_sent(site: Site) -> None:
+async def test_a_download_event_is_the_list_row(site: Site, file_server: FileServer) -> None:
+    """The pushed `download_update` of a completed download is exactly its row in
+    GET /api/downloads: same keys, same values, the signed `stream_url` and `actions` included
+    (links never expire by default, so both signings give the same link)."""
+    file_server.add_file("same.bin", size=64 * 1024)
+    ws = await connect(site)
+    try:
+        assert (await receive(ws))["type"] == "hello"
+        status, body, _ = await site.request(
+            "POST", "/api/downloads", json={"url": file_server.url("same.bin")}
+        )
+        assert status == 201
+        download_id = body["downloads"][0]["id"]
+        pushed: dict[str, Any] = {}
+        deadline = time.monotonic() + 30
+        while pushed.get("status") != "completed" and time.monotonic() < deadline:
+            message = await receive(ws)
+            if message["type"] == "download_update" and message["data"]["id"] == download_id:
+                pushed = message["data"]
+        # Anything that still changes the row after completion is pushed too: keep the last.
+        with contextlib.suppress(TimeoutError):
+            while True:
+                message = await receive(ws, timeout=1.0)
+                if message["type"] == "download_update" and message["data"]["id"] == download_id:
+                    pushed = message["data"]
+        status, listed, _ = await site.request("GET", "/api/downloads")
+        assert status == 200
+        (row,) = [d for d in listed["downloads"] if d["id"] == download_id]
+        assert pushed["status"] == "completed"
+        assert pushed["stream_url"] and "/stream/" in pushed["stream_url"]
+        assert pushed["watch_url"] and pushed["actions"] == []
+        assert pushed == row
+        status, detail, _ = await site.request("GET", f"/api/downloads/{download_id}")
+        assert status == 200
+        assert {k: v for k, v in detail.items() if k != "history"} == row
+    finally:
+        await ws.close()
+
+
+async def test_each_record_is_pushed_in_its_json_shape(site: Site) -> None:
     ws = await connect(site)
     try:
         await receive(ws)
-        progress = {
-            "download_id": 41,
-            "gid": "abc",
-            "status": None,
-            "completed_length": 10,
-            "total_length": 100,
-            "download_speed": 5,
+        hub = hub_of(site)
+        hub.publish("download", snapshot(41, completed=10, file_name="a.bin"), 41)
+        hub.publish("upload", upload(7, uploaded=1), 7)
+        hub.publish("cleanup", upload(7, uploaded=2, cleaned_at="2026-01-01T00:00:00+00:00"), 7)
+        hub.publish("download", DownloadRemoved(42), 42)  # not 41: that would coalesce
+        hub.publish("download", DownloadRemoved(None), None)
+        received: list[dict[str, Any]] = []
+        while sum(m["type"] != "statistics_update" for m in received) < 5:
+            received.append(await receive(ws))
+        assert [m["seq"] for m in received] == list(range(2, 2 + len(received)))
+        messages = [m for m in received if m["type"] != "statistics_update"]
+        assert [m["type"] for m in messages] == [
+            "download_update",
+            "upload_update",
+            "cleanup_update",
+            "download_update",
+            "download_update",
+        ]
+        download = messages[0]["data"]
+        expected_row = {**snapshot(41, completed=10, file_name="a.bin").row._asdict(), "files": []}
+        del expected_row["has_torrent_data"]
+        assert download == {
+            **expected_row,
+            "uploads": [],
+            "stream_url": None,  # an http download is streamable once completed
+            "watch_url": None,
+            "actions": ["pause", "cancel"],
         }
-        hub_of(site).publish("download", progress, 41)
-        hub_of(site).publish(
-            "upload",
-            {
-                "upload_id": 7,
-                "download_id": 41,
-                "status": "uploading",
-                "uploaded_size": 1,
-                "total_size": 2,
-                "upload_speed": 1.0,
-                "cleaned_at": None,
-            },
-            7,
-        )
-        hub_of(site).publish(
-            "cleanup",
-            {
-                "upload_id": 7,
-                "download_id": 41,
-                "status": "completed",
-                "uploaded_size": 2,
-                "total_size": 2,
-                "upload_speed": 0.0,
-                "cleaned_at": "2026-01-01T00:00:00+00:00",
-            },
-            7,
-        )
-        first, second, third = await receive(ws), await receive(ws), await receive(ws)
-        assert first == {"type": "download_update", "seq": 2, "data": progress}
-        assert second["type"] == "upload_update" and second["data"]["upload_id"] == 7
-        assert third["type"] == "cleanup_update" and third["data"]["cleaned_at"]
-        assert third["seq"] == 4
+        assert messages[1]["data"] == {**upload(7, uploaded=1)._asdict(), "actions": ["cancel"]}
+        cleaned = messages[2]["data"]
+        assert cleaned["cleaned_at"] == "2026-01-01T00:00:00+00:00" and cleaned["id"] == 7
+        assert messages[3]["data"] == {"id": 42, "deleted": True}
+        assert messages[4]["data"] == {"deleted_all": True}
     finally:
         await ws.close()
 
@@ -217,14 +252,14 @@ async def test_updates_for_one_item_are_coalesced(site: Site) -> None:
         hub = hub_of(site)
         # One burst without yielding: the client's queue keeps only the newest per item.
         for step in range(200):
-            hub.publish("download", {"download_id": 5, "completed_length": step}, 5)
-            hub.publish("download", {"download_id": 6, "completed_length": step * 2}, 6)
-        hub.publish("download", {"download_id": 99, "completed_length": -1}, 99)
+            hub.publish("download", snapshot(5, step), 5)
+            hub.publish("download", snapshot(6, step * 2), 6)
+        hub.publish("download", snapshot(99, 1), 99)
         received: list[dict[str, Any]] = []
-        while not received or received[-1]["data"]["download_id"] != 99:
+        while not received or received[-1]["data"]["id"] != 99:
             received.append(await receive(ws))
-        five = [m["data"]["completed_length"] for m in received if m["data"]["download_id"] == 5]
-        six = [m["data"]["completed_length"] for m in received if m["data"]["download_id"] == 6]
+        five = [m["data"]["completed_length"] for m in received if m["data"]["id"] == 5]
+        six = [m["data"]["completed_length"] for m in received if m["data"]["id"] == 6]
         assert five == [199] and six == [398]
         assert [m["seq"] for m in received] == [2, 3, 4]
     finally:
@@ -236,12 +271,12 @@ async def test_seq_counts_per_connection(site: Site) -> None:
     await receive(first)
     hub = hub_of(site)
     for item in range(5):
-        hub.publish("download", {"download_id": item}, item)
+        hub.publish("download", snapshot(item), item)
     await asyncio.sleep(0.1)
     second = await connect(site)
     try:
         assert (await receive(second))["seq"] == 1
-        hub.publish("download", {"download_id": 100}, 100)
+        hub.publish("download", snapshot(100), 100)
         seen_first = [(await receive(first))["seq"] for _ in range(6)]
         assert seen_first == [2, 3, 4, 5, 6, 7]
         assert (await receive(second))["seq"] == 2
@@ -313,19 +348,19 @@ async def test_a_stuck_client_is_dropped_while_another_keeps_receiving(site: Sit
         reader = asyncio.create_task(read_all())
         for first in range(0, total, 50):
             for item in range(first, first + 50):
-                hub.publish("download", {"download_id": item, "pad": padding}, item)
+                hub.publish("download", snapshot(item, file_name=padding), item)
             await asyncio.sleep(0.01)
         await asyncio.wait_for(reader, 60)
         # The good client got every item, numbered without a gap, while the stuck one was cut off.
-        items = [m["data"]["download_id"] for m in received if m["type"] == "download_update"]
+        items = [m["data"]["id"] for m in received if m["type"] == "download_update"]
         assert sorted(items) == list(range(total))
         assert [m["seq"] for m in received] == list(range(2, len(received) + 2))
         await wait_until(lambda: hub.subscriber_count == 1, 15, "the stuck client to be dropped")
         assert not good.closed
         # The server closed the stuck socket: draining it ends in EOF or a reset, not a timeout.
         assert await asyncio.to_thread(_drained_to_the_end, stuck)
-        hub.publish("download", {"download_id": -5}, -5)
-        assert (await receive(good))["data"]["download_id"] == -5
+        hub.publish("download", snapshot(-5), -5)
+        assert (await receive(good))["data"]["id"] == -5
     finally:
         stuck.close()
         await good.close()

@@ -29,25 +29,18 @@ import contextlib
 import os
 import posixpath
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from configer import UploadConfig, UploadTarget
-from db import (
-    Database,
-    DownloadRow,
-    NotFound,
-    StoreError,
-    TransitionError,
-    UploadRow,
-    allowed_sources,
-)
-from files import confined_path, remove_confined
+from db import NotFound, Store, StoreError, TransitionError, allowed_sources
+from files import DownloadFiles
+from records import DownloadRow, UploadRow
 from uploads import telegram as telegram_upload
 from uploads.rclone import (
     LOCAL_FILE_MISSING,
@@ -56,7 +49,10 @@ from uploads.rclone import (
     TransferProgress,
     local_total_size,
 )
-from uploads.telegram import TelegramSender, TelegramUploadError
+from uploads.telegram import TelegramClient, TelegramSender, TelegramUploadError
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 PROGRESS_INTERVAL = 1.0  # seconds between progress writes while bytes move
 PROGRESS_HEARTBEAT = 2.0  # a running upload's row is rewritten at least this often
@@ -148,14 +144,14 @@ class ProgressWriter:
 
     def __init__(
         self,
-        db: Database,
+        store: Store,
         upload_id: int,
         total: int,
         *,
         interval: float = PROGRESS_INTERVAL,
         heartbeat: float = PROGRESS_HEARTBEAT,
     ) -> None:
-        self.db = db
+        self.store = store
         self.upload_id = upload_id
         self.total = total
         self.interval = interval
@@ -193,7 +189,7 @@ class ProgressWriter:
         due = now - self._written_at >= self.heartbeat - self.interval / 2
         if not force and current == self._written and not due:
             return
-        await self.db.update_upload_progress(self.upload_id, self.done, self.total, self.speed)
+        await self.store.update_upload_progress(self.upload_id, self.done, self.total, self.speed)
         self._written, self._written_at = current, now
         self.writes += 1
 
@@ -232,30 +228,33 @@ class _Attempt:
 class UploadManager:
     """Creates, runs, retries, cancels, verifies and cleans up uploads.
 
-    `telegram` is the bot (its `client` is a started Pyrogram client once the bot runs) or a
-    client itself. `rclone_args` are added to every rclone command (e.g. ``--bwlimit 8M``) after
-    DEFAULT_RCLONE_FLAGS, so they win. `telegram_part_size` is the largest piece one Telegram
-    message carries (None: the module constant ``telegram_upload.TELEGRAM_PART_SIZE``, read at
-    each upload).
+    `files` is the download directory: uploads read only what lies inside it, and cleanup deletes
+    through it. `data_dir` holds rclone's pid files and the Telegram target's scratch folders.
+    `telegram_client` is asked at each Telegram upload for the bot's client and answers None
+    while the bot is not logged in; without it (no bot), Telegram uploads fail as
+    ``telegram_unavailable``. `rclone_args` are added to every rclone command (e.g.
+    ``--bwlimit 8M``) after DEFAULT_RCLONE_FLAGS, so they win.
+    `telegram_part_size` is the largest piece one Telegram message carries (None: the module
+    constant ``telegram_upload.TELEGRAM_PART_SIZE``, read at each upload).
     """
 
     def __init__(
         self,
-        db: Database,
+        store: Store,
         config: UploadConfig,
         *,
-        download_dir: Path,
+        files: DownloadFiles,
         data_dir: Path,
-        telegram: Any = None,
+        telegram_client: Callable[[], TelegramClient | None] | None = None,
         rclone_args: Sequence[str] = (),
         telegram_part_size: int | None = None,
         progress_interval: float = PROGRESS_INTERVAL,
     ) -> None:
-        self.db = db
+        self.store = store
         self.config = config
-        self.download_dir = download_dir
+        self.files = files
         self.data_dir = data_dir
-        self.telegram = telegram
+        self.telegram_client = telegram_client
         self.telegram_part_size = telegram_part_size
         self.progress_interval = progress_interval
         self.pid_dir = data_dir / "rclone-pids"
@@ -269,7 +268,7 @@ class UploadManager:
         self._attempts: dict[int, _Attempt] = {}
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._cleanup_lock = asyncio.Lock()
         self._stopping = False
         self._started = False
@@ -324,13 +323,12 @@ class UploadManager:
         await self.check_remotes()
         await self.catch_up()
 
-    def _spawn(self, coroutine: Awaitable[Any], name: str) -> None:
-        task = asyncio.ensure_future(coroutine)
-        task.set_name(name)
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
         self._background.add(task)
         task.add_done_callback(self._background_done)
 
-    def _background_done(self, task: asyncio.Task[Any]) -> None:
+    def _background_done(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.opt(exception=task.exception()).error("{} failed", task.get_name())
@@ -376,7 +374,7 @@ class UploadManager:
         ids: list[int] = []
         name = upload_name(row)
         for target in self.targets_for(row):
-            upload_id = await self.db.create_upload(
+            upload_id = await self.store.create_upload(
                 row.id,
                 target.name,
                 remote_path_for(target, name),
@@ -393,12 +391,12 @@ class UploadManager:
     async def on_download_completed(self, row: DownloadRow) -> None:
         """A download's bytes are whole on disk: queue its uploads."""
         await self.create_uploads(row)
-        await self.db.release_waiting_uploads(row.id)
+        await self.store.release_waiting_uploads(row.id)
         self._wake.set()
 
     async def on_download_removed(self, row: DownloadRow) -> None:
         """The download is cancelled or about to be deleted: stop and cancel its uploads."""
-        for upload in await self.db.get_uploads_by_download(row.id):
+        for upload in await self.store.get_uploads_by_download(row.id):
             if upload.status in ("completed", "failed", "cancelled"):
                 continue
             with contextlib.suppress(StoreError):
@@ -411,13 +409,13 @@ class UploadManager:
         file is still on disk get rows for targets they have none for; downloads whose every
         upload is done are cleaned up (auto_delete).
         """
-        completed = await self.db.fetch_downloads_in_states(("completed",))
-        uploads = await self.db.get_uploads_for_downloads([r.id for r in completed])
+        completed = await self.store.fetch_downloads_in_states(("completed",))
+        uploads = await self.store.get_uploads_for_downloads([r.id for r in completed])
         created = 0
         for row in completed:
             existing = uploads.get(row.id, [])
             if any(u.status == "waiting_download" for u in existing):
-                await self.db.release_waiting_uploads(row.id)
+                await self.store.release_waiting_uploads(row.id)
             if any(u.cleaned_at is not None for u in existing):
                 continue
             have = {u.upload_target for u in existing}
@@ -436,21 +434,24 @@ class UploadManager:
         return path is not None and path.exists()
 
     def _local_path(self, row: DownloadRow) -> Path | None:
-        """The download's file or folder, only if it lies inside the download directory."""
+        """The download's file or folder, only if it lies inside the download directory.
+
+        Synchronous (it resolves symlinks): call it in a thread.
+        """
         if not row.local_path:
             return None
-        return confined_path(self.download_dir, row.local_path)
+        return self.files.confined(row.local_path)
 
     # --- actions --------------------------------------------------------------------------------
 
     async def retry(self, upload_id: int) -> UploadRow:
         """By hand: a failed or cancelled upload starts again with its retry count reset."""
-        upload = await self.db.get_upload_by_id(upload_id)
+        upload = await self.store.get_upload_by_id(upload_id)
         if upload is None:
             raise NotFound("upload", upload_id)
         if upload.status not in ("failed", "cancelled"):
             raise TransitionError("upload", upload_id, upload.status, "pending")
-        await self.db.reset_upload_for_retry(upload_id, manual=True)
+        await self.store.reset_upload_for_retry(upload_id, manual=True)
         logger.bind(upload=upload_id, job=upload.download_id).info("upload retried by hand")
         self._wake.set()
         return await self._row(upload_id)
@@ -459,7 +460,7 @@ class UploadManager:
         """Stop a running transfer (its rclone process group, or the Telegram send) and mark the
         upload cancelled; a queued one is cancelled at once. Raises TransitionError when the
         machine forbids it (completed, failed, cancelled)."""
-        upload = await self.db.get_upload_by_id(upload_id)
+        upload = await self.store.get_upload_by_id(upload_id)
         if upload is None:
             raise NotFound("upload", upload_id)
         if upload.status not in allowed_sources("upload", "cancelled"):
@@ -476,12 +477,12 @@ class UploadManager:
             upload = await self._row(upload_id)
             if upload.status == "cancelled":
                 return upload
-        await self.db.mark_upload_cancelled(upload_id, reason)
+        await self.store.mark_upload_cancelled(upload_id, reason)
         logger.bind(upload=upload_id, job=upload.download_id).info("upload cancelled: {}", reason)
         return await self._row(upload_id)
 
     async def _row(self, upload_id: int) -> UploadRow:
-        row = await self.db.get_upload_by_id(upload_id)
+        row = await self.store.get_upload_by_id(upload_id)
         if row is None:
             raise NotFound("upload", upload_id)
         return row
@@ -512,17 +513,17 @@ class UploadManager:
         """Start what may start now; returns the seconds until a retry falls due (capped)."""
         now = datetime.now(UTC)
         next_due = _IDLE_DISPATCH_SECONDS
-        for upload in await self.db.fetch_uploads_in_states(("failed",)):
+        for upload in await self.store.fetch_uploads_in_states(("failed",)):
             if upload.next_attempt_at is None:
                 continue
             due = _parse_iso(upload.next_attempt_at)
             if due is None or due <= now:
                 with contextlib.suppress(StoreError):
-                    await self.db.reset_upload_for_retry(upload.id, manual=False)
+                    await self.store.reset_upload_for_retry(upload.id, manual=False)
             else:
                 next_due = min(next_due, (due - now).total_seconds())
         # Rows left `uploading` by a stopped service come first: they were started before.
-        candidates = await self.db.fetch_uploads_in_states(("uploading", "pending"))
+        candidates = await self.store.fetch_uploads_in_states(("uploading", "pending"))
         candidates.sort(key=lambda u: (u.status != "uploading", u.id))
         for upload in candidates:
             if len(self._attempts) >= self.config.max_concurrent:
@@ -590,21 +591,21 @@ class UploadManager:
                     await transfer
             self._attempt_done(attempt)
 
-    async def _finish_cancelled(self, attempt: _Attempt, log: Any) -> None:
+    async def _finish_cancelled(self, attempt: _Attempt, log: Logger) -> None:
         with contextlib.suppress(TransitionError, NotFound):
-            await self.db.mark_upload_cancelled(attempt.upload_id, attempt.cancel_reason)
+            await self.store.mark_upload_cancelled(attempt.upload_id, attempt.cancel_reason)
         log.info("upload {} cancelled: {}", attempt.upload_id, attempt.cancel_reason)
 
-    async def _attempt(self, attempt: _Attempt, log: Any) -> None:
+    async def _attempt(self, attempt: _Attempt, log: Logger) -> None:
         """Transfer, verify, complete. Raises UploadFailure; CancelledError when cancelled."""
         upload = await self._row(attempt.upload_id)
         if upload.status not in ("pending", "uploading"):
             return
-        download = await self.db.get_download_by_id(upload.download_id)
+        download = await self.store.get_download_by_id(upload.download_id)
         if download is None:
             raise NotFound("download", upload.download_id)
         target = self.config.target(upload.upload_target)
-        local = self._local_path(download)
+        local = await asyncio.to_thread(self._local_path, download)
         if local is None:
             # No file recorded, or one outside the download directory: never upload or delete it.
             raise UploadFailure(
@@ -612,11 +613,14 @@ class UploadManager:
                 "the download has no local file inside the download directory",
                 retryable=False,
             )
-        if not await self.db.check_and_update_download_status_if_file_exists(upload.id, local):
+        exists = await asyncio.to_thread(local.exists)
+        if not await self.store.check_and_update_download_status_if_file_exists(
+            upload.id, local, exists=exists
+        ):
             log.warning("upload {}: the local file is gone: {}", upload.id, local.name)
             return
         total = await asyncio.to_thread(local_total_size, local)
-        await self.db.mark_upload_started(upload.id, total)
+        await self.store.mark_upload_started(upload.id, total)
         if target is None:
             raise UploadFailure(
                 TARGET_NOT_CONFIGURED,
@@ -625,18 +629,23 @@ class UploadManager:
             )
         name = upload_name(download)
         remote_path = upload.remote_path or remote_path_for(target, name)
-        progress = ProgressWriter(self.db, upload.id, total, interval=self.progress_interval)
+        progress = ProgressWriter(self.store, upload.id, total, interval=self.progress_interval)
         if upload.status == "uploading":
             log.info("upload {} to {} resumes after a restart", upload.id, target.name)
         if target.type == "rclone":
             await self._upload_rclone(upload.id, local, remote_path, progress, log)
         else:
             remote_path = await self._upload_telegram(upload.id, target, local, name, progress)
-        await self.db.mark_upload_completed(upload.id, remote_path)
+        await self.store.mark_upload_completed(upload.id, remote_path)
         log.info("upload {} to {} completed and verified ({} bytes)", upload.id, target.name, total)
 
     async def _upload_rclone(
-        self, upload_id: int, local: Path, remote_path: str, progress: ProgressWriter, log: Any
+        self,
+        upload_id: int,
+        local: Path,
+        remote_path: str,
+        progress: ProgressWriter,
+        log: Logger,
     ) -> None:
         progress.start()
         try:
@@ -664,7 +673,7 @@ class UploadManager:
         verified_hash = f"{result.hash_type}:{result.hash}" if result.hash else None
         if verified_hash is None and result.hash_type:
             verified_hash = f"{result.hash_type}:every file"
-        await self.db.record_upload_verified(upload_id, result.size, verified_hash)
+        await self.store.record_upload_verified(upload_id, result.size, verified_hash)
 
     async def _upload_telegram(
         self,
@@ -674,7 +683,7 @@ class UploadManager:
         name: str,
         progress: ProgressWriter,
     ) -> str:
-        client = self._telegram_client()
+        client = self.telegram_client() if self.telegram_client is not None else None
         if client is None or target.chat_id is None:
             raise UploadFailure(
                 TELEGRAM_UNAVAILABLE,
@@ -694,26 +703,19 @@ class UploadManager:
             raise UploadFailure.from_telegram(exc) from exc
         finally:
             await progress.stop()
-        await self.db.record_upload_verified(upload_id, result.size, None)
+        await self.store.record_upload_verified(upload_id, result.size, None)
         return result.remote_path
 
-    def _telegram_client(self) -> Any:
-        if self.telegram is None:
-            return None
-        if hasattr(self.telegram, "send_document"):
-            return self.telegram
-        return getattr(self.telegram, "client", None)
-
-    async def _record_failure(self, upload_id: int, failure: UploadFailure, log: Any) -> None:
+    async def _record_failure(self, upload_id: int, failure: UploadFailure, log: Logger) -> None:
         upload = await self._row(upload_id)
         if upload.status == "pending":
-            await self.db.mark_upload_started(upload_id, upload.total_size)
+            await self.store.mark_upload_started(upload_id, upload.total_size)
         target = self.config.target(upload.upload_target)
         max_retries = self.config.retries_for(target) if target else upload.max_retries
         if failure.retryable and upload.retry_count < max_retries:
             delay = self.config.retry_backoff * (2**upload.retry_count)
-            await self.db.increment_upload_retry(upload_id)
-            await self.db.mark_upload_failed(
+            await self.store.increment_upload_retry(upload_id)
+            await self.store.mark_upload_failed(
                 upload_id, failure.reason, failure.message, failure.code, _iso_after(delay)
             )
             log.warning(
@@ -727,7 +729,7 @@ class UploadManager:
             )
             self._wake.set()
         else:
-            await self.db.mark_upload_failed(
+            await self.store.mark_upload_failed(
                 upload_id, failure.reason, failure.message, failure.code
             )
             why = (
@@ -749,10 +751,10 @@ class UploadManager:
         if not self.config.auto_delete:
             return False
         async with self._cleanup_lock:
-            download = await self.db.get_download_by_id(download_id)
+            download = await self.store.get_download_by_id(download_id)
             if download is None or download.status != "completed" or not download.local_path:
                 return False
-            uploads = await self.db.get_uploads_by_download(download_id)
+            uploads = await self.store.get_uploads_by_download(download_id)
             if not uploads or all(u.cleaned_at is not None for u in uploads):
                 return False
             if any(u.status != "completed" or u.verified_at is None for u in uploads):
@@ -761,17 +763,17 @@ class UploadManager:
             if any(t.name not in have for t in self.targets_for(download)):
                 return False
             log = logger.bind(job=download_id)
-            path = confined_path(self.download_dir, download.local_path)
+            path = await asyncio.to_thread(self.files.confined, download.local_path)
             if path is None:
                 log.warning(
                     "download {}: its file lies outside the download directory; not deleted",
                     download_id,
                 )
                 return False
-            removed = await asyncio.to_thread(remove_confined, self.download_dir, path)
+            removed = await self.files.remove(path)
             if not removed and await asyncio.to_thread(path.exists):
                 log.warning("download {}: the local file could not be deleted", download_id)
                 return False
-            await self.db.mark_download_cleaned(download_id)
+            await self.store.mark_download_cleaned_by_id(download_id)
             log.info("download {} uploaded everywhere; local file deleted", download_id)
             return True

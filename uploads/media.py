@@ -1,8 +1,11 @@
-"""Media facts (duration, size, codecs) of finished downloads, read with ffprobe.
+"""Media facts (duration, size, codecs) of finished downloads, and the one ffprobe/ffmpeg runner.
 
-ffprobe runs as a subprocess with a deadline, never on the event loop. Its whole JSON answer is
-kept next to the few fields the page shows, as an audit copy: a later reader can find anything
-ffprobe said without probing the file again (which may be gone by then).
+ffprobe and ffmpeg run only through :func:`run_tool`: a subprocess without a shell, never on the
+event loop, with a deadline, killed when the deadline passes or the caller is cancelled. The
+prober stores ffprobe's whole JSON answer next to the few fields the page shows, as an audit
+copy: a later reader can find anything ffprobe said without probing the file again (which may be
+gone by then). The Telegram target reads the same facts for a video and takes its thumbnail
+with :func:`make_thumbnail`.
 """
 
 from __future__ import annotations
@@ -11,18 +14,24 @@ import asyncio
 import contextlib
 import json
 import mimetypes
-import os
-import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from loguru import logger
 
-from db import Database, DownloadRow
-from files import confined_path
+from db import Store
+from files import DownloadFiles
+from records import DownloadRow
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 PROBE_TIMEOUT = 30.0
+THUMBNAIL_TIMEOUT = 60.0
+THUMBNAIL_MAX_SIDE = 320
+_KILL_WAIT_SECONDS = 5.0
 # A torrent may hold thousands of files; the facts of the first few dozen media files are enough.
 MAX_FILES_PER_DOWNLOAD = 50
 
@@ -38,8 +47,81 @@ AUDIO_EXTENSIONS = frozenset(
 # Formats ffprobe reads from files that are not media: "tty" renders any text as ANSI art.
 NOT_MEDIA_FORMATS = frozenset({"tty"})
 
-# ffprobe executables already reported missing: one warning each, not one per file.
+# Executables already reported missing: one warning each, not one per file.
 _missing_reported: set[str] = set()
+
+
+class MediaFacts(TypedDict):
+    """The fields MistRelay uses from ffprobe's answer (seconds, pixels, names)."""
+
+    duration: float | None
+    width: int | None
+    height: int | None
+    video_codec: str | None
+    audio_codec: str | None
+    format: str | None
+
+
+class ProbedMedia(MediaFacts):
+    """:class:`MediaFacts` plus `ffprobe`, the raw JSON answer kept as the audit copy."""
+
+    ffprobe: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    """How a finished ffprobe/ffmpeg run ended."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    def last_error_line(self) -> str:
+        lines = self.stderr.decode("utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else f"exit code {self.returncode}"
+
+
+async def run_tool(
+    command: Sequence[str], *, timeout: float, log: Logger = logger
+) -> ToolRun | None:
+    """Run ffprobe or ffmpeg (`command[0]`) without a shell and with stdin closed.
+
+    None when it cannot be started (warned once per executable) or gave no answer within
+    `timeout` seconds (killed, and warned on `log`). Cancelling the caller kills it too.
+    """
+    executable = command[0]
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:
+        if executable not in _missing_reported:
+            _missing_reported.add(executable)
+            logger.warning(
+                "cannot run {} ({}): media facts and thumbnails are skipped", executable, exc
+            )
+        return None
+    try:
+        async with asyncio.timeout(timeout):
+            stdout, stderr = await process.communicate()
+    except TimeoutError:
+        log.warning("{} gave no answer within {} s; killed", Path(executable).name, timeout)
+        return None
+    finally:
+        if process.returncode is None:
+            await asyncio.shield(_kill(process))
+    assert process.returncode is not None
+    return ToolRun(process.returncode, stdout, stderr)
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(process.wait(), _KILL_WAIT_SECONDS)
 
 
 def is_media_name(name: str, mime_type: str | None = None) -> bool:
@@ -69,7 +151,7 @@ def _int(value: Any) -> int | None:
     return number if number > 0 else None
 
 
-def summarize(raw: Mapping[str, Any]) -> dict[str, Any]:
+def summarize(raw: Mapping[str, Any]) -> MediaFacts:
     """The fields MistRelay uses, from ffprobe's `-show_format -show_streams` JSON."""
     streams = [s for s in raw.get("streams") or () if isinstance(s, Mapping)]
     fmt_value = raw.get("format")
@@ -89,107 +171,110 @@ def summarize(raw: Mapping[str, Any]) -> dict[str, Any]:
     if duration is None:
         durations = [d for d in (_float(s.get("duration")) for s in streams) if d is not None]
         duration = max(durations) if durations else None
-    return {
-        "duration": duration,
-        "width": _int(video.get("width")) if video else None,
-        "height": _int(video.get("height")) if video else None,
-        "video_codec": str(video["codec_name"]) if video and video.get("codec_name") else None,
-        "audio_codec": str(audio["codec_name"]) if audio and audio.get("codec_name") else None,
-        "format": str(fmt["format_name"]) if fmt.get("format_name") else None,
-    }
+    return MediaFacts(
+        duration=duration,
+        width=_int(video.get("width")) if video else None,
+        height=_int(video.get("height")) if video else None,
+        video_codec=str(video["codec_name"]) if video and video.get("codec_name") else None,
+        audio_codec=str(audio["codec_name"]) if audio and audio.get("codec_name") else None,
+        format=str(fmt["format_name"]) if fmt.get("format_name") else None,
+    )
 
 
 async def probe(
     path: Path, ffprobe: str = "ffprobe", *, timeout: float = PROBE_TIMEOUT
-) -> dict[str, Any] | None:
-    """ffprobe's view of one file, or None when it cannot read it (or is missing, or too slow).
-
-    Returns `duration` (seconds), `width`, `height`, `video_codec`, `audio_codec`, `format`, and
-    `ffprobe`: the raw JSON answer, kept as the audit copy.
-    """
-    log = logger.bind(file=Path(path).name)
+) -> ProbedMedia | None:
+    """ffprobe's view of one file, or None when it cannot read it (or is missing, or too slow)."""
     # "file:" keeps ffprobe from reading a name as a protocol ("http:…", "concat:…") or an option.
     target = "file:" + str(await asyncio.to_thread(Path(path).resolve))
-    try:
-        process = await asyncio.create_subprocess_exec(
-            ffprobe,
-            "-v",
-            "error",
-            "-print_format",
-            "json",
-            "-show_format",
-            "-show_streams",
-            "-i",
-            target,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except (FileNotFoundError, PermissionError) as exc:
-        if ffprobe not in _missing_reported:
-            _missing_reported.add(ffprobe)
-            logger.warning("cannot run {} ({}): media facts are not recorded", ffprobe, exc)
+    command = [ffprobe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams"]
+    log = logger.bind(file=Path(path).name)
+    run = await run_tool([*command, "-i", target], timeout=timeout, log=log)
+    if run is None:
+        return None
+    if run.returncode != 0:
+        log.debug("ffprobe cannot read the file: {}", run.last_error_line())
         return None
     try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        log.warning("ffprobe gave no answer within {} s; killed", timeout)
-        await _kill(process)
-        return None
-    except asyncio.CancelledError:
-        await _kill(process)
-        raise
-    if process.returncode != 0:
-        reason = stderr.decode("utf-8", "replace").strip().splitlines()
-        log.debug("ffprobe cannot read the file: {}", reason[-1] if reason else process.returncode)
-        return None
-    try:
-        raw = json.loads(stdout)
+        raw = json.loads(run.stdout)
     except ValueError:
         log.warning("ffprobe answered something that is not JSON")
         return None
     if not isinstance(raw, dict) or not raw.get("streams"):
         return None
-    summary = summarize(raw)
-    if summary["format"] in NOT_MEDIA_FORMATS:
+    facts = summarize(raw)
+    if facts["format"] in NOT_MEDIA_FORMATS:
         return None
-    return {**summary, "ffprobe": raw}
+    return ProbedMedia(**facts, ffprobe=raw)
 
 
-async def _kill(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(process.wait(), 5)
+async def make_thumbnail(
+    path: Path,
+    out: Path,
+    duration: float,
+    *,
+    ffmpeg: str = "ffmpeg",
+    timeout: float = THUMBNAIL_TIMEOUT,
+) -> Path | None:
+    """A JPEG frame of the video (at most 320 px a side) written to `out`; None when ffmpeg
+    fails."""
+    await asyncio.to_thread(out.parent.mkdir, parents=True, exist_ok=True)
+    at = min(2.0, duration / 2) if duration > 0 else 0.0
+    scale = f"scale={THUMBNAIL_MAX_SIDE}:{THUMBNAIL_MAX_SIDE}:force_original_aspect_ratio=decrease"
+    source = ["-ss", f"{at:.2f}", "-i", f"file:{path}"]
+    run = await run_tool(
+        [ffmpeg, "-v", "error", "-y", *source, "-frames:v", "1", "-vf", scale, str(out)],
+        timeout=timeout,
+        log=logger.bind(file=path.name),
+    )
+    if run is None or run.returncode != 0:
+        return None
+    return out if await asyncio.to_thread(_non_empty_file, out) else None
+
+
+def _non_empty_file(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
 
 
 class MediaProber:
     """Completion listener: probes a finished download's audio/video files and stores the facts.
 
     Probing runs in background tasks (at most `concurrency` ffprobe processes at a time), so a
-    completion never waits for ffprobe and the poller's cycle is not held up.
+    completion never waits for ffprobe and the poller's cycle is not held up. Completions are
+    taken between :meth:`start` and :meth:`stop`; only files inside the download directory are
+    read.
     """
 
     def __init__(
         self,
-        db: Database,
+        store: Store,
         *,
-        download_dir: Path | None = None,
+        files: DownloadFiles,
         ffprobe: str = "ffprobe",
         concurrency: int = 1,
         timeout: float = PROBE_TIMEOUT,
     ) -> None:
-        self.db = db
-        self.download_dir = download_dir
+        self.store = store
+        self.files = files
         self.ffprobe = ffprobe
         self.timeout = timeout
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._closed = False
+        self._running = False
+
+    async def start(self) -> None:
+        self._running = True
+
+    async def stop(self) -> None:
+        """Stop taking completions and cancel the probes under way (their ffprobe is killed)."""
+        self._running = False
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def on_download_completed(self, row: DownloadRow) -> None:
-        if self._closed:
+        if not self._running:
             return
         task = asyncio.create_task(self._probe_download(row), name=f"media-probe-{row.id}")
         self._tasks.add(task)
@@ -200,19 +285,12 @@ class MediaProber:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def stop(self) -> None:
-        self._closed = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
     async def probe_download(self, row: DownloadRow) -> dict[str, Any] | None:
         """Probe `row`'s media files now and store the result; returns what was stored."""
         candidates = await self._media_files(row)
         if not candidates:
             return None
-        results: list[tuple[str, int, dict[str, Any]]] = []
+        results: list[tuple[str, int, ProbedMedia]] = []
         for relative, path, size in candidates:
             async with self._slots:
                 info = await probe(path, self.ffprobe, timeout=self.timeout)
@@ -231,7 +309,7 @@ class MediaProber:
                 {"file": rel, **{k: v for k, v in info.items() if k != "ffprobe"}}
                 for rel, _s, info in sorted(results, key=lambda item: item[0])
             ]
-        await self.db.set_media_info(row.id, media_info)
+        await self.store.set_media_info(row.id, media_info)
         logger.bind(job=row.id).info(
             "media facts of download {} recorded ({} file(s))", row.id, len(results)
         )
@@ -251,7 +329,7 @@ class MediaProber:
             return []
         mime_type: str | None = None
         if row.file_unique_id:
-            media = await self.db.get_tg_media(row.file_unique_id)
+            media = await self.store.get_tg_media(row.file_unique_id)
             mime_type = media.mime_type if media else None
         local = Path(row.local_path)
         if row.files:
@@ -271,12 +349,7 @@ class MediaProber:
     def _existing(self, wanted: list[tuple[str, Path, int]]) -> list[tuple[str, Path, int]]:
         found: list[tuple[str, Path, int]] = []
         for relative, path, size in wanted:
-            checked = path
-            if self.download_dir is not None:
-                confined = confined_path(self.download_dir, path)
-                if confined is None:
-                    continue
-                checked = confined
-            if checked.is_file():
-                found.append((relative, checked, size))
+            confined = self.files.confined(path)
+            if confined is not None and confined.is_file():
+                found.append((relative, confined, size))
         return found

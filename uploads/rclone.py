@@ -59,6 +59,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from loguru import logger
 
+from files import discard
+
 if TYPE_CHECKING:
     from loguru import Logger
 
@@ -661,8 +663,7 @@ class Rclone:
             if process.returncode is None:
                 # Shielded: a second cancellation of this task must not leave rclone running.
                 await asyncio.shield(_terminate_process(process))
-            with contextlib.suppress(FileNotFoundError):
-                pid_file.unlink()
+            discard(pid_file)
             state.finished = True
             state.changed.set()
             if deliverer is not None:
@@ -820,8 +821,7 @@ class Rclone:
                     _signal_group(pid, signal.SIGKILL)
                 killed.append(pid)
                 logger.warning("killed leftover rclone pid {} ({})", pid, pid_file.stem)
-            with contextlib.suppress(FileNotFoundError):
-                pid_file.unlink()
+            discard(pid_file)
         return killed
 
     # ------------------------------------------------------------------ listings and verify

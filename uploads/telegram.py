@@ -4,7 +4,7 @@ A bot may send at most 2000 MiB per file, so a bigger file goes as several docum
 (``name.001``, ``name.002``, … — ``cat`` joins them again). Each part is read straight from the
 file through a window (:class:`FileWindow`); nothing is copied to disk. A torrent folder sends
 each of its files this way. A single-part video is sent as a streamable video with its duration,
-size and a thumbnail, which ffprobe and ffmpeg work out in subprocesses.
+size and a thumbnail, which ffprobe and ffmpeg work out in subprocesses (:mod:`uploads.media`).
 
 Verification: Telegram answers each send with the stored message; the size of its document
 (or video) must equal the bytes sent for that part.
@@ -13,25 +13,23 @@ Verification: Telegram answers each send with the stored message; the size of it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
-import json
 import os
-import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Protocol, cast
 
 from loguru import logger
+
+from files import discard
+from uploads.media import make_thumbnail, probe
 
 MIB = 1024 * 1024
 TELEGRAM_PART_SIZE = 2000 * MIB  # a bot's upload limit per file
 CAPTION_LIMIT = 1024
-VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm"})
-FFPROBE_TIMEOUT = 30.0
-FFMPEG_TIMEOUT = 60.0
-THUMB_MAX_SIDE = 320
+# Containers Telegram plays as a streamable video.
+STREAMABLE_VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm"})
 
 # Failure reasons of the Telegram target.
 TELEGRAM_ERROR = "telegram_error"
@@ -40,6 +38,47 @@ TELEGRAM_FLOOD_WAIT = "telegram_flood_wait"
 NETWORK = "network"
 LOCAL_FILE_MISSING = "local_file_missing"
 VERIFY_SIZE_MISMATCH = "verify_size_mismatch"
+
+
+SendProgress = Callable[[int, int], Awaitable[None]]
+
+
+class SentMessage(Protocol):
+    """The stored message Telegram answers a send with (a Pyrogram ``Message``)."""
+
+    @property
+    def id(self) -> int: ...
+
+
+class TelegramClient(Protocol):
+    """The calls of a started Pyrogram client that sending an upload makes."""
+
+    async def send_document(
+        self,
+        chat_id: int,
+        document: str | BinaryIO,
+        *,
+        file_name: str,
+        caption: str,
+        force_document: bool,
+        progress: SendProgress,
+    ) -> SentMessage | None: ...
+
+    async def send_video(
+        self,
+        chat_id: int,
+        video: str,
+        *,
+        file_name: str,
+        caption: str,
+        duration: int,
+        width: int,
+        height: int,
+        thumb: str | None,
+        supports_streaming: bool,
+        no_sound: bool,
+        progress: SendProgress,
+    ) -> SentMessage | None: ...
 
 
 class TelegramUploadError(Exception):
@@ -65,15 +104,6 @@ class TelegramPart:
     name: str
     caption: str
     whole_file: bool
-
-
-@dataclass(frozen=True)
-class MediaInfo:
-    duration: int
-    width: int
-    height: int
-    has_video: bool
-    has_audio: bool
 
 
 @dataclass(frozen=True)
@@ -168,97 +198,6 @@ def _caption(text: str) -> str:
     return text if len(text) <= CAPTION_LIMIT else text[: CAPTION_LIMIT - 1] + "…"
 
 
-async def _run_tool(command: list[str], timeout: float) -> tuple[int, bytes]:
-    """Run ffprobe/ffmpeg without a shell; (-1, b"") when it is missing or too slow."""
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-    except OSError:
-        return -1, b""
-    try:
-        async with asyncio.timeout(timeout):
-            stdout, _ = await process.communicate()
-    except TimeoutError:
-        return -1, b""
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-    return process.returncode or 0, stdout
-
-
-async def probe_media(path: Path) -> MediaInfo | None:
-    """Duration and size of a video through ffprobe (a subprocess); None if it is not one."""
-    # "file:" keeps a name like "x:y" from being read as a protocol or "-x" as an option.
-    code, stdout = await _run_tool(
-        [
-            "ffprobe",
-            "-v",
-            "error",
-            "-print_format",
-            "json",
-            "-show_format",
-            "-show_streams",
-            f"file:{path}",
-        ],
-        FFPROBE_TIMEOUT,
-    )
-    if code != 0:
-        return None
-    try:
-        report = json.loads(stdout)
-    except ValueError:
-        return None
-    streams = report.get("streams") or []
-    video = next((s for s in streams if s.get("codec_type") == "video"), None)
-    has_audio = any(s.get("codec_type") == "audio" for s in streams)
-    try:
-        duration = float((report.get("format") or {}).get("duration") or 0)
-    except (TypeError, ValueError):
-        duration = 0.0
-    return MediaInfo(
-        duration=round(duration),
-        width=int(video.get("width") or 0) if video else 0,
-        height=int(video.get("height") or 0) if video else 0,
-        has_video=video is not None,
-        has_audio=has_audio,
-    )
-
-
-async def make_thumbnail(path: Path, out: Path, duration: int) -> Path | None:
-    """A JPEG frame (at most 320 px a side) for the video's preview; None when ffmpeg fails."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    at = min(2.0, duration / 2) if duration > 0 else 0.0
-    code, _ = await _run_tool(
-        [
-            "ffmpeg",
-            "-v",
-            "error",
-            "-y",
-            "-ss",
-            f"{at:.2f}",
-            "-i",
-            f"file:{path}",
-            "-frames:v",
-            "1",
-            "-vf",
-            f"scale={THUMB_MAX_SIDE}:{THUMB_MAX_SIDE}:force_original_aspect_ratio=decrease",
-            str(out),
-        ],
-        FFMPEG_TIMEOUT,
-    )
-    return out if code == 0 and await asyncio.to_thread(_non_empty_file, out) else None
-
-
-def _non_empty_file(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size > 0
-
-
 def classify(exc: BaseException, part: TelegramPart) -> TelegramUploadError:
     """A Pyrogram or OS failure as a TelegramUploadError."""
     from pyrogram import errors
@@ -297,7 +236,7 @@ def classify(exc: BaseException, part: TelegramPart) -> TelegramUploadError:
     )
 
 
-def _sent_size(message: Any) -> int | None:
+def _sent_size(message: SentMessage) -> int | None:
     for kind in ("document", "video", "audio", "animation"):
         media = getattr(message, kind, None)
         size = getattr(media, "file_size", None)
@@ -309,7 +248,9 @@ def _sent_size(message: Any) -> int | None:
 class TelegramSender:
     """Sends one upload (a file or a folder) to `chat_id` through a started Pyrogram client."""
 
-    def __init__(self, client: Any, chat_id: int, *, part_size: int, work_dir: Path) -> None:
+    def __init__(
+        self, client: TelegramClient, chat_id: int, *, part_size: int, work_dir: Path
+    ) -> None:
         self.client = client
         self.chat_id = chat_id
         self.part_size = part_size
@@ -339,7 +280,7 @@ class TelegramSender:
                 sent_before += part.length
                 on_progress(sent_before)
         finally:
-            await asyncio.to_thread(shutil.rmtree, self.work_dir, True)
+            await asyncio.to_thread(discard, self.work_dir)
         if len(message_ids) == 1:
             where = str(message_ids[0])
         else:
@@ -356,34 +297,38 @@ class TelegramSender:
         async def progress(current: int, _total: int) -> None:
             on_progress(sent_before + current)
 
-        media: MediaInfo | None = None
-        if part.whole_file and part.path.suffix.lower() in VIDEO_EXTENSIONS:
-            media = await probe_media(part.path)
+        video = None
+        if part.whole_file and part.path.suffix.lower() in STREAMABLE_VIDEO_EXTENSIONS:
+            video = await probe(part.path)
         window: FileWindow | None = None
+        message: SentMessage | None
         try:
-            if media is not None and media.has_video:
-                thumb = await make_thumbnail(part.path, self.work_dir / "thumb.jpg", media.duration)
+            if video is not None and video["width"] and video["height"]:
+                duration = round(video["duration"] or 0)
+                thumb = await make_thumbnail(part.path, self.work_dir / "thumb.jpg", duration)
                 message = await self.client.send_video(
                     self.chat_id,
                     video=str(part.path),
                     file_name=part.name,
                     caption=part.caption,
-                    duration=media.duration,
-                    width=media.width,
-                    height=media.height,
+                    duration=duration,
+                    width=video["width"],
+                    height=video["height"],
                     thumb=str(thumb) if thumb else None,
                     supports_streaming=True,
-                    no_sound=not media.has_audio,
+                    no_sound=video["audio_codec"] is None,
                     progress=progress,
                 )
             else:
+                document: str | BinaryIO
                 if part.whole_file:
-                    document: Any = str(part.path)
+                    document = str(part.path)
                 else:
                     window = await asyncio.to_thread(
                         FileWindow, part.path, part.offset, part.length, part.name
                     )
-                    document = window
+                    # A raw binary file object, which Pyrogram reads as its typed BinaryIO.
+                    document = cast(BinaryIO, window)
                 message = await self.client.send_document(
                     self.chat_id,
                     document=document,
@@ -410,4 +355,4 @@ class TelegramSender:
                 f"Telegram stored {size} bytes of {part.name}, {part.length} were sent",
                 retryable=True,
             )
-        return int(message.id)
+        return message.id

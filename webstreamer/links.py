@@ -3,9 +3,9 @@ player page and the bot alike, so that every part gives the same link for the sa
 
 from __future__ import annotations
 
-from urllib.parse import quote
+from dataclasses import replace
 
-from db import DownloadRow
+from records import DownloadRow
 from webstreamer.signing import LinkSigner
 
 
@@ -23,15 +23,18 @@ def file_name_of(row: DownloadRow) -> str:
 
 
 class StreamLinks:
-    """Signed links to a row's bytes, on the public base URL (or loopback, for aria2)."""
+    """Signed links to a row's bytes, on the public base URL (or on loopback, for aria2)."""
 
-    def __init__(self, signer: LinkSigner, base_url: str) -> None:
+    def __init__(self, signer: LinkSigner, base_url: str, loopback_origin: str) -> None:
+        """`loopback_origin` is ``http://address:port`` of our own listener, as seen from this
+        machine: it is fixed for the life of the process, unlike the reloadable base URL."""
         self.signer = signer
         self.base_url = base_url.rstrip("/")
+        self.loopback_origin = loopback_origin
 
-    def reconfigure(self, signer: LinkSigner, base_url: str) -> None:
+    def reconfigure(self, *, link_expiry: int, base_url: str) -> None:
         """Apply a reloaded `web.link_expiry` or `web.public_url` to every holder at once."""
-        self.signer = signer
+        self.signer = replace(self.signer, default_lifetime=link_expiry)
         self.base_url = base_url.rstrip("/")
 
     def stream_url(self, row: DownloadRow) -> str | None:
@@ -52,17 +55,12 @@ class StreamLinks:
         name = path.rsplit("/", 1)[-1]
         return self.base_url + self.signer.stream_path(row.id, name, index=index)
 
-    @staticmethod
-    def player_source(download_id: int, name: str, query: str, index: int | None = None) -> str:
-        """The relative stream path the player page plays, reusing the page's own signature."""
-        middle = f"{index}/" if index is not None else ""
-        return f"/stream/{download_id}/{middle}{quote(name or 'file', safe='')}?{query}"
+    def player_source(self, download_id: int, name: str, index: int | None, expires: int) -> str:
+        """The relative /stream link the /watch page plays. Both links sign the same (id, index,
+        expiry), so the player's link holds exactly as long as the page's own."""
+        return self.signer.stream_path(download_id, name, index, expires=expires)
 
-    def loopback_url(self, row: DownloadRow, host: str, port: int) -> str:
+    def loopback_url(self, row: DownloadRow) -> str:
         """A never-expiring link on our own listener: how aria2 fetches a Telegram file."""
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
         path = self.signer.stream_path(row.id, file_name_of(row), lifetime=0)
-        return f"http://{host}:{port}{path}"
+        return self.loopback_origin + path

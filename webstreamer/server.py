@@ -1,58 +1,20 @@
-"""The aiohttp application: shared context, JSON errors, authentication, and its lifecycle."""
+"""The aiohttp application (routes, JSON errors, security headers) and the listener it is served
+on. Only app.py imports this module; the routes share webstreamer.context instead."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import ipaddress
+import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 from loguru import logger
 
-from aria2_client.download_handler import DownloadManager
 from aria2_client.sources import SourceError
-from configer import Config, ConfigDiff, Secrets
-from db import Database, DownloadRow, DuplicateDownload, NotFound, StoreError, TransitionError
-from events import EventHub
-from webstreamer.byteserve import ByteSource
-from webstreamer.signing import SESSION_COOKIE, LinkSigner
-
-ByteSourceProvider = Callable[[DownloadRow, int | None], Awaitable[ByteSource | None]]
-VERSION = "0.1.0"
-
-
-@dataclass
-class AppContext:
-    """Everything the routes need, built by app.py (or a test) and stored on the application."""
-
-    config: Config
-    secrets: Secrets
-    db: Database
-    hub: EventHub
-    downloads: DownloadManager
-    signer: LinkSigner
-    aria2_connected: Callable[[], bool]
-    reload_config: Callable[[], Awaitable[ConfigDiff]] | None = None
-    byte_sources: list[ByteSourceProvider] = field(default_factory=list)
-    uploads: Any = None  # the upload manager, when uploads are configured
-    version: str = VERSION
-
-    @property
-    def base_url(self) -> str:
-        return self.config.web.base_url.rstrip("/")
-
-
-CONTEXT: web.AppKey[AppContext] = web.AppKey("context", AppContext)
-
-
-def context_of(request: web.Request) -> AppContext:
-    return request.app[CONTEXT]
-
-
-def json_error(status: int, error: str, detail: Any = None) -> web.Response:
-    return web.json_response({"error": error, "detail": detail}, status=status)
+from db import DuplicateDownload, NotFound, StoreError, TransitionError
+from webstreamer.context import CONTEXT, AppContext, json_error
+from webstreamer.routes import api, auth, page, stream, uploads, ws
 
 
 @web.middleware
@@ -93,35 +55,6 @@ async def error_middleware(
         return json_error(500, "internal_error", "the server failed; see its log")
 
 
-PUBLIC_API_PATHS = frozenset({"/api/health"})
-
-
-def request_is_authenticated(request: web.Request) -> bool:
-    """A bearer token equal to web.token, or a valid dashboard session cookie."""
-    ctx = context_of(request)
-    token = ctx.secrets.web_token
-    header = request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
-        offered = header[7:].strip()
-        return hmac.compare_digest(offered.encode(), token.encode())
-    return ctx.signer.session_valid(request.cookies.get(SESSION_COOKIE), token)
-
-
-@web.middleware
-async def auth_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    path = request.path
-    is_api = path == "/api" or path.startswith("/api/")
-    if is_api and path not in PUBLIC_API_PATHS and not request_is_authenticated(request):
-        return web.json_response(
-            {"error": "unauthorized", "detail": "a valid token or session is required"},
-            status=401,
-            headers={"WWW-Authenticate": 'Bearer realm="mistrelay"'},
-        )
-    return await handler(request)
-
-
 @web.middleware
 async def security_headers_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -134,10 +67,8 @@ async def security_headers_middleware(
 
 
 def create_app(ctx: AppContext) -> web.Application:
-    from webstreamer.routes import api, page, stream, uploads, ws
-
     app = web.Application(
-        middlewares=[security_headers_middleware, error_middleware, auth_middleware],
+        middlewares=[security_headers_middleware, error_middleware, auth.auth_middleware],
         client_max_size=ctx.config.web.max_body_size,
     )
     app[CONTEXT] = ctx
@@ -145,33 +76,113 @@ def create_app(ctx: AppContext) -> web.Application:
     uploads.setup(app)
     stream.setup(app)
     ws.setup(app)
+    auth.setup(app)
     page.setup(app)
     return app
 
 
+# What getaddrinfo gives for IPv4, and for IPv6 (with flow info and scope id).
+SocketAddress = tuple[str, int] | tuple[str, int, int, int]
+
+
+def _passive_addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, SocketAddress]]:
+    """Where to listen for `host` (every address it resolves to, once each), as asyncio would."""
+    found: list[tuple[socket.AddressFamily, SocketAddress]] = []
+    for family, _, _, _, address in socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        if family == socket.AF_INET6 and len(address) == 4:
+            entry: tuple[socket.AddressFamily, SocketAddress] = (
+                family,
+                (str(address[0]), int(address[1]), int(address[2]), int(address[3])),
+            )
+        elif family == socket.AF_INET:
+            entry = (family, (str(address[0]), int(address[1])))
+        else:
+            continue
+        if entry not in found:
+            found.append(entry)
+    return found
+
+
+def _bound_socket(
+    family: socket.AddressFamily, address: SocketAddress, backlog: int
+) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # An IPv6 address serves IPv6 only, as asyncio's own servers do.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Listener:
+    """The web server's listening sockets, bound at construction: the port is known (and early
+    connections wait in the backlog) before the application that answers them exists.
+
+    Binding resolves `host`: construct it in a thread when the host may need a DNS lookup.
+    """
+
+    def __init__(self, host: str, port: int, *, backlog: int = 128) -> None:
+        self.sockets: list[socket.socket] = []
+        try:
+            for family, address in _passive_addresses(host, port):
+                if self.sockets and port == 0:
+                    # Every address listens on the port the first one was given.
+                    address = (address[0], self.sockets[0].getsockname()[1], *address[2:])
+                self.sockets.append(_bound_socket(family, address, backlog))
+        except BaseException:
+            self.close()
+            raise
+        if not self.sockets:
+            raise OSError(f"{host!r} resolves to no IPv4 or IPv6 address to listen on")
+        self.port: int = self.sockets[0].getsockname()[1]
+
+    @property
+    def loopback_origin(self) -> str:
+        """``http://address:port`` at which a process on this machine (aria2) reaches us: an
+        IPv4 listener when there is one, and a wildcard address as its family's loopback."""
+        sock = next((s for s in self.sockets if s.family == socket.AF_INET), self.sockets[0])
+        address = ipaddress.ip_address(sock.getsockname()[0])
+        if address.is_unspecified:
+            address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+        host = f"[{address}]" if address.version == 6 else str(address)
+        return f"http://{host}:{self.port}"
+
+    def close(self) -> None:
+        """Close the sockets (a served listener is closed by its server already)."""
+        for sock in self.sockets:
+            sock.close()
+
+
 class WebServer:
-    """Runs the application on web.host:web.port until stopped."""
+    """Serves the application on a bound listener until stopped."""
 
-    def __init__(self, ctx: AppContext) -> None:
+    def __init__(self, ctx: AppContext, listener: Listener) -> None:
         self.ctx = ctx
+        self.listener = listener
         self.app = create_app(ctx)
-        self._runner: web.AppRunner | None = None
-        self.port: int | None = None
-
-    async def start(self) -> None:
-        web_config = self.ctx.config.web
         self._runner = web.AppRunner(
             self.app, access_log=None, handle_signals=False, handler_cancellation=True
         )
+
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
+    async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, web_config.host, web_config.port, reuse_address=True)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else web_config.port
-        logger.info("web server listening on {}", self.ctx.base_url)
+        for sock in self.listener.sockets:
+            await web.SockSite(self._runner, sock).start()
+        logger.info("web server listening on {}", self.ctx.links.base_url)
 
     async def stop(self) -> None:
-        if self._runner is not None:
+        if self._runner.server is not None:
             await self._runner.cleanup()
-            self._runner = None

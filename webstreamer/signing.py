@@ -36,9 +36,13 @@ class LinkSigner:
         *,
         lifetime: int | None = None,
         now: float | None = None,
+        expires: int | None = None,
     ) -> str:
-        lifetime = self.default_lifetime if lifetime is None else lifetime
-        expires = int((now or time.time()) + lifetime) if lifetime > 0 else 0
+        """`sig` (and `exp`) for a link that lives `lifetime` seconds, or until `expires` (an
+        absolute time, 0 = never) when that is given."""
+        if expires is None:
+            lifetime = self.default_lifetime if lifetime is None else lifetime
+            expires = int((now or time.time()) + lifetime) if lifetime > 0 else 0
         sig = self._mac("stream", download_id, index, expires)
         return f"sig={sig}&exp={expires}" if expires else f"sig={sig}"
 

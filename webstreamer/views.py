@@ -1,43 +1,46 @@
-"""JSON shapes of downloads and uploads, shared by the REST API and the WebSocket push."""
+"""The one JSON shape of downloads and uploads, shared by the REST API and the WebSocket push.
+
+A download's JSON is every `DownloadRow` field but `has_torrent_data`, its `uploads`, its signed
+`stream_url` / `watch_url` (null when not streamable), a `stream_url` for each file of a
+completed torrent, and `actions`: what the row allows now. An upload's JSON is every `UploadRow`
+field and its `actions`. A WebSocket `download_update` carries exactly the list row of
+`GET /api/downloads`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
-from db import DownloadRow, HistoryEntry, UploadRow
-from webstreamer.server import AppContext
-
-_HIDDEN_DOWNLOAD_FIELDS = ("has_torrent_data",)
-
-
-def can_stream(row: DownloadRow) -> bool:
-    """Whether /stream may answer for this row (the route still checks the bytes on disk)."""
-    return row.status == "completed" or row.source_type == "telegram"
+from db import download_actions, upload_actions
+from records import (
+    DownloadRemoved,
+    DownloadRow,
+    DownloadSnapshot,
+    EventData,
+    HistoryEntry,
+    UploadRow,
+)
+from webstreamer.links import StreamLinks
 
 
 def download_json(
-    ctx: AppContext,
+    links: StreamLinks,
     row: DownloadRow,
-    uploads: list[UploadRow] | None = None,
-    history: list[HistoryEntry] | None = None,
+    uploads: Sequence[UploadRow],
+    history: Sequence[HistoryEntry] | None = None,
 ) -> dict[str, Any]:
-    data = row.to_json()
-    for name in _HIDDEN_DOWNLOAD_FIELDS:
-        data.pop(name, None)
-    data["uploads"] = [upload_json(u) for u in uploads or []]
-    data["stream_url"] = None
-    data["watch_url"] = None
-    streamable = can_stream(row)
-    if streamable and not row.files:
-        data["stream_url"] = ctx.base_url + ctx.signer.stream_path(row.id, row.file_name or "file")
-        data["watch_url"] = ctx.base_url + ctx.signer.watch_path(row.id)
-    for entry in data["files"]:
-        entry["stream_url"] = None
-        if streamable and row.status == "completed":
-            name = entry["path"].rsplit("/", 1)[-1]
-            entry["stream_url"] = ctx.base_url + ctx.signer.stream_path(
-                row.id, name, index=entry["index"]
-            )
+    data = row._asdict()
+    del data["has_torrent_data"]
+    data["files"] = [
+        {**asdict(entry), "stream_url": links.file_url(row, entry.index, entry.path)}
+        for entry in row.files
+    ]
+    data["uploads"] = [upload_json(upload) for upload in uploads]
+    data["stream_url"] = links.stream_url(row)
+    data["watch_url"] = links.watch_url(row)
+    data["actions"] = list(download_actions(row.status))
     if history is not None:
         data["history"] = [
             {"from": h.from_status, "to": h.to_status, "reason": h.reason, "at": h.at}
@@ -47,4 +50,19 @@ def download_json(
 
 
 def upload_json(row: UploadRow) -> dict[str, Any]:
-    return row.to_json()
+    data = row._asdict()
+    data["actions"] = list(upload_actions(row.status))
+    return data
+
+
+def event_json(links: StreamLinks, data: EventData) -> object:
+    """The `data` of a WebSocket message for a hub event's record."""
+    if isinstance(data, DownloadSnapshot):
+        return download_json(links, data.row, data.uploads)
+    if isinstance(data, DownloadRemoved):
+        if data.download_id is None:
+            return {"deleted_all": True}
+        return {"id": data.download_id, "deleted": True}
+    if isinstance(data, UploadRow):
+        return upload_json(data)
+    return data  # the statistics, already JSON-shaped

@@ -2,59 +2,26 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
 from aria2_client.sources import SourceError, parse_link
 from configer import ConfigError
-from db import DOWNLOAD_STATUSES, DownloadRow, DuplicateDownload
-from webstreamer.server import context_of, json_error
+from db import DOWNLOAD_STATUSES, DuplicateDownload
+from records import DownloadRow
+from webstreamer.context import (
+    context_of,
+    json_error,
+    path_id,
+    query_bool,
+    query_int,
+    read_json_object,
+)
 from webstreamer.views import download_json
 
 MAX_URLS_PER_REQUEST = 500
 MAX_LIST_LIMIT = 1000
-
-
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 that says what is wrong with it."""
-    try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text="the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text="the body must be a JSON object")
-    return body
-
-
-def path_id(request: web.Request, name: str = "id") -> int:
-    text = request.match_info[name]
-    if not text.isdigit() or len(text) > 18:
-        raise web.HTTPNotFound(text=f"no download {text!r}")
-    return int(text)
-
-
-def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    text = request.query.get(name)
-    if text is None or text == "":
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"{name} must be an integer") from None
-    if not low <= value <= high:
-        raise web.HTTPBadRequest(text=f"{name} must be between {low} and {high}")
-    return value
-
-
-def query_bool(request: web.Request, name: str) -> bool:
-    text = request.query.get(name, "false").lower()
-    if text in ("1", "true", "yes"):
-        return True
-    if text in ("0", "false", "no", ""):
-        return False
-    raise web.HTTPBadRequest(text=f"{name} must be true or false")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -102,7 +69,10 @@ async def add_downloads(request: web.Request) -> web.Response:
     if not added and duplicates:
         return json_error(409, "duplicate", duplicates if len(duplicates) > 1 else duplicates[0])
     return web.json_response(
-        {"downloads": [download_json(ctx, row) for row in added], "duplicates": duplicates},
+        {
+            "downloads": [download_json(ctx.links, row, []) for row in added],
+            "duplicates": duplicates,
+        },
         status=201,
     )
 
@@ -120,7 +90,7 @@ async def add_torrent(request: web.Request) -> web.Response:
     if data is None:
         raise web.HTTPBadRequest(text='multipart field "file" is missing')
     row = await ctx.downloads.add_torrent(data)
-    return web.json_response({"downloads": [download_json(ctx, row)]}, status=201)
+    return web.json_response({"downloads": [download_json(ctx.links, row, [])]}, status=201)
 
 
 async def list_downloads(request: web.Request) -> web.Response:
@@ -130,9 +100,9 @@ async def list_downloads(request: web.Request) -> web.Response:
     if status is not None and status not in DOWNLOAD_STATUSES:
         raise web.HTTPBadRequest(text=f"status must be one of {', '.join(DOWNLOAD_STATUSES)}")
     if query_bool(request, "grouped"):
-        groups = await ctx.db.fetch_downloads_grouped(limit, status=status)
+        groups = await ctx.store.fetch_downloads_grouped(limit, status=status)
         ids = [d.id for g in groups for d in g.downloads]
-        uploads = await ctx.db.get_uploads_for_downloads(ids)
+        uploads = await ctx.store.get_uploads_for_downloads(ids)
         return web.json_response(
             {
                 "groups": [
@@ -140,26 +110,30 @@ async def list_downloads(request: web.Request) -> web.Response:
                         "group_key": g.group_key,
                         "source_type": g.source_type,
                         "media_group_id": g.media_group_id,
-                        "downloads": [download_json(ctx, d, uploads[d.id]) for d in g.downloads],
+                        "downloads": [
+                            download_json(ctx.links, d, uploads[d.id]) for d in g.downloads
+                        ],
                     }
                     for g in groups
                 ]
             }
         )
-    rows = await ctx.db.fetch_recent_downloads(limit, status=status)
-    uploads = await ctx.db.get_uploads_for_downloads([r.id for r in rows])
-    return web.json_response({"downloads": [download_json(ctx, r, uploads[r.id]) for r in rows]})
+    rows = await ctx.store.fetch_recent_downloads(limit, status=status)
+    uploads = await ctx.store.get_uploads_for_downloads([r.id for r in rows])
+    return web.json_response(
+        {"downloads": [download_json(ctx.links, r, uploads[r.id]) for r in rows]}
+    )
 
 
 async def get_download(request: web.Request) -> web.Response:
     ctx = context_of(request)
     download_id = path_id(request)
-    row = await ctx.db.get_download_by_id(download_id)
+    row = await ctx.store.get_download_by_id(download_id)
     if row is None:
         raise web.HTTPNotFound(text=f"no download {download_id}")
-    uploads = await ctx.db.get_uploads_by_download(download_id)
-    history = await ctx.db.get_status_history("download", download_id)
-    return web.json_response(download_json(ctx, row, uploads, history))
+    uploads = await ctx.store.get_uploads_by_download(download_id)
+    history = await ctx.store.get_status_history("download", download_id)
+    return web.json_response(download_json(ctx.links, row, uploads, history))
 
 
 async def act_on_download(request: web.Request) -> web.Response:
@@ -174,8 +148,8 @@ async def act_on_download(request: web.Request) -> web.Response:
         "cancel": manager.cancel,
     }
     row = await operations[action](download_id)
-    uploads = await ctx.db.get_uploads_by_download(download_id)
-    return web.json_response(download_json(ctx, row, uploads))
+    uploads = await ctx.store.get_uploads_by_download(download_id)
+    return web.json_response(download_json(ctx.links, row, uploads))
 
 
 async def delete_download(request: web.Request) -> web.Response:
@@ -199,13 +173,11 @@ async def delete_all(request: web.Request) -> web.Response:
 
 
 async def download_statistics(request: web.Request) -> web.Response:
-    return web.json_response(await context_of(request).db.get_download_statistics())
+    return web.json_response(await context_of(request).store.get_download_statistics())
 
 
 async def reload_config(request: web.Request) -> web.Response:
     ctx = context_of(request)
-    if ctx.reload_config is None:
-        raise web.HTTPServiceUnavailable(text="configuration reload is not available")
     try:
         diff = await ctx.reload_config()
     except ConfigError as exc:
@@ -214,7 +186,7 @@ async def reload_config(request: web.Request) -> web.Response:
 
 
 async def get_config(request: web.Request) -> web.Response:
-    return web.json_response({"settings": await context_of(request).db.get_all_configs()})
+    return web.json_response({"settings": await context_of(request).store.get_all_configs()})
 
 
 def setup(app: web.Application) -> None:

@@ -3,43 +3,29 @@ else from another byte source (Telegram) registered on the application context."
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from aiohttp import web
 from loguru import logger
 
-from db import DownloadRow
-from files import confined_path
+from files import DownloadFiles
+from records import DownloadRow
 from webstreamer.byteserve import ByteSource, LocalFileSource, serve_bytes
-from webstreamer.server import AppContext, context_of, json_error
-
-
-def _download_id(text: str) -> int | None:
-    return int(text) if text.isdigit() and len(text) <= 18 else None
-
-
-def check_signature(request: web.Request, download_id: int, index: int) -> web.Response | None:
-    """None when the link's signature holds; else the 403 answer."""
-    ctx = context_of(request)
-    problem = ctx.signer.verify(
-        download_id, index, request.query.get("sig"), request.query.get("exp")
-    )
-    if problem is None:
-        return None
-    return json_error(403, "forbidden", problem)
+from webstreamer.context import check_signature, context_of, json_error, parse_id
+from webstreamer.links import file_name_of
 
 
 def _whole_local_file(
-    ctx: AppContext, row: DownloadRow, index: int | None
+    files: DownloadFiles, row: DownloadRow, index: int | None
 ) -> tuple[str, int, str] | None:
     """(path, expected size, display name) of the completed bytes on disk, if they are whole."""
     if row.status != "completed" or not row.local_path:
         return None
-    download_dir = ctx.downloads.download_dir
     if index is None:
         if row.files and len(row.files) > 1:
             return None
-        candidate, expected, name = row.local_path, row.total_length, row.file_name or "file"
+        candidate, expected, name = row.local_path, row.total_length, file_name_of(row)
     else:
         entry = next((f for f in row.files if f.index == index), None)
         if entry is None:
@@ -47,14 +33,16 @@ def _whole_local_file(
         base = os.path.dirname(row.local_path) if len(row.files) > 1 else None
         candidate = row.local_path if base is None else os.path.join(base, entry.path)
         expected, name = entry.length, os.path.basename(entry.path)
-    path = confined_path(download_dir, candidate)
+    path = files.confined(candidate)
     if path is None:
         return None
     return str(path), expected, name
 
 
-async def _local_source(ctx: AppContext, row: DownloadRow, index: int | None) -> ByteSource | None:
-    found = _whole_local_file(ctx, row, index)
+async def _local_source(
+    files: DownloadFiles, row: DownloadRow, index: int | None
+) -> ByteSource | None:
+    found = await asyncio.to_thread(_whole_local_file, files, row, index)
     if found is None:
         return None
     path, expected, name = found
@@ -68,18 +56,18 @@ async def _local_source(ctx: AppContext, row: DownloadRow, index: int | None) ->
 
 async def stream(request: web.Request) -> web.StreamResponse:
     ctx = context_of(request)
-    download_id = _download_id(request.match_info["id"])
+    download_id = parse_id(request.match_info["id"])
     index_text = request.match_info.get("index")
-    index = int(index_text) if index_text is not None and index_text.isdigit() else None
+    index = parse_id(index_text)
     if download_id is None or (index_text is not None and index is None):
         return json_error(404, "not_found", "no such stream")
     refused = check_signature(request, download_id, index or 0)
     if refused is not None:
         return refused
-    row = await ctx.db.get_download_by_id(download_id)
+    row = await ctx.store.get_download_by_id(download_id)
     if row is None:
         return json_error(404, "not_found", f"no download {download_id}")
-    source = await _local_source(ctx, row, index)
+    source = await _local_source(ctx.files, row, index)
     if source is None and index is None:
         for provider in ctx.byte_sources:
             source = await provider(row, index)
@@ -95,6 +83,3 @@ def setup(app: web.Application) -> None:
     for route in ("/stream/{id}/{name}", "/stream/{id}/{index}/{name}"):
         app.router.add_route("GET", route, stream)
         app.router.add_route("HEAD", route, stream)
-
-
-__all__ = ["check_signature", "setup", "stream"]

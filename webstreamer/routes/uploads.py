@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from db import UPLOAD_STATUSES
-from webstreamer.routes.api import query_int
-from webstreamer.server import context_of
+from webstreamer.context import context_of, path_id, query_int
 from webstreamer.views import upload_json
 
 MAX_LIST_LIMIT = 1000
-
-
-def _upload_id(request: web.Request) -> int:
-    text = request.match_info["id"]
-    if not text.isdigit() or len(text) > 18:
-        raise web.HTTPNotFound(text=f"no upload {text!r}")
-    return int(text)
-
-
-def _manager(request: web.Request) -> Any:
-    manager = context_of(request).uploads
-    if manager is None:
-        raise web.HTTPServiceUnavailable(text="uploads are not running")
-    return manager
 
 
 async def list_uploads(request: web.Request) -> web.Response:
@@ -35,17 +18,17 @@ async def list_uploads(request: web.Request) -> web.Response:
     if status is not None and status not in UPLOAD_STATUSES:
         raise web.HTTPBadRequest(text=f"status must be one of {', '.join(UPLOAD_STATUSES)}")
     target = request.query.get("target") or None
-    rows = await ctx.db.fetch_recent_uploads(limit, status=status, upload_target=target)
+    rows = await ctx.store.fetch_recent_uploads(limit, status=status, upload_target=target)
     return web.json_response({"uploads": [upload_json(row) for row in rows]})
 
 
 async def upload_statistics(request: web.Request) -> web.Response:
-    return web.json_response(await context_of(request).db.get_upload_statistics())
+    return web.json_response(await context_of(request).store.get_upload_statistics())
 
 
 async def act_on_upload(request: web.Request) -> web.Response:
-    manager = _manager(request)
-    upload_id = _upload_id(request)
+    manager = context_of(request).uploads
+    upload_id = path_id(request, "upload")
     if request.match_info["action"] == "retry":
         row = await manager.retry(upload_id)
     else:

@@ -21,14 +21,16 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 from loguru import logger
 
 from events import Event, Subscription, SubscriptionClosed
-from webstreamer.server import context_of, json_error
+from records import Statistics
+from webstreamer.context import context_of, json_error
+from webstreamer.links import StreamLinks
+from webstreamer.views import event_json
 
 MESSAGE_TYPES = {
     "download": "download_update",
@@ -57,21 +59,21 @@ WS_SETTINGS: web.AppKey[WsSettings] = web.AppKey("ws_settings", WsSettings)
 WS_CLIENTS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("ws_clients")
 _connection_numbers = itertools.count(1)
 
-# One event goes to every client: its JSON is made once, not once per connection.
+# One event goes to every client: its JSON is shaped and encoded once, not once per connection.
 _ENCODED_CACHE_SIZE = 4096
-_encoded: OrderedDict[int, tuple[Event, str]] = OrderedDict()
+_encoded: OrderedDict[int, tuple[Event, StreamLinks, str]] = OrderedDict()
 
 
-def encode_json(data: Any) -> str:
+def encode_json(data: object) -> str:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def encoded_data(event: Event) -> str:
+def encoded_data(event: Event, links: StreamLinks) -> str:
     cached = _encoded.get(id(event))
-    if cached is not None and cached[0] is event:
-        return cached[1]
-    text = encode_json(event.data)
-    _encoded[id(event)] = (event, text)
+    if cached is not None and cached[0] is event and cached[1] is links:
+        return cached[2]
+    text = encode_json(event_json(links, event.data))
+    _encoded[id(event)] = (event, links, text)
     if len(_encoded) > _ENCODED_CACHE_SIZE:
         _encoded.popitem(last=False)
     return text
@@ -91,9 +93,11 @@ class ClientConnection:
         subscription: Subscription,
         settings: WsSettings,
         number: int,
+        links: StreamLinks,
     ) -> None:
         self.ws = ws
         self.subscription = subscription
+        self.links = links
         self.settings = settings
         self.seq = 0
         self.sent = 0
@@ -150,7 +154,7 @@ class ClientConnection:
             if self.subscription.dropped:
                 self.cut_off(f"more than {self.settings.queue_size} updates behind")
                 return
-            if not await self.send(message_type(event.kind), encoded_data(event)):
+            if not await self.send(message_type(event.kind), encoded_data(event, self.links)):
                 return
         if self.subscription.dropped:
             self.cut_off(f"more than {self.settings.queue_size} updates behind")
@@ -167,7 +171,7 @@ def origin_allowed(request: web.Request) -> bool:
         return True
     offered = urlsplit(origin).netloc.lower()
     allowed = {request.host.lower()}
-    public_url = context_of(request).config.web.public_url
+    public_url = context_of(request).live_config().web.public_url
     if public_url:
         allowed.add(urlsplit(public_url).netloc.lower())
     return bool(offered) and offered in allowed
@@ -200,14 +204,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     subscription = ctx.hub.subscribe(f"ws-{number}", maxsize=settings.queue_size)
     try:
         try:
-            statistics: Any = await ctx.db.get_statistics()
+            statistics: Statistics | None = await ctx.store.get_statistics()
         except Exception as exc:
             logger.warning("statistics for a new WebSocket client failed: {}", exc)
             statistics = None
         await ws.prepare(request)
         clients.add(ws)
         _limit_send_buffer(request, settings.socket_send_buffer)
-        connection = ClientConnection(request, ws, subscription, settings, number)
+        connection = ClientConnection(request, ws, subscription, settings, number, ctx.links)
         connection.log.debug("WebSocket client connected")
         hello = {"statistics": statistics, "version": ctx.version, "server_time": time.time()}
         if not await connection.send("hello", encode_json(hello)):

@@ -1,0 +1,157 @@
+"""The download engine as one part: aria2c (our own, or the external one at `aria2.rpc_url`), the
+connection to it, the download manager, the poller, and keeping them going when aria2 restarts
+or the connection drops."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from aria2_client.client import Aria2Client
+from aria2_client.download_handler import DownloadListener, DownloadManager, TelegramLinkMaker
+from aria2_client.poller import Poller
+from aria2_client.process import EmbeddedAria2
+from aria2_client.transport import Aria2Transport
+from configer import Aria2Config
+from db import Store
+from files import DownloadFiles
+
+
+def embedded_options(config: Aria2Config) -> dict[str, str]:
+    """The configured aria2c options, with what a relay needs where the user said nothing."""
+    options = dict(config.options)
+    # A relay downloads, uploads and cleans up: stop seeding once a torrent is complete.
+    options.setdefault("seed-time", "0")
+    if not config.enable_dht:
+        options.update({"enable-dht": "false", "enable-dht6": "false"})
+    return options
+
+
+class Engine:
+    """Everything aria2: built complete here, run by :meth:`start`, ended by :meth:`stop`."""
+
+    def __init__(
+        self,
+        store: Store,
+        files: DownloadFiles,
+        config: Aria2Config,
+        *,
+        data_dir: Path,
+        secret: str,
+        telegram_link: TelegramLinkMaker | None,
+        on_completed: Sequence[DownloadListener],
+        on_removed: Sequence[DownloadListener],
+    ) -> None:
+        self._config = config
+        self.embedded: EmbeddedAria2 | None = None
+        if not config.rpc_url:
+            self.embedded = EmbeddedAria2(
+                download_dir=files.root,
+                data_dir=data_dir,
+                secret=secret,
+                executable=config.executable,
+                port=config.rpc_port,
+                max_concurrent_downloads=config.max_concurrent_downloads,
+                extra_options=embedded_options(config),
+            )
+        self.rpc_url = self.embedded.rpc_url if self.embedded is not None else config.rpc_url
+        self.transport = Aria2Transport(self.rpc_url, secret)
+        self.aria2 = Aria2Client(self.transport)
+        self.downloads = DownloadManager(
+            store,
+            self.aria2,
+            files,
+            max_download_size=config.max_download_size,
+            allow_private_addresses=config.allow_private_addresses,
+            telegram_link=telegram_link,
+            on_completed=on_completed,
+            on_removed=on_removed,
+        )
+        self.poller = Poller(
+            self.downloads,
+            interval=lambda: self._config.poll_interval,
+            idle_interval=lambda: self._config.idle_poll_interval,
+        )
+        self._supervisor: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def connected(self) -> bool:
+        return self.transport.connected
+
+    @property
+    def pid(self) -> int | None:
+        """The embedded aria2c's PID; None when it is not running or aria2 is external."""
+        return self.embedded.pid if self.embedded is not None else None
+
+    async def start(self) -> None:
+        """Start aria2c if it is ours, then connect; jobs wait while aria2 is not reachable."""
+        if self.embedded is not None:
+            await self.embedded.start()
+            logger.info("embedded aria2c started (pid {})", self.embedded.pid)
+        else:
+            logger.info("using the external aria2 at {}", self.rpc_url)
+        await self.transport.start(
+            on_notification=self.downloads.on_notification,
+            on_connection_change=self._connection_changed,
+        )
+        if not await self.transport.wait_connected(10):
+            logger.warning("aria2 is not reachable yet; jobs wait until it is")
+        self.poller.start()
+        if self.embedded is not None:
+            self._supervisor = asyncio.create_task(
+                self.embedded.supervise(self._aria2_restarted), name="aria2c-supervisor"
+            )
+
+    async def stop(self) -> None:
+        """Stop polling and supervising, close the connection, then stop our aria2c."""
+        await self.poller.stop()
+        tasks = [t for t in (self._supervisor, *self._background) if t is not None]
+        self._supervisor = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.transport.close()
+        if self.embedded is not None:
+            await self.embedded.stop()
+
+    async def apply_config(self, config: Aria2Config) -> None:
+        """Apply the keys that change live: size limit, private addresses, parallel downloads,
+        poll intervals."""
+        old, self._config = self._config, config
+        self.downloads.max_download_size = config.max_download_size
+        self.downloads.allow_private_addresses = config.allow_private_addresses
+        if config.max_concurrent_downloads != old.max_concurrent_downloads:
+            if self.embedded is not None:
+                self.embedded.max_concurrent_downloads = config.max_concurrent_downloads
+            await self.aria2.change_global_option(
+                {"max-concurrent-downloads": str(config.max_concurrent_downloads)}
+            )
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _connection_changed(self, connected: bool) -> None:
+        if connected:
+            logger.info("connected to aria2")
+            # Not inline: the transport hands over notifications in order, one at a time.
+            self._spawn(self._after_reconnect(), "aria2-reconnected")
+        else:
+            logger.warning("lost the connection to aria2; reconnecting")
+
+    async def _after_reconnect(self) -> None:
+        try:
+            await self.downloads.reconcile_pending()
+        except Exception:  # the poller must still be woken, whatever one job did
+            logger.exception("submitting the pending downloads failed")
+        self.poller.wake()
+
+    async def _aria2_restarted(self) -> None:
+        logger.warning("embedded aria2c died and was restarted from its session")
+        self.poller.wake()

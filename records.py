@@ -1,0 +1,214 @@
+"""The store's records: rows as read, jobs as written, repairs, and the payloads of hub events.
+
+Plain frozen data, importable by the store (db.py), the event hub and every caller without an
+import circle: this module imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, TypedDict
+
+SourceType = Literal["telegram", "http", "ftp", "magnet", "torrent"]
+
+
+@dataclass(frozen=True)
+class TgMediaRecord:
+    """Telegram media metadata, converted from a Pyrogram message by the bot."""
+
+    file_unique_id: str
+    file_id: str
+    chat_id: int
+    message_id: int
+    media_type: str
+    sender_id: int | None = None
+    sender_name: str | None = None
+    file_name: str | None = None
+    mime_type: str | None = None
+    file_size: int | None = None
+    duration: int | None = None
+    width: int | None = None
+    height: int | None = None
+    caption: str | None = None
+    media_group_id: str | None = None
+    message_date: str | None = None
+    dc_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TorrentFile:
+    index: int
+    path: str
+    length: int
+    selected: bool = True
+
+
+@dataclass(frozen=True)
+class NewDownload:
+    """Everything known about a job before aria2 sees it."""
+
+    source_type: SourceType
+    source_key: str
+    source_url: str | None = None
+    file_name: str | None = None
+    total_length: int = 0
+    file_unique_id: str | None = None
+    owner_id: int | None = None
+    chat_id: int | None = None
+    message_id: int | None = None
+    group_key: str | None = None
+    torrent_data: bytes | None = None
+    info_hash: str | None = None
+
+
+class DownloadRow(NamedTuple):
+    """A `downloads` row as read. Rows are named tuples, not dataclasses: a poll cycle builds one
+    per changed download (a thousand at a time), and a tuple is built several times faster."""
+
+    id: int
+    gid: str | None
+    source_type: str
+    source_key: str
+    source_url: str | None
+    status: str
+    file_name: str | None
+    local_path: str | None
+    total_length: int
+    completed_length: int
+    download_speed: int
+    error_message: str | None
+    error_code: str | None
+    file_unique_id: str | None
+    owner_id: int | None
+    chat_id: int | None
+    message_id: int | None
+    group_key: str
+    progress_message_id: int | None
+    info_hash: str | None
+    files: tuple[TorrentFile, ...]
+    media_info: dict[str, Any] | None  # ffprobe's JSON, as probed
+    created_at: str
+    started_at: str | None
+    completed_at: str | None
+    updated_at: str
+    has_torrent_data: bool = False
+
+
+class UploadRow(NamedTuple):
+    """An `uploads` row as read (a named tuple, like `DownloadRow`)."""
+
+    id: int
+    download_id: int
+    upload_target: str
+    target_type: str
+    status: str
+    remote_path: str | None
+    uploaded_size: int
+    total_size: int
+    upload_speed: float
+    retry_count: int
+    max_retries: int
+    failure_reason: str | None
+    error_message: str | None
+    error_code: str | None
+    verified_size: int | None
+    verified_hash: str | None
+    verified_at: str | None
+    next_attempt_at: str | None
+    created_at: str
+    started_at: str | None
+    completed_at: str | None
+    cleaned_at: str | None
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    gid: str
+    completed_length: int
+    total_length: int
+    download_speed: int
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    entity: str
+    entity_id: int
+    from_status: str | None
+    to_status: str
+    reason: str | None
+    at: str
+
+
+@dataclass
+class DownloadGroup:
+    group_key: str
+    source_type: str
+    media_group_id: str | None
+    downloads: list[DownloadRow] = field(default_factory=list)
+
+
+# --- repairs (the consistency check) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DownloadChange:
+    """One conditional change of a download row, applied by `apply_download_changes`."""
+
+    download_id: int
+    expected_status: str  # left alone if the row's status differs now
+    expected_gid: str | None  # left alone if the row's gid differs now
+    reason: str  # written to the status history
+    target: str | None = None  # new status, through the machine; None = no status change
+    columns: Mapping[str, object] = field(default_factory=dict)  # set with the change
+    new_gid: str | None = None  # follow a new gid (magnet metadata → real download)
+    cancel_unstarted_uploads: bool = False  # uploads in waiting_download/pending/paused
+    skip_if_error_code_in: frozenset[str] = frozenset()  # left alone when already recorded
+
+
+@dataclass(frozen=True)
+class ChangeOutcome:
+    download_id: int
+    applied: bool
+    detail: str  # 'downloading → completed', 'left alone: the download no longer exists', …
+
+
+# --- hub event payloads ------------------------------------------------------------------------
+
+
+class DownloadSnapshot(NamedTuple):
+    """A download as committed, with its uploads (read in the committing transaction)."""
+
+    row: DownloadRow
+    uploads: tuple[UploadRow, ...]
+
+
+@dataclass(frozen=True)
+class DownloadRemoved:
+    download_id: int | None  # None: every download was removed
+
+
+class DownloadStatistics(TypedDict):
+    total: int
+    by_status: dict[str, int]
+    total_bytes: int
+    completed_bytes: int
+    download_speed: int
+
+
+class UploadStatistics(TypedDict):
+    total: int
+    by_status: dict[str, int]
+    by_target: dict[str, dict[str, int]]
+    total_bytes: int
+    upload_speed: float
+    cleaned: int
+
+
+class Statistics(TypedDict):
+    downloads: DownloadStatistics
+    uploads: UploadStatistics
+
+
+EventData = DownloadSnapshot | DownloadRemoved | UploadRow | Statistics

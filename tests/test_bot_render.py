@@ -1,0 +1,223 @@
+"""The bot's texts and buttons, straight from records: no Telegram, no service."""
+
+from __future__ import annotations
+
+import pytest
+from pyrogram.types import InlineKeyboardMarkup
+
+from bot import render
+from bot.commands import COMMANDS
+from bot.render import Notice
+from configer import UploadTarget
+from db import DOWNLOAD_STATUSES, UPLOAD_STATUSES, download_actions, upload_actions
+from records import DownloadRow, Statistics, TorrentFile, UploadRow
+
+ROW = DownloadRow(
+    id=7,
+    gid="abc",
+    source_type="http",
+    source_key="http://example.com/film.mkv",
+    source_url="http://example.com/film.mkv",
+    status="downloading",
+    file_name="film.mkv",
+    local_path=None,
+    total_length=1000,
+    completed_length=250,
+    download_speed=50,
+    error_message=None,
+    error_code=None,
+    file_unique_id=None,
+    owner_id=1,
+    chat_id=1,
+    message_id=10,
+    group_key="message:1:10",
+    progress_message_id=11,
+    info_hash=None,
+    files=(),
+    media_info=None,
+    created_at="2024-01-01T00:00:00Z",
+    started_at=None,
+    completed_at=None,
+    updated_at="2024-01-01T00:00:00Z",
+)
+UPLOAD = UploadRow(
+    id=3,
+    download_id=7,
+    upload_target="cloud",
+    target_type="rclone",
+    status="uploading",
+    remote_path=None,
+    uploaded_size=512,
+    total_size=1024,
+    upload_speed=2048.0,
+    retry_count=0,
+    max_retries=3,
+    failure_reason=None,
+    error_message=None,
+    error_code=None,
+    verified_size=None,
+    verified_hash=None,
+    verified_at=None,
+    next_attempt_at=None,
+    created_at="2024-01-01T00:00:00Z",
+    started_at=None,
+    completed_at=None,
+    cleaned_at=None,
+    updated_at="2024-01-01T00:00:00Z",
+)
+
+
+def callbacks(markup: InlineKeyboardMarkup | None) -> list[str]:
+    if markup is None:
+        return []
+    return [str(b.callback_data) for line in markup.inline_keyboard for b in line]
+
+
+@pytest.mark.parametrize("status", DOWNLOAD_STATUSES)
+def test_download_buttons_are_the_stores_actions(status: str) -> None:
+    row = ROW._replace(status=status)
+    buttons = render.download_buttons("en", row, origin="s0", with_id=True)
+    expected = download_actions(status)
+    assert [b.callback_data for b in buttons] == [f"d:{a}:7:s0" for a in expected]
+    assert all(b.text.endswith(" #7") for b in buttons)
+
+
+@pytest.mark.parametrize("status", UPLOAD_STATUSES)
+def test_upload_buttons_are_the_stores_actions(status: str) -> None:
+    upload = UPLOAD._replace(status=status)
+    buttons = render.upload_buttons("en", upload)
+    assert [b.callback_data for b in buttons] == [f"u:{a}:3" for a in upload_actions(status)]
+
+
+def test_progress_message_of_a_running_job() -> None:
+    text, markup = render.progress_message("en", ROW, [UPLOAD])
+    lines = text.splitlines()
+    assert lines[0] == "⬇️ #7 film.mkv"
+    assert lines[1] == "[███░░░░░░░░░] 25.0%"
+    assert "ETA" in text and "cloud" in text and "50.0%" in text
+    assert callbacks(markup) == ["d:pause:7", "d:cancel:7"]
+
+
+def test_progress_message_offers_a_retry_for_each_failed_upload_only() -> None:
+    done = ROW._replace(status="completed", completed_length=1000)
+    failed = UPLOAD._replace(id=4, status="failed", error_message="remote is full")
+    finished = UPLOAD._replace(id=5, status="completed", remote_path="cloud:/film.mkv")
+    text, markup = render.progress_message("en", done, [failed, finished])
+    assert "remote is full" in text and "cloud:/film.mkv" in text
+    assert callbacks(markup) == ["u:retry:4"]
+    _, nothing = render.progress_message("en", done, [finished])
+    assert nothing is None
+
+
+def test_markup_signature_tells_buttons_apart() -> None:
+    _, running = render.progress_message("en", ROW, [])
+    _, paused = render.progress_message("en", ROW._replace(status="paused"), [])
+    assert render.markup_signature(running) != render.markup_signature(paused)
+    assert render.markup_signature(None) == ""
+
+
+def test_completion_notice_carries_the_links() -> None:
+    done = ROW._replace(status="completed", total_length=2048)
+    notice = Notice("download", 7, "completed")
+    text = render.notice_text("en", done, [], notice, ["https://x/stream/7/film.mkv?sig=s"])
+    assert text is not None
+    assert text.startswith("✅ Downloaded #7")
+    assert text.splitlines()[-1] == "https://x/stream/7/film.mkv?sig=s"
+    # It moved on (retried) before the notice was sent: nothing to say.
+    assert render.notice_text("en", done._replace(status="pending"), [], notice) is None
+
+
+def test_a_torrents_notice_links_its_first_files_and_counts_the_rest() -> None:
+    files = tuple(TorrentFile(index=i, path=f"pack/{i}.bin", length=1) for i in range(1, 13))
+    done = ROW._replace(status="completed", source_type="torrent", files=files)
+    links = [f"https://x/stream/7/{i}/{i}.bin" for i in range(1, render.MAX_LINKS + 1)]
+    text = render.notice_text("en", done, [], Notice("download", 7, "completed"), links)
+    assert text is not None
+    lines = text.splitlines()
+    assert lines[-1] == "… (+2)"
+    assert lines[-2] == links[-1] and lines[1] == links[0]
+
+
+def test_upload_failure_notice_waits_for_the_last_try() -> None:
+    retrying = UPLOAD._replace(
+        status="failed",
+        error_message="timeout",
+        retry_count=1,
+        next_attempt_at="2024-01-01T00:01:00Z",
+    )
+    notice = Notice("upload", 3, "failed")
+    assert render.notice_text("en", ROW, [retrying], notice) is None
+    final = retrying._replace(retry_count=3)
+    text = render.notice_text("en", ROW, [final], notice)
+    assert text is not None and "timeout" in text and "cloud" in text
+
+
+def test_status_page_is_paged_and_clamped() -> None:
+    rows = [ROW._replace(id=n, file_name=f"job{n}") for n in range(1, 8)]
+    text, markup = render.status_page("en", rows, 5)  # past the end: the last page
+    assert "page 2/2" in text and "job6" in text and "job1" not in text
+    data = callbacks(markup)
+    assert "d:pause:6:s1" in data and data[-2:] == ["s:0", "s:1"]
+    first, markup = render.status_page("en", rows, 0)
+    assert "page 1/2" in first and callbacks(markup)[-2:] == ["s:0", "s:1"]
+    assert render.status_page("en", [], 0) == ("Nothing is downloading or waiting.", None)
+
+
+def test_lists_and_their_empty_texts() -> None:
+    failed = ROW._replace(status="failed", error_message="404 Not Found")
+    listing = render.downloads_list("en", [failed])
+    assert "❌ #7 film.mkv" in listing and "404 Not Found" in listing
+    assert render.downloads_list("en", []) == "No downloads yet."
+    text, markup = render.uploads_page("en", [UPLOAD._replace(status="cancelled")])
+    assert "↑3 #7 → cloud" in text
+    assert callbacks(markup) == ["u:retry:3:l"]
+    assert render.uploads_page("en", []) == ("No uploads yet.", None)
+
+
+def test_stats_with_and_without_the_disk() -> None:
+    statistics: Statistics = {
+        "downloads": {
+            "total": 9,
+            "by_status": {"downloading": 2, "paused": 1, "completed": 5, "failed": 1},
+            "total_bytes": 4096,
+            "completed_bytes": 2048,
+            "download_speed": 1024,
+        },
+        "uploads": {
+            "total": 4,
+            "by_status": {"uploading": 1, "completed": 3},
+            "by_target": {},
+            "total_bytes": 0,
+            "upload_speed": 0.0,
+            "cleaned": 0,
+        },
+    }
+    text = render.stats_text("en", statistics, (1024**3, 2 * 1024**3))
+    assert "Downloads: 9 in all" in text and "3 active" in text
+    assert "1.0 GiB free" in text
+    unknown = render.stats_text("en", statistics, None)
+    assert unknown.splitlines()[:-1] == text.splitlines()[:-1]
+    assert unknown.splitlines()[-1] != text.splitlines()[-1]
+
+
+def test_targets_help_and_address() -> None:
+    targets = (
+        UploadTarget(name="cloud", type="rclone", remote="mycloud", path="/Films"),
+        UploadTarget(name="tg", type="telegram", chat_id=-100123),
+    )
+    text = render.targets_text("en", targets)
+    assert "cloud (rclone) → mycloud:/Films" in text and "-100123" in text
+    assert render.targets_text("en", ()) != text
+    help_lines = render.help_text("en", COMMANDS).splitlines()
+    for name, args in COMMANDS:
+        assert any(line.startswith(f"/{name} {args}".strip()) for line in help_lines), name
+    assert "命令" in render.help_text("zh", COMMANDS)
+    assert [c.command for c in render.command_menu("en", COMMANDS)] == [n for n, _ in COMMANDS]
+    address = render.public_address("https://user:secret@relay.example.com:8443/base?token=t#x")
+    assert address == "https://relay.example.com:8443/base"
+
+
+def test_long_texts_are_clipped_to_one_message() -> None:
+    rows = [ROW._replace(id=n, status="failed", error_message="e" * 300) for n in range(40)]
+    text = render.downloads_list("en", rows)
+    assert len(text) == render.TEXT_LIMIT and text.endswith("…")

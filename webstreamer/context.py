@@ -1,0 +1,179 @@
+"""What every route shares: the application context, JSON errors, request parsing, the link
+signature check and the dashboard's HTML shell. Routes import this module, never each other."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from configer import Config, ConfigDiff, Secrets
+from db import Store
+from events import EventHub
+from files import DownloadFiles
+from records import DownloadRow, UploadRow
+from webstreamer.byteserve import ByteSource
+from webstreamer.links import StreamLinks
+
+VERSION = "0.1.0"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+INDEX_FILE = STATIC_DIR / "index.html"
+LOGIN_STATE_MARKER = 'data-login-state=""'
+# The page runs only its own script and style and talks only to its own origin ('self' also
+# covers ws:/wss: to the same host in CSP Level 3); nothing may frame it.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "font-src 'self'; connect-src 'self'; manifest-src 'self'; form-action 'self'; "
+    "base-uri 'none'; frame-ancestors 'none'"
+)
+
+ByteSourceProvider = Callable[[DownloadRow, int | None], Awaitable[ByteSource | None]]
+
+
+class DownloadActions(Protocol):
+    """What the API asks of the download engine."""
+
+    async def add_link(self, url: str) -> DownloadRow: ...
+    async def add_torrent(self, data: bytes) -> DownloadRow: ...
+    async def pause(self, download_id: int) -> DownloadRow: ...
+    async def resume(self, download_id: int) -> DownloadRow: ...
+    async def retry(self, download_id: int) -> DownloadRow: ...
+    async def cancel(self, download_id: int) -> DownloadRow: ...
+    async def delete(self, download_id: int, *, delete_file: bool = False) -> DownloadRow: ...
+    async def delete_all(self, *, delete_files: bool = False) -> int: ...
+
+
+class UploadActions(Protocol):
+    """What the API asks of the upload manager."""
+
+    async def retry(self, upload_id: int) -> UploadRow: ...
+    async def cancel(self, upload_id: int) -> UploadRow: ...
+
+
+@dataclass(frozen=True)
+class AppContext:
+    """Everything the routes need, built complete by app.py (or a test) before the application.
+
+    `live_config` returns the configuration in force: a reload swaps it without touching the
+    context. `files` is the download directory that whole files are served from; when a file is
+    not whole there, `byte_sources` (the Telegram streamer) are asked in order.
+    """
+
+    live_config: Callable[[], Config]
+    secrets: Secrets
+    store: Store
+    hub: EventHub
+    downloads: DownloadActions
+    uploads: UploadActions
+    links: StreamLinks
+    files: DownloadFiles
+    byte_sources: Sequence[ByteSourceProvider]
+    aria2_connected: Callable[[], bool]
+    reload_config: Callable[[], Awaitable[ConfigDiff]]
+    version: str = VERSION
+
+    @property
+    def config(self) -> Config:
+        return self.live_config()
+
+
+CONTEXT: web.AppKey[AppContext] = web.AppKey("context", AppContext)
+
+
+def context_of(request: web.Request) -> AppContext:
+    return request.app[CONTEXT]
+
+
+def json_error(status: int, error: str, detail: object = None) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status)
+
+
+# --- request parsing ----------------------------------------------------------------------------
+
+
+def parse_id(text: str | None) -> int | None:
+    """A row id from a path segment: plain digits that fit SQLite's integer, else None."""
+    return int(text) if text is not None and text.isdigit() and len(text) <= 18 else None
+
+
+def path_id(request: web.Request, kind: str = "download") -> int:
+    """The `{id}` in the path, or a 404 that names what was not found."""
+    text = request.match_info["id"]
+    number = parse_id(text)
+    if number is None:
+        raise web.HTTPNotFound(text=f"no {kind} {text!r}")
+    return number
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 that says what is wrong with it."""
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(text="the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="the body must be a JSON object")
+    return body
+
+
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise web.HTTPBadRequest(text=f"{name} must be between {low} and {high}")
+    return value
+
+
+def query_bool(request: web.Request, name: str) -> bool:
+    text = request.query.get(name, "false").lower()
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no", ""):
+        return False
+    raise web.HTTPBadRequest(text=f"{name} must be true or false")
+
+
+def check_signature(request: web.Request, download_id: int, index: int) -> web.Response | None:
+    """None when the /stream or /watch link's signature holds; else the 403 answer."""
+    problem = context_of(request).links.signer.verify(
+        download_id, index, request.query.get("sig"), request.query.get("exp")
+    )
+    if problem is None:
+        return None
+    return json_error(403, "forbidden", problem)
+
+
+# --- the dashboard's HTML shell (the page and the sign-in form are one document) ------------------
+
+
+def page_headers(csp: str = PAGE_CSP) -> dict[str, str]:
+    return {
+        "Content-Security-Policy": csp,
+        "Cache-Control": "no-cache",
+        "X-Content-Type-Options": "nosniff",
+        "Cross-Origin-Opener-Policy": "same-origin",
+    }
+
+
+async def index_response(status: int = 200, login_state: str = "") -> web.Response:
+    html = await asyncio.to_thread(INDEX_FILE.read_text, encoding="utf-8")
+    if login_state:
+        html = html.replace(LOGIN_STATE_MARKER, f'data-login-state="{escape(login_state)}"', 1)
+    return web.Response(
+        status=status,
+        text=html,
+        content_type="text/html",
+        charset="utf-8",
+        headers={**page_headers(), "Cache-Control": "no-store"},
+    )

@@ -1,0 +1,65 @@
+// The add box: links (one or many) and .torrent files.
+import { api } from "./api.js";
+import { $, h } from "./dom.js";
+import { putDownload } from "./groups.js";
+import { t } from "./i18n.js";
+
+function addResult(lines) {
+  $("add-result").replaceChildren(...lines.map(([kind, text]) => h("li", { class: kind, text })));
+}
+
+function showAdded(downloads) {
+  for (const d of downloads.slice().reverse()) putDownload(d, { front: true });
+}
+
+export async function onAddSubmit(event) {
+  event.preventDefault();
+  const area = $("add-links");
+  const urls = Array.from(new Set(area.value.split(/\s+/).map((s) => s.trim()).filter(Boolean)));
+  if (!urls.length) {
+    addResult([["bad", t("web.add.empty")]]);
+    return;
+  }
+  const button = $("add-submit");
+  button.disabled = true;
+  try {
+    const data = await api("POST", "/api/downloads", { urls });
+    const added = Array.isArray(data.downloads) ? data.downloads : [];
+    showAdded(added);
+    const lines = [["ok", t("web.add.added", { count: added.length })]];
+    if (Array.isArray(data.duplicates) && data.duplicates.length) {
+      lines.push(["bad", t("web.add.duplicates", { count: data.duplicates.length })]);
+    }
+    addResult(lines);
+    area.value = "";
+  } catch (error) {
+    const body = error.body || {};
+    if (error.status === 400 && Array.isArray(body.detail)) {
+      addResult(body.detail.map((bad) => ["bad", t("web.add.invalid", { url: bad.url || "?", reason: bad.reason || "" })]));
+    } else if (error.status === 409) {
+      const duplicates = Array.isArray(body.detail) ? body.detail.length : 1;
+      addResult([["bad", t("web.add.duplicates", { count: duplicates })]]);
+    } else {
+      addResult([["bad", t("web.add.failed", { message: error.message })]]);
+    }
+  } finally {
+    button.disabled = false;
+  }
+}
+
+export async function onTorrentChosen(event) {
+  const input = event.target;
+  const file = input.files && input.files[0];
+  if (!file) return;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  try {
+    const data = await api("POST", "/api/downloads/torrent", form);
+    showAdded(Array.isArray(data.downloads) ? data.downloads : []);
+    addResult([["ok", t("web.add.torrent_added")]]);
+  } catch (error) {
+    addResult([["bad", t("web.add.failed", { message: error.message })]]);
+  } finally {
+    input.value = "";
+  }
+}

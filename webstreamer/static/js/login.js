@@ -1,0 +1,80 @@
+// Signing in and out: the token form, the session cookie, and which view the page shows.
+import { $, toast } from "./dom.js";
+import { t } from "./i18n.js";
+import { connect, disconnect, setConnection } from "./live.js";
+import { state } from "./state.js";
+import { drawChart } from "./stats.js";
+
+export function showLogin() {
+  $("dashboard").hidden = true;
+  $("logout").hidden = true;
+  $("login-view").hidden = false;
+  setConnection("signed-out");
+  $("token").focus();
+}
+
+function showDashboard() {
+  $("login-view").hidden = true;
+  $("dashboard").hidden = false;
+  $("logout").hidden = false;
+  if (window.location.pathname === "/login") window.history.replaceState(null, "", "/");
+  drawChart();
+}
+
+/** The session ended (`notify`: say so) or the user signed out: back to the form. */
+export function signedOut(notify) {
+  if (!state.signedIn) return;
+  state.signedIn = false;
+  disconnect();
+  showLogin();
+  if (notify) toast(t("web.error.unauthorized"), "bad");
+}
+
+export function signedIn() {
+  state.signedIn = true;
+  document.body.dataset.loginState = "";
+  showDashboard();
+  connect();
+}
+
+export async function onLoginSubmit(event) {
+  event.preventDefault();
+  const input = $("token");
+  const token = input.value.trim();
+  if (!token) return;
+  const button = $("login-submit");
+  const error = $("login-error");
+  button.disabled = true;
+  try {
+    const response = await fetch("/login", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify({ token }),
+    });
+    if (response.ok) {
+      input.value = "";
+      signedIn();
+      return;
+    }
+    error.textContent = response.status === 401 || response.status === 403
+      ? t("web.login.failed")
+      : t("web.login.error", { message: `HTTP ${response.status}` });
+    document.body.dataset.loginState = "failed";
+    input.select();
+  } catch (_) {
+    error.textContent = t("web.login.error", { message: t("web.error.network") });
+    document.body.dataset.loginState = "failed";
+  } finally {
+    button.disabled = false;
+  }
+}
+
+export async function onLogout() {
+  try {
+    await fetch("/logout", { method: "POST", credentials: "same-origin", headers: { Accept: "application/json" } });
+  } catch (_) {
+    // the cookie stays until it expires; the page forgets the session anyway
+  }
+  signedOut(false);
+}

@@ -1,0 +1,55 @@
+// MistRelay dashboard start-up: one page, native modules, no build step.
+import { onAddSubmit, onTorrentChosen } from "./add.js";
+import { onUnauthorized } from "./api.js";
+import { onDeleteDialogClosed, onListClick } from "./controls.js";
+import { $ } from "./dom.js";
+import { renderAll } from "./groups.js";
+import { applyStaticTexts, loadMessages, t, toggleLanguage } from "./i18n.js";
+import { onLoginSubmit, onLogout, showLogin, signedIn, signedOut } from "./login.js";
+import { drawChart, renderStatistics, sampleSpeeds, setStatistics } from "./stats.js";
+
+function switchLanguage() {
+  toggleLanguage();
+  applyStaticTexts();
+  const conn = $("conn-text");
+  if (conn.dataset.i18n) conn.textContent = t(conn.dataset.i18n, { seconds: "…" });
+  renderAll();
+  renderStatistics();
+  drawChart();
+}
+
+/** Whether the session cookie is still good; its answer is the first statistics shown. */
+async function probeSession() {
+  try {
+    const response = await fetch("/api/downloads/statistics", {
+      credentials: "same-origin",
+      headers: { Accept: "application/json" },
+    });
+    if (response.ok) setStatistics({ downloads: await response.json() });
+    return response.ok;
+  } catch (_) {
+    return false;
+  }
+}
+
+async function boot() {
+  await loadMessages();
+  applyStaticTexts();
+  renderStatistics();
+  onUnauthorized(() => signedOut(true));
+  $("login-form").addEventListener("submit", onLoginSubmit);
+  $("logout").addEventListener("click", onLogout);
+  $("lang-switch").addEventListener("click", switchLanguage);
+  $("add-form").addEventListener("submit", onAddSubmit);
+  $("torrent-file").addEventListener("change", onTorrentChosen);
+  $("groups").addEventListener("click", onListClick);
+  $("delete-dialog").addEventListener("close", onDeleteDialogClosed);
+  window.addEventListener("resize", drawChart);
+  window.setInterval(sampleSpeeds, 1000);
+  const authenticated = await probeSession();
+  document.documentElement.classList.remove("boot");
+  if (authenticated) signedIn();
+  else showLogin();
+}
+
+boot();
