@@ -16,14 +16,14 @@ import signal
 import sqlite3
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from aria2_client.consistency import ConsistencyChecker, check, repair
-from aria2_client.download_handler import DownloadManager
 from aria2_client.engine import Engine
 from aria2_client.process import running_aria2
 from aria2_client.transport import Aria2RpcError, Aria2Unavailable
@@ -40,6 +40,7 @@ from configer import (
 from db import (
     SCHEMA_VERSION,
     Database,
+    Store,
     StoreError,
     backup_database_file,
     inspect_database_file,
@@ -56,6 +57,7 @@ from webstreamer.signing import LinkSigner
 
 if TYPE_CHECKING:
     from loguru import Record
+    from pyrogram import Client
 
     from bot.runner import TelegramBot
     from bot.session import TelegramSession
@@ -134,40 +136,67 @@ def _log_format(record: Record) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Parts:
+    """The running service: every part built complete and started, in the order of this list."""
+
+    secrets: Secrets
+    files: DownloadFiles
+    links: StreamLinks
+    hub: EventHub
+    store: Store
+    media: MediaProber
+    telegram: TelegramSession | None  # None when no Telegram credentials are configured
+    uploads: UploadManager
+    engine: Engine
+    web: WebServer
+    checker: ConsistencyChecker
+    bot: TelegramBot | None
+
+
 class Service:
-    """Starts and stops every part of MistRelay in order."""
+    """MistRelay assembled from named parts; each registers its own stop on one exit stack, so
+    `stop()` (or a failed start) stops exactly what was started, newest first."""
 
     def __init__(
         self,
         config: Config,
         *,
-        telegram_client_factory: Callable[[], Any] | None = None,
+        telegram_client_factory: Callable[[], Client] | None = None,
     ) -> None:
         self.config = config
         # Builds the Pyrogram client; tests pass one wired to an offline Telegram.
         self.telegram_client_factory = telegram_client_factory
-        self.uploads: UploadManager | None = None
-        self.telegram: TelegramSession | None = None
-        self.bot: TelegramBot | None = None
-        self.media: MediaProber | None = None
-        self.checker: ConsistencyChecker | None = None
-        self.hub = EventHub()
-        self.secrets: Secrets | None = None
-        self.db: Database | None = None
-        self.engine: Engine | None = None
-        self.downloads: DownloadManager | None = None
-        self.listener: Listener | None = None
-        self.web: WebServer | None = None
-        self.ctx: AppContext | None = None
-        self._lock = InstanceLock(config.data_dir)
+        self._stack = AsyncExitStack()
+        self._parts: Parts | None = None
         self._log_secrets: list[str] = []
         self._bot_start: asyncio.Task[None] | None = None
 
+    @property
+    def parts(self) -> Parts:
+        if self._parts is None:
+            raise RuntimeError("the service is not running")
+        return self._parts
+
     async def start(self) -> None:
+        try:
+            self._parts = await self._assemble(self._stack)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def stop(self) -> None:
+        """Stop everything started, newest first; safe to call twice."""
+        self._parts = None
+        await self._stack.aclose()
+
+    async def _assemble(self, stack: AsyncExitStack) -> Parts:
         config = self.config
-        if not self._lock.acquire():
+        lock = InstanceLock(config.data_dir)
+        if not lock.acquire():
             raise AlreadyRunning(f"another MistRelay is running on {config.data_dir}")
-        self.secrets = secrets = ensure_secrets(config)
+        stack.callback(lock.release)
+        secrets = ensure_secrets(config)
         self._log_secrets = [
             secrets.web_token,
             secrets.aria2_secret,
@@ -176,128 +205,145 @@ class Service:
             config.telegram.api_hash,
         ]
         configure_logging(config.logging.level, self._log_secrets)
-        download_dir = config.aria2.download_dir
-        await asyncio.to_thread(download_dir.mkdir, parents=True, exist_ok=True)
+        files = DownloadFiles(config.aria2.download_dir)
+        await files.ensure_root()
         # Bound first: aria2's loopback links to Telegram files need the port before the engine.
-        self.listener = listener = await asyncio.to_thread(
-            Listener, config.web.host, config.web.port
-        )
+        listener = await asyncio.to_thread(Listener, config.web.host, config.web.port)
+        stack.callback(listener.close)
         links = StreamLinks(
             LinkSigner(secrets.link_key, config.web.link_expiry),
             config.web.base_url,
             listener.loopback_origin,
         )
 
-        self.db = db = Database(config.database.path, hub=self.hub)
-        await db.open()
-        await db.init_config_from_yaml(masked_settings(config))
+        store = Database(config.database.path, hub=(hub := EventHub()))
+        await store.open()
+        stack.push_async_callback(_close_store, store)
+        stack.push_async_callback(hub.close)
+        await store.init_config_from_yaml(masked_settings(config))
 
-        self.media = MediaProber(db, files=DownloadFiles(download_dir))
-        await self.media.start()
-        if config.telegram.enabled:
-            # Imported only when the bot runs: Pyrogram is heavy and unused otherwise.
-            from bot.session import TelegramSession
+        media = MediaProber(store, files=files)
+        await media.start()
+        stack.push_async_callback(media.stop)
 
-            self.telegram = TelegramSession(
-                config.telegram,
-                workdir=config.data_dir,
-                store=db,
-                client_factory=self.telegram_client_factory,
-            )
-        else:
-            logger.info("no Telegram credentials (telegram.bot_token): the bot is off")
-        self.uploads = UploadManager(
-            db,
+        telegram = self._telegram_session(store)
+        if telegram is not None:
+            # Stopped after the uploads, which may still be sending through its client.
+            stack.push_async_callback(telegram.stop)
+        uploads = UploadManager(
+            store,
             config.upload,
-            files=DownloadFiles(download_dir),
+            files=files,
             data_dir=config.data_dir,
-            telegram_client=lambda: self.telegram.client if self.telegram is not None else None,
+            telegram_client=(lambda: telegram.client) if telegram is not None else None,
         )
-        self.engine = engine = Engine(
-            db,
-            DownloadFiles(download_dir),
+        await uploads.start()
+        stack.push_async_callback(uploads.stop)
+
+        engine = Engine(
+            store,
+            files,
             config.aria2,
             data_dir=config.data_dir,
             secret=secrets.aria2_secret,
             telegram_link=links.loopback_url,
-            on_completed=[self.media.on_download_completed, self.uploads.on_download_completed],
-            on_removed=[self.uploads.on_download_removed],
+            on_completed=[media.on_download_completed, uploads.on_download_completed],
+            on_removed=[uploads.on_download_removed],
         )
-        self.downloads = engine.downloads
-        if self.telegram is not None:
-            from bot.runner import TelegramBot
-
-            self.bot = TelegramBot(
-                self.telegram,
-                store=db,
-                downloads=self.downloads,
-                uploads=self.uploads,
+        web = WebServer(
+            AppContext(
+                live_config=lambda: self.config,
+                secrets=secrets,
+                store=store,
+                hub=hub,
+                downloads=engine.downloads,
+                uploads=uploads,
                 links=links,
-                hub=self.hub,
-                config=lambda: self.config,
-            )
-        await self.uploads.start()
-        self.ctx = AppContext(
-            live_config=lambda: self.config,
-            secrets=secrets,
-            store=db,
-            hub=self.hub,
-            downloads=self.downloads,
-            uploads=self.uploads,
-            links=links,
-            files=DownloadFiles(download_dir),
-            byte_sources=[self.telegram.byte_source] if self.telegram is not None else [],
-            aria2_connected=lambda: engine.connected,
-            reload_config=self.reload,
+                files=files,
+                byte_sources=[telegram.byte_source] if telegram is not None else [],
+                aria2_connected=lambda: engine.connected,
+                reload_config=self.reload,
+            ),
+            listener,
         )
-        self.web = WebServer(self.ctx, listener)
-        await self.web.start()
+        await web.start()
+        stack.push_async_callback(web.stop)
         logger.info("web token is kept in {}", config.data_dir / "web_token")
 
         await engine.start()
-        self.checker = ConsistencyChecker(
-            db,
+        stack.push_async_callback(engine.stop)
+        checker = ConsistencyChecker(
+            store,
             engine.aria2,
-            download_dir,
+            files.root,
             interval=lambda: self.config.maintenance.check_interval,
             confirm_after=max(2.0, config.aria2.idle_poll_interval + 1),
         )
-        self.checker.start()
-        self.hub.start_statistics(db.get_statistics)
-        if self.bot is not None:
+        checker.start()
+        stack.push_async_callback(checker.stop)
+        hub.start_statistics(store.get_statistics)
+
+        bot = None
+        if telegram is not None:
+            from bot.runner import TelegramBot
+
+            bot = TelegramBot(
+                telegram,
+                store=store,
+                downloads=engine.downloads,
+                uploads=uploads,
+                links=links,
+                hub=hub,
+                config=lambda: self.config,
+            )
             # Telegram may be unreachable: the service runs (API, page, jobs) while the bot
             # keeps trying to log in on its own.
-            self._bot_start = asyncio.create_task(self._start_bot(), name="telegram-bot-start")
+            self._bot_start = asyncio.create_task(
+                _start_bot(bot, telegram), name="telegram-bot-start"
+            )
+            stack.push_async_callback(self._stop_bot, bot)
+        return Parts(
+            secrets, files, links, hub, store, media, telegram, uploads, engine, web, checker, bot
+        )
+
+    def _telegram_session(self, store: Store) -> TelegramSession | None:
+        telegram = self.config.telegram
+        if not telegram.enabled:
+            logger.info("no Telegram credentials (telegram.bot_token): the bot is off")
+            return None
+        # Imported only when the bot runs: Pyrogram is heavy and unused otherwise.
+        from bot.session import TelegramSession
+
+        return TelegramSession(
+            telegram,
+            workdir=self.config.data_dir,
+            store=store,
+            client_factory=self.telegram_client_factory,
+        )
 
     async def wait_bot(self) -> None:
         """Wait until the bot's start-up has finished (or failed and was logged)."""
         if self._bot_start is not None:
             await asyncio.shield(self._bot_start)
 
-    async def _start_bot(self) -> None:
-        assert self.bot is not None and self.telegram is not None
-        try:
-            await self.bot.start()
-            await self.telegram.start()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            logger.error("the Telegram bot could not start ({}); the service runs without it", exc)
+    async def _stop_bot(self, bot: TelegramBot) -> None:
+        if self._bot_start is not None:
+            self._bot_start.cancel()
+            self._bot_start = None
+        await bot.stop()
 
     async def reload(self) -> ConfigDiff:
-        """Re-read config.yaml; apply what can change live and name what needs a restart."""
+        """Re-read config.yaml; each part applies the keys that may change live; the diff names
+        those that need a restart."""
         new = load_config(self.config.config_path)
         diff = diff_config(self.config, new)
         live = with_live_changes(self.config, new, diff.applied)
         self.config = live
-        if self.ctx is not None:
-            self.ctx.links.reconfigure(link_expiry=live.web.link_expiry, base_url=live.web.base_url)
-        if self.uploads is not None:
-            self.uploads.apply_config(live.upload)
-        if self.engine is not None:
-            await self.engine.apply_config(live.aria2)
-        if self.db is not None:
-            await self.db.init_config_from_yaml(masked_settings(live))
+        parts = self.parts
+        parts.links.reconfigure(link_expiry=live.web.link_expiry, base_url=live.web.base_url)
+        parts.uploads.apply_config(live.upload)
+        await parts.engine.apply_config(live.aria2)
+        await parts.store.init_config_from_yaml(masked_settings(live))
         configure_logging(live.logging.level, self._log_secrets)
         logger.info(
             "configuration reloaded: applied {}; needs a restart: {}",
@@ -306,40 +352,20 @@ class Service:
         )
         return diff
 
-    async def stop(self) -> None:
-        """Stop everything started, newest first; safe to call twice."""
-        if self.checker is not None:
-            await self.checker.stop()
-            self.checker = None
-        if self.engine is not None:
-            await self.engine.stop()
-            self.engine = None
-        if self._bot_start is not None:
-            self._bot_start.cancel()
-        if self.bot is not None:
-            await self.bot.stop()
-            self.bot = None
-        if self.uploads is not None:
-            await self.uploads.stop()
-            self.uploads = None
-        if self.telegram is not None:
-            await self.telegram.stop()
-            self.telegram = None
-        if self.media is not None:
-            await self.media.stop()
-            self.media = None
-        if self.web is not None:
-            await self.web.stop()
-            self.web = None
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-        await self.hub.close()
-        if self.db is not None:
-            await self.db.close()
-            self.db = None
-            logger.info("MistRelay stopped")
-        self._lock.release()
+
+async def _start_bot(bot: TelegramBot, telegram: TelegramSession) -> None:
+    try:
+        await bot.start()
+        await telegram.start()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        logger.error("the Telegram bot could not start ({}); the service runs without it", exc)
+
+
+async def _close_store(store: Store) -> None:
+    await store.close()
+    logger.info("MistRelay stopped")
 
 
 async def run_service(config: Config) -> None:

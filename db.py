@@ -17,12 +17,12 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, Self, get_args
+from typing import Any, Generic, Protocol, Self, TypeVar, get_args
 
 import aiosqlite
 from loguru import logger
@@ -328,6 +328,30 @@ def _download_from_row(row: sqlite3.Row) -> DownloadRow:
 
 def _upload_from_row(row: sqlite3.Row) -> UploadRow:
     return UploadRow._make(row)
+
+
+RowT = TypeVar("RowT")
+
+
+@dataclass(frozen=True)
+class _Table(Generic[RowT]):
+    """One table's name, the columns its record is read from, and the conversion."""
+
+    name: str
+    columns: str
+    convert: Callable[[sqlite3.Row], RowT]
+
+    async def convert_all(self, rows: Sequence[sqlite3.Row]) -> list[RowT]:
+        converted: list[RowT] = []
+        for first in range(0, len(rows), 200):
+            if first:
+                await asyncio.sleep(0)  # the poller reads every active row: let others run
+            converted.extend(self.convert(r) for r in rows[first : first + 200])
+        return converted
+
+
+_DOWNLOADS = _Table("downloads", _DOWNLOAD_COLUMNS, _download_from_row)
+_UPLOADS = _Table("uploads", _UPLOAD_COLUMNS, _upload_from_row)
 
 
 class Store(Protocol):
@@ -908,25 +932,10 @@ class Database:
         status: str | None = None,
         owner_id: int | None = None,
     ) -> list[DownloadRow]:
-        clause, params = _equal_filters(status=status, owner_id=owner_id)
-        rows = await self._read_all(
-            f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads {clause} ORDER BY id DESC LIMIT ?",
-            (*params, limit),
-        )
-        return [_download_from_row(r) for r in rows]
+        return await self._fetch_recent(_DOWNLOADS, limit, {"status": status, "owner_id": owner_id})
 
     async def fetch_downloads_in_states(self, statuses: Sequence[str]) -> list[DownloadRow]:
-        marks = ", ".join("?" for _ in statuses)
-        rows = await self._read_all(
-            f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE status IN ({marks}) ORDER BY id",
-            tuple(statuses),
-        )
-        converted: list[DownloadRow] = []
-        for first in range(0, len(rows), 200):
-            if first:
-                await asyncio.sleep(0)  # the poller reads every active row: let others run
-            converted.extend(_download_from_row(r) for r in rows[first : first + 200])
-        return converted
+        return await self._fetch_in_states(_DOWNLOADS, statuses)
 
     async def fetch_downloads_grouped(
         self, limit: int = 50, *, status: str | None = None
@@ -1308,20 +1317,31 @@ class Database:
     async def fetch_recent_uploads(
         self, limit: int = 50, status: str | None = None, upload_target: str | None = None
     ) -> list[UploadRow]:
-        clause, params = _equal_filters(status=status, upload_target=upload_target)
-        rows = await self._read_all(
-            f"SELECT {_UPLOAD_COLUMNS} FROM uploads {clause} ORDER BY id DESC LIMIT ?",
-            (*params, limit),
+        return await self._fetch_recent(
+            _UPLOADS, limit, {"status": status, "upload_target": upload_target}
         )
-        return [_upload_from_row(r) for r in rows]
 
     async def fetch_uploads_in_states(self, statuses: Sequence[str]) -> list[UploadRow]:
+        return await self._fetch_in_states(_UPLOADS, statuses)
+
+    async def _fetch_recent(
+        self, table: _Table[RowT], limit: int, filters: Mapping[str, object]
+    ) -> list[RowT]:
+        """The newest `limit` rows (-1: all) matching every filter given a value."""
+        clause, params = _equal_filters(**filters)
+        rows = await self._read_all(
+            f"SELECT {table.columns} FROM {table.name} {clause} ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return await table.convert_all(rows)
+
+    async def _fetch_in_states(self, table: _Table[RowT], statuses: Sequence[str]) -> list[RowT]:
         marks = ", ".join("?" for _ in statuses)
         rows = await self._read_all(
-            f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE status IN ({marks}) ORDER BY id",
+            f"SELECT {table.columns} FROM {table.name} WHERE status IN ({marks}) ORDER BY id",
             tuple(statuses),
         )
-        return [_upload_from_row(r) for r in rows]
+        return await table.convert_all(rows)
 
     async def get_pending_uploads(self, upload_target: str | None = None) -> list[UploadRow]:
         uploads = await self.fetch_uploads_in_states(("pending",))

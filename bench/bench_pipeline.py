@@ -154,10 +154,9 @@ def bare_aria2(config: Config, work: Path) -> EmbeddedAria2:
 async def run_mistrelay(
     service: Service, http: aiohttp.ClientSession, urls: list[str], sizes: int
 ) -> float:
-    assert service.web is not None and service.secrets is not None and service.db is not None
-    db = service.db
-    api = f"http://127.0.0.1:{service.web.port}/api/downloads"
-    headers = {"Authorization": f"Bearer {service.secrets.web_token}"}
+    db = service.parts.store
+    api = f"http://127.0.0.1:{service.parts.web.port}/api/downloads"
+    headers = {"Authorization": f"Bearer {service.parts.secrets.web_token}"}
     started = time.perf_counter()
     async with http.post(api, json={"urls": urls}, headers=headers) as response:
         body = await response.json()
@@ -180,8 +179,7 @@ async def run_mistrelay(
         assert row is not None and row.local_path is not None
         if await asyncio.to_thread(os.path.getsize, row.local_path) != sizes:
             raise RuntimeError(f"{row.local_path} has the wrong size")
-    assert service.downloads is not None
-    await service.downloads.delete_all(delete_files=True)
+    await service.parts.engine.downloads.delete_all(delete_files=True)
     return elapsed
 
 

@@ -35,7 +35,6 @@ if str(ROOT) not in sys.path:
 
 import aiohttp  # noqa: E402
 import yaml  # noqa: E402
-from aiohttp import web  # noqa: E402
 from loguru import logger  # noqa: E402
 
 # --- the clients' process -----------------------------------------------------------------------
@@ -179,8 +178,6 @@ async def service(work: Path) -> AsyncIterator[tuple[Any, str, str]]:
     """A real service; yields (service, ws url, token)."""
     from app import Service
     from configer import load_config
-    from webstreamer.routes import page, ws
-    from webstreamer.server import create_app
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -205,29 +202,10 @@ async def service(work: Path) -> AsyncIterator[tuple[Any, str, str]]:
     )
     running = Service(load_config(config_path, env={}))
     await running.start()
-    runner: web.AppRunner | None = None
     try:
-        assert running.web is not None and running.ctx is not None
-        assert running.secrets is not None
-        app = running.web.app
-        canonical = {getattr(r.resource, "canonical", "") for r in app.router.routes()}
-        base = f"http://127.0.0.1:{running.web.port}"
-        if "/api/ws" not in canonical:
-            # Until create_app mounts the push itself: the same application on another port.
-            app = create_app(running.ctx)
-            ws.setup(app)
-            page.setup(app)
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
-            await runner.setup()
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                other = probe.getsockname()[1]
-            await web.TCPSite(runner, "127.0.0.1", other).start()
-            base = f"http://127.0.0.1:{other}"
-        yield running, base.replace("http://", "ws://") + "/api/ws", running.secrets.web_token
+        base = f"ws://127.0.0.1:{running.parts.web.port}/api/ws"
+        yield running, base, running.parts.secrets.web_token
     finally:
-        if runner is not None:
-            await runner.cleanup()
         await running.stop()
 
 

@@ -115,13 +115,13 @@ class Relay:
 
     @property
     def bot(self) -> TelegramBot:
-        bot = self.running.service.bot
+        bot = self.running.service.parts.bot
         assert bot is not None
         return bot
 
     @property
     def session(self) -> TelegramSession:
-        session = self.running.service.telegram
+        session = self.running.service.parts.telegram
         assert session is not None
         return session
 
@@ -133,7 +133,7 @@ class Relay:
 
     @property
     def db(self) -> Any:
-        return self.running.service.db
+        return self.running.service.parts.store
 
     def chat(self, user_id: int = ADMIN, language_code: str = "en", name: str = "Ada") -> Chat:
         if user_id == ADMIN and language_code == "en":

@@ -53,7 +53,7 @@ async def _pending_telegram_row(relay: Relay, file: FakeFile, name: str) -> int:
 
 
 def _stream_url(relay: Relay, download_id: int, name: str) -> str:
-    signer = relay.running.service.ctx.links.signer  # type: ignore[union-attr]
+    signer = relay.running.service.parts.web.ctx.links.signer
     return relay.running.base_url + signer.stream_path(download_id, name)
 
 

@@ -107,9 +107,8 @@ def job_files(svc: RunningService, download_id: int) -> list[Path]:
 
 
 async def aria2_knows(svc: RunningService, gid: str) -> bool:
-    assert svc.service.downloads is not None
     try:
-        await svc.service.downloads.aria2.tell_status(gid)
+        await svc.service.parts.engine.downloads.aria2.tell_status(gid)
     except Aria2RpcError as exc:
         assert exc.is_not_found, exc
         return False
@@ -117,13 +116,11 @@ async def aria2_knows(svc: RunningService, gid: str) -> bool:
 
 
 async def aria2_state(svc: RunningService, gid: str) -> str:
-    assert svc.service.downloads is not None
-    return (await svc.service.downloads.aria2.tell_status(gid)).status
+    return (await svc.service.parts.engine.downloads.aria2.tell_status(gid)).status
 
 
 def signer_of(svc: RunningService) -> LinkSigner:
-    assert svc.service.ctx is not None
-    return svc.service.ctx.links.signer
+    return svc.service.parts.web.ctx.links.signer
 
 
 def edit_config(svc: RunningService, change: Callable[[dict[str, Any]], None]) -> None:
@@ -141,8 +138,7 @@ async def settled(svc: RunningService) -> RunningService:
     Stopping a service while that wake-up is in flight hits the poller stop bug (see
     test_poller_stops_when_woken_at_the_same_moment); waiting here keeps the other tests clear.
     """
-    assert svc.service.engine is not None
-    poller = svc.service.engine.poller
+    poller = svc.service.parts.engine.poller
     assert poller is not None
 
     async def cycled() -> bool:
@@ -162,8 +158,7 @@ async def svc(service_factory: ServiceFactory) -> RunningService:
 
 
 async def test_poller_stops_when_woken_at_the_same_moment(svc: RunningService) -> None:
-    assert svc.service.engine is not None
-    poller = svc.service.engine.poller
+    poller = svc.service.parts.engine.poller
     assert poller is not None
     task = poller._task
     assert task is not None
@@ -187,7 +182,7 @@ async def test_health_is_public_and_holds_no_secret(svc: RunningService) -> None
     assert body["status"] == "ok"
     assert body["aria2"] == "connected"
     assert body["version"]
-    secrets = svc.service.secrets
+    secrets = svc.service.parts.secrets
     assert secrets is not None
     for secret in (secrets.web_token, secrets.aria2_secret, secrets.link_key.hex()):
         assert secret not in text
@@ -652,7 +647,7 @@ async def test_retry_a_failed_download(svc: RunningService, file_server: FileSer
     assert done["error_message"] is None
     assert await read_file(done["local_path"]) == data
     assert done["gid"] != row["gid"]
-    db = svc.service.db
+    db = svc.service.parts.store
     assert db is not None
     assert await db.get_download_id_by_gid(row["gid"]) == row["id"]
     assert await db.get_download_id_by_gid(done["gid"]) == row["id"]
@@ -672,7 +667,7 @@ async def test_retry_a_cancelled_download(svc: RunningService, file_server: File
     assert done["status"] == "completed", done
     assert await read_file(done["local_path"]) == data
     assert done["gid"] != row["gid"]
-    db = svc.service.db
+    db = svc.service.parts.store
     assert db is not None
     assert await db.get_download_id_by_gid(row["gid"]) == row["id"]
 
@@ -748,7 +743,7 @@ async def test_delete_file_never_touches_anything_outside_the_download_dir(
     for row in rows:
         await svc.wait_download(row["id"], FINAL, timeout=WAIT)
     download_dir = svc.config.aria2.download_dir
-    db = svc.service.db
+    db = svc.service.parts.store
     assert db is not None
     link_inside = download_dir / "link-to-outside"
     link_inside.symlink_to(outside)
@@ -888,8 +883,7 @@ async def test_config_reload_applies_max_concurrent_downloads_to_aria2(
     status, answer = await svc.api("POST", "/api/config/reload")
     assert status == 200, answer
     assert "aria2.max_concurrent_downloads" in answer["applied"]
-    assert svc.service.downloads is not None
-    options = await svc.service.downloads.aria2.get_global_option()
+    options = await svc.service.parts.engine.downloads.aria2.get_global_option()
     assert options["max-concurrent-downloads"] == "7"
 
 

@@ -151,12 +151,13 @@ async def test_external_aria2_killed_and_restarted_on_the_same_session(
                 {"aria2": {"rpc_url": external.rpc_url, "rpc_secret": external.secret}}
             )
         )
-        assert svc.service.engine is not None and svc.service.engine.embedded is None
+        assert svc.service.parts.engine.embedded is None
         assert await health(svc) == "connected"
         row = await add_link(svc, file_server.url("external.bin", route="slow", rate=512 * 1024))
         await wait_bytes(svc, row["id"], 200 * 1024)
-        assert svc.service.downloads is not None
-        await svc.service.downloads.aria2.save_session()  # what save-session-interval does
+        await (
+            svc.service.parts.engine.downloads.aria2.save_session()
+        )  # what save-session-interval does
 
         old_pid = external.pid
         assert old_pid is not None
@@ -198,9 +199,8 @@ async def test_embedded_aria2_sigkill_is_restarted_and_the_download_completes(
     size = 3 * MIB
     data = file_server.add_file("crash.bin", size=size, seed=24)
     svc = await settled(await service_factory())
-    assert svc.service.engine is not None
-    embedded = svc.service.engine.embedded
-    db = svc.service.db
+    embedded = svc.service.parts.engine.embedded
+    db = svc.service.parts.store
     assert embedded is not None and db is not None
     process_reaper.track(embedded.pid)
     row = await add_link(svc, file_server.url("crash.bin", route="slow", rate=768 * 1024))

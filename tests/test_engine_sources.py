@@ -124,7 +124,7 @@ async def test_a_magnet_follows_its_metadata_gid_and_completes(
     assert done["status"] == "completed", done
     assert done["gid"] != metadata_gid
 
-    db = svc.service.db
+    db = svc.service.parts.store
     assert db is not None
     gids = await db.get_gids(row["id"])
     assert len(gids) >= 2, gids

@@ -45,8 +45,7 @@ def dav_upload(rclone_config: Path, **upload: Any) -> dict[str, Any]:
 
 
 async def uploads_of(svc: RunningService, download_id: int) -> list[UploadRow]:
-    assert svc.service.db is not None
-    return await svc.service.db.get_uploads_by_download(download_id)
+    return await svc.service.parts.store.get_uploads_by_download(download_id)
 
 
 async def add_and_complete(
@@ -277,8 +276,7 @@ async def test_database_locked_by_another_process(
     released_at = float(second.split()[1])
     ids = [int(body["downloads"][0]["id"]) for status, body, _ in answers if status == 201]
     rows = {i: await svc.wait_download(i, FINAL, timeout=30) for i in ids}
-    assert svc.service.db is not None
-    all_rows = await svc.service.db.fetch_recent_downloads(limit=-1)
+    all_rows = await svc.service.parts.store.fetch_recent_downloads(limit=-1)
     early = [t for status, _, t in answers if status == 201 and t < released_at - 0.05]
     wrong = [f"{i}: {r['status']}" for i, r in rows.items() if r["status"] != "completed"]
     reliability.record(
@@ -324,16 +322,14 @@ async def test_two_hundred_links_in_one_chat_message(
     )
     for i in range(200):
         file_server.add_file(f"c/{i}", data=f"chat link {i}\n".encode() * 20)
-    assert svc.service.web is not None and svc.service.web.port is not None
-    probe = HealthProbe(svc.service.web.port)
+    probe = HealthProbe(svc.service.parts.web.port)
     probe.start()
     try:
         text = "\n".join(file_server.url(f"c/{i}") for i in range(200))
         user = fake_telegram.default_user
-        client = svc.service.telegram.client
+        client = svc.service.parts.telegram.client
         await fake_telegram.feed(client, fake_telegram.message_update(user, text))
-        assert svc.service.db is not None
-        db = svc.service.db
+        db = svc.service.parts.store
 
         async def all_final() -> bool:
             rows = await db.fetch_recent_downloads(limit=-1)

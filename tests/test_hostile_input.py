@@ -74,9 +74,8 @@ async def raw_request(
 
 def route_table(svc: RunningService) -> list[tuple[str, str, Any]]:
     """(method, canonical path, resource) of every route the running app serves."""
-    assert svc.service.web is not None
     table = []
-    for route in svc.service.web.app.router.routes():
+    for route in svc.service.parts.web.app.router.routes():
         resource = route.resource
         if resource is None:
             continue
@@ -136,8 +135,7 @@ async def test_every_api_route_refuses_requests_without_a_valid_token(
     service_factory: ServiceFactory,
 ) -> None:
     svc = await service_factory()
-    assert svc.service.ctx is not None
-    signer = svc.service.ctx.links.signer
+    signer = svc.service.parts.web.ctx.links.signer
     token = svc.token
     bad_credentials: dict[str, dict[str, str]] = {
         "none": {},
@@ -158,8 +156,7 @@ async def test_every_api_route_refuses_requests_without_a_valid_token(
     }
     api_routes = [(m, c, r) for m, c, r in route_table(svc) if c.startswith("/api")]
     assert len(api_routes) >= 10, api_routes
-    assert svc.service.web is not None and svc.service.web.port is not None
-    port = svc.service.web.port
+    port = svc.service.parts.web.port
     checked = 0
     for method, canonical, resource in api_routes:
         path = fill_route(canonical, resource)
@@ -204,8 +201,7 @@ async def test_forged_or_expired_stream_and_watch_links_get_403(
     service_factory: ServiceFactory, file_server: FileServer
 ) -> None:
     svc = await service_factory()
-    assert svc.service.ctx is not None
-    signer = svc.service.ctx.links.signer
+    signer = svc.service.parts.web.ctx.links.signer
     first = await completed_download(svc, file_server, "signed-1.bin", b"first file " * 100)
     second = await completed_download(svc, file_server, "signed-2.bin", b"second file " * 100)
     one, two = int(first["id"]), int(second["id"])
@@ -291,8 +287,7 @@ async def test_path_traversal_never_reads_or_deletes_outside(
 ) -> None:
     canary_path, canary_secret = canary
     svc = await service_factory()
-    assert svc.service.ctx is not None and svc.service.web is not None
-    port = svc.service.web.port
+    port = svc.service.parts.web.port
     assert port is not None
     row = await completed_download(svc, file_server, "inside.bin", b"inside bytes " * 50)
     download_id = int(row["id"])
@@ -335,7 +330,6 @@ async def test_path_traversal_never_reads_or_deletes_outside(
 
     # A row that names a file outside (a hostile or tampered record): never served, never
     # deleted. Relative and absolute paths, and a symlink inside the download folder.
-    assert svc.service.db is not None
     job_dir = Path(row["local_path"]).parent
     link = job_dir / "link-to-canary"
     link.symlink_to(canary_path)
@@ -345,7 +339,7 @@ async def test_path_traversal_never_reads_or_deletes_outside(
         str(link),
         str(job_dir / ".." / ".." / ".." / canary_path.name),
     ):
-        await svc.service.db.update_download_details_by_id(download_id, local_path=hostile)
+        await svc.service.parts.store.update_download_details_by_id(download_id, local_path=hostile)
         status, body = await svc.api("GET", path_and_query(row["stream_url"]), auth=False)
         assert status != 200 and canary_secret not in (
             body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -395,8 +389,7 @@ async def test_embedded_aria2_rpc_listens_on_loopback_only(
 ) -> None:
     # The product's own options (IPv6 enabled), not the test defaults.
     svc = await service_factory({"aria2": {"options": {"disable-ipv6": "false"}}})
-    assert svc.service.engine is not None
-    embedded = svc.service.engine.embedded
+    embedded = svc.service.parts.engine.embedded
     assert embedded is not None and embedded.pid is not None
     sockets = _listening_sockets(embedded.pid)
     rpc = [(address, port) for address, port in sockets if port == embedded.port]
@@ -521,10 +514,9 @@ async def test_bot_credentials_never_reach_answers_logs_or_chats(
             "/status",
         ):
             await fake_telegram.feed(
-                svc.service.telegram.client, fake_telegram.message_update(user, text)
+                svc.service.parts.telegram.client, fake_telegram.message_update(user, text)
             )
-        assert svc.service.db is not None
-        db = svc.service.db
+        db = svc.service.parts.store
 
         async def settled() -> bool:
             rows = await db.fetch_recent_downloads(limit=-1)
@@ -617,7 +609,7 @@ async def test_random_json_and_bytes_never_break_the_api(
     service_factory: ServiceFactory,
 ) -> None:
     svc = await service_factory()
-    db = svc.service.db
+    db = svc.service.parts.store
     assert db is not None
     loop = asyncio.get_running_loop()
     expected_rows = 0

@@ -94,11 +94,10 @@ async def wait_uploads(
     what: str = "the uploads",
 ) -> list[UploadRow]:
     """Poll the download's upload rows until `condition` holds (bounded)."""
-    assert svc.service.db is not None
     deadline = time.monotonic() + timeout
     rows: list[UploadRow] = []
     while time.monotonic() < deadline:
-        rows = await svc.service.db.get_uploads_by_download(download_id)
+        rows = await svc.service.parts.store.get_uploads_by_download(download_id)
         if condition(rows):
             return rows
         await asyncio.sleep(0.05)
@@ -122,8 +121,7 @@ def local_file(svc: RunningService, download: dict[str, Any]) -> Path:
 
 
 async def history(svc: RunningService, upload_id: int) -> list[tuple[str | None, str]]:
-    assert svc.service.db is not None
-    entries = await svc.service.db.get_status_history("upload", upload_id)
+    entries = await svc.service.parts.store.get_status_history("upload", upload_id)
     return [(e.from_status, e.to_status) for e in entries]
 
 
@@ -290,8 +288,7 @@ async def test_missing_remote_is_named_at_start_and_fails_at_once(
             [rclone_target("dav", "testdav"), rclone_target("cloudy", "nosuchremote")],
         )
     )
-    assert svc.service.uploads is not None
-    assert svc.service.uploads.missing_remotes == {"cloudy": "nosuchremote"}
+    assert svc.service.parts.uploads.missing_remotes == {"cloudy": "nosuchremote"}
     logged = capfd.readouterr().err
     assert any(
         "ERROR" in line and "'cloudy'" in line and "'nosuchremote'" in line
@@ -323,10 +320,9 @@ async def test_max_concurrent_caps_parallel_uploads(
         (await fetch(svc, file_server, f"part{i}.bin", 1 * MIB + i, seed=i))[0] for i in range(3)
     ]
     spans: list[tuple[str, str]] = []
-    assert svc.service.db is not None
     for download in downloads:
         (row,) = await wait_uploads(svc, download["id"], all_in("completed"))
-        entries = await svc.service.db.get_status_history("upload", row.id)
+        entries = await svc.service.parts.store.get_status_history("upload", row.id)
         started = next(e.at for e in entries if e.to_status == "uploading")
         finished = next(e.at for e in entries if e.to_status == "completed")
         spans.append((started, finished))
@@ -347,10 +343,9 @@ async def test_reloaded_targets_catch_up_on_completed_downloads(
     download, data = await fetch(svc, file_server, "reload.bin", 120_000)
     await wait_uploads(svc, download["id"], all_in("completed"))
 
-    assert svc.service.uploads is not None
-    current = svc.service.uploads.config
+    current = svc.service.parts.uploads.config
     added = UploadTarget("second", "rclone", "testdav", "/two")
-    svc.service.uploads.apply_config(replace(current, targets=(*current.targets, added)))
+    svc.service.parts.uploads.apply_config(replace(current, targets=(*current.targets, added)))
     rows = await wait_uploads(svc, download["id"], all_in("completed", count=2))
     assert sorted(r.upload_target for r in rows) == ["first", "second"]
     assert (webdav_cloud.root / "two" / "reload.bin").read_bytes() == data
@@ -376,11 +371,10 @@ async def test_progress_is_written_while_uploading(
     monkeypatch.delenv("RCLONE_BWLIMIT")
     download, _ = await fetch(svc, file_server, "slow.bin", 5 * MIB)
 
-    assert svc.service.db is not None
     seen: list[UploadRow] = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        rows = await svc.service.db.get_uploads_by_download(download["id"])
+        rows = await svc.service.parts.store.get_uploads_by_download(download["id"])
         if rows and rows[0].status == "uploading":
             seen.append(rows[0])
         if rows and rows[0].status == "completed":
@@ -757,7 +751,7 @@ async def test_telegram_target_through_the_running_bot(
         },
         telegram_client_factory=fake_telegram.make_client,
     )
-    telegram = svc.service.telegram
+    telegram = svc.service.parts.telegram
     assert telegram is not None and telegram.client is not None
     await fake_telegram.feed(telegram.client, [fake_telegram.message_update(user, "/start")])
     download, data = await fetch(svc, file_server, "twice.bin", 2 * MIB + 100)

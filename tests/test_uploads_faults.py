@@ -336,7 +336,7 @@ async def test_cancel_stops_rclone_and_keeps_the_file(
     assert pid_of_upload(svc.config.data_dir, upload.id) is None
     assert local_file(svc, download).read_bytes() == data
     await asyncio.sleep(0.5)  # nothing restarts it behind the user's back
-    (still,) = await svc.service.db.get_uploads_by_download(download["id"])  # type: ignore[union-attr]
+    (still,) = await svc.service.parts.store.get_uploads_by_download(download["id"])
     assert still.status == "cancelled" and still.cleaned_at is None
 
     status, body = await svc.api("POST", f"/api/uploads/{upload.id}/cancel")
@@ -368,8 +368,8 @@ async def test_deleting_the_download_stops_its_upload(
     status, body = await svc.api("DELETE", f"/api/downloads/{download['id']}?delete_file=true")
     assert status == 200, body
     assert not pid_alive(pid)
-    assert svc.service.uploads is not None and svc.service.uploads.running() == []
-    assert await svc.service.db.get_upload_by_id(upload.id) is None  # type: ignore[union-attr]
+    assert svc.service.parts.uploads.running() == []
+    assert await svc.service.parts.store.get_upload_by_id(upload.id) is None
 
 
 # --------------------------------------------------------------------------- restarts
@@ -417,7 +417,7 @@ async def test_restart_creates_missing_uploads_for_completed_downloads(
 ) -> None:
     first = await service_factory(upload_overrides(rclone_config, []))
     download, data = await fetch(first, file_server, "later.bin", 70_000)
-    assert await first.service.db.get_uploads_by_download(download["id"]) == []  # type: ignore[union-attr]
+    assert await first.service.parts.store.get_uploads_by_download(download["id"]) == []
     await first.stop()
 
     path = service_config(
@@ -431,7 +431,7 @@ async def test_restart_creates_missing_uploads_for_completed_downloads(
 
     third = await service_factory(config_path=path)  # nothing new: no second row
     await asyncio.sleep(0.5)
-    assert len(await third.service.db.get_uploads_by_download(download["id"])) == 1  # type: ignore[union-attr]
+    assert len(await third.service.parts.store.get_uploads_by_download(download["id"])) == 1
 
 
 async def test_rclone_left_by_a_crash_is_stopped_at_start(

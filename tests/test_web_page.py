@@ -330,7 +330,7 @@ async def test_logout_expires_the_cookie(site: Site) -> None:
 
 
 async def test_forged_foreign_and_stale_cookies_are_refused(site: Site) -> None:
-    ctx = site.running.service.ctx
+    ctx = site.running.service.parts.web.ctx
     assert ctx is not None
     good = await login_cookie(site)
     issued, mac = good.split(".", 1)
@@ -358,8 +358,7 @@ def _concrete(path: str) -> str:
 
 
 async def test_every_api_route_and_the_websocket_need_authentication(site: Site) -> None:
-    app = site.running.service.web.app if site.running.service.web else None
-    assert app is not None
+    app = site.running.service.parts.web.app
     routes: set[tuple[str, str]] = {("GET", "/api/ws")}
     for route in app.router.routes():
         canonical = getattr(route.resource, "canonical", "")
@@ -466,7 +465,7 @@ async def test_watch_page_refuses_bad_signatures(site: Site, file_server: FileSe
         assert body["error"] == "forbidden"
     status, _, _ = await site.request("GET", f"/watch/999999?{good_query}", auth=False)
     assert status == 403
-    ctx = site.running.service.ctx
+    ctx = site.running.service.parts.web.ctx
     assert ctx is not None
     status, body, _ = await site.request("GET", ctx.links.signer.watch_path(999999), auth=False)
     assert status == 404 and body["error"] == "not_found"
@@ -562,7 +561,7 @@ async def test_watch_each_file_of_a_multi_file_torrent(
     )
     download_id = download["id"]
     assert download["watch_url"] is None and len(download["files"]) == 2
-    ctx = site.running.service.ctx
+    ctx = site.running.service.parts.web.ctx
     assert ctx is not None
     # The whole download holds several files: the player points to them, it plays none.
     status, page_body, _ = await site.request(
@@ -635,7 +634,7 @@ def test_listener_on_a_taken_port_fails_and_holds_nothing() -> None:
 
 
 async def test_a_second_server_serves_the_same_context_on_ipv6(site: Site) -> None:
-    ctx = site.running.service.ctx
+    ctx = site.running.service.parts.web.ctx
     assert ctx is not None
     server = WebServer(ctx, Listener("::1", 0))
     url = f"http://[::1]:{server.port}/api/downloads"

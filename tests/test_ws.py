@@ -36,7 +36,7 @@ async def site(service_factory: ServiceFactory) -> AsyncIterator[Site]:
 
 
 def hub_of(site: Site) -> Any:
-    return site.running.service.hub
+    return site.running.service.parts.hub
 
 
 async def receive(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10) -> dict[str, Any]:
@@ -370,7 +370,7 @@ async def test_events_are_pushed_only_after_commit(site: Site, file_server: File
     file_server.add_file("done.bin", size=1000)
     download = await site.add_and_complete(file_server.url("done.bin"))
     download_id = download["id"]
-    db = site.running.service.db
+    db = site.running.service.parts.store
     assert db is not None
     ws = await connect(site)
     try:
@@ -406,8 +406,7 @@ async def test_events_are_pushed_only_after_commit(site: Site, file_server: File
 
 async def test_shutdown_closes_open_sockets_promptly(service_factory: ServiceFactory) -> None:
     running = await service_factory()
-    assert running.service.ctx is not None
-    app = create_app(running.service.ctx)
+    app = create_app(running.service.parts.web.ctx)
     ws_routes.setup(app)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
@@ -421,7 +420,7 @@ async def test_shutdown_closes_open_sockets_promptly(service_factory: ServiceFac
         ]
         for ws in sockets:
             assert (await receive(ws))["type"] == "hello"
-        assert running.service.hub.subscriber_count == 3
+        assert running.service.parts.hub.subscriber_count == 3
         started = time.monotonic()
         await runner.cleanup()
         assert time.monotonic() - started < 10  # the server's own grace period is 60 s
@@ -429,7 +428,7 @@ async def test_shutdown_closes_open_sockets_promptly(service_factory: ServiceFac
             message = await ws.receive(timeout=5)
             assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
             await ws.close()
-        assert running.service.hub.subscriber_count == 0
+        assert running.service.parts.hub.subscriber_count == 0
 
 
 async def test_a_foreign_page_cannot_open_the_socket_with_the_cookie(site: Site) -> None:

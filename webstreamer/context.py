@@ -144,14 +144,33 @@ def query_bool(request: web.Request, name: str) -> bool:
     raise web.HTTPBadRequest(text=f"{name} must be true or false")
 
 
-def check_signature(request: web.Request, download_id: int, index: int) -> web.Response | None:
-    """None when the /stream or /watch link's signature holds; else the 403 answer."""
-    problem = context_of(request).links.signer.verify(
-        download_id, index, request.query.get("sig"), request.query.get("exp")
+@dataclass(frozen=True)
+class SignedRequest:
+    """What a /stream or /watch link points at, once its signature held."""
+
+    row: DownloadRow
+    index: int | None  # a torrent's file (aria2's 1-based index); None = the whole download
+    expires: int  # the link's own expiry (0 = never), for links derived from it
+
+
+async def signed_request(request: web.Request, what: str) -> SignedRequest | web.Response:
+    """The row a signed link names, or the answer that refuses it (404 unknown, 403 forged)."""
+    ctx = context_of(request)
+    download_id = parse_id(request.match_info["id"])
+    index_text = request.match_info.get("index")
+    index = parse_id(index_text)
+    if download_id is None or (index_text is not None and index is None):
+        return json_error(404, "not_found", f"no such {what}")
+    problem = ctx.links.signer.verify(
+        download_id, index or 0, request.query.get("sig"), request.query.get("exp")
     )
-    if problem is None:
-        return None
-    return json_error(403, "forbidden", problem)
+    if problem is not None:
+        return json_error(403, "forbidden", problem)
+    row = await ctx.store.get_download_by_id(download_id)
+    if row is None:
+        return json_error(404, "not_found", f"no download {download_id}")
+    # Well-formed: the signature check has read it.
+    return SignedRequest(row, index, int(request.query.get("exp") or 0))
 
 
 # --- the dashboard's HTML shell (the page and the sign-in form are one document) ------------------

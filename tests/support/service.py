@@ -69,8 +69,7 @@ class RunningService:
 
     @property
     def base_url(self) -> str:
-        assert self.service.web is not None
-        return f"http://127.0.0.1:{self.service.web.port}"
+        return f"http://127.0.0.1:{self.service.parts.web.port}"
 
     @property
     def auth(self) -> dict[str, str]:
@@ -129,8 +128,7 @@ async def service_factory(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
         started.append(running)
         await service.start()
         await service.wait_bot()
-        assert service.secrets is not None
-        running.token = service.secrets.web_token
+        running.token = service.parts.secrets.web_token
         return running
 
     try:

@@ -16,12 +16,11 @@ from aiohttp import web
 
 from webstreamer.context import (
     STATIC_DIR,
-    check_signature,
     context_of,
     index_response,
     json_error,
     page_headers,
-    parse_id,
+    signed_request,
 )
 from webstreamer.i18n import language_for, translate
 from webstreamer.links import can_stream, file_name_of
@@ -133,18 +132,11 @@ def render_watch_page(
 
 async def watch(request: web.Request) -> web.StreamResponse:
     ctx = context_of(request)
-    download_id = parse_id(request.match_info["id"])
-    index_text = request.match_info.get("index")
-    index = parse_id(index_text)
-    if download_id is None or (index_text is not None and index is None):
-        return json_error(404, "not_found", "no such download")
-    refused = check_signature(request, download_id, index or 0)
-    if refused is not None:
-        return refused
-    expires = int(request.query.get("exp") or 0)  # well-formed: the signature check read it
-    row = await ctx.store.get_download_by_id(download_id)
-    if row is None:
-        return json_error(404, "not_found", f"no download {download_id}")
+    signed = await signed_request(request, "download")
+    if isinstance(signed, web.Response):
+        return signed
+    row, index, expires = signed.row, signed.index, signed.expires
+    download_id = row.id
     if not can_stream(row):
         return json_error(409, "not_ready", f"download {download_id} cannot be played yet")
     lang = language_for(request.headers.get("Accept-Language"))

@@ -12,7 +12,7 @@ from loguru import logger
 from files import DownloadFiles
 from records import DownloadRow
 from webstreamer.byteserve import ByteSource, LocalFileSource, serve_bytes
-from webstreamer.context import check_signature, context_of, json_error, parse_id
+from webstreamer.context import context_of, json_error, signed_request
 from webstreamer.links import file_name_of
 
 
@@ -56,17 +56,11 @@ async def _local_source(
 
 async def stream(request: web.Request) -> web.StreamResponse:
     ctx = context_of(request)
-    download_id = parse_id(request.match_info["id"])
-    index_text = request.match_info.get("index")
-    index = parse_id(index_text)
-    if download_id is None or (index_text is not None and index is None):
-        return json_error(404, "not_found", "no such stream")
-    refused = check_signature(request, download_id, index or 0)
-    if refused is not None:
-        return refused
-    row = await ctx.store.get_download_by_id(download_id)
-    if row is None:
-        return json_error(404, "not_found", f"no download {download_id}")
+    signed = await signed_request(request, "stream")
+    if isinstance(signed, web.Response):
+        return signed
+    row, index = signed.row, signed.index
+    download_id = row.id
     source = await _local_source(ctx.files, row, index)
     if source is None and index is None:
         for provider in ctx.byte_sources:
