@@ -407,7 +407,7 @@ class Store(Protocol):
         info_hash: str | None = None,
     ) -> None: ...
     async def set_progress_message(self, download_id: int, message_id: int | None) -> None: ...
-    async def set_media_info(self, download_id: int, media_info: Mapping[str, Any]) -> None: ...
+    async def set_media_info(self, download_id: int, media_info: Mapping[str, object]) -> None: ...
     async def delete_download_record(self, download_id: int) -> DownloadRow: ...
     async def delete_all_downloads(self) -> list[DownloadRow]: ...
 
@@ -437,7 +437,7 @@ class Store(Protocol):
         target_type: str = "rclone",
         ready: bool = False,
     ) -> int: ...
-    async def update_upload_status(self, upload_id: int, status: str, **columns: Any) -> None: ...
+    async def update_upload_status(self, upload_id: int, status: str, **columns: object) -> None: ...
     async def release_waiting_uploads(self, download_id: int) -> list[int]: ...
     async def mark_upload_started(self, upload_id: int, total_size: int) -> None: ...
     async def update_upload_progress(
@@ -892,7 +892,7 @@ class Database:
             await tx.update_columns("downloads", download_id, {"progress_message_id": message_id})
             await tx.emit_download(download_id)
 
-    async def set_media_info(self, download_id: int, media_info: Mapping[str, Any]) -> None:
+    async def set_media_info(self, download_id: int, media_info: Mapping[str, object]) -> None:
         async with self._write() as tx:
             await tx.update_columns(
                 "downloads", download_id, {"media_info_json": json.dumps(media_info)}
@@ -1069,8 +1069,10 @@ class Database:
                 upload_id = int(existing["id"])
         return upload_id
 
-    async def update_upload_status(self, upload_id: int, status: str, **columns: Any) -> None:
+    async def update_upload_status(self, upload_id: int, status: str, **columns: object) -> None:
         reason = columns.pop("reason", None)
+        if reason is not None and not isinstance(reason, str):
+            raise StoreError("update_upload_status: reason must be text")
         unknown = set(columns) - _UPLOAD_EXTRA_COLUMNS
         if unknown:
             raise StoreError(f"update_upload_status: unknown columns {sorted(unknown)}")

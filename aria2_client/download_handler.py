@@ -58,15 +58,6 @@ class Requester:
     is_admin: bool = True
 
 
-def human_limit(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
-
-
 class DownloadManager:
     """Adds jobs, acts on them for users, and keeps their rows true to aria2.
 

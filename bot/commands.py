@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
 
 from loguru import logger
 from pyrogram import Client, filters
@@ -24,7 +26,7 @@ from bot.auth import Role
 from bot.context import BotContext
 from bot.handlers import Caller, admit, reply
 from bot.messages import chat_id_of
-from bot.text import translate
+from bot.text import Language, translate
 from db import ACTIVE_DOWNLOAD_STATUSES, NotFound, StoreError, TransitionError
 from records import DownloadRow, UploadRow
 
@@ -48,6 +50,25 @@ UPLOAD_ACTIONS = ("retry", "cancel")
 LIST_LIMIT = 15
 
 MessageCallback = Callable[[Client, Message], Awaitable[None]]
+
+
+_Item = TypeVar("_Item", DownloadRow, UploadRow)
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What control actions on downloads, or on uploads, answer with."""
+
+    name: str
+    missing_key: str
+    refused_key: str
+    status_name: Callable[[Language, str], str]
+
+
+_DOWNLOAD = _Kind("download", "bot.no_such_job", "bot.action_refused", render.status_name)
+_UPLOAD = _Kind(
+    "upload", "bot.no_such_upload", "bot.upload_action_refused", render.upload_status_name
+)
 
 
 def parse_job_id(text: str) -> int | None:
@@ -216,61 +237,68 @@ class Commands:
         lang = caller.lang
         row = await self.context.store.get_download_by_id(download_id)
         if row is None:
-            return translate(lang, "bot.no_such_job", id=download_id)
-        if not self.context.gatekeeper.may_control(caller.user_id, row):
-            logger.bind(job=download_id, user=caller.user_id).info(
-                "refused {} on a job of someone else", action
-            )
-            return translate(lang, "bot.not_yours", id=download_id)
-        try:
-            updated = await self._download_operations[action](download_id)
-        except TransitionError as exc:
+            return translate(lang, _DOWNLOAD.missing_key, id=download_id)
+
+        def done(updated: DownloadRow) -> str:
             return translate(
                 lang,
-                "bot.action_refused",
-                action=translate(lang, f"bot.action.{action}"),
+                f"bot.done.{action}",
                 id=download_id,
-                status=render.status_name(lang, exc.current or row.status),
+                name=updated.file_name or "",
+                status=render.status_name(lang, updated.status),
             )
-        except NotFound:
-            return translate(lang, "bot.no_such_job", id=download_id)
-        except (Aria2Unavailable, Aria2RpcError, SourceError, StoreError) as exc:
-            logger.bind(job=download_id).warning("{} failed: {}", action, exc)
-            return translate(lang, "bot.action_failed", id=download_id, reason=str(exc)[:200])
-        logger.bind(job=download_id, user=caller.user_id).info("{} by the bot", action)
-        return translate(
-            lang,
-            f"bot.done.{action}",
-            id=download_id,
-            name=updated.file_name or "",
-            status=render.status_name(lang, updated.status),
-        )
+
+        operation = self._download_operations[action]
+        return await self._control(caller, action, _DOWNLOAD, row, row, operation, done)
 
     async def upload_action(self, caller: Caller, action: str, upload_id: int) -> str:
+        """Do `action` on an upload of a job the caller may control; the answer either way."""
         lang = caller.lang
         store = self.context.store
         upload = await store.get_upload_by_id(upload_id)
         row = await store.get_download_by_id(upload.download_id) if upload else None
         if upload is None or row is None:
-            return translate(lang, "bot.no_such_upload", id=upload_id)
-        if not self.context.gatekeeper.may_control(caller.user_id, row):
-            return translate(lang, "bot.not_yours", id=row.id)
+            return translate(lang, _UPLOAD.missing_key, id=upload_id)
+
+        def done(_updated: UploadRow) -> str:
+            return translate(lang, f"bot.done.upload_{action}", id=upload_id)
+
+        operation = self._upload_operations[action]
+        return await self._control(caller, action, _UPLOAD, upload, row, operation, done)
+
+    async def _control(
+        self,
+        caller: Caller,
+        action: str,
+        kind: _Kind,
+        item: _Item,
+        job: DownloadRow,
+        operation: Callable[[int], Awaitable[_Item]],
+        done: Callable[[_Item], str],
+    ) -> str:
+        """Run `operation` on `item` if its `job` is the caller's to control; the answer."""
+        lang = caller.lang
+        log = logger.bind(job=job.id, user=caller.user_id)
+        if not self.context.gatekeeper.may_control(caller.user_id, job):
+            log.info("refused {} on {} {} of someone else", action, kind.name, item.id)
+            return translate(lang, "bot.not_yours", id=job.id)
         try:
-            await self._upload_operations[action](upload_id)
+            updated = await operation(item.id)
         except TransitionError as exc:
             return translate(
                 lang,
-                "bot.upload_action_refused",
+                kind.refused_key,
                 action=translate(lang, f"bot.action.{action}"),
-                id=upload_id,
-                status=render.upload_status_name(lang, exc.current or upload.status),
+                id=item.id,
+                status=kind.status_name(lang, exc.current or item.status),
             )
         except NotFound:
-            return translate(lang, "bot.no_such_upload", id=upload_id)
-        except StoreError as exc:
-            return translate(lang, "bot.action_failed", id=row.id, reason=str(exc)[:200])
-        logger.bind(upload=upload_id, user=caller.user_id).info("upload {} by the bot", action)
-        return translate(lang, f"bot.done.upload_{action}", id=upload_id)
+            return translate(lang, kind.missing_key, id=item.id)
+        except (Aria2Unavailable, Aria2RpcError, SourceError, StoreError) as exc:
+            log.warning("{} of {} {} failed: {}", action, kind.name, item.id, exc)
+            return translate(lang, "bot.action_failed", id=job.id, reason=str(exc)[:200])
+        log.info("{} of {} {} by the bot", action, kind.name, item.id)
+        return done(updated)
 
     # --- inline buttons ---------------------------------------------------------------------------
 

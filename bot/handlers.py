@@ -9,7 +9,9 @@ message, which the notifier then edits in place.
 from __future__ import annotations
 
 import io
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from loguru import logger
 from pyrogram import Client, filters
@@ -18,7 +20,7 @@ from pyrogram.handlers import MessageHandler
 from pyrogram.handlers.handler import Handler
 from pyrogram.types import InlineKeyboardMarkup, Message
 
-from aria2_client.download_handler import Requester, TooLarge, human_limit
+from aria2_client.download_handler import Requester, TooLarge
 from aria2_client.models import human_size
 from aria2_client.sources import MAX_TORRENT_SIZE, SourceError, extract_links
 from bot.auth import Role
@@ -33,6 +35,7 @@ from bot.messages import (
 from bot.progress import ProgressNotifier
 from bot.text import Language, translate
 from db import DuplicateDownload, StoreError
+from records import DownloadRow
 
 _MAX_SHOWN_ITEMS = 10
 
@@ -166,30 +169,13 @@ class JobHandlers:
                     "bot.too_large",
                     name=record.file_name,
                     size=human_size(record.file_size),
-                    limit=human_limit(limit),
+                    limit=human_size(limit),
                 ),
             )
             return
-        log = logger.bind(chat=chat_id_of(message), user=caller.user_id)
-        async with self.context.chat_locks(chat_id_of(message)):
-            try:
-                row = await downloads.add_telegram(record, requester_of(message, caller))
-            except DuplicateDownload as exc:
-                await self.reply(
-                    message, translate(caller.lang, "bot.duplicate", id=exc.existing_id)
-                )
-                return
-            except TooLarge as exc:
-                await self.reply(message, translate(caller.lang, "bot.refused_job", reason=exc))
-                return
-            except (SourceError, StoreError) as exc:
-                log.warning("Telegram file not accepted: {}", exc)
-                await self.reply(message, translate(caller.lang, "bot.refused_job", reason=exc))
-                return
-            log.bind(job=row.id).info(
-                "Telegram {} accepted as download {}", record.media_type, row.id
-            )
-            await self.progress.announce(row, caller.lang)
+        await self._create_job(
+            message, caller, partial(downloads.add_telegram, record), "bot.refused_job"
+        )
 
     async def on_torrent(self, client: Client, message: Message, caller: Caller) -> None:
         document = message.document
@@ -212,9 +198,23 @@ class JobHandlers:
         if len(data) > MAX_TORRENT_SIZE:
             await self._torrent_too_large(message, caller, len(data))
             return
+        await self._create_job(
+            message, caller, partial(self.context.downloads.add_torrent, data), "bot.torrent_bad"
+        )
+
+    async def _create_job(
+        self,
+        message: Message,
+        caller: Caller,
+        add: Callable[[Requester], Awaitable[DownloadRow]],
+        bad_source_key: str,
+    ) -> None:
+        """Add one job under the chat's lock and answer with its progress message, or with why
+        it was refused (`bad_source_key` names the text for a source that cannot be fetched)."""
+        log = logger.bind(chat=chat_id_of(message), user=caller.user_id)
         async with self.context.chat_locks(chat_id_of(message)):
             try:
-                row = await self.context.downloads.add_torrent(data, requester_of(message, caller))
+                row = await add(requester_of(message, caller))
             except DuplicateDownload as exc:
                 await self.reply(
                     message, translate(caller.lang, "bot.duplicate", id=exc.existing_id)
@@ -224,10 +224,15 @@ class JobHandlers:
                 await self.reply(message, translate(caller.lang, "bot.refused_job", reason=exc))
                 return
             except SourceError as exc:
-                await self.reply(message, translate(caller.lang, "bot.torrent_bad", reason=exc))
+                log.warning("job not accepted: {}", exc)
+                await self.reply(message, translate(caller.lang, bad_source_key, reason=exc))
                 return
-            logger.bind(job=row.id).info(
-                "torrent {} accepted as download {}", row.file_name, row.id
+            except StoreError as exc:
+                log.warning("job not recorded: {}", exc)
+                await self.reply(message, translate(caller.lang, "bot.refused_job", reason=exc))
+                return
+            log.bind(job=row.id).info(
+                "{} {} accepted as download {}", row.source_type, row.file_name, row.id
             )
             await self.progress.announce(row, caller.lang)
 

@@ -130,34 +130,25 @@ def download_lines(lang: Language, row: DownloadRow) -> list[str]:
 
 def upload_line(lang: Language, upload: UploadRow) -> str:
     icon = STATUS_ICONS.get(upload.status, "•")
+    details: dict[str, object]
     if upload.status == "uploading":
-        return translate(
-            lang,
-            "bot.progress.upload_running",
-            icon=icon,
-            target=upload.upload_target,
-            percent=percent(upload.uploaded_size, upload.total_size),
-            speed=human_speed(upload.upload_speed),
-        )
-    if upload.status == "completed":
-        return translate(
-            lang,
-            "bot.progress.upload_done",
-            icon=icon,
-            target=upload.upload_target,
-            remote_path=upload.remote_path or "-",
-        )
-    if upload.status == "failed":
-        return translate(
-            lang,
-            "bot.progress.upload_failed",
-            icon=icon,
-            target=upload.upload_target,
-            reason=_upload_reason(upload),
-            tries=upload.retry_count,
-            max_tries=upload.max_retries,
-        )
-    return f"{icon} {upload.upload_target}: {upload_status_name(lang, upload.status)}"
+        key = "bot.progress.upload_running"
+        details = {
+            "percent": percent(upload.uploaded_size, upload.total_size),
+            "speed": human_speed(upload.upload_speed),
+        }
+    elif upload.status == "completed":
+        key, details = "bot.progress.upload_done", {"remote_path": upload.remote_path or "-"}
+    elif upload.status == "failed":
+        key = "bot.progress.upload_failed"
+        details = {
+            "reason": _upload_reason(upload),
+            "tries": upload.retry_count,
+            "max_tries": upload.max_retries,
+        }
+    else:
+        return f"{icon} {upload.upload_target}: {upload_status_name(lang, upload.status)}"
+    return translate(lang, key, icon=icon, target=upload.upload_target, **details)
 
 
 def _upload_reason(upload: UploadRow) -> str:
@@ -263,24 +254,12 @@ def notice_text(
     if upload is None or upload.status != notice.status:
         return None
     if upload.status == "completed":
-        return translate(
-            lang,
-            "bot.notice.uploaded",
-            id=row.id,
-            name=name,
-            target=upload.upload_target,
-            remote_path=upload.remote_path or "-",
-        )
-    if upload.next_attempt_at is not None and upload.retry_count < upload.max_retries:
+        key, details = "bot.notice.uploaded", {"remote_path": upload.remote_path or "-"}
+    elif upload.next_attempt_at is not None and upload.retry_count < upload.max_retries:
         return None  # an automatic retry follows; the progress message shows it
-    return translate(
-        lang,
-        "bot.notice.upload_failed",
-        id=row.id,
-        name=name,
-        target=upload.upload_target,
-        reason=_upload_reason(upload),
-    )
+    else:
+        key, details = "bot.notice.upload_failed", {"reason": _upload_reason(upload)}
+    return translate(lang, key, id=row.id, name=name, target=upload.upload_target, **details)
 
 
 # --- lists --------------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ _STOP_TIMEOUT = 15.0
 _RETRY_START_DELAYS = (5.0, 15.0, 30.0, 60.0, 120.0)
 # Telegram will not accept these credentials however often we ask.
 _REFUSED_CREDENTIALS = (AccessTokenInvalid, AccessTokenExpired, ApiIdInvalid, Unauthorized)
+# Parts of the error ids Telegram answers with when the message replied to no longer exists.
+_REPLY_GONE = ("REPLY", "MESSAGE_ID")
 
 
 def _new_client(telegram: TelegramConfig, workdir: Path) -> Client:
@@ -175,29 +177,21 @@ class TelegramSession:
         """Send plain text (never parsed as markup: names come from users), as a reply if asked
         and the message answered still exists; the sent message's id (None when Telegram
         answered without it)."""
-        preview = LinkPreviewOptions(is_disabled=True)
-        if reply_to is not None:
-            try:
-                sent = await self._client.send_message(
-                    chat_id,
-                    text,
-                    parse_mode=enums.ParseMode.DISABLED,
-                    link_preview_options=preview,
-                    reply_markup=markup,
-                    reply_parameters=ReplyParameters(message_id=reply_to),
-                )
-                return sent.id if sent is not None else None
-            except BadRequest as exc:
-                if "REPLY" not in (exc.ID or "") and "MESSAGE_ID" not in (exc.ID or ""):
-                    raise
-                # The message we answer was deleted: say it without the reply.
-        sent = await self._client.send_message(
-            chat_id,
-            text,
-            parse_mode=enums.ParseMode.DISABLED,
-            link_preview_options=preview,
-            reply_markup=markup,
-        )
+        reply = ReplyParameters(message_id=reply_to) if reply_to is not None else None
+        try:
+            sent = await self._client.send_message(
+                chat_id,
+                text,
+                parse_mode=enums.ParseMode.DISABLED,
+                link_preview_options=LinkPreviewOptions(is_disabled=True),
+                reply_markup=markup,
+                reply_parameters=reply,
+            )
+        except BadRequest as exc:
+            if reply is None or not any(part in (exc.ID or "") for part in _REPLY_GONE):
+                raise
+            # The message we answer was deleted: say it without the reply.
+            return await self.say(chat_id, text, markup=markup)
         return sent.id if sent is not None else None
 
     async def edit(
