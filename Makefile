@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 RUN_PACKAGES := aria2 rclone ffmpeg
-TEST_PACKAGES := $(RUN_PACKAGES) chromium
+TEST_PACKAGES := $(RUN_PACKAGES) chromium postgresql
 PYTEST_ARGS ?=
 
 .PHONY: run test lint system-run system-test clean

@@ -35,6 +35,7 @@ from configer import (
     diff_config,
     ensure_secrets,
     load_config,
+    log_secrets,
     masked_settings,
 )
 from db import (
@@ -197,13 +198,7 @@ class Service:
             raise AlreadyRunning(f"another MistRelay is running on {config.data_dir}")
         stack.callback(lock.release)
         secrets = ensure_secrets(config)
-        self._log_secrets = [
-            secrets.web_token,
-            secrets.aria2_secret,
-            secrets.link_key.hex(),
-            config.telegram.bot_token,
-            config.telegram.api_hash,
-        ]
+        self._log_secrets = log_secrets(config, secrets)
         configure_logging(config.logging.level, self._log_secrets)
         files = DownloadFiles(config.aria2.download_dir)
         await files.ensure_root()

@@ -5,8 +5,9 @@ Every problem is a :class:`ConfigError` whose text is one line naming where the 
 the dotted key and what is wrong — never a secret's value.
 
 Also here: the generated secrets kept in the data folder (:func:`ensure_secrets`), the masked view
-of the effective settings (:func:`masked_settings`), what a reload may apply live
-(:func:`diff_config`) and writing a runtime change back to the file (:func:`set_value_in_file`).
+of the effective settings (:func:`masked_settings`), the secret values logs must hide
+(:func:`log_secrets`), what a reload may apply live (:func:`diff_config`) and writing a runtime
+change back to the file (:func:`set_value_in_file`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal, get_args
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import yaml
 from loguru import logger
@@ -47,6 +49,7 @@ __all__ = [
     "Config",
     "ConfigDiff",
     "ConfigError",
+    "DatabaseBackend",
     "DatabaseConfig",
     "LoggingConfig",
     "MaintenanceConfig",
@@ -60,6 +63,7 @@ __all__ = [
     "diff_config",
     "ensure_secrets",
     "load_config",
+    "log_secrets",
     "masked_settings",
     "parse_size",
     "set_value_in_file",
@@ -73,6 +77,8 @@ DEFAULT_CONFIG_FILE = "config.yaml"
 SECRET_KEYS: frozenset[str] = frozenset(
     {"telegram.api_hash", "telegram.bot_token", "aria2.rpc_secret", "web.token"}
 )
+# Keys whose values may hold a password: an error names the problem, never the value.
+_UNSHOWN_KEYS: frozenset[str] = SECRET_KEYS | {"aria2.options", "database.url"}
 
 # Keys a running service can take over without a restart (SIGHUP / POST /api/config/reload).
 LIVE_KEYS: frozenset[str] = frozenset(
@@ -221,9 +227,62 @@ class WebConfig:
         return f"http://{host}:{self.port}"
 
 
+DatabaseBackend = Literal["sqlite", "postgresql"]
+_SQLITE_PREFIX = "sqlite:///"
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
 @dataclass(frozen=True)
 class DatabaseConfig:
+    """Where the store lives.
+
+    ``url`` empty or ``sqlite:///…`` = SQLite in the file ``path`` (a SQLite URL wins: the loader
+    sets ``path`` to its file); ``postgresql://…`` = PostgreSQL, and ``path`` only locates the
+    data folder.
+    The loader keeps ``url`` canonical: a SQLite URL with an absolute path, a PostgreSQL URL
+    rebuilt from its checked parts.
+    """
+
     path: Path = Path("data/mistrelay.db")
+    url: str = ""
+
+    def __repr__(self) -> str:  # keep the password out of logs and tracebacks
+        return f"DatabaseConfig(path={self.path!r}, url={self.redacted_url!r})"
+
+    @property
+    def backend(self) -> DatabaseBackend:
+        scheme = self.url.partition(":")[0].lower()
+        return "postgresql" if scheme in _POSTGRES_SCHEMES else "sqlite"
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite file; ValueError with PostgreSQL."""
+        if self.backend != "sqlite":
+            raise ValueError("database.url names a PostgreSQL server, not a SQLite file")
+        return self.path
+
+    @property
+    def postgres_dsn(self) -> str:
+        """The connection URL for the PostgreSQL client, password included; ValueError with
+        SQLite. ``connect_timeout`` is left out: see :attr:`postgres_connect_timeout`."""
+        server = self._postgres()
+        return server.text(quote(server.password, safe=""), with_timeout=False)
+
+    @property
+    def postgres_connect_timeout(self) -> float | None:
+        """Seconds from the URL's ``connect_timeout``; None = the client's default."""
+        timeout = dict(self._postgres().params).get("connect_timeout")
+        return None if timeout is None else float(timeout)
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL with the password shown as ``***``."""
+        return self._postgres().text("***") if self.backend == "postgresql" else self.url
+
+    def _postgres(self) -> _PostgresURL:
+        if self.backend != "postgresql":
+            raise ValueError("database.url does not name a PostgreSQL server")
+        return _postgres_url(self.url)
 
 
 @dataclass(frozen=True)
@@ -249,7 +308,7 @@ class Config:
 
     @property
     def data_dir(self) -> Path:
-        """The folder of the database file; generated secrets live here too."""
+        """The folder of database.path (with PostgreSQL too); generated secrets live here."""
         return self.database.path.parent
 
 
@@ -318,7 +377,7 @@ def _show(value: object) -> str:
 
 def _to_error(exc: _Invalid, dotted: str, source: str) -> ConfigError:
     key = dotted + exc.subkey
-    if dotted in SECRET_KEYS or dotted == "aria2.options":  # options may hold passwords
+    if dotted in _UNSHOWN_KEYS:
         problem = f"invalid value ({exc.problem})" if dotted in SECRET_KEYS else exc.problem
         return ConfigError(problem, key=key, source=source)
     problem = exc.problem if exc.value is _NO_VALUE else f"{exc.problem}, got {_show(exc.value)}"
@@ -487,6 +546,120 @@ def _public_url(value: Any, ctx: _Context) -> str:
     if "?" in text:
         raise _Invalid("must not contain a query string", value)
     return text.rstrip("/")
+
+
+_DATABASE_URL_SHAPE = (
+    "must be empty, sqlite:///PATH or postgresql://[user[:password]@]host[:port]/database"
+)
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_POSTGRES_PARAMS = ("sslmode", "application_name", "connect_timeout")
+_HOST_NAME = re.compile(r"[a-z0-9_.-]{1,253}", re.ASCII)
+
+
+@dataclass(frozen=True)
+class _PostgresURL:
+    host: str
+    port: int | None
+    database: str
+    user: str
+    password: str = field(repr=False)
+    params: tuple[tuple[str, str], ...]  # the allowed query parameters, in the given order
+
+    def text(self, password: str, *, with_timeout: bool = True) -> str:
+        """The canonical URL with `password` (already URL-encoded) in the password's place."""
+        auth = quote(self.user, safe="") + (f":{password}" if self.password else "")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        port = f":{self.port}" if self.port else ""
+        params = [(k, v) for k, v in self.params if with_timeout or k != "connect_timeout"]
+        query = f"?{urlencode(params)}" if params else ""
+        at = "@" if auth else ""
+        return f"postgresql://{auth}{at}{host}{port}/{quote(self.database, safe='')}{query}"
+
+
+def _postgres_url(text: str) -> _PostgresURL:
+    """The checked parts of a PostgreSQL URL. Problems never quote the URL: it holds a password."""
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise _Invalid(
+            "has an invalid host or port (the port must be 1-65535; write / ? # @ in the user "
+            "name or password as %2F %3F %23 %40)"
+        ) from None
+    if parts.fragment or text.endswith("#"):
+        raise _Invalid("must not contain # (write it as %23 in a password)")
+    host = parts.hostname or ""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _Invalid("must name a host: a name or an IP address") from None
+    elif not _HOST_NAME.fullmatch(host):
+        raise _Invalid("must name a host: a name or an IP address")
+    if port == 0:
+        raise _Invalid("port must be between 1 and 65535")
+    name = parts.path.removeprefix("/")
+    if not parts.path.startswith("/") or not name or "/" in name:
+        raise _Invalid("must name one database after the host (…/database)")
+    user, password, database = (
+        unquote(part or "") for part in (parts.username, parts.password, name)
+    )
+    if any(_CONTROL_CHARS.search(part) for part in (user, password, database)):
+        raise _Invalid("user name, password and database must not contain control characters")
+    return _PostgresURL(host, port, database, user, password, _postgres_params(parts.query))
+
+
+def _postgres_params(query: str) -> tuple[tuple[str, str], ...]:
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise _Invalid("query string must be name=value pairs joined by &") from None
+    seen: set[str] = set()
+    for name, value in pairs:
+        if name not in _POSTGRES_PARAMS:
+            allowed = ", ".join(_POSTGRES_PARAMS)
+            raise _Invalid(f"unknown query parameter {_show(name)} (allowed: {allowed})")
+        if name in seen:
+            raise _Invalid(f"query parameter {name} is given twice")
+        seen.add(name)
+        if name == "sslmode" and value not in _SSL_MODES:
+            raise _Invalid("sslmode must be one of " + ", ".join(_SSL_MODES))
+        if name == "connect_timeout" and not (value.isdigit() and 1 <= int(value) <= 3600):
+            raise _Invalid("connect_timeout must be a whole number of seconds between 1 and 3600")
+        if name == "application_name" and not (
+            0 < len(value) <= 63 and not _CONTROL_CHARS.search(value)
+        ):
+            raise _Invalid("application_name must be 1-63 characters without control characters")
+    return tuple(pairs)
+
+
+def _sqlite_file(text: str, ctx: _Context) -> Path:
+    rest = text[len("sqlite:") :]
+    if not rest.startswith("///") or len(rest) == 3:
+        raise _Invalid(
+            "must be sqlite:///PATH: three slashes, then a relative path (resolved like "
+            "database.path) or /absolute/path"
+        )
+    name = rest[3:]
+    if "?" in name or "#" in name:
+        raise _Invalid("a SQLite URL takes no query string or fragment")
+    if name == ":memory:":
+        raise _Invalid("must name a file (an in-memory database would lose everything)")
+    return _path(name, ctx)
+
+
+def _database_url(value: Any, ctx: _Context) -> str:
+    """Empty, ``sqlite:///`` + an absolute path, or a canonical ``postgresql://`` URL."""
+    text = _text(value, ctx)
+    if not text:
+        return ""
+    scheme, colon, _ = text.partition(":")
+    if colon and scheme.lower() == "sqlite":
+        return _SQLITE_PREFIX + str(_sqlite_file(text, ctx))
+    if colon and scheme.lower() in _POSTGRES_SCHEMES:
+        server = _postgres_url(text)
+        return server.text(quote(server.password, safe=""))
+    raise _Invalid(_DATABASE_URL_SHAPE)
 
 
 def _log_level(value: Any, ctx: _Context) -> str:
@@ -771,6 +944,7 @@ _PARSERS: dict[str, _Parser] = {
     "web.link_expiry": _integer(0, 10 * _YEAR, " (0 = links never expire)"),
     "web.max_body_size": _size(1),
     "database.path": _path,
+    "database.url": _database_url,
     "maintenance.check_interval": _number(0, _YEAR, note=" (0 = off)"),
     "logging.level": _log_level,
 }
@@ -872,6 +1046,7 @@ def _build(
         _apply_file(_parse_yaml(text, source), source, file_ctx, values, sources)
     _apply_env(env, values, sources)
     _check_telegram(values["telegram"], sources, source)
+    _follow_sqlite_url(values["database"])
     sections = {name: cls(**values[name]) for name, cls in _SECTIONS.items()}
     return Config(**sections, config_path=config_path)
 
@@ -974,6 +1149,14 @@ def _check_telegram(values: dict[str, Any], sources: dict[str, str], default_sou
         )
 
 
+def _follow_sqlite_url(values: dict[str, Any]) -> None:
+    """A sqlite:/// URL names the database file: it wins over database.path, whatever set that
+    (the shipped config.yaml and the container image both do)."""
+    url: str = values["url"]
+    if url.startswith(_SQLITE_PREFIX):
+        values["path"] = Path(url.removeprefix(_SQLITE_PREFIX))
+
+
 # --- the flat view, live reload -----------------------------------------------------------------
 
 
@@ -1021,6 +1204,8 @@ def masked_settings(config: Config) -> dict[str, str]:
     for dotted, value in _flatten(config).items():
         if dotted in SECRET_KEYS:
             settings[dotted] = "***" if value else ""
+        elif dotted == "database.url":
+            settings[dotted] = config.database.redacted_url
         elif dotted == "aria2.options":
             shown = {k: "***" if _SENSITIVE_OPTION.search(k) else v for k, v in value.items()}
             settings[dotted] = _as_text(shown)
@@ -1046,6 +1231,21 @@ def diff_config(old: Config, new: Config) -> ConfigDiff:
         applied=[k for k in changed if k in LIVE_KEYS],
         needs_restart=[k for k in changed if k not in LIVE_KEYS],
     )
+
+
+def log_secrets(config: Config, secrets: Secrets) -> list[str]:
+    """Every secret value a log line must never show, each once (empty ones left out)."""
+    values = [
+        secrets.web_token,
+        secrets.aria2_secret,
+        secrets.link_key.hex(),
+        config.telegram.bot_token,
+        config.telegram.api_hash,
+    ]
+    if config.database.backend == "postgresql":
+        password = _postgres_url(config.database.url).password
+        values += [password, quote(password, safe="")]  # as it is and as it stands in the URL
+    return [value for value in dict.fromkeys(values) if value]
 
 
 # --- secrets in the data folder -----------------------------------------------------------------

@@ -3,12 +3,16 @@
 # As root it uses apt-get; otherwise it says what to install and fails.
 set -eu
 missing=""
+installed() {
+    case "$1" in
+        aria2) command -v aria2c ;;
+        # Debian keeps the server programs off PATH, in /usr/lib/postgresql/<version>/bin.
+        postgresql) command -v initdb || ls /usr/lib/postgresql/*/bin/initdb ;;
+        *) command -v "$1" ;;
+    esac >/dev/null 2>&1
+}
 for package in "$@"; do
-    case "$package" in
-        aria2) command_name=aria2c ;;
-        *) command_name=$package ;;
-    esac
-    command -v "$command_name" >/dev/null 2>&1 || missing="$missing $package"
+    installed "$package" || missing="$missing $package"
 done
 # Debian splits venv support out of python3.
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || missing="$missing python3-venv"

@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.support.service",
     "tests.support.service_process",
     "tests.support.reliability",
+    "tests.support.postgres",
 ]

@@ -30,6 +30,7 @@ from configer import (
     diff_config,
     ensure_secrets,
     load_config,
+    log_secrets,
     masked_settings,
     parse_size,
     set_value_in_file,
@@ -444,6 +445,146 @@ def test_masked_settings_hide_secrets(tmp_path: Path) -> None:
     assert json.loads(empty["upload.targets"]) == []
 
 
+# --- database.url --------------------------------------------------------------------------------
+
+PG_URL = f"postgresql://relay:{SECRET}@db.example.com:5433/mistrelay"
+
+
+def test_database_url_empty_or_sqlite_names_the_sqlite_file(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    default = load_config(write(conf / "a.yaml", "database:\n  url: ''\n"), env={}).database
+    assert (default.backend, default.url, default.redacted_url) == ("sqlite", "", "")
+    assert default.sqlite_path == default.path == conf / "data" / "mistrelay.db"
+
+    config = load_config(write(conf / "b.yaml", "database:\n  url: sqlite:///state/r.db\n"), env={})
+    assert config.database.backend == "sqlite"
+    assert config.database.sqlite_path == config.database.path == conf / "state" / "r.db"
+    assert config.data_dir == conf / "state"  # the data folder follows the SQLite file
+    assert config.database.url == f"sqlite:///{conf}/state/r.db"  # canonical: absolute
+
+    absolute = load_config(None, env={"MISTRELAY_DATABASE_URL": "SQLITE:////var/tmp/x/r.db"})
+    assert absolute.database.url == "sqlite:////var/tmp/x/r.db"
+    with pytest.raises(ValueError, match="does not name a PostgreSQL server"):
+        _ = default.postgres_dsn
+
+
+def test_a_sqlite_url_wins_over_database_path(tmp_path: Path) -> None:
+    both = "database:\n  path: a.db\n  url: sqlite:///b.db\n"
+    config = load_config(write(tmp_path / "c.yaml", both), env={DB_PATH_ALIAS: "/elsewhere/c.db"})
+    assert config.database.path == config.database.sqlite_path == tmp_path / "b.db"
+    # The shipped file sets database.path; the URL from the environment still decides.
+    env = {"MISTRELAY_DATABASE_URL": "sqlite:////var/tmp/x/r.db"}
+    assert load_config(SHIPPED_CONFIG, env=env).database.sqlite_path == Path("/var/tmp/x/r.db")
+
+
+def test_database_url_postgresql_view(tmp_path: Path) -> None:
+    url = f"postgres://re%20lay:{SECRET}%2F%40@DB.example.com:5433/mist%2Frelay"
+    query = "?sslmode=verify-full&application_name=mist+relay&connect_timeout=7"
+    config = load_config(write(tmp_path / "c.yaml", f"database:\n  url: {url}{query}\n"), env={})
+    database = config.database
+    assert database.backend == "postgresql"
+    assert database.path == tmp_path / "data" / "mistrelay.db"  # only the data folder now
+    canonical = "postgresql://re%20lay:{}@db.example.com:5433/mist%2Frelay"
+    assert database.url == canonical.format(f"{SECRET}%2F%40") + query
+    assert database.redacted_url == canonical.format("***") + query
+    assert database.postgres_dsn == (
+        canonical.format(f"{SECRET}%2F%40") + "?sslmode=verify-full&application_name=mist+relay"
+    )
+    assert database.postgres_connect_timeout == 7.0
+    assert SECRET not in repr(database) and SECRET not in repr(config)
+    with pytest.raises(ValueError, match="not a SQLite file"):
+        _ = database.sqlite_path
+
+    bare = load_config(None, env={"MISTRELAY_DATABASE_URL": "postgresql://[::1]/d"}).database
+    assert bare.postgres_dsn == bare.redacted_url == "postgresql://[::1]/d"
+    assert bare.postgres_connect_timeout is None
+
+
+BAD_DATABASE_URLS = [
+    ("mysql://h/db", "must be empty, sqlite:///PATH or postgresql://"),
+    ("postgresql", "must be empty, sqlite:///PATH or postgresql://"),
+    (f"{SECRET}", "must be empty, sqlite:///PATH or postgresql://"),
+    ("sqlite://r.db", "must be sqlite:///PATH: three slashes"),
+    ("sqlite:///", "must be sqlite:///PATH: three slashes"),
+    ("sqlite:///:memory:", "must name a file"),
+    ("sqlite:///r.db?mode=ro", "a SQLite URL takes no query string or fragment"),
+    (f"postgresql://u:{SECRET}@h:0/db", "port must be between 1 and 65535"),
+    (f"postgresql://u:{SECRET}@h:65536/db", "has an invalid host or port (the port must be"),
+    (f"postgresql://u:{SECRET}@h:port/db", "has an invalid host or port"),
+    (f"postgresql://u:{SECRET}/x@h/db", "write / ? # @ in the user name or password as %2F"),
+    (f"postgresql://u:{SECRET}?@h/db", "has an invalid host or port"),
+    (f"postgresql://u:{SECRET}@h/db#", "must not contain # (write it as %23 in a password)"),
+    (f"postgresql://u:{SECRET}@/db", "must name a host: a name or an IP address"),
+    (f"postgresql://u:{SECRET}@%2Frun%2Fpg/db", "must name a host"),
+    (f"postgresql://u:{SECRET}@[fe80::zz]/db", "invalid host or port"),
+    (f"postgresql://u:{SECRET}@h", "must name one database after the host (…/database)"),
+    (f"postgresql://u:{SECRET}@h/", "must name one database after the host"),
+    (f"postgresql://u:{SECRET}@h/a/b", "must name one database after the host"),
+    (f"postgresql://u:{SECRET}%00@h/db", "password and database must not contain control"),
+    (f"postgresql://h/db?password={SECRET}", "unknown query parameter 'password' (allowed: ssl"),
+    (f"postgresql://u:{SECRET}@h/db?sslmode=maybe", "sslmode must be one of disable, allow"),
+    (f"postgresql://u:{SECRET}@h/db?sslmode=require&sslmode=disable", "sslmode is given twice"),
+    (f"postgresql://u:{SECRET}@h/db?connect_timeout=0", "connect_timeout must be a whole"),
+    (f"postgresql://u:{SECRET}@h/db?connect_timeout=1.5", "connect_timeout must be a whole"),
+    (f"postgresql://u:{SECRET}@h/db?application_name=", "application_name must be 1-63"),
+    (f"postgresql://u:{SECRET}@h/db?sslmode", "query string must be name=value pairs"),
+]
+
+
+@pytest.mark.parametrize(("url", "expected"), BAD_DATABASE_URLS)
+def test_bad_database_url_is_one_line_without_the_password(
+    tmp_path: Path, url: str, expected: str
+) -> None:
+    path = write(tmp_path / "c.yaml", f"database:\n  url: {json.dumps(url)}\n")
+    empty = write(tmp_path / "empty.yaml", "")
+    from_env = "env MISTRELAY_DATABASE_URL"
+    attempts = [(path, {}, str(path)), (empty, {"MISTRELAY_DATABASE_URL": url}, from_env)]
+    for config_file, env, source in attempts:
+        with pytest.raises(ConfigError) as caught:
+            load_config(config_file, env=env)
+        message = str(caught.value)
+        assert message.startswith(f"{source}: database.url: "), message
+        assert expected in message, message
+        assert SECRET not in message and "\n" not in message
+        assert caught.value.key == "database.url"
+
+
+def test_database_url_from_the_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path / "conf" / "c.yaml", f"database:\n  url: {PG_URL}\n")
+    assert load_config(path, env={}).database.backend == "postgresql"
+    config = load_config(path, env={"MISTRELAY_DATABASE_URL": "sqlite:///local.db"})
+    assert config.database.sqlite_path == tmp_path / "local.db"  # env paths: relative to the cwd
+    assert load_config(path, env={"MISTRELAY_DATABASE_URL": ""}).database.backend == "sqlite"
+
+
+def test_database_password_is_masked_and_listed_for_logs(tmp_path: Path) -> None:
+    url = PG_URL.replace(SECRET, SECRET + "%40")
+    config = load_config(write(tmp_path / "c.yaml", ""), env={"MISTRELAY_DATABASE_URL": url})
+    settings = masked_settings(config)
+    assert settings["database.url"] == "postgresql://relay:***@db.example.com:5433/mistrelay"
+    assert SECRET not in json.dumps(settings)
+    hidden = log_secrets(config, ensure_secrets(config))
+    assert SECRET + "@" in hidden and SECRET + "%40" in hidden  # decoded and as in the URL
+    assert all(hidden) and len(hidden) == len(set(hidden))
+    sqlite = default_config(tmp_path)
+    assert masked_settings(sqlite)["database.url"] == ""
+    assert not any(SECRET in value for value in log_secrets(sqlite, ensure_secrets(sqlite)))
+
+
+def test_database_url_written_back_needs_a_restart(tmp_path: Path, log_lines: list[str]) -> None:
+    path = write(tmp_path / "c.yaml", "database:\n  # where the store lives\n  url: ''\n")
+    old = load_config(path, env={})
+    set_value_in_file(path, "database.url", PG_URL)
+    new = load_config(path, env={})
+    assert "# where the store lives" in path.read_text(encoding="utf-8")
+    assert new.database.url == PG_URL
+    assert diff_config(old, new) == configer.ConfigDiff(applied=[], needs_restart=["database.url"])
+    assert log_lines and not any(SECRET in line for line in log_lines)
+
+
 # --- generated secrets ---------------------------------------------------------------------------
 
 
@@ -643,6 +784,7 @@ SCALARS = st.one_of(
     st.floats(),
     st.text(max_size=20),
     st.sampled_from(["2GiB", "1,2", "true", "http://127.0.0.1:1/x", "-1", "70000", "~/x", ""]),
+    st.sampled_from(["sqlite:///x.db", "postgresql://u:p@h:5432/d?sslmode=require", "postgres:"]),
 )
 VALUES = st.recursive(
     SCALARS,
@@ -718,7 +860,11 @@ def test_fuzz_raw_files(tmp_path: Path, raw: bytes) -> None:
 
 ENV_NAMES = st.sampled_from([*ENV_VARS, DB_PATH_ALIAS, "MISTRELAY_BOGUS", "HOME_NOT_OURS"])
 ENV_VALUES = st.text(max_size=30) | st.sampled_from(
-    ["1,2", "[1, 2]", "true", "0", "2GiB", "[]", "{}", '[{"name": "a"}]', "http://127.0.0.1:1"]
+    [
+        *("1,2", "[1, 2]", "true", "0", "2GiB", "[]", "{}", '[{"name": "a"}]'),
+        *("http://127.0.0.1:1", "sqlite:///x.db", "postgresql://u:p%40@[::1]:1/d"),
+        "postgresql://h/d?connect_timeout=9",
+    ]
 )
 
 
