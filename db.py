@@ -49,7 +49,7 @@ from records import (
     UploadStatistics,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
 
 SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
@@ -68,7 +68,7 @@ DOWNLOAD_TRANSITIONS: dict[str, frozenset[str]] = {
 UPLOAD_TRANSITIONS: dict[str, frozenset[str]] = {
     "waiting_download": frozenset({"pending", "cancelled"}),
     "pending": frozenset({"uploading", "cancelled"}),
-    "uploading": frozenset({"completed", "failed", "paused", "cancelled"}),
+    "uploading": frozenset({"completed", "failed", "paused", "cancelled", "pending"}),
     "paused": frozenset({"pending", "cancelled"}),
     "completed": frozenset(),
     "failed": frozenset({"pending"}),
@@ -166,6 +166,16 @@ class DuplicateDownload(StoreError):
 def utc_now() -> str:
     """A UTC timestamp with its offset, e.g. 2026-11-24T05:00:00.123+00:00."""
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def parse_utc(text: str) -> datetime | None:
+    """A timestamp of the store as an aware datetime (one without offset is taken as UTC);
+    None when it is not a timestamp."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 # --- schema ------------------------------------------------------------------------------------
@@ -283,6 +293,16 @@ _MIGRATIONS: dict[int, str] = {
         value      TEXT NOT NULL,
         updated_at TEXT NOT NULL
     );
+    """,
+    # Schema 1 kept a scheduled upload retry as `failed` with next_attempt_at; `failed` is final
+    # now and a scheduled retry waits as `pending`.
+    2: """
+    INSERT INTO status_history (entity, entity_id, from_status, to_status, reason, at)
+        SELECT 'upload', id, 'failed', 'pending', 'retry scheduled (migrated)',
+               strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')
+        FROM uploads WHERE status = 'failed' AND next_attempt_at IS NOT NULL ORDER BY id;
+    UPDATE uploads SET status = 'pending', updated_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')
+        WHERE status = 'failed' AND next_attempt_at IS NOT NULL;
     """,
 }
 
@@ -457,10 +477,17 @@ class Store(Protocol):
         failure_reason: str,
         error_message: str,
         error_code: str | None = None,
-        next_attempt_at: str | None = None,
     ) -> None: ...
+    async def schedule_upload_retry(
+        self,
+        upload_id: int,
+        failure_reason: str,
+        error_message: str,
+        error_code: str | None,
+        next_attempt_at: str,
+    ) -> int: ...
     async def mark_upload_cancelled(self, upload_id: int, reason: str = "cancelled") -> None: ...
-    async def reset_upload_for_retry(self, upload_id: int, *, manual: bool) -> None: ...
+    async def reset_upload_for_retry(self, upload_id: int) -> None: ...
     async def increment_upload_retry(self, upload_id: int) -> int: ...
     async def mark_upload_cleaned(self, upload_id: int) -> None: ...
     async def mark_download_cleaned_by_id(self, download_id: int) -> list[int]: ...
@@ -1159,8 +1186,8 @@ class Database:
         failure_reason: str,
         error_message: str,
         error_code: str | None = None,
-        next_attempt_at: str | None = None,
     ) -> None:
+        """uploading → failed: final, nothing retries it unless a person does."""
         async with self._write() as tx:
             await tx.transition(
                 "upload",
@@ -1171,9 +1198,41 @@ class Database:
                 error_message=error_message,
                 error_code=error_code,
                 upload_speed=0,
-                next_attempt_at=next_attempt_at,
+                next_attempt_at=None,
             )
             await tx.emit_upload(upload_id)
+
+    async def schedule_upload_retry(
+        self,
+        upload_id: int,
+        failure_reason: str,
+        error_message: str,
+        error_code: str | None,
+        next_attempt_at: str,
+    ) -> int:
+        """A retriable failure: uploading → pending, due at `next_attempt_at`, with the failure
+        recorded and the retry count raised. Returns the new retry count."""
+        async with self._write() as tx:
+            row = await tx.fetch_one("SELECT status FROM uploads WHERE id = ?", (upload_id,))
+            if row is None:
+                raise NotFound("upload", upload_id)
+            # Only from `uploading`: the machine's other ways into `pending` are not failures.
+            if row["status"] != "uploading":
+                raise TransitionError("upload", upload_id, str(row["status"]), "pending")
+            await tx.transition(
+                "upload",
+                upload_id,
+                "pending",
+                failure_reason,
+                failure_reason=failure_reason,
+                error_message=error_message,
+                error_code=error_code,
+                upload_speed=0,
+                next_attempt_at=next_attempt_at,
+            )
+            count = await tx.raise_retry_count(upload_id)
+            await tx.emit_upload(upload_id)
+        return count
 
     async def mark_upload_cancelled(self, upload_id: int, reason: str = "cancelled") -> None:
         async with self._write() as tx:
@@ -1182,8 +1241,9 @@ class Database:
             )
             await tx.emit_upload(upload_id)
 
-    async def reset_upload_for_retry(self, upload_id: int, *, manual: bool) -> None:
-        """failed/cancelled → pending. A retry by hand resets the retry count."""
+    async def reset_upload_for_retry(self, upload_id: int) -> None:
+        """A retry by hand: failed/cancelled → pending, or a pending upload waiting for its
+        automatic retry is due now. Either way the retry count starts again from 0."""
         columns: dict[str, Any] = {
             "failure_reason": None,
             "error_message": None,
@@ -1193,26 +1253,28 @@ class Database:
             "verified_size": None,
             "verified_hash": None,
             "uploaded_size": 0,
+            "retry_count": 0,
         }
-        if manual:
-            columns["retry_count"] = 0
         async with self._write() as tx:
-            await tx.transition(
-                "upload", upload_id, "pending", "manual retry" if manual else "retry", **columns
+            row = await tx.fetch_one(
+                "SELECT status, next_attempt_at FROM uploads WHERE id = ?", (upload_id,)
             )
+            if row is None:
+                raise NotFound("upload", upload_id)
+            status = str(row["status"])
+            if status == "pending" and row["next_attempt_at"] is not None:
+                await tx.update_columns("uploads", upload_id, columns)
+            elif status in ("failed", "cancelled"):
+                await tx.transition("upload", upload_id, "pending", "manual retry", **columns)
+            else:
+                raise TransitionError("upload", upload_id, status, "pending")
             await tx.emit_upload(upload_id)
 
     async def increment_upload_retry(self, upload_id: int) -> int:
         async with self._write() as tx:
-            await tx.execute(
-                "UPDATE uploads SET retry_count = retry_count + 1, updated_at = ? WHERE id = ?",
-                (utc_now(), upload_id),
-            )
-            row = await tx.fetch_one("SELECT retry_count FROM uploads WHERE id = ?", (upload_id,))
+            count = await tx.raise_retry_count(upload_id)
             await tx.emit_upload(upload_id)
-        if row is None:
-            raise NotFound("upload", upload_id)
-        return int(row["retry_count"])
+        return count
 
     async def mark_upload_cleaned(self, upload_id: int) -> None:
         async with self._write() as tx:
@@ -1275,6 +1337,7 @@ class Database:
                     "remote copy verified; local file gone",
                     completed_at=utc_now(),
                     upload_speed=0,
+                    next_attempt_at=None,
                 )
             else:
                 await tx.transition(
@@ -1285,6 +1348,7 @@ class Database:
                     failure_reason="local_file_missing",
                     error_message=f"local file is gone: {Path(file_path).name}",
                     upload_speed=0,
+                    next_attempt_at=None,
                 )
             await tx.emit_upload(upload_id)
         return False
@@ -1573,6 +1637,17 @@ class _Tx:
             raise TransitionError(entity, item_id, current, target)
         await self.history(entity, item_id, current, target, reason, now)
         return True
+
+    async def raise_retry_count(self, upload_id: int) -> int:
+        """retry_count + 1 on the upload; the new count."""
+        rows = await self.fetch_all(
+            "UPDATE uploads SET retry_count = retry_count + 1, updated_at = ? WHERE id = ?"
+            " RETURNING retry_count",
+            (utc_now(), upload_id),
+        )
+        if not rows:
+            raise NotFound("upload", upload_id)
+        return int(rows[0]["retry_count"])
 
     async def update_columns(self, table: str, item_id: int, columns: Mapping[str, Any]) -> None:
         sets = ", ".join(f"{name} = ?" for name in columns)

@@ -19,7 +19,7 @@ from pyrogram.types import BotCommand, InlineKeyboardButton, InlineKeyboardMarku
 from aria2_client.models import format_duration, human_size, human_speed
 from bot.text import Language, translate
 from configer import UploadTarget
-from db import ACTIVE_DOWNLOAD_STATUSES, download_actions, upload_actions
+from db import ACTIVE_DOWNLOAD_STATUSES, download_actions, parse_utc, upload_actions
 from records import DownloadRow, Statistics, UploadRow
 
 BAR_WIDTH = 12
@@ -128,10 +128,31 @@ def download_lines(lang: Language, row: DownloadRow) -> list[str]:
     return lines
 
 
+def retry_wait(upload: UploadRow) -> int | None:
+    """The wait in whole seconds an upload got when it failed and was put back to `pending` with
+    `next_attempt_at`; None for any other upload. Measured from the row's own last change, not
+    the clock: the text changes only when the row does, like the rest of a progress message."""
+    if upload.status != "pending" or upload.next_attempt_at is None:
+        return None
+    due, failed_at = parse_utc(upload.next_attempt_at), parse_utc(upload.updated_at)
+    if due is None or failed_at is None:
+        return 0
+    return max(0, math.ceil((due - failed_at).total_seconds()))
+
+
 def upload_line(lang: Language, upload: UploadRow) -> str:
     icon = STATUS_ICONS.get(upload.status, "•")
     details: dict[str, object]
-    if upload.status == "uploading":
+    wait = retry_wait(upload)
+    if wait is not None:
+        key = "bot.progress.upload_retrying"
+        details = {
+            "seconds": wait,
+            "reason": _upload_reason(upload),
+            "tries": upload.retry_count,
+            "max_tries": upload.max_retries,
+        }
+    elif upload.status == "uploading":
         key = "bot.progress.upload_running"
         details = {
             "percent": percent(upload.uploaded_size, upload.total_size),
@@ -225,9 +246,9 @@ def notice_text(
     notice: Notice,
     links: Sequence[str] = (),
 ) -> str | None:
-    """The one message that tells how a job ended; None when it has moved on since (retried,
-    or an automatic upload retry follows). `links` are the stream links of a completed
-    download (at most MAX_LINKS; a torrent's further files are counted, not linked)."""
+    """The one message that tells how a job ended (a failed upload is final); None when it has
+    moved on since (retried by hand). `links` are the stream links of a completed download (at
+    most MAX_LINKS; a torrent's further files are counted, not linked)."""
     name = row.file_name or row.source_url or f"#{row.id}"
     if notice.entity == "download":
         if row.status != notice.status:
@@ -255,8 +276,6 @@ def notice_text(
         return None
     if upload.status == "completed":
         key, details = "bot.notice.uploaded", {"remote_path": upload.remote_path or "-"}
-    elif upload.next_attempt_at is not None and upload.retry_count < upload.max_retries:
-        return None  # an automatic retry follows; the progress message shows it
     else:
         key, details = "bot.notice.upload_failed", {"reason": _upload_reason(upload)}
     return translate(lang, key, id=row.id, name=name, target=upload.upload_target, **details)
@@ -322,7 +341,7 @@ def upload_entry(lang: Language, upload: UploadRow) -> str:
         detail += f" · {human_speed(upload.upload_speed)}"
     elif upload.status == "completed" and upload.remote_path:
         detail += f" → {upload.remote_path}"
-    elif upload.status == "failed":
+    elif upload.status == "failed" or retry_wait(upload) is not None:
         reason = _upload_reason(upload)
         detail += f" ({upload.retry_count}/{upload.max_retries}) · {reason[:80]}"
     return f"{icon} ↑{upload.id} #{upload.download_id} → {upload.upload_target}\n    {detail}"

@@ -138,18 +138,30 @@ def test_a_torrents_notice_links_its_first_files_and_counts_the_rest() -> None:
     assert lines[-2] == links[-1] and lines[1] == links[0]
 
 
-def test_upload_failure_notice_waits_for_the_last_try() -> None:
-    retrying = UPLOAD._replace(
-        status="failed",
+def test_a_failed_upload_is_final_and_a_waiting_retry_is_shown_in_the_progress_message() -> None:
+    failed = UPLOAD._replace(status="failed", error_message="timeout", retry_count=1)
+    notice = Notice("upload", 3, "failed")
+    text = render.notice_text("en", ROW, [failed], notice)
+    assert text is not None and "timeout" in text and "cloud" in text
+    waiting = UPLOAD._replace(
+        status="pending",
         error_message="timeout",
         retry_count=1,
-        next_attempt_at="2024-01-01T00:01:00Z",
+        next_attempt_at="2024-01-01T00:00:08.000+00:00",
+        updated_at="2024-01-01T00:00:00.004+00:00",
     )
-    notice = Notice("upload", 3, "failed")
-    assert render.notice_text("en", ROW, [retrying], notice) is None
-    final = retrying._replace(retry_count=3)
-    text = render.notice_text("en", ROW, [final], notice)
-    assert text is not None and "timeout" in text and "cloud" in text
+    # It moved on (back to pending, waiting for its retry) before the notice was sent.
+    assert render.notice_text("en", ROW, [waiting], notice) is None
+    assert render.retry_wait(waiting) == 8
+    assert render.retry_wait(failed) is None
+    assert render.retry_wait(waiting._replace(next_attempt_at=None)) is None
+    line = render.upload_line("en", waiting)
+    assert line == "⏳ cloud: retrying in 8 s (1/3): timeout"
+    assert "8 秒后重试" in render.upload_line("zh", waiting)
+    text, markup = render.progress_message("en", ROW, [waiting])
+    assert line in text.splitlines()
+    assert callbacks(markup) == ["d:pause:7", "d:cancel:7"]  # no retry button while it waits
+    assert "(1/3) · timeout" in render.upload_entry("en", waiting)
 
 
 def test_status_page_is_paged_and_clamped() -> None:

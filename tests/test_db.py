@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from db import (
+    _MIGRATIONS,
     ACTIVE_DOWNLOAD_STATUSES,
     APPLICATION_ID,
     DOWNLOAD_TRANSITIONS,
@@ -26,6 +27,7 @@ from db import (
     NotFound,
     StoreError,
     TransitionError,
+    inspect_database_file,
 )
 from events import Event, EventHub, EventKind, Subscription
 from files import DownloadFiles, remove_confined
@@ -231,6 +233,69 @@ async def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     finally:
         await database.close()
     assert fetch(path, "PRAGMA user_version")[0][0] == SCHEMA_VERSION + 1
+
+
+def make_v1_database(path: Path) -> None:
+    """A schema 1 file as that MistRelay left it: one upload waiting for an automatic retry
+    (`failed` with next_attempt_at), one failed for good, one running."""
+    stamp = "2026-01-01T00:00:00.000+00:00"
+    with raw(path) as conn:
+        conn.executescript(_MIGRATIONS[1])
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute(
+            "INSERT INTO downloads (id, source_type, source_key, status, group_key, created_at,"
+            " updated_at) VALUES (1, 'http', 'http://h/a', 'completed', 'g', ?, ?)",
+            (stamp, stamp),
+        )
+        conn.executemany(
+            "INSERT INTO uploads (id, download_id, upload_target, target_type, status,"
+            " retry_count, failure_reason, error_message, next_attempt_at, created_at, updated_at)"
+            " VALUES (?, 1, ?, 'rclone', ?, ?, 'network', 'timeout', ?, ?, ?)",
+            [
+                (1, "waits", "failed", 1, "2026-01-01T00:00:08.000+00:00", stamp, stamp),
+                (2, "final", "failed", 3, None, stamp, stamp),
+                (3, "runs", "uploading", 0, None, stamp, stamp),
+            ],
+        )
+        conn.execute(
+            "INSERT INTO status_history (entity, entity_id, from_status, to_status, reason, at)"
+            " VALUES ('upload', 1, 'uploading', 'failed', 'network', ?)",
+            (stamp,),
+        )
+        conn.commit()
+    assert inspect_database_file(path) == 1
+
+
+async def test_schema_2_turns_a_scheduled_retry_of_schema_1_into_a_waiting_pending_row(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v1.db"
+    make_v1_database(path)
+    untouched = fetch(path, "SELECT * FROM uploads WHERE id IN (2, 3) ORDER BY id")
+    async with Database(path) as db:
+        assert await db.schema_version() == SCHEMA_VERSION == 2
+        waiting = await db.get_upload_by_id(1)
+        assert waiting is not None
+        assert (waiting.status, waiting.next_attempt_at, waiting.retry_count) == (
+            "pending",
+            "2026-01-01T00:00:08.000+00:00",
+            1,
+        )
+        assert (waiting.failure_reason, waiting.error_message) == ("network", "timeout")
+        assert_utc(waiting.updated_at)
+        history = await db.get_status_history("upload", 1)
+        assert [(h.from_status, h.to_status, h.reason) for h in history] == [
+            ("uploading", "failed", "network"),
+            ("failed", "pending", "retry scheduled (migrated)"),
+        ]
+        assert_utc(history[-1].at)
+        assert await db.get_status_history("upload", 2) == []
+        # What the migration moved is an ordinary waiting retry now.
+        await db.mark_upload_started(1, 100)
+        assert await db.schedule_upload_retry(1, "network", "again", None, "2030-01-01T00:00Z") == 2
+    assert fetch(path, "SELECT * FROM uploads WHERE id IN (2, 3) ORDER BY id") == untouched
+    assert fetch(path, "PRAGMA user_version")[0][0] == SCHEMA_VERSION
 
 
 def make_foreign_db(path: Path, user_version: int) -> None:
@@ -870,34 +935,96 @@ async def test_upload_lifecycle_and_completion_needs_verification(db: Database) 
     assert_utc(done.completed_at)
 
 
-async def test_upload_retry_counting_and_manual_reset(db: Database) -> None:
+async def test_a_retriable_failure_waits_as_pending_and_a_final_one_is_failed(
+    db: Database, hub: EventHub
+) -> None:
     download_id = await completed_download(db)
     upload_id = await db.create_upload(download_id, "cloud", None, 3, ready=True)
+    due = "2030-01-01T00:00:00.000+00:00"
     for expected in (1, 2, 3):
         await db.mark_upload_started(upload_id, 100)
-        await db.mark_upload_failed(upload_id, "network", "timeout", "5", "2030-01-01T00:00+00:00")
-        failed = await db.get_upload_by_id(upload_id)
-        assert failed is not None
-        assert (failed.failure_reason, failed.error_message, failed.error_code) == (
+        await db.update_upload_progress(upload_id, 40, 100, 12.5)
+        subscription = hub.subscribe("retry")
+        assert await db.schedule_upload_retry(upload_id, "network", "timeout", "5", due) == expected
+        [event] = await drain(subscription)
+        subscription.close()
+        waiting = await db.get_upload_by_id(upload_id)
+        assert waiting is not None and event.data == waiting
+        assert (waiting.status, waiting.next_attempt_at, waiting.retry_count) == (
+            "pending",
+            due,
+            expected,
+        )
+        assert (waiting.failure_reason, waiting.error_message, waiting.error_code) == (
             "network",
             "timeout",
             "5",
         )
-        assert failed.next_attempt_at == "2030-01-01T00:00+00:00"
-        assert await db.increment_upload_retry(upload_id) == expected
-        await db.reset_upload_for_retry(upload_id, manual=False)
-        retried = await db.get_upload_by_id(upload_id)
-        assert retried is not None and retried.status == "pending"
-        assert retried.retry_count == expected and retried.failure_reason is None
+        assert waiting.upload_speed == 0
+        step = (await db.get_status_history("upload", upload_id))[-1]
+        assert (step.from_status, step.to_status) == ("uploading", "pending")
+        assert step.reason == "network"
+        # Only a running upload can be put back to wait: nothing changes otherwise.
+        row_before, history_before = upload_row(db, upload_id), history_rows(db)
+        with pytest.raises(TransitionError):
+            await db.schedule_upload_retry(upload_id, "network", "again", None, due)
+        assert upload_row(db, upload_id) == row_before and history_rows(db) == history_before
+    # The last try fails for good: `failed`, and a failed row never has a retry time.
     await db.mark_upload_started(upload_id, 100)
+    started = await db.get_upload_by_id(upload_id)
+    assert started is not None and started.next_attempt_at is None
     await db.mark_upload_failed(upload_id, "network", "timeout")
-    await db.reset_upload_for_retry(upload_id, manual=True)
+    failed = await db.get_upload_by_id(upload_id)
+    assert failed is not None
+    assert (failed.status, failed.next_attempt_at, failed.retry_count) == ("failed", None, 3)
+    with pytest.raises(TransitionError):
+        await db.schedule_upload_retry(upload_id, "network", "timeout", None, due)
+    # A retry by hand starts again from 0.
+    await db.reset_upload_for_retry(upload_id)
     manual = await db.get_upload_by_id(upload_id)
     assert manual is not None and manual.status == "pending" and manual.retry_count == 0
+    assert manual.failure_reason is None and manual.next_attempt_at is None
     history = await db.get_status_history("upload", upload_id)
     assert history[-1].reason == "manual retry"
+    assert await db.increment_upload_retry(upload_id) == 1
     with pytest.raises(NotFound):
         await db.increment_upload_retry(upload_id + 100)
+    with pytest.raises(NotFound):
+        await db.schedule_upload_retry(upload_id + 100, "network", "timeout", None, due)
+
+
+async def test_a_retry_by_hand_or_a_cancel_ends_the_wait_for_an_automatic_retry(
+    db: Database,
+) -> None:
+    download_id = await completed_download(db)
+    a = await db.create_upload(download_id, "cloud", None, 3, ready=True)
+    b = await db.create_upload(download_id, "other", None, 3, ready=True)
+    for upload_id in (a, b):
+        await db.mark_upload_started(upload_id, 100)
+        await db.schedule_upload_retry(upload_id, "network", "timeout", None, "2030-01-01T00:00Z")
+    history_before = len(await db.get_status_history("upload", a))
+    await db.reset_upload_for_retry(a)
+    now = await db.get_upload_by_id(a)
+    assert now is not None
+    assert (now.status, now.next_attempt_at, now.retry_count, now.error_message) == (
+        "pending",
+        None,
+        0,
+        None,
+    )
+    assert len(await db.get_status_history("upload", a)) == history_before  # no status change
+    # A pending upload that waits for nothing, or a running one, has nothing to retry.
+    await db.mark_upload_started(b, 100)
+    for upload_id in (a, b):
+        row_before = upload_row(db, upload_id)
+        with pytest.raises(TransitionError):
+            await db.reset_upload_for_retry(upload_id)
+        assert upload_row(db, upload_id) == row_before
+    await db.schedule_upload_retry(b, "network", "timeout", None, "2030-01-01T00:00Z")
+    await db.mark_upload_cancelled(b, "cancelled by user")
+    cancelled = await db.get_upload_by_id(b)
+    assert cancelled is not None
+    assert (cancelled.status, cancelled.next_attempt_at) == ("cancelled", None)
 
 
 async def test_update_upload_status_and_queries(db: Database) -> None:

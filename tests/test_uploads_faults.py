@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 
 from configer import UploadConfig, UploadTarget
 from db import Database
+from records import UploadRow
 from tests.support.http_files import FileServer
 from tests.support.processes import ProcessReaper, free_port, pid_alive
 from tests.support.rclone_cloud import RcloneCloud
@@ -149,6 +151,70 @@ async def test_verify_reads_the_remote_back_and_catches_damage(
 # --------------------------------------------------------------------------- clouds that fail
 
 
+def waiting_for_retry(rows: list[UploadRow]) -> bool:
+    """One upload, back to `pending` after a failure, with the time of its next try."""
+    return len(rows) == 1 and rows[0].status == "pending" and rows[0].next_attempt_at is not None
+
+
+async def test_while_a_retry_waits_the_upload_is_pending_with_its_time_and_count(
+    tmp_path: Path,
+    rclone_config: Path,
+    webdav_cloud: RcloneCloud,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cloud is down: the failure can heal, so the row waits as `pending` with
+    next_attempt_at and its count raised (never `failed`, which is final); nothing starts it
+    before its time, and a retry by hand starts it at once."""
+    await webdav_cloud.stop()
+    config = UploadConfig(
+        targets=(UploadTarget("dav", "rclone", "testdav", "/up"),),
+        rclone_config=str(rclone_config),
+        retry_backoff=20,
+        max_retries=3,
+    )
+    data = os.urandom(5000)
+    with rclone_environment(monkeypatch, **FAIL_FAST):
+        manager_of = standalone_manager(tmp_path, config)
+    async with manager_of as (db, manager):
+        await manager.start()
+        row = await completed_download(db, tmp_path / "downloads", "wait.bin", {"": data})
+        await manager.on_download_completed(row)
+        (upload,) = await db.get_uploads_by_download(row.id)
+
+        async def waits() -> bool:
+            return waiting_for_retry(await db.get_uploads_by_download(row.id))
+
+        await wait_for(waits, 30, "the upload waiting for its retry")
+        waiting = await db.get_upload_by_id(upload.id)
+        assert waiting is not None and waiting.next_attempt_at is not None
+        assert waiting.retry_count == 1 and waiting.failure_reason == "network", waiting
+        assert waiting.error_message and waiting.upload_speed == 0
+        wait = datetime.fromisoformat(waiting.next_attempt_at) - datetime.now(UTC)
+        assert 10 < wait.total_seconds() <= 20
+        steps = [
+            (h.from_status, h.to_status) for h in await db.get_status_history("upload", upload.id)
+        ]
+        assert steps == [(None, "pending"), ("pending", "uploading"), ("uploading", "pending")]
+
+        # Not due: the dispatcher leaves it and names the time until it is.
+        assert 10 < await manager.dispatch_once() <= 20
+        await asyncio.sleep(0.5)
+        assert manager.running() == []
+        assert await db.get_upload_by_id(upload.id) == waiting
+
+        await webdav_cloud.start()
+        retried = await manager.retry(upload.id)
+        assert (retried.status, retried.retry_count, retried.next_attempt_at) == (
+            "pending",
+            0,
+            None,
+        )
+        done = await wait_row(db, upload.id, {"completed", "failed"})
+
+    assert done.status == "completed", done
+    assert (webdav_cloud.root / "up" / "wait.bin").read_bytes() == data
+
+
 @pytest.mark.slow
 async def test_cloud_gone_mid_upload_then_back_the_retry_succeeds(
     service_factory: ServiceFactory,
@@ -158,7 +224,7 @@ async def test_cloud_gone_mid_upload_then_back_the_retry_succeeds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     overrides = upload_overrides(
-        rclone_config, [rclone_target("dav", "testdav")], retry_backoff=1.0, max_retries=3
+        rclone_config, [rclone_target("dav", "testdav")], retry_backoff=2.0, max_retries=3
     )
     with rclone_environment(monkeypatch, RCLONE_BWLIMIT="1M", **FAIL_FAST):
         svc = await service_factory(overrides)
@@ -170,16 +236,18 @@ async def test_cloud_gone_mid_upload_then_back_the_retry_succeeds(
         what="the upload under way",
     )
     await webdav_cloud.stop()
-    (failed,) = await wait_uploads(svc, download["id"], all_in("failed"), what="a failure")
-    assert failed.failure_reason == "network", failed
-    assert failed.retry_count == 1 and failed.next_attempt_at is not None
+    (waiting,) = await wait_uploads(svc, download["id"], waiting_for_retry, what="a failure")
+    assert waiting.failure_reason == "network", waiting
+    assert waiting.retry_count == 1
     assert local_file(svc, download).is_file()
     await webdav_cloud.start()
 
     (done,) = await wait_uploads(svc, download["id"], all_in("completed"), timeout=90)
     assert (webdav_cloud.root / "up" / "big.bin").read_bytes() == data
     assert done.retry_count >= 1 and done.verified_size == len(data)
-    assert ("failed", "pending") in await history(svc, upload.id)
+    steps = await history(svc, upload.id)
+    assert ("uploading", "pending") in steps
+    assert "failed" not in {status for step in steps for status in step}  # failed is final
 
 
 async def test_cloud_that_stays_down_fails_after_max_retries_and_keeps_the_file(
@@ -276,12 +344,13 @@ async def test_auto_delete_waits_for_every_target(
             lambda rs: (
                 len(rs) == 2
                 and by_target(rs)["dav"].status == "completed"
-                and by_target(rs)["ssh"].status == "failed"
+                and by_target(rs)["ssh"].status == "pending"
+                and by_target(rs)["ssh"].next_attempt_at is not None
             ),
-            what="one target done, the other failing",
+            what="one target done, the other waiting for its retry",
         )
     )
-    assert rows["ssh"].failure_reason == "network"
+    assert rows["ssh"].failure_reason == "network" and rows["ssh"].retry_count >= 1
     assert path.read_bytes() == data  # one target is not all of them
     assert rows["dav"].cleaned_at is None and rows["ssh"].cleaned_at is None
 

@@ -5,16 +5,17 @@ The life of an upload
 - A download completes → :meth:`UploadManager.on_download_completed` creates one row per target
   whose ``match`` accepts it (``pending``; creating twice returns the same row) and wakes the
   dispatcher.
-- The dispatcher starts ``pending`` rows (and ``uploading`` rows nobody runs: the service stopped
-  while they ran) up to ``upload.max_concurrent`` at a time, and moves ``failed`` rows whose
-  ``next_attempt_at`` has passed back to ``pending``.
+- The dispatcher starts ``pending`` rows that are due (no ``next_attempt_at``, or one that has
+  passed) and ``uploading`` rows nobody runs (the service stopped while they ran), up to
+  ``upload.max_concurrent`` at a time.
 - An attempt checks the local file (gone → ``local_file_missing``), moves the row to
   ``uploading``, transfers (rclone, or the Telegram bot), writes progress to the row about every
   second (at least every 2 s), reads the remote copy back to verify it, and only then completes
   the row.
-- A failure whose reason can heal by itself (network, unknown rclone error, a verify mismatch) is
-  retried after ``retry_backoff · 2^retry_count`` seconds while ``retry_count < max_retries``;
-  anything else fails at once. The local file is never touched on failure.
+- A failure whose reason can heal by itself (network, unknown rclone error, a verify mismatch)
+  while ``retry_count < max_retries`` puts the row back to ``pending`` with ``next_attempt_at``
+  ``retry_backoff · 2^retry_count`` seconds ahead; anything else is ``failed``, which is final
+  until a person retries it. The local file is never touched on failure.
 - With ``upload.auto_delete``, once every upload of a download (one for every target that takes
   it) is completed and verified, the local file is deleted inside the download directory only,
   and every upload of the download gets ``cleaned_at``.
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from configer import UploadConfig, UploadTarget
-from db import NotFound, Store, StoreError, TransitionError, allowed_sources
+from db import NotFound, Store, StoreError, TransitionError, allowed_sources, parse_utc
 from files import DownloadFiles
 from records import DownloadRow, UploadRow
 from uploads import telegram as telegram_upload
@@ -98,14 +99,6 @@ class UploadFailure(Exception):
 def _iso_after(seconds: float) -> str:
     """A timestamp `seconds` from now, in the format db.utc_now() writes."""
     return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
-
-
-def _parse_iso(text: str) -> datetime | None:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def default_rclone_args(environment: Mapping[str, str] | None = None) -> list[str]:
@@ -445,16 +438,13 @@ class UploadManager:
     # --- actions --------------------------------------------------------------------------------
 
     async def retry(self, upload_id: int) -> UploadRow:
-        """By hand: a failed or cancelled upload starts again with its retry count reset."""
-        upload = await self.store.get_upload_by_id(upload_id)
-        if upload is None:
-            raise NotFound("upload", upload_id)
-        if upload.status not in ("failed", "cancelled"):
-            raise TransitionError("upload", upload_id, upload.status, "pending")
-        await self.store.reset_upload_for_retry(upload_id, manual=True)
+        """By hand: a failed or cancelled upload, or one waiting for its automatic retry, starts
+        again now with its retry count reset. TransitionError for any other status."""
+        await self.store.reset_upload_for_retry(upload_id)
+        upload = await self._row(upload_id)
         logger.bind(upload=upload_id, job=upload.download_id).info("upload retried by hand")
         self._wake.set()
-        return await self._row(upload_id)
+        return upload
 
     async def cancel(self, upload_id: int, *, reason: str = "cancelled by user") -> UploadRow:
         """Stop a running transfer (its rclone process group, or the Telegram send) and mark the
@@ -513,17 +503,14 @@ class UploadManager:
         """Start what may start now; returns the seconds until a retry falls due (capped)."""
         now = datetime.now(UTC)
         next_due = _IDLE_DISPATCH_SECONDS
-        for upload in await self.store.fetch_uploads_in_states(("failed",)):
-            if upload.next_attempt_at is None:
-                continue
-            due = _parse_iso(upload.next_attempt_at)
-            if due is None or due <= now:
-                with contextlib.suppress(StoreError):
-                    await self.store.reset_upload_for_retry(upload.id, manual=False)
-            else:
+        candidates: list[UploadRow] = []
+        for upload in await self.store.fetch_uploads_in_states(("uploading", "pending")):
+            due = parse_utc(upload.next_attempt_at) if upload.next_attempt_at else None
+            if due is not None and due > now:
                 next_due = min(next_due, (due - now).total_seconds())
+            else:
+                candidates.append(upload)
         # Rows left `uploading` by a stopped service come first: they were started before.
-        candidates = await self.store.fetch_uploads_in_states(("uploading", "pending"))
         candidates.sort(key=lambda u: (u.status != "uploading", u.id))
         for upload in candidates:
             if len(self._attempts) >= self.config.max_concurrent:
@@ -714,8 +701,7 @@ class UploadManager:
         max_retries = self.config.retries_for(target) if target else upload.max_retries
         if failure.retryable and upload.retry_count < max_retries:
             delay = self.config.retry_backoff * (2**upload.retry_count)
-            await self.store.increment_upload_retry(upload_id)
-            await self.store.mark_upload_failed(
+            tries = await self.store.schedule_upload_retry(
                 upload_id, failure.reason, failure.message, failure.code, _iso_after(delay)
             )
             log.warning(
@@ -723,7 +709,7 @@ class UploadManager:
                 upload_id,
                 failure.reason,
                 failure.message,
-                upload.retry_count + 1,
+                tries,
                 max_retries,
                 delay,
             )

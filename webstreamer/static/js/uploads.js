@@ -26,6 +26,19 @@ function createUploadView(id) {
   return view;
 }
 
+/** Why the upload failed: `failed` is final; `pending` with `next_attempt_at` waits for its retry. */
+function errorText(upload, status) {
+  if (!upload.error_message) return "";
+  if (status === "failed") return upload.error_message;
+  if (status !== "pending" || !upload.next_attempt_at) return "";
+  return t("web.item.upload_retry", {
+    tries: upload.retry_count,
+    max_tries: upload.max_retries,
+    time: new Date(upload.next_attempt_at).toLocaleTimeString(),
+    reason: upload.error_message,
+  });
+}
+
 function renderUpload(view, upload) {
   const status = upload.status || "pending";
   view.root.dataset.status = status;
@@ -41,9 +54,9 @@ function renderUpload(view, upload) {
   view.bar.style.width = `${percent.toFixed(1)}%`;
   const speed = status === "uploading" && upload.upload_speed > 0 ? ` · ${formatSpeed(upload.upload_speed)}` : "";
   view.size.textContent = total > 0 ? `${formatBytes(sent)} / ${formatBytes(total)}${speed}` : speed.slice(3);
-  const failed = status === "failed" && upload.error_message;
-  view.error.hidden = !failed;
-  view.error.textContent = failed ? upload.error_message : "";
+  const error = errorText(upload, status);
+  view.error.hidden = !error;
+  view.error.textContent = error;
   const actions = Array.isArray(upload.actions) ? upload.actions.map(String) : [];
   const key = `${actions.join(",")}|${language()}`;
   if (view.buttonsKey !== key) {
