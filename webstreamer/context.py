@@ -122,6 +122,9 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
+MAX_LIST_LIMIT = 1000  # rows one list request may ask for
+
+
 def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
     text = request.query.get(name)
     if text is None or text == "":
@@ -142,6 +145,14 @@ def query_bool(request: web.Request, name: str) -> bool:
     if text in ("0", "false", "no", ""):
         return False
     raise web.HTTPBadRequest(text=f"{name} must be true or false")
+
+
+def query_choice(request: web.Request, name: str, choices: Sequence[str]) -> str | None:
+    """An optional query value that must be one of `choices` (empty = not given)."""
+    text = request.query.get(name) or None
+    if text is not None and text not in choices:
+        raise web.HTTPBadRequest(text=f"{name} must be one of {', '.join(choices)}")
+    return text
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,18 @@ from configer import ConfigError
 from db import DOWNLOAD_STATUSES, DuplicateDownload
 from records import DownloadRow
 from webstreamer.context import (
+    MAX_LIST_LIMIT,
     context_of,
     json_error,
     path_id,
     query_bool,
+    query_choice,
     query_int,
     read_json_object,
 )
 from webstreamer.views import download_json
 
 MAX_URLS_PER_REQUEST = 500
-MAX_LIST_LIMIT = 1000
 
 
 async def health(request: web.Request) -> web.Response:
@@ -96,9 +97,7 @@ async def add_torrent(request: web.Request) -> web.Response:
 async def list_downloads(request: web.Request) -> web.Response:
     ctx = context_of(request)
     limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
-    status = request.query.get("status") or None
-    if status is not None and status not in DOWNLOAD_STATUSES:
-        raise web.HTTPBadRequest(text=f"status must be one of {', '.join(DOWNLOAD_STATUSES)}")
+    status = query_choice(request, "status", DOWNLOAD_STATUSES)
     if query_bool(request, "grouped"):
         groups = await ctx.store.fetch_downloads_grouped(limit, status=status)
         ids = [d.id for g in groups for d in g.downloads]

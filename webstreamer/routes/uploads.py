@@ -5,18 +5,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from db import UPLOAD_STATUSES
-from webstreamer.context import context_of, path_id, query_int
+from webstreamer.context import MAX_LIST_LIMIT, context_of, path_id, query_choice, query_int
 from webstreamer.views import upload_json
-
-MAX_LIST_LIMIT = 1000
 
 
 async def list_uploads(request: web.Request) -> web.Response:
     ctx = context_of(request)
     limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
-    status = request.query.get("status") or None
-    if status is not None and status not in UPLOAD_STATUSES:
-        raise web.HTTPBadRequest(text=f"status must be one of {', '.join(UPLOAD_STATUSES)}")
+    status = query_choice(request, "status", UPLOAD_STATUSES)
     target = request.query.get("target") or None
     rows = await ctx.store.fetch_recent_uploads(limit, status=status, upload_target=target)
     return web.json_response({"uploads": [upload_json(row) for row in rows]})
