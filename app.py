@@ -13,7 +13,6 @@ import asyncio
 import fcntl
 import os
 import signal
-import sqlite3
 import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -39,12 +38,13 @@ from configer import (
     masked_settings,
 )
 from db import (
+    DRIVER_ERRORS,
     SCHEMA_VERSION,
-    Database,
     Store,
     StoreError,
     backup_database_file,
-    inspect_database_file,
+    inspect_store,
+    open_store,
     restore_database_file,
 )
 from events import EventHub
@@ -211,8 +211,7 @@ class Service:
             listener.loopback_origin,
         )
 
-        store = Database(config.database.path, hub=(hub := EventHub()))
-        await store.open()
+        store = await open_store(config.database, hub=(hub := EventHub()))
         stack.push_async_callback(_close_store, store)
         stack.push_async_callback(hub.close)
         await store.init_config_from_yaml(masked_settings(config))
@@ -399,26 +398,40 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# What makes `check` fail with exit code 2: the store, its database driver, aria2, the disk.
+_CHECK_ERRORS: tuple[type[Exception], ...] = (
+    StoreError,
+    *DRIVER_ERRORS,
+    OSError,
+    Aria2RpcError,
+    Aria2Unavailable,
+)
+
+
 async def check_command(config: Config, *, fix: bool) -> int:
     """`python app.py check [--fix]`: print every mismatch; with `fix`, repair them.
 
     Exit code: 0 nothing found, 1 mismatches found (also when they were fixed), 2 error.
     """
-    db_path = config.database.path
     try:
-        version = await asyncio.to_thread(inspect_database_file, db_path)
+        version = await inspect_store(config.database)
     except StoreError as exc:
         print(f"check: {exc}")
         return 2
     if version != SCHEMA_VERSION:
+        database = config.database
+        where = database.redacted_url if database.backend == "postgresql" else database.path
         print(
-            f"check: {db_path} has schema version {version}; start the service once to "
+            f"check: {where} has schema version {version}; start the service once to "
             f"migrate it to {SCHEMA_VERSION}"
         )
         return 2
-    db = Database(db_path)
     try:
-        await db.open()
+        db = await open_store(config.database)
+    except _CHECK_ERRORS as exc:
+        print(f"check failed: {exc}")
+        return 2
+    try:
         async with running_aria2(config.aria2, config.data_dir) as (aria2, where):
             result = await check(db, aria2, config.aria2.download_dir)
             if result.aria2_compared:
@@ -445,7 +458,7 @@ async def check_command(config: Config, *, fix: bool) -> int:
             print(f"  {line}")
         print("Exit code 1: mismatches were found (and fixed as above).")
         return 1
-    except (StoreError, sqlite3.Error, OSError, Aria2RpcError, Aria2Unavailable) as exc:
+    except _CHECK_ERRORS as exc:
         print(f"check failed: {exc}")
         return 2
     finally:
@@ -454,8 +467,8 @@ async def check_command(config: Config, *, fix: bool) -> int:
 
 def backup_command(config: Config, target: Path) -> int:
     try:
-        backup_database_file(config.database.path, target)
-    except (StoreError, OSError) as exc:
+        backup_database_file(config.database.sqlite_path, target)
+    except (StoreError, OSError, ValueError) as exc:
         logger.error("backup failed: {}", exc)
         return 2
     logger.info("database copied to {}", target)
@@ -468,8 +481,8 @@ def restore_command(config: Config, backup: Path) -> int:
         logger.error("MistRelay is running on {}: stop it before restoring", config.data_dir)
         return 2
     try:
-        kept = restore_database_file(backup, config.database.path)
-    except (StoreError, OSError) as exc:
+        kept = restore_database_file(backup, config.database.sqlite_path)
+    except (StoreError, OSError, ValueError) as exc:
         logger.error("restore refused: {}", exc)
         return 2
     finally:
@@ -502,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         return restore_command(config, args.path)
     try:
         asyncio.run(run_service(config))
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, StoreError) as exc:
         logger.error("{}", exc)
         return 2
     return 0

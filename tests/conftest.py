@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.support.service_process",
     "tests.support.reliability",
     "tests.support.postgres",
+    "tests.support.stores",
 ]

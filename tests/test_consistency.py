@@ -230,12 +230,13 @@ async def test_check_finds_dry_runs_and_repairs_every_mismatch(
 
         # -- repair: all row changes in ONE transaction
         statements: list[str] = []
-        assert db._writer is not None
-        await db._writer.set_trace_callback(statements.append)
+        writer = db._backend.writer  # type: ignore[attr-defined]
+        assert writer is not None
+        await writer.set_trace_callback(statements.append)
         try:
             lines = await repair(db, client, mismatches)
         finally:
-            await db._writer.set_trace_callback(None)  # type: ignore[arg-type]
+            await writer.set_trace_callback(None)
         assert [s for s in statements if s in ("BEGIN IMMEDIATE", "COMMIT", "ROLLBACK")] == [
             "BEGIN IMMEDIATE",
             "COMMIT",

@@ -1,33 +1,50 @@
-"""The store (db.py) against real SQLite files: schema, every seed function, transactions, gids,
-batched progress, the status machines' refusals, uploads, safe deletion, grouping, backup, locks."""
+"""The store (db.py) on both backends — a real SQLite file and a real PostgreSQL database (the
+`store_backend` fixture runs each test once on each): schema, migrations, every seed function,
+transactions, gids, batched progress, the status machines' refusals, uploads, safe deletion,
+grouping, locks held by another process. Tests named `test_sqlite_file_…` are about the SQLite
+file itself (WAL, its identity marks, the backup of the file) and run on SQLite only."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import inspect
+import itertools
+import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
+from loguru import logger
 
+from app import check_command
+from configer import Config, DatabaseConfig
 from db import (
     _MIGRATIONS,
     ACTIVE_DOWNLOAD_STATUSES,
     APPLICATION_ID,
     DOWNLOAD_TRANSITIONS,
+    DRIVER_ERRORS,
     SCHEMA_VERSION,
     Database,
     DuplicateDownload,
     NotFound,
+    PostgresLocation,
     StoreError,
+    StoreUnavailable,
     TransitionError,
-    inspect_database_file,
+    _numbered,
+    _SQLiteBackend,
+    inspect_store,
+    open_store,
 )
 from events import Event, EventHub, EventKind, Subscription
 from files import DownloadFiles, remove_confined
@@ -43,6 +60,9 @@ from records import (
     TgMediaRecord,
     UploadRow,
 )
+from tests.support.postgres import PostgresServer
+from tests.support.processes import free_port
+from tests.support.stores import Peek, StoreBackend
 
 # --- helpers -----------------------------------------------------------------------------------
 
@@ -64,7 +84,14 @@ def download_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def db(tmp_path: Path, hub: EventHub) -> AsyncIterator[Database]:
+async def db(store_backend: StoreBackend, hub: EventHub) -> AsyncIterator[Database]:
+    async with store_backend.database(hub) as database:
+        yield database
+
+
+@pytest.fixture
+async def sqlite_db(tmp_path: Path, hub: EventHub) -> AsyncIterator[Database]:
+    """The store on a SQLite file, for the tests about the file itself."""
     async with Database(tmp_path / "m.db", hub=hub) as database:
         yield database
 
@@ -84,34 +111,13 @@ def fetch(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any,
         return conn.execute(sql, params).fetchall()
 
 
-def download_row(db: Database, download_id: int) -> tuple[Any, ...]:
-    rows = fetch(db.path, "SELECT * FROM downloads WHERE id = ?", (download_id,))
-    assert len(rows) == 1
-    return rows[0]
-
-
-def upload_row(db: Database, upload_id: int) -> tuple[Any, ...]:
-    rows = fetch(db.path, "SELECT * FROM uploads WHERE id = ?", (upload_id,))
-    assert len(rows) == 1
-    return rows[0]
-
-
-def history_rows(db: Database) -> list[tuple[Any, ...]]:
-    return fetch(db.path, "SELECT * FROM status_history ORDER BY id")
-
-
-def history_rows_of(db: Database, download_id: int) -> list[HistoryEntry]:
-    rows = fetch(
-        db.path,
+def history_rows_of(peek: Peek, download_id: int) -> list[HistoryEntry]:
+    rows = peek.fetch(
         "SELECT entity, entity_id, from_status, to_status, reason, at FROM status_history"
         " WHERE entity = 'download' AND entity_id = ? ORDER BY id",
         (download_id,),
     )
     return [HistoryEntry(*row) for row in rows]
-
-
-def table_count(db: Database, table: str) -> int:
-    return int(fetch(db.path, f"SELECT COUNT(*) FROM {table}")[0][0])
 
 
 def snapshot_of(event: Event) -> DownloadSnapshot:
@@ -169,6 +175,7 @@ async def seed_active_downloads(db: Database, count: int, status: str = "downloa
         await tx.execute(
             "INSERT INTO download_gids (gid, download_id, reason, created_at)"
             " SELECT gid, id, 'seeded', created_at FROM downloads WHERE gid LIKE 'gid-%'"
+            " ORDER BY id"
         )
 
 
@@ -183,98 +190,123 @@ def assert_utc(stamp: str | None) -> None:
 # --- schema and lifecycle ----------------------------------------------------------------------
 
 
-async def test_pragmas_wal_foreign_keys_busy_timeout(db: Database) -> None:
-    assert fetch(db.path, "PRAGMA journal_mode")[0][0] == "wal"
-    assert db._writer is not None and db._reader is not None
-    for conn in (db._writer, db._reader):
-        foreign_keys = next(iter(await conn.execute_fetchall("PRAGMA foreign_keys")))
-        busy_timeout = next(iter(await conn.execute_fetchall("PRAGMA busy_timeout")))
-        assert foreign_keys[0] == 1
-        assert busy_timeout[0] >= 1000
-    # foreign keys really are enforced on the writer
-    with pytest.raises(sqlite3.IntegrityError):
-        await db.create_upload(9999, "cloud", None, 3)
+def test_migrations_are_numbered_from_one_to_the_current_version() -> None:
+    assert sorted(_MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
 
 
-async def test_schema_version_and_application_id(db: Database) -> None:
-    assert await db.schema_version() == SCHEMA_VERSION
-    assert fetch(db.path, "PRAGMA user_version")[0][0] == SCHEMA_VERSION
-    assert fetch(db.path, "PRAGMA application_id")[0][0] == APPLICATION_ID
-    tables = {r[0] for r in fetch(db.path, "SELECT name FROM sqlite_master WHERE type='table'")}
+def test_placeholders_are_numbered_for_postgresql_outside_literals_only() -> None:
+    assert _numbered("UPDATE t SET a = ?, b = 'x' WHERE id IN (?, ?)") == (
+        "UPDATE t SET a = $1, b = 'x' WHERE id IN ($2, $3)"
+    )
+    with pytest.raises(ValueError, match="inside a string literal"):
+        _numbered("SELECT id FROM t WHERE name = 'why?' AND id = ?")
+
+
+async def test_schema_version_and_tables(db: Database, peek: Peek) -> None:
+    assert await db.schema_version() == SCHEMA_VERSION == peek.schema_version()
+    tables = peek.tables()
     assert {"tg_media", "downloads", "download_gids", "uploads", "status_history"} <= tables
     assert "config_settings" in tables
 
 
-async def test_reopening_a_migrated_file_is_a_no_op(tmp_path: Path) -> None:
-    path = tmp_path / "m.db"
-    async with Database(path) as first:
+async def test_foreign_keys_are_enforced(db: Database, store_backend: StoreBackend) -> None:
+    with pytest.raises(store_backend.foreign_key_violation):
+        await db.create_upload(9999, "cloud", None, 3)
+
+
+async def test_sqlite_file_pragmas_wal_foreign_keys_busy_timeout(sqlite_db: Database) -> None:
+    assert fetch(sqlite_db.path, "PRAGMA journal_mode")[0][0] == "wal"
+    backend = sqlite_db._backend
+    assert isinstance(backend, _SQLiteBackend) and backend.writer is not None
+    for conn in (backend.writer, backend.reads().conn):  # type: ignore[attr-defined]
+        foreign_keys = next(iter(await conn.execute_fetchall("PRAGMA foreign_keys")))
+        busy_timeout = next(iter(await conn.execute_fetchall("PRAGMA busy_timeout")))
+        assert foreign_keys[0] == 1
+        assert busy_timeout[0] >= 1000
+
+
+async def test_sqlite_file_user_version_and_application_id(sqlite_db: Database) -> None:
+    assert fetch(sqlite_db.path, "PRAGMA user_version")[0][0] == SCHEMA_VERSION
+    assert fetch(sqlite_db.path, "PRAGMA application_id")[0][0] == APPLICATION_ID
+
+
+async def test_reopening_a_migrated_database_is_a_no_op(
+    store_backend: StoreBackend, peek: Peek
+) -> None:
+    async with store_backend.database() as first:
         download_id = await new_http(first, "http://h/a")
-    schema_before = fetch(path, "SELECT type, name, sql FROM sqlite_master ORDER BY name")
-    history_before = fetch(path, "SELECT * FROM status_history")
-    async with Database(path) as second:
+    schema_before = peek.schema()
+    history_before = peek.history()
+    async with store_backend.database() as second:
         assert await second.schema_version() == SCHEMA_VERSION
         row = await second.get_download_by_id(download_id)
         assert row is not None and row.source_key == "http://h/a"
-    assert fetch(path, "SELECT type, name, sql FROM sqlite_master ORDER BY name") == schema_before
-    assert fetch(path, "SELECT * FROM status_history") == history_before
-    assert fetch(path, "PRAGMA user_version")[0][0] == SCHEMA_VERSION
+    assert peek.schema() == schema_before
+    assert peek.history() == history_before
+    assert peek.schema_version() == SCHEMA_VERSION
 
 
-async def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "m.db"
-    async with Database(path):
+async def test_newer_schema_version_is_refused(store_backend: StoreBackend, peek: Peek) -> None:
+    async with store_backend.database():
         pass
-    with raw(path) as conn:
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    database = Database(path)
+    peek.set_schema_version(SCHEMA_VERSION + 1)
+    database = store_backend.database()
     try:
         with pytest.raises(StoreError, match="newer"):
             await database.open()
     finally:
         await database.close()
-    assert fetch(path, "PRAGMA user_version")[0][0] == SCHEMA_VERSION + 1
+    assert peek.schema_version() == SCHEMA_VERSION + 1
 
 
-def make_v1_database(path: Path) -> None:
-    """A schema 1 file as that MistRelay left it: one upload waiting for an automatic retry
-    (`failed` with next_attempt_at), one failed for good, one running."""
+async def make_old_database(backend: StoreBackend, version: int) -> None:
+    """A database at schema `version` (1 or 2) holding what MistRelay 1 left: one upload waiting
+    for an automatic retry (`failed` with next_attempt_at), one failed for good, one running,
+    and a download's gids learnt in an order that is not the alphabet's."""
     stamp = "2026-01-01T00:00:00.000+00:00"
-    with raw(path) as conn:
-        conn.executescript(_MIGRATIONS[1])
-        conn.execute("PRAGMA user_version = 1")
-        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        conn.execute(
-            "INSERT INTO downloads (id, source_type, source_key, status, group_key, created_at,"
-            " updated_at) VALUES (1, 'http', 'http://h/a', 'completed', 'g', ?, ?)",
-            (stamp, stamp),
-        )
-        conn.executemany(
-            "INSERT INTO uploads (id, download_id, upload_target, target_type, status,"
-            " retry_count, failure_reason, error_message, next_attempt_at, created_at, updated_at)"
-            " VALUES (?, 1, ?, 'rclone', ?, ?, 'network', 'timeout', ?, ?, ?)",
-            [
-                (1, "waits", "failed", 1, "2026-01-01T00:00:08.000+00:00", stamp, stamp),
-                (2, "final", "failed", 3, None, stamp, stamp),
-                (3, "runs", "uploading", 0, None, stamp, stamp),
-            ],
-        )
-        conn.execute(
-            "INSERT INTO status_history (entity, entity_id, from_status, to_status, reason, at)"
-            " VALUES ('upload', 1, 'uploading', 'failed', 'network', ?)",
-            (stamp,),
-        )
-        conn.commit()
-    assert inspect_database_file(path) == 1
+    old = await backend.database()._open(1)
+    try:
+        async with old._write() as tx:
+            await tx.execute(
+                "INSERT INTO downloads (source_type, source_key, status, group_key, created_at,"
+                " updated_at) VALUES ('http', 'http://h/a', 'completed', 'g', ?, ?)",
+                (stamp, stamp),
+            )
+            await tx.executemany(
+                "INSERT INTO download_gids (gid, download_id, reason, created_at)"
+                " VALUES (?, 1, 'added', ?)",
+                [(gid, stamp) for gid in ("zz-first", "mm-second", "aa-third")],
+            )
+            await tx.executemany(
+                "INSERT INTO uploads (download_id, upload_target, target_type, status,"
+                " retry_count, failure_reason, error_message, next_attempt_at, created_at,"
+                " updated_at) VALUES (1, ?, 'rclone', ?, ?, 'network', 'timeout', ?, ?, ?)",
+                [
+                    ("waits", "failed", 1, "2026-01-01T00:00:08.000+00:00", stamp, stamp),
+                    ("final", "failed", 3, None, stamp, stamp),
+                    ("runs", "uploading", 0, None, stamp, stamp),
+                ],
+            )
+            await tx.execute(
+                "INSERT INTO status_history (entity, entity_id, from_status, to_status, reason, at)"
+                " VALUES ('upload', 1, 'uploading', 'failed', 'network', ?)",
+                (stamp,),
+            )
+    finally:
+        await old.close()
+    if version > 1:
+        await (await backend.database()._open(version)).close()
+    assert backend.peek.schema_version() == version
 
 
-async def test_schema_2_turns_a_scheduled_retry_of_schema_1_into_a_waiting_pending_row(
-    tmp_path: Path,
+@pytest.mark.parametrize("version", [1, 2])
+async def test_a_released_schema_is_migrated_forward_with_its_data(
+    store_backend: StoreBackend, peek: Peek, version: int
 ) -> None:
-    path = tmp_path / "v1.db"
-    make_v1_database(path)
-    untouched = fetch(path, "SELECT * FROM uploads WHERE id IN (2, 3) ORDER BY id")
-    async with Database(path) as db:
-        assert await db.schema_version() == SCHEMA_VERSION == 2
+    await make_old_database(store_backend, version)
+    untouched = peek.fetch("SELECT * FROM uploads WHERE id IN (2, 3) ORDER BY id")
+    async with store_backend.database() as db:
+        assert await db.schema_version() == SCHEMA_VERSION == 3
         waiting = await db.get_upload_by_id(1)
         assert waiting is not None
         assert (waiting.status, waiting.next_attempt_at, waiting.retry_count) == (
@@ -294,37 +326,47 @@ async def test_schema_2_turns_a_scheduled_retry_of_schema_1_into_a_waiting_pendi
         # What the migration moved is an ordinary waiting retry now.
         await db.mark_upload_started(1, 100)
         assert await db.schedule_upload_retry(1, "network", "again", None, "2030-01-01T00:00Z") == 2
-    assert fetch(path, "SELECT * FROM uploads WHERE id IN (2, 3) ORDER BY id") == untouched
-    assert fetch(path, "PRAGMA user_version")[0][0] == SCHEMA_VERSION
+        # Schema 3 numbered the gids in the order they were learnt; new ones follow.
+        assert await db.get_gids(1) == ["zz-first", "mm-second", "aa-third"]
+        async with db._write() as tx:
+            await tx.set_gid(1, "bb-fourth", "test")
+        assert await db.get_gids(1) == ["zz-first", "mm-second", "aa-third", "bb-fourth"]
+        assert await db.get_download_id_by_gid("mm-second") == 1
+    assert peek.fetch("SELECT * FROM uploads WHERE id IN (2, 3) ORDER BY id") == untouched
+    assert peek.schema_version() == SCHEMA_VERSION
 
 
-def make_foreign_db(path: Path, user_version: int) -> None:
-    with raw(path) as conn:
-        conn.execute("CREATE TABLE notes (body TEXT)")
-        conn.execute("INSERT INTO notes VALUES ('keep me')")
-        conn.execute(f"PRAGMA user_version = {user_version}")
-        conn.commit()
+def make_foreign_database(backend: StoreBackend) -> None:
+    backend.peek.execute("CREATE TABLE notes (body TEXT)")
+    backend.peek.execute("INSERT INTO notes VALUES ('keep me')")
+    if backend.name == "sqlite":
+        backend.peek.execute("PRAGMA user_version = 1")
 
 
-async def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "other.db"
-    make_foreign_db(path, 1)
-    database = Database(path)
+async def test_foreign_database_is_refused_and_left_untouched(
+    store_backend: StoreBackend, peek: Peek
+) -> None:
+    make_foreign_database(store_backend)
+    schema_before = peek.schema()
+    database = store_backend.database()
     try:
         with pytest.raises(StoreError, match="not a MistRelay database"):
             await database.open()
     finally:
         await database.close()
-    assert fetch(path, "SELECT body FROM notes") == [("keep me",)]
-    names = {r[0] for r in fetch(path, "SELECT name FROM sqlite_master")}
-    assert "downloads" not in names
+    assert peek.fetch("SELECT body FROM notes") == [("keep me",)]
+    assert peek.tables() == {"notes"}
+    assert peek.schema() == schema_before
 
 
-async def test_foreign_sqlite_file_with_high_user_version_is_called_foreign(
+async def test_sqlite_file_foreign_with_high_user_version_is_called_foreign(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "other.db"
-    make_foreign_db(path, 7)
+    with raw(path) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.execute("PRAGMA user_version = 7")
+        conn.commit()
     database = Database(path)
     try:
         with pytest.raises(StoreError, match="not a MistRelay database"):
@@ -333,9 +375,12 @@ async def test_foreign_sqlite_file_with_high_user_version_is_called_foreign(
         await database.close()
 
 
-async def test_refused_foreign_file_is_left_unmodified(tmp_path: Path) -> None:
+async def test_sqlite_file_refused_foreign_file_keeps_its_journal_mode(tmp_path: Path) -> None:
     path = tmp_path / "other.db"
-    make_foreign_db(path, 1)
+    with raw(path) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.execute("PRAGMA user_version = 1")
+        conn.commit()
     header_before = path.read_bytes()[:100]
     database = Database(path)
     try:
@@ -347,20 +392,144 @@ async def test_refused_foreign_file_is_left_unmodified(tmp_path: Path) -> None:
     assert path.read_bytes()[18:20] == header_before[18:20]
 
 
-async def test_refused_open_releases_its_connection(tmp_path: Path) -> None:
-    path = tmp_path / "other.db"
-    make_foreign_db(path, 1)
+async def test_refused_open_releases_its_connections(
+    store_backend: StoreBackend, peek: Peek
+) -> None:
+    make_foreign_database(store_backend)
     before = set(threading.enumerate())
-    database = Database(path)
+    database = store_backend.database()
     try:
         with pytest.raises(StoreError):
             await database.open()
-        started = set(threading.enumerate()) - before
-        for thread in started:
-            await asyncio.to_thread(thread.join, 2)
-        assert not [t for t in started if t.is_alive()]
+        if store_backend.name == "sqlite":
+            started = set(threading.enumerate()) - before
+            for thread in started:
+                await asyncio.to_thread(thread.join, 2)
+            assert not [t for t in started if t.is_alive()]
+        else:
+            others = peek.fetch(
+                "SELECT COUNT(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            assert others == [(0,)]
     finally:
         await database.close()
+
+
+# --- opening the configured store --------------------------------------------------------------
+
+SECRET = "s3cr3t-Pa55"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def logged_lines() -> tuple[list[str], int]:
+    lines: list[str] = []
+    return lines, logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{message}")
+
+
+async def test_open_store_picks_the_backend_and_never_shows_the_password(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path
+) -> None:
+    database_name = postgres_url.rsplit("/", 1)[1]
+    shown = (
+        f"postgresql://postgres:***@{postgres_server.host}:{postgres_server.port}/{database_name}"
+    )
+    with_password = shown.replace("***", SECRET)  # the test server trusts loopback: any works
+    lines, sink = logged_lines()
+    try:
+        store = await open_store(DatabaseConfig(url=with_password), EventHub())
+        try:
+            assert isinstance(store, Database)
+            download_id = await new_http(store, "http://h/a")
+            assert (await store.get_download_by_id(download_id)) is not None
+            with pytest.raises(StoreError, match="not a file"):
+                await store.backup(tmp_path / "copy.db")
+        finally:
+            await store.close()
+        assert await inspect_store(DatabaseConfig(url=with_password)) == SCHEMA_VERSION
+        sqlite = await open_store(DatabaseConfig(path=tmp_path / "data" / "m.db"))
+        try:
+            assert isinstance(sqlite, Database) and sqlite.path == tmp_path / "data" / "m.db"
+        finally:
+            await sqlite.close()
+    finally:
+        logger.remove(sink)
+    assert any(f"database {shown} migrated to schema version" in line for line in lines), lines
+    assert not any(SECRET in line for line in lines)
+
+
+async def test_an_empty_postgresql_database_is_not_yet_a_store(postgres_url: str) -> None:
+    with pytest.raises(StoreError, match="holds no MistRelay database yet"):
+        await inspect_store(DatabaseConfig(url=postgres_url))
+
+
+async def test_unreachable_postgresql_is_one_line_without_the_password() -> None:
+    port = free_port("127.0.0.1")  # nothing listens there
+    config = DatabaseConfig(url=f"postgresql://relay:{SECRET}@127.0.0.1:{port}/mistrelay")
+    for attempt in (open_store(config), inspect_store(config)):
+        with pytest.raises(StoreUnavailable) as caught:
+            await attempt
+        message = str(caught.value)
+        assert message.startswith(
+            f"database.url postgresql://relay:***@127.0.0.1:{port}/mistrelay: cannot connect: "
+        ), message
+        assert SECRET not in message and "\n" not in message
+        assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert SECRET not in repr(PostgresLocation(config.postgres_dsn, config.redacted_url))
+
+
+async def test_check_command_reads_a_postgresql_store(
+    postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    defaults = Config()
+    config = replace(
+        defaults,
+        database=DatabaseConfig(path=tmp_path / "data" / "m.db", url=postgres_url),
+        aria2=replace(defaults.aria2, download_dir=tmp_path / "downloads"),
+    )
+    assert await check_command(config, fix=False) == 2
+    assert "holds no MistRelay database yet" in capsys.readouterr().out
+    await (await open_store(config.database)).close()
+    assert await check_command(config, fix=False) == 0
+    printed = capsys.readouterr().out
+    assert "aria2: not reachable" in printed and "No mismatches" in printed
+
+
+async def test_the_service_stops_with_one_line_when_postgresql_is_unreachable(
+    tmp_path: Path,
+) -> None:
+    port = free_port("127.0.0.1")  # nothing listens there
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "database:\n"
+        f"  path: {tmp_path / 'data' / 'mistrelay.db'}\n"
+        f"  url: postgresql://relay:{SECRET}@127.0.0.1:{port}/mistrelay\n"
+        "aria2:\n"
+        f"  download_dir: {tmp_path / 'downloads'}\n"
+        "web:\n"
+        "  host: 127.0.0.1\n"
+        f"  port: {free_port('127.0.0.1')}\n",
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MISTRELAY_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(PROJECT_ROOT / "app.py"),
+        "--config",
+        str(config),
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    output = (stdout + stderr).decode(errors="replace")
+    assert process.returncode == 2, output
+    errors = [line for line in output.splitlines() if "| ERROR" in line]
+    assert len(errors) == 1, output
+    assert f"database.url postgresql://relay:***@127.0.0.1:{port}/mistrelay: cannot" in errors[0]
+    assert "Traceback" not in output and SECRET not in output
 
 
 # --- the seed functions ------------------------------------------------------------------------
@@ -407,10 +576,10 @@ def test_seed_function_exists(name: str) -> None:
     assert inspect.iscoroutinefunction(function), f"Database.{name} is not async"
 
 
-async def test_save_tg_media_inserts_then_updates(db: Database) -> None:
+async def test_save_tg_media_inserts_then_updates(db: Database, peek: Peek) -> None:
     assert await db.save_tg_media(media("U1", caption="first")) == "U1"
     assert await db.save_tg_media(media("U1", caption="second")) == "U1"
-    assert table_count(db, "tg_media") == 1
+    assert peek.count("tg_media") == 1
     stored = await db.get_tg_media("U1")
     assert stored is not None and stored.caption == "second" and stored.file_id == "file-U1"
     assert await db.get_tg_media("nope") is None
@@ -447,9 +616,11 @@ async def test_create_download_with_media_writes_both_rows(db: Database) -> None
     assert await db.get_tg_media("U1") == media("U1")
 
 
-async def test_create_download_failure_leaves_neither_row(db: Database) -> None:
+async def test_create_download_failure_leaves_neither_row(
+    db: Database, store_backend: StoreBackend, peek: Peek
+) -> None:
     class SlipsPastTheCheck(str):
-        """Compares equal to every known source type, but SQLite stores its real text."""
+        """Compares equal to every known source type, but the database stores its real text."""
 
         def __eq__(self, other: object) -> bool:
             return True
@@ -461,20 +632,20 @@ async def test_create_download_failure_leaves_neither_row(db: Database) -> None:
         source_key="tg:U1",
         file_unique_id="U1",
     )
-    history_before = history_rows(db)
-    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+    history_before = peek.history()
+    with pytest.raises(store_backend.check_violation, match=r"(?i)check"):
         await db.create_download(invalid, media("U1"))
-    assert table_count(db, "downloads") == 0
-    assert table_count(db, "tg_media") == 0
-    assert history_rows(db) == history_before
+    assert peek.count("downloads") == 0
+    assert peek.count("tg_media") == 0
+    assert peek.history() == history_before
 
 
-async def test_duplicate_create_download_leaves_neither_row(db: Database) -> None:
+async def test_duplicate_create_download_leaves_neither_row(db: Database, peek: Peek) -> None:
     first = await db.create_download(
         NewDownload(source_type="telegram", source_key="tg:same", file_unique_id="U1"),
         media("U1", caption="original"),
     )
-    history_before = history_rows(db)
+    history_before = peek.history()
     with pytest.raises(DuplicateDownload) as caught:
         await db.create_download(
             NewDownload(source_type="telegram", source_key="tg:same", file_unique_id="U2"),
@@ -486,15 +657,15 @@ async def test_duplicate_create_download_leaves_neither_row(db: Database) -> Non
             NewDownload(source_type="telegram", source_key="tg:same", file_unique_id="U1"),
             media("U1", caption="changed"),
         )
-    assert table_count(db, "downloads") == 1
+    assert peek.count("downloads") == 1
     assert await db.get_tg_media("U2") is None
     stored = await db.get_tg_media("U1")
     assert stored is not None and stored.caption == "original"
-    assert history_rows(db) == history_before
+    assert peek.history() == history_before
 
 
 @pytest.mark.parametrize("active", ["pending", "waiting", "downloading", "paused"])
-async def test_duplicate_refused_while_active(db: Database, active: str) -> None:
+async def test_duplicate_refused_while_active(db: Database, active: str, peek: Peek) -> None:
     download_id = await new_http(db, "http://h/a")
     if active != "pending":
         await db.mark_download_queued_by_id(download_id, "g1")
@@ -507,7 +678,7 @@ async def test_duplicate_refused_while_active(db: Database, active: str) -> None
         await new_http(db, "http://h/a")
     assert caught.value.existing_id == download_id
     assert caught.value.source_key == "http://h/a"
-    assert table_count(db, "downloads") == 1
+    assert peek.count("downloads") == 1
 
 
 @pytest.mark.parametrize("final", ["completed", "failed", "cancelled"])
@@ -525,15 +696,15 @@ async def test_new_row_allowed_once_old_one_is_final(db: Database, final: str) -
     assert (await db.get_download_by_id(download_id)).status == final  # type: ignore[union-attr]
 
 
-async def test_retry_while_same_source_is_active_raises_duplicate(db: Database) -> None:
+async def test_retry_while_same_source_is_active_raises_duplicate(db: Database, peek: Peek) -> None:
     old = await new_http(db, "http://h/a")
     await db.mark_download_failed_by_id(old, "boom")
     newer = await new_http(db, "http://h/a")
-    row_before = download_row(db, old)
+    row_before = peek.row("downloads", old)
     with pytest.raises(DuplicateDownload) as caught:
         await db.reset_download_for_retry(old)
     assert caught.value.existing_id == newer
-    assert download_row(db, old) == row_before
+    assert peek.row("downloads", old) == row_before
 
 
 async def test_gid_history_every_gid_finds_the_row(db: Database) -> None:
@@ -570,16 +741,16 @@ async def test_gid_history_every_gid_finds_the_row(db: Database) -> None:
     assert current is not None and current.gid == "third-gid" and current.status == "waiting"
 
 
-async def test_a_gid_cannot_belong_to_two_downloads(db: Database) -> None:
+async def test_a_gid_cannot_belong_to_two_downloads(db: Database, peek: Peek) -> None:
     first = await new_http(db, "http://h/a")
     second = await new_http(db, "http://h/b")
     await db.mark_download_queued_by_id(first, "shared")
-    row_before = download_row(db, second)
-    history_before = history_rows(db)
+    row_before = peek.row("downloads", second)
+    history_before = peek.history()
     with pytest.raises(StoreError):
         await db.mark_download_queued_by_id(second, "shared")
-    assert download_row(db, second) == row_before
-    assert history_rows(db) == history_before
+    assert peek.row("downloads", second) == row_before
+    assert peek.history() == history_before
     assert await db.get_download_id_by_gid("shared") == first
     third = await new_http(db, "http://h/c")
     await db.mark_download_queued_by_id(third, "g3")
@@ -595,34 +766,34 @@ async def test_a_gid_cannot_belong_to_two_downloads(db: Database) -> None:
 class CommitCheckingHub(EventHub):
     """Records, at each publish, whether another connection already sees the published values."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, peek: Peek) -> None:
         super().__init__()
-        self.path = path
+        self.peek = peek
         self.visible: list[bool] = []
-        self._conn: sqlite3.Connection | None = None
 
     def publish_many(self, items: Iterable[tuple[EventKind, EventData, int | None]]) -> None:
         batch = list(items)
-        for _kind, data, item_id in batch:
-            if isinstance(data, DownloadSnapshot) and item_id is not None:
-                if self._conn is None:
-                    self._conn = sqlite3.connect(self.path)
-                row = self._conn.execute(
-                    "SELECT completed_length FROM downloads WHERE id = ?", (item_id,)
-                ).fetchone()
-                self.visible.append(row is not None and row[0] == data.row.completed_length)
+        published = {
+            item_id: data.row.completed_length
+            for _kind, data, item_id in batch
+            if isinstance(data, DownloadSnapshot) and item_id is not None
+        }
+        if published:
+            marks = ", ".join("?" for _ in published)
+            seen: dict[int, int] = dict(
+                self.peek.fetch(
+                    f"SELECT id, completed_length FROM downloads WHERE id IN ({marks})",
+                    tuple(published),
+                )
+            )
+            self.visible += [seen.get(i) == length for i, length in published.items()]
         super().publish_many(batch)
 
-    def close_reader(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
 
-
-async def test_update_progress_batch_1000_rows(tmp_path: Path) -> None:
-    path = tmp_path / "m.db"
-    hub = CommitCheckingHub(path)
+async def test_update_progress_batch_1000_rows(store_backend: StoreBackend, peek: Peek) -> None:
+    hub = CommitCheckingHub(peek)
     try:
-        async with Database(path, hub=hub) as db:
+        async with store_backend.database(hub) as db:
             await seed_active_downloads(db, 1000)
             # rows in final states and unknown gids are ignored
             async with db._write() as tx:
@@ -631,7 +802,7 @@ async def test_update_progress_batch_1000_rows(tmp_path: Path) -> None:
                     " WHERE gid IN ('gid-0000', 'gid-0001')"
                 )
                 await tx.execute("UPDATE downloads SET status = 'failed' WHERE gid = 'gid-0002'")
-            final_before = fetch(path, "SELECT * FROM downloads WHERE id <= 3 ORDER BY id")
+            final_before = peek.fetch("SELECT * FROM downloads WHERE id <= 3 ORDER BY id")
             with_uploads = await db.get_download_id_by_gid("gid-0007")
             assert with_uploads is not None
             upload_ids = [
@@ -650,7 +821,7 @@ async def test_update_progress_batch_1000_rows(tmp_path: Path) -> None:
             assert len({e.item_id for e in events}) == 997
             assert 1 not in {e.item_id for e in events}
             assert len(hub.visible) == 997 and all(hub.visible)
-            assert fetch(path, "SELECT * FROM downloads WHERE id <= 3 ORDER BY id") == final_before
+            assert peek.fetch("SELECT * FROM downloads WHERE id <= 3 ORDER BY id") == final_before
             row = await db.get_download_by_gid("gid-0999")
             assert row is not None
             assert (row.completed_length, row.total_length, row.download_speed) == (
@@ -677,7 +848,6 @@ async def test_update_progress_batch_1000_rows(tmp_path: Path) -> None:
             assert [e.item_id for e in await drain(subscription)] == [moved]
             assert await db.update_progress_batch([]) == 0
     finally:
-        hub.close_reader()
         await hub.close()
 
 
@@ -694,6 +864,44 @@ async def test_update_download_progress_single_row(db: Database) -> None:
 
 
 # --- download transitions ----------------------------------------------------------------------
+
+
+async def test_a_status_another_process_changes_meanwhile_is_not_overwritten(
+    db: Database, store_backend: StoreBackend, peek: Peek
+) -> None:
+    """Another process moves the row while the store's transition waits for it. PostgreSQL: the
+    store read `pending` before, its compare-and-set then finds `waiting` and changes nothing;
+    SQLite: the store waits for the file before reading. Either way the history stays one chain
+    that ends at the row's status."""
+    download_id = await new_http(db, "http://h/a")
+    begin = "BEGIN IMMEDIATE" if store_backend.name == "sqlite" else "BEGIN"
+    for statement, params in (
+        (begin, ()),
+        ("UPDATE downloads SET status = 'waiting' WHERE id = ?", (download_id,)),
+        (
+            "INSERT INTO status_history (entity, entity_id, from_status, to_status, reason, at)"
+            " VALUES ('download', ?, 'pending', 'waiting', 'other process', ?)",
+            (download_id, "2026-01-01T00:00:00.000+00:00"),
+        ),
+    ):
+        await asyncio.to_thread(peek.execute, statement, params)
+    cancel = asyncio.create_task(db.mark_download_cancelled_by_id(download_id, "race"))
+    await asyncio.sleep(0.5)
+    assert not cancel.done()  # waiting for the other transaction
+    await asyncio.to_thread(peek.execute, "COMMIT")
+    if store_backend.name == "postgresql":
+        with pytest.raises(TransitionError):
+            await cancel
+    else:
+        await cancel
+    row = await db.get_download_by_id(download_id)
+    assert row is not None
+    steps = [(h.from_status, h.to_status) for h in history_rows_of(peek, download_id)]
+    assert steps[0] == (None, "pending")
+    for (_, reached), (left, _) in itertools.pairwise(steps):
+        assert reached == left, steps
+    assert steps[-1][1] == row.status
+    assert row.status == ("waiting" if store_backend.name == "postgresql" else "cancelled")
 
 
 async def test_mark_download_completed_from_downloading(db: Database, hub: EventHub) -> None:
@@ -758,12 +966,12 @@ async def put_download_in(db: Database, status: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize(("current", "target"), FORBIDDEN_DOWNLOAD_STEPS)
 async def test_forbidden_download_transition_writes_nothing(
-    db: Database, hub: EventHub, current: str, target: str
+    db: Database, hub: EventHub, current: str, target: str, peek: Peek
 ) -> None:
     assert target not in DOWNLOAD_TRANSITIONS[current]
     download_id, gid = await put_download_in(db, current)
-    row_before = download_row(db, download_id)
-    history_before = history_rows(db)
+    row_before = peek.row("downloads", download_id)
+    history_before = peek.history()
     subscription = hub.subscribe("t")
     calls = {
         "completed": lambda: db.mark_download_completed(gid, "/elsewhere", 99),
@@ -775,31 +983,31 @@ async def test_forbidden_download_transition_writes_nothing(
     with pytest.raises(TransitionError) as caught:
         await calls[target]()
     assert (caught.value.current, caught.value.target) == (current, target)
-    assert download_row(db, download_id) == row_before
-    assert history_rows(db) == history_before
+    assert peek.row("downloads", download_id) == row_before
+    assert peek.history() == history_before
     assert await drain(subscription) == []
 
 
-async def test_repeating_current_status_is_a_no_op(db: Database) -> None:
+async def test_repeating_current_status_is_a_no_op(db: Database, peek: Peek) -> None:
     download_id = await new_downloading(db, "http://h/a", "g1")
-    row_before = download_row(db, download_id)
-    history_before = history_rows(db)
+    row_before = peek.row("downloads", download_id)
+    history_before = peek.history()
     assert await db.mark_download_started("g1") == download_id
-    assert download_row(db, download_id) == row_before
-    assert history_rows(db) == history_before
+    assert peek.row("downloads", download_id) == row_before
+    assert peek.history() == history_before
     await db.mark_download_paused("g1")
-    paused_before = download_row(db, download_id)
-    history_before = history_rows(db)
+    paused_before = peek.row("downloads", download_id)
+    history_before = peek.history()
     await db.mark_download_paused("g1")
-    assert download_row(db, download_id) == paused_before
-    assert history_rows(db) == history_before
+    assert peek.row("downloads", download_id) == paused_before
+    assert peek.history() == history_before
     await db.mark_download_failed("g1", "x")
-    failed_before = download_row(db, download_id)
-    history_before = history_rows(db)
+    failed_before = peek.row("downloads", download_id)
+    history_before = peek.history()
     await db.mark_download_failed("g1", "a different message")
     await db.mark_download_failed_by_id(download_id, "yet another")
-    assert download_row(db, download_id) == failed_before
-    assert history_rows(db) == history_before
+    assert peek.row("downloads", download_id) == failed_before
+    assert peek.history() == history_before
     assert paused_before != failed_before
 
 
@@ -820,7 +1028,9 @@ async def test_status_history_records_from_to_reason_in_utc(db: Database) -> Non
     assert stamps == sorted(stamps)
 
 
-async def test_timestamps_everywhere_are_utc_with_offset(db: Database, download_dir: Path) -> None:
+async def test_timestamps_everywhere_are_utc_with_offset(
+    db: Database, download_dir: Path, peek: Peek
+) -> None:
     await db.create_download(
         NewDownload(source_type="telegram", source_key="tg:U1", file_unique_id="U1"), media("U1")
     )
@@ -849,7 +1059,7 @@ async def test_timestamps_everywhere_are_utc_with_offset(db: Database, download_
     }
     checked = 0
     for table, names in columns.items():
-        for values in fetch(db.path, f"SELECT {', '.join(names)} FROM {table}"):
+        for values in peek.fetch(f"SELECT {', '.join(names)} FROM {table}"):
             for value in values:
                 if value is not None:
                     assert_utc(value)
@@ -871,12 +1081,14 @@ async def completed_download(db: Database, key: str = "http://h/a", gid: str = "
     return download_id
 
 
-async def test_create_upload_is_idempotent_per_download_and_target(db: Database) -> None:
+async def test_create_upload_is_idempotent_per_download_and_target(
+    db: Database, peek: Peek
+) -> None:
     download_id = await new_http(db, "http://h/a")
     first = await db.create_upload(download_id, "cloud", "/r/a", 3)
-    history_before = history_rows(db)
+    history_before = peek.history()
     assert await db.create_upload(download_id, "cloud", "/other", 9) == first
-    assert history_rows(db) == history_before
+    assert peek.history() == history_before
     second = await db.create_upload(download_id, "tg", None, 1, target_type="telegram")
     assert second != first
     uploads = await db.get_uploads_by_download(download_id)
@@ -903,7 +1115,7 @@ async def test_release_waiting_uploads(db: Database, hub: EventHub) -> None:
     assert await db.release_waiting_uploads(download_id) == []
 
 
-async def test_upload_lifecycle_and_completion_needs_verification(db: Database) -> None:
+async def test_upload_lifecycle_and_completion_needs_verification(db: Database, peek: Peek) -> None:
     download_id = await completed_download(db)
     upload_id = await db.create_upload(download_id, "cloud", "/r/a.bin", 3, ready=True)
     await db.mark_upload_started(upload_id, 100)
@@ -915,12 +1127,12 @@ async def test_upload_lifecycle_and_completion_needs_verification(db: Database) 
         40,
         12.5,
     )
-    row_before = upload_row(db, upload_id)
-    history_before = history_rows(db)
+    row_before = peek.row("uploads", upload_id)
+    history_before = peek.history()
     with pytest.raises(StoreError, match="verified"):
         await db.mark_upload_completed(upload_id)
-    assert upload_row(db, upload_id) == row_before
-    assert history_rows(db) == history_before
+    assert peek.row("uploads", upload_id) == row_before
+    assert peek.history() == history_before
     await db.record_upload_verified(upload_id, 100, "deadbeef")
     await db.mark_upload_completed(upload_id, remote_path="/r/final.bin")
     done = await db.get_upload_by_id(upload_id)
@@ -936,7 +1148,7 @@ async def test_upload_lifecycle_and_completion_needs_verification(db: Database) 
 
 
 async def test_a_retriable_failure_waits_as_pending_and_a_final_one_is_failed(
-    db: Database, hub: EventHub
+    db: Database, hub: EventHub, peek: Peek
 ) -> None:
     download_id = await completed_download(db)
     upload_id = await db.create_upload(download_id, "cloud", None, 3, ready=True)
@@ -965,10 +1177,10 @@ async def test_a_retriable_failure_waits_as_pending_and_a_final_one_is_failed(
         assert (step.from_status, step.to_status) == ("uploading", "pending")
         assert step.reason == "network"
         # Only a running upload can be put back to wait: nothing changes otherwise.
-        row_before, history_before = upload_row(db, upload_id), history_rows(db)
+        row_before, history_before = peek.row("uploads", upload_id), peek.history()
         with pytest.raises(TransitionError):
             await db.schedule_upload_retry(upload_id, "network", "again", None, due)
-        assert upload_row(db, upload_id) == row_before and history_rows(db) == history_before
+        assert peek.row("uploads", upload_id) == row_before and peek.history() == history_before
     # The last try fails for good: `failed`, and a failed row never has a retry time.
     await db.mark_upload_started(upload_id, 100)
     started = await db.get_upload_by_id(upload_id)
@@ -995,6 +1207,7 @@ async def test_a_retriable_failure_waits_as_pending_and_a_final_one_is_failed(
 
 async def test_a_retry_by_hand_or_a_cancel_ends_the_wait_for_an_automatic_retry(
     db: Database,
+    peek: Peek,
 ) -> None:
     download_id = await completed_download(db)
     a = await db.create_upload(download_id, "cloud", None, 3, ready=True)
@@ -1016,10 +1229,10 @@ async def test_a_retry_by_hand_or_a_cancel_ends_the_wait_for_an_automatic_retry(
     # A pending upload that waits for nothing, or a running one, has nothing to retry.
     await db.mark_upload_started(b, 100)
     for upload_id in (a, b):
-        row_before = upload_row(db, upload_id)
+        row_before = peek.row("uploads", upload_id)
         with pytest.raises(TransitionError):
             await db.reset_upload_for_retry(upload_id)
-        assert upload_row(db, upload_id) == row_before
+        assert peek.row("uploads", upload_id) == row_before
     await db.schedule_upload_retry(b, "network", "timeout", None, "2030-01-01T00:00Z")
     await db.mark_upload_cancelled(b, "cancelled by user")
     cancelled = await db.get_upload_by_id(b)
@@ -1075,7 +1288,7 @@ async def test_mark_upload_cleaned_and_download_cleaned(db: Database, hub: Event
 
 
 async def test_apply_download_changes_checks_each_row_then_writes_through_the_machine(
-    db: Database, hub: EventHub
+    db: Database, hub: EventHub, peek: Peek
 ) -> None:
     late = await new_http(db, "http://h/late")
     await db.mark_download_queued_by_id(late, "g-late")  # waiting, while aria2 finished it
@@ -1088,7 +1301,7 @@ async def test_apply_download_changes_checks_each_row_then_writes_through_the_ma
         for name in ("waiting", "pending", "running")
     ]
     await db.mark_upload_started(running, 100)
-    history_before = len(history_rows(db))
+    history_before = len(peek.history())
     subscription = hub.subscribe("t")
     disk = DownloadChange(
         damaged,
@@ -1139,7 +1352,7 @@ async def test_apply_download_changes_checks_each_row_then_writes_through_the_ma
     )
     assert_utc(finished.started_at)
     assert_utc(finished.completed_at)
-    assert [(h.from_status, h.to_status, h.reason) for h in history_rows_of(db, late)][-2:] == [
+    assert [(h.from_status, h.to_status, h.reason) for h in history_rows_of(peek, late)][-2:] == [
         ("waiting", "downloading", "repair: finished"),
         ("downloading", "completed", "repair: finished"),
     ]
@@ -1152,7 +1365,7 @@ async def test_apply_download_changes_checks_each_row_then_writes_through_the_ma
     statuses = {u.id: u.status for u in await db.get_uploads_by_download(damaged)}
     assert statuses == {waiting: "cancelled", pending: "cancelled", running: "uploading"}
     # 2 steps for `late`, 2 upload cancellations; nothing for the rows left alone
-    assert len(history_rows(db)) == history_before + 4
+    assert len(peek.history()) == history_before + 4
     events = await drain(subscription)
     assert [(e.kind, e.item_id) for e in events] == [
         ("download", late),
@@ -1174,13 +1387,15 @@ async def test_apply_download_changes_checks_each_row_then_writes_through_the_ma
     assert await db.apply_download_changes([]) == []
 
 
-async def test_apply_download_changes_is_one_transaction(db: Database, hub: EventHub) -> None:
+async def test_apply_download_changes_is_one_transaction(
+    db: Database, hub: EventHub, store_backend: StoreBackend, peek: Peek
+) -> None:
     first = await new_downloading(db, "http://h/a", "g1")
     second = await new_downloading(db, "http://h/b", "g2")
-    before = [download_row(db, first), download_row(db, second)]
-    history_before = history_rows(db)
+    before = [peek.row("downloads", first), peek.row("downloads", second)]
+    history_before = peek.history()
     subscription = hub.subscribe("t")
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(store_backend.undefined_column):
         await db.apply_download_changes(
             [
                 DownloadChange(first, "downloading", "g1", "repair", target="paused"),
@@ -1189,8 +1404,8 @@ async def test_apply_download_changes_is_one_transaction(db: Database, hub: Even
                 ),
             ]
         )
-    assert [download_row(db, first), download_row(db, second)] == before
-    assert history_rows(db) == history_before
+    assert [peek.row("downloads", first), peek.row("downloads", second)] == before
+    assert peek.history() == history_before
     assert await drain(subscription) == []
 
 
@@ -1204,18 +1419,18 @@ async def uploading(db: Database) -> int:
     return upload_id
 
 
-async def test_file_present_changes_nothing(db: Database, tmp_path: Path) -> None:
+async def test_file_present_changes_nothing(db: Database, tmp_path: Path, peek: Peek) -> None:
     upload_id = await uploading(db)
     present = tmp_path / "present.bin"
     present.write_bytes(b"x")
-    row_before = upload_row(db, upload_id)
-    history_before = history_rows(db)
+    row_before = peek.row("uploads", upload_id)
+    history_before = peek.history()
     found = await db.check_and_update_download_status_if_file_exists(
         upload_id, present, exists=True
     )
     assert found is True
-    assert upload_row(db, upload_id) == row_before
-    assert history_rows(db) == history_before
+    assert peek.row("uploads", upload_id) == row_before
+    assert peek.history() == history_before
 
 
 async def test_file_gone_and_verified_completes(db: Database, tmp_path: Path) -> None:
@@ -1356,7 +1571,7 @@ async def test_deleted_record_file_never_removed_outside_download_dir(
 
 
 async def test_delete_all_downloads_returns_every_row(
-    db: Database, hub: EventHub, download_dir: Path, tmp_path: Path
+    db: Database, hub: EventHub, download_dir: Path, tmp_path: Path, peek: Peek
 ) -> None:
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"precious")
@@ -1370,7 +1585,7 @@ async def test_delete_all_downloads_returns_every_row(
     subscription = hub.subscribe("t")
     deleted = await db.delete_all_downloads()
     assert [row.id for row in deleted] == [first, second, third]
-    assert table_count(db, "downloads") == 0 and table_count(db, "tg_media") == 0
+    assert peek.count("downloads") == 0 and peek.count("tg_media") == 0
     assert [(e.kind, e.item_id, e.data) for e in await drain(subscription)] == [
         ("download", None, DownloadRemoved(None))
     ]
@@ -1453,6 +1668,11 @@ async def test_fetch_downloads_grouped_album_and_single_jobs(db: Database) -> No
     limited = await db.fetch_downloads_grouped(limit=2)
     assert [[d.id for d in g.downloads] for g in limited] == [album_ids, [middle]]
     assert len(await db.fetch_downloads_grouped(limit=1)) == 1
+    # the 3 newest rows hold only 2 groups: the third is found further down
+    three = await db.fetch_downloads_grouped(limit=3)
+    assert [[d.id for d in g.downloads] for g in three] == [album_ids, [middle], [first]]
+    assert await db.fetch_downloads_grouped(limit=-1) == groups
+    assert await db.fetch_downloads_grouped(limit=0) == []
     await db.mark_download_failed_by_id(first, "x")
     failed_only = await db.fetch_downloads_grouped(limit=10, status="failed")
     assert [[d.id for d in g.downloads] for g in failed_only] == [[first]]
@@ -1508,7 +1728,10 @@ async def test_config_settings(db: Database) -> None:
 # --- backup and concurrency --------------------------------------------------------------------
 
 
-async def test_backup_while_another_coroutine_writes(db: Database, tmp_path: Path) -> None:
+async def test_sqlite_file_backup_while_another_coroutine_writes(
+    sqlite_db: Database, tmp_path: Path
+) -> None:
+    db = sqlite_db
     for index in range(20):
         await new_http(db, f"http://h/before-{index}")
     stop = asyncio.Event()
@@ -1546,56 +1769,76 @@ async def test_backup_while_another_coroutine_writes(db: Database, tmp_path: Pat
         assert row == live[row.id]
 
 
-async def test_write_waits_for_another_process_lock_then_succeeds(db: Database) -> None:
-    locked = threading.Event()
-    committed = threading.Event()
+def hold_write_lock(
+    backend: StoreBackend, locked: threading.Event, seconds: float, committed: threading.Event
+) -> None:
+    """Another process's write transaction, holding for `seconds` the lock that the store's
+    writes need (SQLite: the file's write lock; PostgreSQL: a lock on the downloads table), with
+    a config row of its own committed at the end."""
+    other = (
+        "INSERT INTO config_settings (key, value, updated_at) VALUES"
+        " ('other.process', 'yes', '2026-01-01T00:00:00+00:00')"
+    )
+    if isinstance(backend.location, PostgresLocation):
+        dsn = backend.location.dsn
 
-    def hold_write_lock() -> None:
-        conn = sqlite3.connect(db.path, isolation_level=None, timeout=10)
+        async def hold() -> None:
+            conn = await asyncpg.connect(dsn, timeout=10)
+            try:
+                async with conn.transaction():
+                    await conn.execute("LOCK TABLE downloads IN EXCLUSIVE MODE")
+                    await conn.execute(other)
+                    locked.set()
+                    await asyncio.sleep(seconds)
+            finally:
+                await conn.close()
+
+        asyncio.run(hold())
+    else:
+        conn = sqlite3.connect(backend.location, isolation_level=None, timeout=10)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(
-                "INSERT INTO config_settings (key, value, updated_at) VALUES"
-                " ('other.process', 'yes', '2026-01-01T00:00:00+00:00')"
-            )
+            conn.execute(other)
             locked.set()
-            time.sleep(2)
+            time.sleep(seconds)
             conn.execute("COMMIT")
-            committed.set()
         finally:
             conn.close()
+    committed.set()
 
-    holder = asyncio.create_task(asyncio.to_thread(hold_write_lock))
+
+async def test_write_waits_for_another_process_lock_then_succeeds(
+    db: Database, store_backend: StoreBackend
+) -> None:
+    locked = threading.Event()
+    committed = threading.Event()
+    holder = asyncio.create_task(
+        asyncio.to_thread(hold_write_lock, store_backend, locked, 2, committed)
+    )
     try:
         assert await asyncio.to_thread(locked.wait, 10)
-        # readers are not blocked by the writer in WAL mode
+        # readers are not blocked by the writer (WAL mode; PostgreSQL's snapshots)
         assert await db.get_all_configs() == {}
         assert not committed.is_set()
         started = time.monotonic()
         download_id = await new_http(db, "http://h/after-lock")
         elapsed = time.monotonic() - started
-        assert committed.is_set()
-        assert elapsed < 12
+        # it waited for the other transaction (held 2 s) to commit
+        assert await asyncio.to_thread(committed.wait, 5)
+        assert 1.0 < elapsed < 12
     finally:
         await asyncio.wait_for(holder, 15)
     assert await db.get_config("other.process") == "yes"
     assert (await db.get_download_by_id(download_id)).status == "pending"  # type: ignore[union-attr]
 
 
-async def test_cancelled_write_waiting_for_lock_leaves_store_usable(db: Database) -> None:
+async def test_cancelled_write_waiting_for_lock_leaves_store_usable(
+    db: Database, store_backend: StoreBackend
+) -> None:
     locked = threading.Event()
-
-    def hold_write_lock() -> None:
-        conn = sqlite3.connect(db.path, isolation_level=None, timeout=10)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            locked.set()
-            time.sleep(1.5)
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-
-    holder = asyncio.create_task(asyncio.to_thread(hold_write_lock))
+    holder = asyncio.create_task(
+        asyncio.to_thread(hold_write_lock, store_backend, locked, 1.5, threading.Event())
+    )
     try:
         assert await asyncio.to_thread(locked.wait, 10)
         waiting_write = asyncio.create_task(new_http(db, "http://h/cancelled"))
@@ -1608,3 +1851,17 @@ async def test_cancelled_write_waiting_for_lock_leaves_store_usable(db: Database
     download_id = await asyncio.wait_for(new_http(db, "http://h/next"), 15)
     assert (await db.get_download_by_id(download_id)).status == "pending"  # type: ignore[union-attr]
     assert [r.source_key for r in await db.fetch_recent_downloads()] == ["http://h/next"]
+
+
+async def test_the_store_works_again_once_postgresql_is_back(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    async with Database(PostgresLocation(postgres_url, postgres_url)) as db:
+        before = await new_http(db, "http://h/before")
+        await asyncio.to_thread(postgres_server.stop)
+        with pytest.raises((*DRIVER_ERRORS, OSError)):
+            await new_http(db, "http://h/while-down")
+        await asyncio.to_thread(postgres_server.start)
+        # The pool dropped the connections the server closed and opens new ones.
+        after = await new_http(db, "http://h/after")
+        assert [r.id for r in await db.fetch_recent_downloads()] == [after, before]

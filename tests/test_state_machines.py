@@ -1,7 +1,9 @@
-"""Property tests of both status machines through the store on a real SQLite file, and the
-action tables (what a row offers the page and the bot) held against the machines.
+"""Property tests of both status machines through the store on both backends (a real SQLite
+file, a real PostgreSQL database), and the action tables (what a row offers the page and the
+bot) held against the machines.
 
-Random sequences of target statuses are applied to one fresh row per example. After every step:
+Random sequences of target statuses are applied to one fresh row per example, in one database
+per test. After every step:
 an allowed edge moved the row and added one history row; repeating the status wrote nothing; any
 other target raised TransitionError and left the row and the history byte-for-byte unchanged.
 """
@@ -10,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import sqlite3
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +31,7 @@ from db import (
 )
 from events import EventHub
 from records import NewDownload
+from tests.support.stores import StoreBackend
 
 UNKNOWN_STATUS = "teleported"
 # (a target status, or an index into the allowed next statuses; use the public function if any)
@@ -68,20 +69,18 @@ def resolve(machine: dict[str, frozenset[str]], current: str, choice: str | int)
 
 
 class Harness:
-    """One database file and one event loop for a whole property test."""
+    """One database and one event loop for a whole property test."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, backend: StoreBackend) -> None:
         self.runner = asyncio.Runner()
-        self.path = path
-        self.db: Database = self.runner.run(self._open(path))
-        self.inspector = sqlite3.connect(path)
+        self.db: Database = self.runner.run(self._open(backend))
+        self.inspector = backend.peek
         self.examples = 0
 
-    async def _open(self, path: Path) -> Database:
-        return await Database(path, hub=EventHub()).open()
+    async def _open(self, backend: StoreBackend) -> Database:
+        return await backend.database(EventHub()).open()
 
     def close(self) -> None:
-        self.inspector.close()
         self.runner.run(self.db.close())
         self.runner.close()
 
@@ -98,24 +97,20 @@ class Harness:
         return await self.db.create_upload(download_id, "cloud", None, 3, ready=ready)
 
     def row(self, entity: str, item_id: int) -> tuple[Any, ...]:
-        rows = self.inspector.execute(
-            f"SELECT * FROM {TABLES[entity]} WHERE id = ?", (item_id,)
-        ).fetchall()
-        assert len(rows) == 1
-        return tuple(rows[0])
+        return self.inspector.row(TABLES[entity], item_id)
 
     def status(self, entity: str, item_id: int) -> str:
-        row = self.inspector.execute(
+        [(status,)] = self.inspector.fetch(
             f"SELECT status FROM {TABLES[entity]} WHERE id = ?", (item_id,)
-        ).fetchone()
-        return str(row[0])
+        )
+        return str(status)
 
     def history(self, entity: str, item_id: int) -> list[tuple[Any, ...]]:
-        return self.inspector.execute(
+        return self.inspector.fetch(
             "SELECT id, from_status, to_status, reason, at FROM status_history"
             " WHERE entity = ? AND entity_id = ? ORDER BY id",
             (entity, item_id),
-        ).fetchall()
+        )
 
     def apply(self, entity: str, item_id: int, target: str, public: bool) -> TransitionError | None:
         return self.runner.run(self._apply(entity, item_id, target, public))
@@ -136,8 +131,8 @@ class Harness:
 
 
 @pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    instance = Harness(tmp_path / "machines.db")
+def harness(store_backend: StoreBackend) -> Iterator[Harness]:
+    instance = Harness(store_backend)
     try:
         yield instance
     finally:
