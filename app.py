@@ -4,6 +4,8 @@ python app.py [--config PATH]            run the service (default)
 python app.py [--config PATH] check      compare the database with aria2 and the disk
 python app.py [--config PATH] backup F   consistent online copy of the database
 python app.py [--config PATH] restore F  restore a backup (service stopped)
+python app.py [--config PATH] migrate-store --to URL [--apply]
+                                         copy the SQLite store into an empty PostgreSQL database
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import asyncio
 import fcntl
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -36,14 +39,18 @@ from configer import (
     load_config,
     log_secrets,
     masked_settings,
+    parse_database_url,
 )
 from db import (
     DRIVER_ERRORS,
     SCHEMA_VERSION,
     Store,
     StoreError,
+    StoreMove,
+    TableCount,
     backup_database_file,
     inspect_store,
+    move_store,
     open_store,
     restore_database_file,
 )
@@ -395,6 +402,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     backup.add_argument("path", type=Path)
     restore = sub.add_parser("restore", help="restore a backup (the service must be stopped)")
     restore.add_argument("path", type=Path)
+    move = sub.add_parser(
+        "migrate-store",
+        help="copy the SQLite store into an empty PostgreSQL database (the service stopped)",
+    )
+    move.add_argument(
+        "--to",
+        required=True,
+        metavar="URL",
+        help="postgresql://user@host[:port]/database (a password in it is never shown; "
+        "PGPASSWORD or ~/.pgpass may give it instead)",
+    )
+    move.add_argument(
+        "--apply", action="store_true", help="copy (without it: a dry run that writes nothing)"
+    )
     return parser.parse_args(argv)
 
 
@@ -465,7 +486,16 @@ async def check_command(config: Config, *, fix: bool) -> int:
         await db.close()
 
 
+_PASSWORD_NOTE = "the password comes from PGPASSWORD or ~/.pgpass, not from the command line"
+
+
 def backup_command(config: Config, target: Path) -> int:
+    database = config.database
+    if database.backend == "postgresql":
+        print(f"backup: the store is on PostgreSQL: back it up with pg_dump ({_PASSWORD_NOTE}):")
+        url = shlex.quote(database.client_url)
+        print(f"  pg_dump --format=custom --file={shlex.quote(str(target))} {url}")
+        return 2
     try:
         backup_database_file(config.database.sqlite_path, target)
     except (StoreError, OSError, ValueError) as exc:
@@ -476,6 +506,16 @@ def backup_command(config: Config, target: Path) -> int:
 
 
 def restore_command(config: Config, backup: Path) -> int:
+    database = config.database
+    if database.backend == "postgresql":
+        print(
+            "restore: the store is on PostgreSQL: stop the service, then restore a pg_dump "
+            f"backup with pg_restore ({_PASSWORD_NOTE}):"
+        )
+        url = shlex.quote(database.client_url)
+        options = "--clean --if-exists --no-owner"
+        print(f"  pg_restore {options} --dbname={url} {shlex.quote(str(backup))}")
+        return 2
     lock = InstanceLock(config.data_dir)
     if not lock.acquire():
         logger.error("MistRelay is running on {}: stop it before restoring", config.data_dir)
@@ -491,6 +531,84 @@ def restore_command(config: Config, backup: Path) -> int:
         logger.info("the replaced database was kept as {}", kept)
     logger.info("database restored from {}", backup)
     return 0
+
+
+# What makes `migrate-store` fail with exit code 2 beyond the store's refusals.
+_MOVE_ERRORS: tuple[type[Exception], ...] = (*DRIVER_ERRORS, OSError)
+
+
+async def migrate_store_command(config: Config, to: str, *, apply: bool) -> int:
+    """`python app.py migrate-store --to URL [--apply]`: copy the configured SQLite store into
+    the empty PostgreSQL database `to` names; without `apply`, a dry run that writes nothing.
+
+    Exit code: 0 copied (or, in a dry run, nothing in the way), 2 refused or failed.
+    """
+    source = config.database
+    if source.backend != "sqlite":
+        print(
+            f"migrate-store: the configured store is already on PostgreSQL "
+            f"({source.redacted_url}); it copies a SQLite store"
+        )
+        return 2
+    try:
+        target = replace(source, url=parse_database_url(to, key="--to"))
+    except ConfigError as exc:
+        print(f"migrate-store: {exc}")
+        return 2
+    if target.backend != "postgresql":
+        print("migrate-store: --to: must be postgresql://[user[:password]@]host[:port]/database")
+        return 2
+    lock = InstanceLock(config.data_dir)
+    if not lock.acquire():
+        print(f"migrate-store: MistRelay is running on {config.data_dir}: stop it first")
+        return 2
+    try:
+        move = await move_store(source, target, apply=apply)
+    except StoreError as exc:
+        print(f"migrate-store: {exc}")
+        return 2
+    except _MOVE_ERRORS as exc:
+        problem = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"migrate-store failed, nothing was written to the target: {problem}")
+        return 2
+    finally:
+        lock.release()
+    _print_move(move, applied=apply)
+    if not apply:
+        print("Dry run: nothing was written. Run again with --apply.")
+        return 0
+    print("To run on PostgreSQL from now on, set in the configuration:")
+    print(f"  database.url: {target.redacted_url}")
+    if target.redacted_url != target.client_url:
+        print("Put the password where *** is, or leave ':***' out and give it in PGPASSWORD.")
+    print(f"The SQLite database {source.path} is kept; with database.url set, it is not used.")
+    return 0
+
+
+def _print_move(move: StoreMove, *, applied: bool) -> None:
+    version = move.source_version
+    if version == SCHEMA_VERSION:
+        print(f"Source: {move.source} (schema version {version})")
+    else:
+        done = "migrated" if applied else "--apply migrates it"
+        print(f"Source: {move.source} (schema version {version}; {done} to {SCHEMA_VERSION} first)")
+    state = (
+        "empty" if move.target_version == 0 else f"schema version {move.target_version}, no rows"
+    )
+    print(f"Target: {move.target} ({state})")
+    print("Copied in one transaction; rows and ids verified:" if applied else "Would copy:")
+    width = max(len(count.table) for count in move.tables)
+    for count in move.tables:
+        print(f"  {count.table:<{width}}  {_rows_text(count)}")
+
+
+def _rows_text(count: TableCount) -> str:
+    text = f"{count.rows} row" + ("" if count.rows == 1 else "s")
+    if count.max_id:
+        text += f", ids up to {count.max_id}"
+    if count.last_id:
+        text += f"; new ids from {count.last_id + 1}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -513,6 +631,9 @@ def main(argv: list[str] | None = None) -> int:
         return backup_command(config, args.path)
     if command == "restore":
         return restore_command(config, args.path)
+    if command == "migrate-store":
+        configure_logging("WARNING")
+        return asyncio.run(migrate_store_command(config, args.to, apply=args.apply))
     try:
         asyncio.run(run_service(config))
     except (AlreadyRunning, StoreError) as exc:

@@ -65,6 +65,7 @@ __all__ = [
     "load_config",
     "log_secrets",
     "masked_settings",
+    "parse_database_url",
     "parse_size",
     "set_value_in_file",
 ]
@@ -278,6 +279,12 @@ class DatabaseConfig:
     def redacted_url(self) -> str:
         """The URL with the password shown as ``***``."""
         return self._postgres().text("***") if self.backend == "postgresql" else self.url
+
+    @property
+    def client_url(self) -> str:
+        """The PostgreSQL URL without its password, for a command line of PostgreSQL's own
+        tools (they take the password from PGPASSWORD or ~/.pgpass); ValueError with SQLite."""
+        return self._postgres().text(None)
 
     def _postgres(self) -> _PostgresURL:
         if self.backend != "postgresql":
@@ -565,9 +572,11 @@ class _PostgresURL:
     password: str = field(repr=False)
     params: tuple[tuple[str, str], ...]  # the allowed query parameters, in the given order
 
-    def text(self, password: str, *, with_timeout: bool = True) -> str:
-        """The canonical URL with `password` (already URL-encoded) in the password's place."""
-        auth = quote(self.user, safe="") + (f":{password}" if self.password else "")
+    def text(self, password: str | None, *, with_timeout: bool = True) -> str:
+        """The canonical URL with `password` (already URL-encoded) in the password's place;
+        None leaves the password out."""
+        shown = bool(self.password) and password is not None
+        auth = quote(self.user, safe="") + (f":{password}" if shown else "")
         host = f"[{self.host}]" if ":" in self.host else self.host
         port = f":{self.port}" if self.port else ""
         params = [(k, v) for k, v in self.params if with_timeout or k != "connect_timeout"]
@@ -660,6 +669,16 @@ def _database_url(value: Any, ctx: _Context) -> str:
         server = _postgres_url(text)
         return server.text(quote(server.password, safe=""))
     raise _Invalid(_DATABASE_URL_SHAPE)
+
+
+def parse_database_url(text: str, *, key: str = "database.url") -> str:
+    """`text` checked as ``database.url`` is, in its canonical form (a relative SQLite path taken
+    from the working directory, as in the environment). ConfigError, one line naming `key` and
+    never quoting the text (it may hold a password), when it is not a database URL."""
+    try:
+        return _database_url(text, _Context(Path.cwd(), from_env=True))
+    except _Invalid as exc:
+        raise ConfigError(exc.problem, key=key) from None
 
 
 def _log_level(value: Any, ctx: _Context) -> str:

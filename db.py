@@ -171,6 +171,10 @@ class NotFound(StoreError):
         self.entity, self.key = entity, key
 
 
+class StoreNotEmpty(StoreError):
+    """A database to copy the store into holds rows, or tables that are not the store's."""
+
+
 class DuplicateDownload(StoreError):
     """The same source is already queued or downloading."""
 
@@ -494,6 +498,17 @@ _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     3: _schema_3,
 }
 
+# The tables the steps above make, each with its key, in an order their foreign keys allow
+# filling them: a copy of the store into another database goes in this order.
+_STORE_TABLES: dict[str, str] = {
+    "tg_media": "file_unique_id",
+    "downloads": "id",
+    "download_gids": "id",
+    "uploads": "id",
+    "status_history": "id",
+    "config_settings": "key",
+}
+
 
 # --- the two backends --------------------------------------------------------------------------
 
@@ -590,6 +605,21 @@ class _Backend(Protocol):
     async def set_version(self, sql: _Statements, version: int) -> None: ...
     def is_duplicate_source(self, error: Exception) -> bool:
         """Whether `error` is the one-active-job-per-source index refusing a row."""
+        ...
+
+    async def tables(self, sql: _Statements) -> set[str]:
+        """The tables in the database, the backend's own bookkeeping left out."""
+        ...
+
+    async def columns(self, sql: _Statements, table: str) -> tuple[str, ...]: ...
+
+    async def last_id(self, sql: _Statements, table: str) -> int:
+        """The highest id the numbering of `table` has handed out (0: none yet). Ids of deleted
+        rows count: they are never handed out again."""
+        ...
+
+    async def set_last_id(self, sql: _Statements, table: str, last_id: int) -> None:
+        """Number the next row of `table` after `last_id`."""
         ...
 
 
@@ -692,6 +722,26 @@ class _SQLiteBackend:
     def is_duplicate_source(self, error: Exception) -> bool:
         return isinstance(error, sqlite3.IntegrityError) and "downloads.source_key" in str(error)
 
+    async def tables(self, sql: _Statements) -> set[str]:
+        rows = await sql.fetch_all(
+            "SELECT name FROM sqlite_master"
+            " WHERE type = 'table' AND substr(name, 1, 7) != 'sqlite_'"
+        )
+        return {str(row[0]) for row in rows}
+
+    async def columns(self, sql: _Statements, table: str) -> tuple[str, ...]:
+        rows = await sql.fetch_all("SELECT name FROM pragma_table_info(?) ORDER BY cid", (table,))
+        return tuple(str(row[0]) for row in rows)
+
+    async def last_id(self, sql: _Statements, table: str) -> int:
+        # AUTOINCREMENT keeps the highest id handed out in sqlite_sequence.
+        row = await sql.fetch_one("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,))
+        return int(row[0]) if row else 0
+
+    async def set_last_id(self, sql: _Statements, table: str, last_id: int) -> None:
+        await sql.execute("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
+        await sql.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, last_id))
+
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
     """The pool's reset between two uses of a connection: nothing. The store changes no session
@@ -747,14 +797,14 @@ class _PostgresBackend:
             except TimeoutError:
                 pool.terminate()
 
+    async def _all_tables(self, sql: _Statements) -> set[str]:
+        rows = await sql.fetch_all(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+        )
+        return {str(row["table_name"]) for row in rows}
+
     async def _check_identity(self) -> int:
-        tables = {
-            str(row["table_name"])
-            for row in await self.reads().fetch_all(
-                "SELECT table_name FROM information_schema.tables"
-                " WHERE table_schema = current_schema()"
-            )
-        }
+        tables = await self._all_tables(self.reads())
         if not tables:
             return 0
         if "mistrelay_schema" in tables:
@@ -820,6 +870,30 @@ class _PostgresBackend:
         return (
             isinstance(error, asyncpg.UniqueViolationError)
             and error.constraint_name == "downloads_one_active_per_source"
+        )
+
+    async def tables(self, sql: _Statements) -> set[str]:
+        return await self._all_tables(sql) - {"mistrelay_schema"}
+
+    async def columns(self, sql: _Statements, table: str) -> tuple[str, ...]:
+        rows = await sql.fetch_all(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = ? ORDER BY ordinal_position",
+            (table,),
+        )
+        return tuple(str(row[0]) for row in rows)
+
+    async def last_id(self, sql: _Statements, table: str) -> int:
+        named = await sql.fetch_one("SELECT pg_get_serial_sequence(?, 'id')", (table,))
+        if named is None or named[0] is None:
+            raise StoreError(f"{self.where}: {table} has no numbered id")
+        row = await sql.fetch_one(f"SELECT last_value, is_called FROM {named[0]}")
+        return int(row["last_value"]) if row is not None and row["is_called"] else 0
+
+    async def set_last_id(self, sql: _Statements, table: str, last_id: int) -> None:
+        await sql.execute(
+            "SELECT setval(pg_get_serial_sequence(?, 'id'), ?, ?)",
+            (table, max(last_id, 1), last_id > 0),
         )
 
 
@@ -1102,13 +1176,21 @@ class Database:
 
     async def _open(self, target: int) -> Database:
         """Connect, then migrate to schema `target` (tests build older schemas with it)."""
+        found = await self._connect()
         try:
-            found = await self._backend.connect()
             await self._migrate(found, target)
         except BaseException:
             await self.close()
             raise
         return self
+
+    async def _connect(self) -> int:
+        """Connect without migrating; the schema version found (0: an empty database)."""
+        try:
+            return await self._backend.connect()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         await self._backend.close()
@@ -1124,9 +1206,13 @@ class Database:
             async with self._write() as tx:
                 if await self._backend.locked_version(tx.sql) >= number:
                     continue  # another process migrated meanwhile
-                await _MIGRATIONS[number](tx.sql, self._backend.dialect)
-                await self._backend.set_version(tx.sql, number)
+                await self._step(tx.sql, number)
             logger.info("database {} migrated to schema version {}", self._backend.where, number)
+
+    async def _step(self, sql: _Statements, number: int) -> None:
+        """Schema step `number` and the version it leaves, in the caller's transaction."""
+        await _MIGRATIONS[number](sql, self._backend.dialect)
+        await self._backend.set_version(sql, number)
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[_Tx]:
@@ -2008,6 +2094,50 @@ class Database:
         the service runs); StoreError with PostgreSQL, whose own tools (pg_dump) do that."""
         await asyncio.to_thread(backup_database_file, self.path, target)
 
+    async def table_counts(self) -> tuple[TableCount, ...]:
+        """Every table of the store: its rows and, when numbered, its highest ids."""
+        sql = self._backend.reads()
+        return tuple([await _count(self._backend, sql, table) for table in _STORE_TABLES])
+
+    async def copy_into(self, target: Database) -> tuple[TableCount, ...]:
+        """Copy every row of this store (at the current schema) into `target`, an empty
+        database connected without migrating, in ONE transaction on `target`: its schema
+        brought to the current version by the store's own steps, every table copied with its
+        ids, the numbering moved past the ids handed out here, and each table's rows and ids
+        compared with this store's before COMMIT; what was copied. This store is read in one
+        transaction too, which holds its writers off meanwhile. StoreNotEmpty when `target`
+        holds rows or tables that are not the store's; nothing is written on any error."""
+        async with target._write() as copy, self._write() as read:
+            found = await target._backend.locked_version(copy.sql)
+            for number in range(found + 1, SCHEMA_VERSION + 1):
+                await target._step(copy.sql, number)
+            await _refuse_unless_empty(target._backend, copy.sql)
+            version = await self._backend.locked_version(read.sql)
+            tables = await self._backend.tables(read.sql)
+            if version != SCHEMA_VERSION or tables != set(_STORE_TABLES):
+                raise StoreError(
+                    f"{self._backend.where}: schema version {version} with the tables "
+                    f"{', '.join(sorted(tables))}: not the store this MistRelay copies"
+                )
+            copied: list[TableCount] = []
+            for table, key in _STORE_TABLES.items():
+                columns = await self._backend.columns(read.sql, table)
+                if set(columns) != set(await target._backend.columns(copy.sql, table)):
+                    raise StoreError(f"{table}: the two databases have different columns")
+                expected = await _count(self._backend, read.sql, table)
+                await _copy_rows(read.sql, copy.sql, table, key, columns)
+                if expected.last_id is not None:
+                    await target._backend.set_last_id(copy.sql, table, expected.last_id)
+                found_there = await _count(target._backend, copy.sql, table)
+                if found_there != expected:
+                    raise StoreError(
+                        f"{table}: the copy holds {found_there}, not {expected}; "
+                        "nothing was written"
+                    )
+                copied.append(found_there)
+        logger.info("the store {} was copied into {}", self._backend.where, target._backend.where)
+        return tuple(copied)
+
 
 def _location(config: DatabaseConfig) -> Path | PostgresLocation:
     if config.backend == "sqlite":
@@ -2112,6 +2242,104 @@ def restore_database_file(backup: Path, target: Path) -> Path | None:
         src.close()
     os.replace(partial, target)
     return kept
+
+
+# --- a copy of the store into another database -------------------------------------------------
+
+_COPY_BATCH = 500  # rows read, and written, at a time
+
+
+@dataclass(frozen=True)
+class TableCount:
+    """One table of the store: its rows and, for a table of numbered rows, the highest id in it
+    and the highest id ever handed out (ids of deleted rows are never given again)."""
+
+    table: str
+    rows: int
+    max_id: int | None = None
+    last_id: int | None = None
+
+
+@dataclass(frozen=True)
+class StoreMove:
+    """A copy of one store into another database: planned (a dry run) or done."""
+
+    source: str  # where, as shown: a file, or a URL with its password masked
+    target: str
+    source_version: int  # as found, before any migration
+    target_version: int  # as found: 0 = an empty database
+    tables: tuple[TableCount, ...]  # what would be, or was, copied
+
+
+async def _count(backend: _Backend, sql: _Statements, table: str) -> TableCount:
+    numbered = "id" in await backend.columns(sql, table)
+    row = await sql.fetch_one(f"SELECT COUNT(*), {'MAX(id)' if numbered else 'NULL'} FROM {table}")
+    assert row is not None  # an aggregate always answers
+    if not numbered:
+        return TableCount(table, int(row[0]))
+    max_id = int(row[1] or 0)
+    return TableCount(table, int(row[0]), max_id, max(max_id, await backend.last_id(sql, table)))
+
+
+async def _refuse_unless_empty(backend: _Backend, sql: _Statements) -> None:
+    """StoreNotEmpty when the database holds tables that are not the store's, or rows."""
+    tables = await backend.tables(sql)
+    foreign = sorted(tables - set(_STORE_TABLES))
+    if foreign:
+        raise StoreNotEmpty(
+            f"{backend.where}: holds tables that are not MistRelay's ({', '.join(foreign)}); "
+            "give an empty database"
+        )
+    counts = [await _count(backend, sql, table) for table in _STORE_TABLES if table in tables]
+    filled = [f"{count.table}: {count.rows}" for count in counts if count.rows]
+    if filled:
+        raise StoreNotEmpty(
+            f"{backend.where}: not empty (rows in {', '.join(filled)}); give an empty database"
+        )
+
+
+async def _copy_rows(
+    source: _Statements, target: _Statements, table: str, key: str, columns: Sequence[str]
+) -> None:
+    """Every row of `table`, in the order of its `key`, a batch at a time."""
+    names = ", ".join(columns)
+    insert = f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))})"
+    at = columns.index(key)
+    rows = await source.fetch_all(f"SELECT {names} FROM {table} ORDER BY {key} LIMIT {_COPY_BATCH}")
+    while rows:
+        await target.executemany(insert, [tuple(row) for row in rows])
+        if len(rows) < _COPY_BATCH:
+            return
+        rows = await source.fetch_all(
+            f"SELECT {names} FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT {_COPY_BATCH}",
+            (rows[-1][at],),
+        )
+
+
+async def move_store(source: DatabaseConfig, target: DatabaseConfig, *, apply: bool) -> StoreMove:
+    """Copy the store `source` names into the empty database `target` names (see
+    :meth:`Database.copy_into`), the source migrated first when it is behind. Without `apply`,
+    a dry run: what would be copied, read without writing to either database.
+
+    StoreError (one line, no password) when the source is missing or not a store this MistRelay
+    knows, StoreUnavailable when the target cannot be reached, StoreNotEmpty when it is not
+    empty. The target is checked before the source is touched."""
+    source_version = await inspect_store(source)
+    async with contextlib.AsyncExitStack() as stack:
+        there = Database(_location(target))
+        target_version = await there._connect()
+        stack.push_async_callback(there.close)
+        await _refuse_unless_empty(there._backend, there._backend.reads())
+        here = Database(_location(source))
+        stack.push_async_callback(here.close)
+        if apply:
+            tables = await (await here.open()).copy_into(there)
+        else:
+            await here._connect()
+            tables = await here.table_counts()
+        return StoreMove(
+            here._backend.where, there._backend.where, source_version, target_version, tables
+        )
 
 
 class _Tx:
