@@ -59,6 +59,7 @@ __all__ = [
     "UploadMatch",
     "UploadTarget",
     "WebConfig",
+    "child_environment",
     "default_config",
     "diff_config",
     "ensure_secrets",
@@ -1265,6 +1266,13 @@ def log_secrets(config: Config, secrets: Secrets) -> list[str]:
         password = _postgres_url(config.database.url).password
         values += [password, quote(password, safe="")]  # as it is and as it stands in the URL
     return [value for value in dict.fromkeys(values) if value]
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment for the programs MistRelay runs (aria2c, rclone, ffprobe):
+    without the `MISTRELAY_*` settings, which may carry secrets (a bot token, the database
+    password) that those programs have no use for."""
+    return {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
 
 
 # --- secrets in the data folder -----------------------------------------------------------------

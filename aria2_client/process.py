@@ -24,7 +24,7 @@ from loguru import logger
 
 from aria2_client.client import Aria2Client
 from aria2_client.transport import Aria2RpcError, Aria2Transport, Aria2Unavailable
-from configer import ARIA2_SECRET_FILE, Aria2Config
+from configer import ARIA2_SECRET_FILE, Aria2Config, child_environment
 
 CONF_NAME = "aria2.conf"
 SESSION_NAME = "aria2.session"
@@ -246,6 +246,7 @@ class EmbeddedAria2:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=console,
                 stderr=asyncio.subprocess.STDOUT,
+                env=child_environment(),
                 # Ctrl-C in a terminal signals the whole foreground group: keep aria2c out of it
                 # so that MistRelay saves the session and stops it in order
                 # (--stop-with-process still ends it if MistRelay dies).

@@ -425,8 +425,11 @@ def test_sync_stops_a_job_above_the_size_limit() -> None:
 
 
 async def test_start_stop_hides_secret_and_leaves_no_process(
-    tmp_path: Path, process_reaper: ProcessReaper
+    tmp_path: Path, process_reaper: ProcessReaper, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # MistRelay's own settings may carry secrets; aria2c must not inherit them.
+    monkeypatch.setenv("MISTRELAY_TELEGRAM_BOT_TOKEN", "123456:bot-token-for-environ-check")
+    monkeypatch.setenv("MISTRELAY_DATABASE_URL", "postgresql://u:db-pass-for-environ@h/d")
     embedded = make_test_aria2(tmp_path, secret="s3cret-value-for-cmdline-check")
     await embedded.start()
     pid = embedded.pid
@@ -436,6 +439,11 @@ async def test_start_stop_hides_secret_and_leaves_no_process(
         cmdline = await asyncio.to_thread(Path(f"/proc/{pid}/cmdline").read_bytes)
         assert b"aria2c" in cmdline
         assert b"s3cret-value" not in cmdline
+        environ = await asyncio.to_thread(Path(f"/proc/{pid}/environ").read_bytes)
+        assert b"PATH=" in environ
+        assert b"MISTRELAY_" not in environ
+        assert b"bot-token-for-environ-check" not in environ
+        assert b"db-pass-for-environ" not in environ
         assert stat.S_IMODE(embedded.conf_path.stat().st_mode) == 0o600
         assert "rpc-secret=s3cret-value-for-cmdline-check" in embedded.conf_path.read_text()
         async with Aria2Transport(embedded.rpc_url, embedded.secret) as transport:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from loguru import logger
 
+from configer import child_environment
 from db import Store
 from files import DownloadFiles
 from records import DownloadRow
@@ -96,6 +97,7 @@ async def run_tool(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            env=child_environment(),
         )
     except OSError as exc:
         if executable not in _missing_reported:

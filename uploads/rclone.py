@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from loguru import logger
 
+from configer import child_environment
 from files import discard
 
 if TYPE_CHECKING:
@@ -339,7 +340,8 @@ def _remote_name(remote_path: str) -> str:
 
 
 def _child_env(config_path: Path | None) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key != "AWS_CA_BUNDLE"}
+    env = child_environment()
+    env.pop("AWS_CA_BUNDLE", None)
     if config_path is not None:
         env["RCLONE_CONFIG"] = str(config_path)
     return env
