@@ -123,8 +123,8 @@ _YEAR = 365 * 24 * 3600
 @dataclass(frozen=True)
 class TelegramConfig:
     api_id: int = 0
-    api_hash: str = ""
-    bot_token: str = ""
+    api_hash: str = field(default="", repr=False)  # secrets: never in a repr or a traceback
+    bot_token: str = field(default="", repr=False)
     admins: tuple[int, ...] = ()
     allowed_users: tuple[int, ...] = ()
     parts_in_flight: int = 4  # upload.GetFile parts fetched ahead while streaming
@@ -139,7 +139,7 @@ class TelegramConfig:
 @dataclass(frozen=True)
 class Aria2Config:
     rpc_url: str = ""  # empty = MistRelay runs its own aria2c on loopback
-    rpc_secret: str = ""
+    rpc_secret: str = field(default="", repr=False)
     download_dir: Path = Path("data/downloads")
     max_concurrent_downloads: int = 5
     poll_interval: float = 1.0
@@ -214,7 +214,7 @@ class WebConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     public_url: str = ""  # empty = http://host:port
-    token: str = ""  # empty = generated on first start
+    token: str = field(default="", repr=False)  # empty = generated on first start
     link_expiry: int = 0  # seconds; 0 = stream links never expire
     max_body_size: int = 20 * 1024 * 1024
 

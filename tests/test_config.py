@@ -874,3 +874,19 @@ def test_fuzz_environment(tmp_path: Path, env: dict[str, str]) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("", encoding="utf-8")
     load_or_config_error(path, env)
+
+
+def test_a_config_repr_shows_no_secret(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "telegram: {api_id: 1, api_hash: hash-for-repr-check,"
+        " bot_token: '1:token-for-repr-check'}\n"
+        "web: {token: web-token-for-repr-check}\n"
+        "aria2: {rpc_secret: rpc-secret-for-repr-check}\n"
+    )
+    config = load_config(path, env={})
+    shown = repr(config)
+    assert "TelegramConfig(api_id=1" in shown
+    secrets = ("hash-for-repr-check", "token-for-repr-check", "rpc-secret-for-repr-check")
+    for secret in secrets:
+        assert secret not in shown
