@@ -151,3 +151,33 @@ def test_a_session_writes_the_file(tmp_path: Path) -> None:
     )  # fmt: skip
     assert quiet.returncode == 0, quiet.stdout + quiet.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_only_a_whole_run_rewrites_the_committed_file(tmp_path: Path) -> None:
+    """RELIABILITY.md at the root is the evidence of a whole run: a run of some tests leaves it."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntestpaths = suite\n")
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "test_faults.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.fault('one fault', promise='holds')\n"
+        "def test_one():\n"
+        "    assert True\n"
+        "def test_other():\n"
+        "    assert True\n"
+    )
+    committed = tmp_path / "RELIABILITY.md"
+    committed.write_text("the last whole run\n")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "tests.support.reliability"]
+    base += ["-p", "no:cacheprovider"]
+    for selection in (["suite/test_faults.py"], ["-k", "one"], ["-m", "fault"]):
+        run = subprocess.run(
+            [*base, *selection], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert committed.read_text() == "the last whole run\n", selection
+    whole = subprocess.run(base, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    row = "| one fault | holds | `suite/test_faults.py::test_one` | passed |"
+    assert row in committed.read_text()

@@ -7,9 +7,11 @@ A fault test asks for the `reliability` fixture and records one row per injected
 
 A test may also carry ``@pytest.mark.fault("name", promise="...")``: it then gets a row even when
 it fails before recording anything. At the end of a session in which any such row exists, the
-table is written to RELIABILITY.md at the project root (``--reliability-file=PATH`` to write it
-elsewhere, ``--reliability-file=`` to write nothing), rows sorted by fault name so that diffs
-between runs stay small. The Result column is the test's own outcome.
+table is written to RELIABILITY.md at the project root, rows sorted by fault name so that diffs
+between runs stay small; the Result column is the test's own outcome. The committed file is the
+evidence of a whole run, so a session that picked some tests (paths, ``-k``, ``-m``) leaves it
+alone: ``--reliability-file=PATH`` writes any session's figures to PATH, and
+``--reliability-file=`` writes nothing.
 """
 
 from __future__ import annotations
@@ -204,6 +206,12 @@ def command_line(config: pytest.Config) -> str:
     return " ".join(["pytest", *args])
 
 
+def picked_some_tests(config: pytest.Config) -> bool:
+    """Whether the session ran a selection (paths, -k, -m) rather than the whole suite."""
+    named_paths = config.args_source is pytest.Config.ArgsSource.ARGS
+    return named_paths or bool(config.getoption("keyword") or config.getoption("markexpr"))
+
+
 # -- the pytest plugin --------------------------------------------------------------------------
 
 
@@ -264,7 +272,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not ran:
         return
     option = config.getoption("--reliability-file")
-    if option == "":
+    if option == "" or (option is None and picked_some_tests(config)):
         return
     target = Path(option) if option else config.rootpath / FILE_NAME
     text = render(ran, when=datetime.now(UTC), command=command_line(config))
