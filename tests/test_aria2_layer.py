@@ -46,6 +46,7 @@ from aria2_client.transport import (
     websocket_url,
 )
 from records import DownloadRow, ProgressUpdate, TorrentFile
+from tests.support import records
 from tests.support.processes import ProcessReaper, free_port, make_test_aria2, pid_alive
 
 UNKNOWN_GID = "0123456789abcdef"
@@ -223,33 +224,14 @@ def download_row(
     files: tuple[TorrentFile, ...] = (),
 ) -> DownloadRow:
     """A row as the store reads it: job 7, handed to aria2 as GID."""
-    return DownloadRow(
-        id=7,
+    return records.download_row(
         gid=GID,
-        source_type=source_type,
-        source_key="http://h/x/movie.mkv",
-        source_url="http://h/x/movie.mkv",
         status=status,
+        source_type=source_type,
         file_name=file_name,
         local_path=local_path,
         total_length=total_length,
-        completed_length=0,
-        download_speed=0,
-        error_message=None,
-        error_code=None,
-        file_unique_id=None,
-        owner_id=None,
-        chat_id=None,
-        message_id=None,
-        group_key="http:7",
-        progress_message_id=None,
-        info_hash=None,
         files=files,
-        media_info=None,
-        created_at="2026-01-01T00:00:00.000+00:00",
-        started_at=None,
-        completed_at=None,
-        updated_at="2026-01-01T00:00:00.000+00:00",
     )
 
 

@@ -10,61 +10,24 @@ from bot.commands import COMMANDS
 from bot.render import Notice
 from configer import UploadTarget
 from db import DOWNLOAD_STATUSES, UPLOAD_STATUSES, download_actions, upload_actions
-from records import DownloadRow, Statistics, TorrentFile, UploadRow
+from records import Statistics, TorrentFile
+from tests.support.records import download_row, upload_row
 
-ROW = DownloadRow(
-    id=7,
+ROW = download_row(
     gid="abc",
-    source_type="http",
     source_key="http://example.com/film.mkv",
     source_url="http://example.com/film.mkv",
-    status="downloading",
     file_name="film.mkv",
-    local_path=None,
     total_length=1000,
     completed_length=250,
     download_speed=50,
-    error_message=None,
-    error_code=None,
-    file_unique_id=None,
     owner_id=1,
     chat_id=1,
     message_id=10,
     group_key="message:1:10",
     progress_message_id=11,
-    info_hash=None,
-    files=(),
-    media_info=None,
-    created_at="2024-01-01T00:00:00Z",
-    started_at=None,
-    completed_at=None,
-    updated_at="2024-01-01T00:00:00Z",
 )
-UPLOAD = UploadRow(
-    id=3,
-    download_id=7,
-    upload_target="cloud",
-    target_type="rclone",
-    status="uploading",
-    remote_path=None,
-    uploaded_size=512,
-    total_size=1024,
-    upload_speed=2048.0,
-    retry_count=0,
-    max_retries=3,
-    failure_reason=None,
-    error_message=None,
-    error_code=None,
-    verified_size=None,
-    verified_hash=None,
-    verified_at=None,
-    next_attempt_at=None,
-    created_at="2024-01-01T00:00:00Z",
-    started_at=None,
-    completed_at=None,
-    cleaned_at=None,
-    updated_at="2024-01-01T00:00:00Z",
-)
+UPLOAD = upload_row(uploaded_size=512, upload_speed=2048.0)
 
 
 def callbacks(markup: InlineKeyboardMarkup | None) -> list[str]:

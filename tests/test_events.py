@@ -11,75 +11,38 @@ import pytest
 from events import Event, EventHub, Subscription, SubscriptionClosed
 from records import (
     DownloadRemoved,
-    DownloadRow,
     DownloadSnapshot,
     Statistics,
     UploadRow,
 )
+from tests.support.records import download_row, upload_row
 
-NOW = "2026-01-01T00:00:00.000+00:00"
 
 
 def snapshot(
     download_id: int, completed: int = 0, file_name: str | None = None
 ) -> DownloadSnapshot:
     """A download event's record; `completed` tells one version from another."""
-    row = DownloadRow(
+    row = download_row(
         id=download_id,
         gid=None,
-        source_type="http",
         source_key=f"http://h/{download_id}",
         source_url=None,
-        status="downloading",
         file_name=file_name,
-        local_path=None,
         total_length=1_000_000,
         completed_length=completed,
-        download_speed=0,
-        error_message=None,
-        error_code=None,
-        file_unique_id=None,
-        owner_id=None,
-        chat_id=None,
-        message_id=None,
         group_key=f"download:{download_id}",
-        progress_message_id=None,
-        info_hash=None,
-        files=(),
-        media_info=None,
-        created_at=NOW,
-        started_at=None,
-        completed_at=None,
-        updated_at=NOW,
     )
     return DownloadSnapshot(row, ())
 
 
 def upload(upload_id: int, uploaded: int = 0, cleaned_at: str | None = None) -> UploadRow:
-    return UploadRow(
+    return upload_row(
         id=upload_id,
         download_id=1,
-        upload_target="cloud",
-        target_type="rclone",
-        status="uploading",
-        remote_path=None,
         uploaded_size=uploaded,
         total_size=1_000_000,
-        upload_speed=0.0,
-        retry_count=0,
-        max_retries=3,
-        failure_reason=None,
-        error_message=None,
-        error_code=None,
-        verified_size=None,
-        verified_hash=None,
-        verified_at=None,
-        next_attempt_at=None,
-        created_at=NOW,
-        started_at=None,
-        completed_at=None,
         cleaned_at=cleaned_at,
-        updated_at=NOW,
     )
 
 
