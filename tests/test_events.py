@@ -18,7 +18,6 @@ from records import (
 from tests.support.records import download_row, upload_row
 
 
-
 def snapshot(
     download_id: int, completed: int = 0, file_name: str | None = None
 ) -> DownloadSnapshot:
