@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from aria2_client.consistency import ConsistencyChecker, check, repair
+from aria2_client.download_handler import Placement
 from aria2_client.engine import Engine
 from aria2_client.process import running_aria2
 from aria2_client.transport import Aria2RpcError, Aria2Unavailable
+from cluster import Cluster
 from configer import (
     Config,
     ConfigDiff,
@@ -56,10 +58,11 @@ from db import (
 )
 from events import EventHub
 from files import DownloadFiles
+from records import DownloadRow
 from uploads.manager import UploadManager
 from uploads.media import MediaProber
 from webstreamer.context import AppContext
-from webstreamer.links import StreamLinks
+from webstreamer.links import StreamLinks, file_name_of
 from webstreamer.server import Listener, WebServer
 from webstreamer.signing import LinkSigner
 
@@ -153,6 +156,7 @@ class Parts:
     links: StreamLinks
     hub: EventHub
     store: Store
+    cluster: Cluster
     media: MediaProber
     telegram: TelegramSession | None  # None when no Telegram credentials are configured
     uploads: UploadManager
@@ -212,16 +216,33 @@ class Service:
         # Bound first: aria2's loopback links to Telegram files need the port before the engine.
         listener = await asyncio.to_thread(Listener, config.web.host, config.web.port)
         stack.callback(listener.close)
-        links = StreamLinks(
-            LinkSigner(secrets.link_key, config.web.link_expiry),
-            config.web.base_url,
-            listener.loopback_origin,
-        )
 
         store = await open_store(config.database, hub=(hub := EventHub()))
         stack.push_async_callback(_close_store, store)
         stack.push_async_callback(hub.close)
+        if store.shared:
+            secrets = await _cluster_secrets(store, config, secrets)
+            self._log_secrets = log_secrets(config, secrets)
+            configure_logging(config.logging.level, self._log_secrets)
         await store.init_config_from_yaml(masked_settings(config))
+
+        cluster = Cluster(
+            store,
+            config.cluster,
+            public_url=config.web.base_url,
+            slots=lambda: self.config.aria2.max_concurrent_downloads,
+            download_dir=files.root,
+            web_token=secrets.web_token,
+        )
+        await cluster.start()
+        stack.push_async_callback(cluster.stop)
+        node = cluster.node_name if cluster.enabled else None
+        links = StreamLinks(
+            LinkSigner(secrets.link_key, config.web.link_expiry),
+            config.web.base_url,
+            listener.loopback_origin,
+            origin_of=cluster.origin_of,
+        )
 
         media = MediaProber(store, files=files)
         await media.start()
@@ -237,6 +258,7 @@ class Service:
             files=files,
             data_dir=config.data_dir,
             telegram_client=(lambda: telegram.client) if telegram is not None else None,
+            node=node,
         )
         await uploads.start()
         stack.push_async_callback(uploads.stop)
@@ -247,9 +269,18 @@ class Service:
             config.aria2,
             data_dir=config.data_dir,
             secret=secrets.aria2_secret,
-            telegram_link=links.loopback_url,
+            telegram_link=lambda row: _telegram_link(links, cluster, row),
             on_completed=[media.on_download_completed, uploads.on_download_completed],
             on_removed=[uploads.on_download_removed],
+            placement=(
+                Placement(
+                    cluster.node_name,
+                    slots=lambda: self.config.aria2.max_concurrent_downloads,
+                    ask_holder=cluster.ask_holder,
+                )
+                if node is not None
+                else None
+            ),
         )
         web = WebServer(
             AppContext(
@@ -264,12 +295,18 @@ class Service:
                 byte_sources=[telegram.byte_source] if telegram is not None else [],
                 aria2_connected=lambda: engine.connected,
                 reload_config=self.reload,
+                cluster=cluster,
             ),
             listener,
         )
         await web.start()
         stack.push_async_callback(web.stop)
-        logger.info("web token is kept in {}", config.data_dir / "web_token")
+        if config.web.token:
+            logger.info("web token: as configured (web.token)")
+        elif cluster.enabled:
+            logger.info("web token: shared by the cluster's nodes (kept in the store)")
+        else:
+            logger.info("web token is kept in {}", config.data_dir / "web_token")
 
         await engine.start()
         stack.push_async_callback(engine.stop)
@@ -279,6 +316,7 @@ class Service:
             files.root,
             interval=lambda: self.config.maintenance.check_interval,
             confirm_after=max(2.0, config.aria2.idle_poll_interval + 1),
+            node=node,
         )
         checker.start()
         stack.push_async_callback(checker.stop)
@@ -297,15 +335,43 @@ class Service:
                 hub=hub,
                 config=lambda: self.config,
             )
-            # Telegram may be unreachable: the service runs (API, page, jobs) while the bot
-            # keeps trying to log in on its own.
-            self._bot_start = asyncio.create_task(
-                _start_bot(bot, telegram), name="telegram-bot-start"
-            )
-            stack.push_async_callback(self._stop_bot, bot)
-        return Parts(
-            secrets, files, links, hub, store, media, telegram, uploads, engine, web, checker, bot
+        # One node of a cluster runs the bot (Telegram gives updates to one consumer): the
+        # leader. A lone node leads at once.
+        cluster.start_leading(
+            on_gain=lambda: self._lead(bot, telegram), on_loss=lambda: self._follow(bot, telegram)
         )
+        stack.push_async_callback(cluster.stop_leading)
+        return Parts(
+            secrets,
+            files,
+            links,
+            hub,
+            store,
+            cluster,
+            media,
+            telegram,
+            uploads,
+            engine,
+            web,
+            checker,
+            bot,
+        )
+
+    async def _lead(self, bot: TelegramBot | None, telegram: TelegramSession | None) -> None:
+        if bot is None or telegram is None:
+            return
+        # Telegram may be unreachable: the service runs (API, page, jobs) while the bot keeps
+        # trying to log in on its own.
+        self._bot_start = asyncio.create_task(_start_bot(bot, telegram), name="telegram-bot-start")
+
+    async def _follow(self, bot: TelegramBot | None, telegram: TelegramSession | None) -> None:
+        if bot is None or telegram is None:
+            return
+        await self._stop_bot(bot)
+        if self._parts is not None:
+            # Leadership lost while running: another node's bot takes the updates. (On the way
+            # out, the session stops after the uploads, which may still be sending through it.)
+            await telegram.stop()
 
     def _telegram_session(self, store: Store) -> TelegramSession | None:
         telegram = self.config.telegram
@@ -362,6 +428,23 @@ async def _start_bot(bot: TelegramBot, telegram: TelegramSession) -> None:
         raise
     except Exception as exc:
         logger.error("the Telegram bot could not start ({}); the service runs without it", exc)
+
+
+async def _cluster_secrets(store: Store, config: Config, own: Secrets) -> Secrets:
+    """The secrets every node of a cluster must share: the key that signs stream links (a link
+    from any node works on the node holding the file) and, unless configured, the web token."""
+    link_key = await store.shared_secret("link_key", own.link_key.hex)
+    web_token = config.web.token or await store.shared_secret("web_token", lambda: own.web_token)
+    return replace(own, link_key=bytes.fromhex(link_key), web_token=web_token)
+
+
+def _telegram_link(links: StreamLinks, cluster: Cluster, row: DownloadRow) -> str:
+    """How aria2 fetches a Telegram file: from our own listener, or in a cluster from the node
+    running the bot (the only one with a Telegram session)."""
+    leader = cluster.leader_origin()
+    if leader is None:
+        return links.loopback_url(row)
+    return leader + links.signer.stream_path(row.id, file_name_of(row), lifetime=0)
 
 
 async def _close_store(store: Store) -> None:

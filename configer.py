@@ -21,6 +21,7 @@ import math
 import os
 import re
 import secrets
+import socket
 import stat
 import tempfile
 from collections.abc import Callable, Mapping
@@ -294,6 +295,31 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several nodes on one PostgreSQL store. A single node (and any SQLite store) needs none of
+    these: the node name defaults to the host name, the public URL to `web.public_url`."""
+
+    node_name: str = ""  # empty = this machine's host name
+    public_url: str = ""  # empty = web.base_url
+    node_timeout: float = 15.0  # seconds without a heartbeat after which a node counts as dead
+    upload_wait: float = 600.0  # seconds a dead node's uploads wait for it before they fail
+
+    @property
+    def name(self) -> str:
+        return self.node_name or _host_node_name()
+
+
+def _host_node_name() -> str:
+    """The host name as a node name: its first label, cut to the allowed characters."""
+    label = socket.gethostname().split(".", 1)[0]
+    return _NODE_NAME_FORBIDDEN.sub("-", label)[:63].strip("-.") or "node"
+
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", re.ASCII)
+_NODE_NAME_FORBIDDEN = re.compile(r"[^A-Za-z0-9._-]", re.ASCII)
+
+
+@dataclass(frozen=True)
 class MaintenanceConfig:
     check_interval: float = 600.0  # seconds; 0 = off
 
@@ -310,6 +336,7 @@ class Config:
     upload: UploadConfig = field(default_factory=UploadConfig)
     web: WebConfig = field(default_factory=WebConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     config_path: Path | None = None
@@ -326,6 +353,7 @@ _SECTIONS: dict[str, type] = {
     "upload": UploadConfig,
     "web": WebConfig,
     "database": DatabaseConfig,
+    "cluster": ClusterConfig,
     "maintenance": MaintenanceConfig,
     "logging": LoggingConfig,
 }
@@ -682,6 +710,17 @@ def parse_database_url(text: str, *, key: str = "database.url") -> str:
         raise ConfigError(exc.problem, key=key) from None
 
 
+def _node_name(value: Any, ctx: _Context) -> str:
+    text = _text(value, ctx)
+    if text and not _NODE_NAME.fullmatch(text):
+        raise _Invalid(
+            "must be empty (the host name) or 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+            value,
+        )
+    return text
+
+
 def _log_level(value: Any, ctx: _Context) -> str:
     level = _text(value, ctx).upper()
     if level not in LOG_LEVELS:
@@ -965,6 +1004,10 @@ _PARSERS: dict[str, _Parser] = {
     "web.max_body_size": _size(1),
     "database.path": _path,
     "database.url": _database_url,
+    "cluster.node_name": _node_name,
+    "cluster.public_url": _public_url,
+    "cluster.node_timeout": _number(2, 3600),
+    "cluster.upload_wait": _number(0, 7 * 24 * 3600),
     "maintenance.check_interval": _number(0, _YEAR, note=" (0 = off)"),
     "logging.level": _log_level,
 }

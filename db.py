@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import sqlite3
 from collections.abc import (
     AsyncIterator,
@@ -33,7 +34,7 @@ from collections.abc import (
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, Self, TypeVar, get_args
 from urllib.parse import unquote, urlsplit
@@ -56,6 +57,8 @@ from records import (
     EventData,
     HistoryEntry,
     NewDownload,
+    NodeHeartbeat,
+    NodeRow,
     ProgressUpdate,
     SourceType,
     Statistics,
@@ -65,7 +68,7 @@ from records import (
     UploadStatistics,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
 
 SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
@@ -74,18 +77,20 @@ SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
 
 DOWNLOAD_TRANSITIONS: dict[str, frozenset[str]] = {
     "pending": frozenset({"waiting", "downloading", "failed", "cancelled"}),
-    "waiting": frozenset({"downloading", "paused", "failed", "cancelled"}),
-    "downloading": frozenset({"paused", "completed", "failed", "cancelled"}),
-    "paused": frozenset({"waiting", "downloading", "failed", "cancelled"}),
+    # → pending: the node running it died; the job goes back to the queue (a cluster).
+    "waiting": frozenset({"downloading", "paused", "failed", "cancelled", "pending"}),
+    "downloading": frozenset({"paused", "completed", "failed", "cancelled", "pending"}),
+    "paused": frozenset({"waiting", "downloading", "failed", "cancelled", "pending"}),
     "completed": frozenset(),
     "failed": frozenset({"pending"}),
     "cancelled": frozenset({"pending"}),
 }
 UPLOAD_TRANSITIONS: dict[str, frozenset[str]] = {
     "waiting_download": frozenset({"pending", "cancelled"}),
-    "pending": frozenset({"uploading", "cancelled"}),
+    # pending/paused → failed: the node holding the file stayed away longer than upload_wait.
+    "pending": frozenset({"uploading", "cancelled", "failed"}),
     "uploading": frozenset({"completed", "failed", "paused", "cancelled", "pending"}),
-    "paused": frozenset({"pending", "cancelled"}),
+    "paused": frozenset({"pending", "cancelled", "failed"}),
     "completed": frozenset(),
     "failed": frozenset({"pending"}),
     "cancelled": frozenset({"pending"}),
@@ -492,10 +497,42 @@ async def _schema_3(sql: _Statements, dialect: Dialect) -> None:
     await _run_script(sql, _SCHEMA_3_SQLITE if dialect == "sqlite" else _SCHEMA_3_POSTGRES)
 
 
+# Schema 4: a cluster. Each node registers in `nodes`; a job records the node that claimed it;
+# secrets every node must share (the link signing key, the web token) live in `shared_secrets`.
+_SCHEMA_4 = """
+CREATE TABLE nodes (
+    name         TEXT PRIMARY KEY,
+    instance     TEXT NOT NULL,
+    public_url   TEXT NOT NULL,
+    slots        INTEGER NOT NULL DEFAULT 0,
+    disk_free    INTEGER NOT NULL DEFAULT 0,
+    leader       INTEGER NOT NULL DEFAULT 0,
+    started_at   TEXT NOT NULL,
+    heartbeat_at TEXT NOT NULL,
+    stopped_at   TEXT
+);
+CREATE TABLE shared_secrets (
+    name       TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+ALTER TABLE downloads ADD COLUMN node TEXT;
+CREATE INDEX downloads_by_node ON downloads(node, status)
+"""
+
+
+async def _schema_4(sql: _Statements, dialect: Dialect) -> None:
+    script = _SCHEMA_4
+    if dialect == "postgresql":
+        script = re.sub(r"\bINTEGER\b", "BIGINT", script)
+    await _run_script(sql, script)
+
+
 _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     1: _schema_1,
     2: _schema_2,
     3: _schema_3,
+    4: _schema_4,
 }
 
 # The tables the steps above make, each with its key, in an order their foreign keys allow
@@ -507,6 +544,8 @@ _STORE_TABLES: dict[str, str] = {
     "uploads": "id",
     "status_history": "id",
     "config_settings": "key",
+    "nodes": "name",
+    "shared_secrets": "name",
 }
 
 
@@ -523,6 +562,11 @@ DRIVER_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
 )
+
+
+# Everything a store call may raise when the database is away or refuses: for loops that must
+# go on (and try again later) whatever one call met.
+STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, *DRIVER_ERRORS, OSError)
 
 
 class StoreUnavailable(StoreError):
@@ -902,9 +946,10 @@ _DOWNLOAD_COLUMNS = (
     "completed_length, download_speed, error_message, error_code, file_unique_id, owner_id, "
     "chat_id, message_id, group_key, progress_message_id, info_hash, files_json, "
     "media_info_json, created_at, started_at, completed_at, updated_at, "
-    "torrent_data IS NOT NULL AS has_torrent_data"
+    "torrent_data IS NOT NULL AS has_torrent_data, node"
 )
 _UPLOAD_COLUMNS = ", ".join(UploadRow._fields)
+_SLOT_STATUSES = "('pending', 'waiting', 'downloading')"  # the jobs that take a node's slot
 _DOWNLOAD_STAMPS = {"downloading": "started_at", "completed": "completed_at"}
 _PROGRESS_CHUNK = 2000  # rows per statement: 4 parameters each, under both backends' limits
 _UPLOAD_EXTRA_COLUMNS = frozenset(
@@ -965,7 +1010,7 @@ def _download_from_row(row: _Row) -> DownloadRow:
     files_json, media_json = row[20], row[21]
     files = tuple(TorrentFile(**f) for f in json.loads(files_json)) if files_json else ()
     media_info = json.loads(media_json) if media_json else None
-    return DownloadRow._make((*row[:20], files, media_info, *row[22:26], bool(row[26])))
+    return DownloadRow._make((*row[:20], files, media_info, *row[22:26], bool(row[26]), row[27]))
 
 
 def _upload_from_row(row: _Row) -> UploadRow:
@@ -1062,7 +1107,9 @@ class Store(Protocol):
     async def fetch_recent_downloads(
         self, limit: int = 50, *, status: str | None = None, owner_id: int | None = None
     ) -> list[DownloadRow]: ...
-    async def fetch_downloads_in_states(self, statuses: Sequence[str]) -> list[DownloadRow]: ...
+    async def fetch_downloads_in_states(
+        self, statuses: Sequence[str], *, node: str | None = None
+    ) -> list[DownloadRow]: ...
     async def fetch_downloads_grouped(
         self, limit: int = 50, *, status: str | None = None
     ) -> list[DownloadGroup]: ...
@@ -1126,7 +1173,9 @@ class Store(Protocol):
     async def fetch_recent_uploads(
         self, limit: int = 50, status: str | None = None, upload_target: str | None = None
     ) -> list[UploadRow]: ...
-    async def fetch_uploads_in_states(self, statuses: Sequence[str]) -> list[UploadRow]: ...
+    async def fetch_uploads_in_states(
+        self, statuses: Sequence[str], *, node: str | None = None
+    ) -> list[UploadRow]: ...
     async def get_pending_uploads(self, upload_target: str | None = None) -> list[UploadRow]: ...
     async def get_upload_statistics(self) -> UploadStatistics: ...
 
@@ -1136,6 +1185,25 @@ class Store(Protocol):
     async def init_config_from_yaml(self, settings: Mapping[str, str]) -> None: ...
     async def get_config(self, key: str) -> str | None: ...
     async def get_all_configs(self) -> dict[str, str]: ...
+
+    # the cluster (PostgreSQL; with SQLite there is one node and no `nodes` row)
+    @property
+    def shared(self) -> bool: ...
+    async def follow_peers(self) -> None: ...
+    async def shared_secret(self, name: str, make: Callable[[], str]) -> str: ...
+    async def register_node(self, beat: NodeHeartbeat, *, timeout: float) -> NodeRow | None: ...
+    async def heartbeat_node(self, beat: NodeHeartbeat) -> bool: ...
+    async def stop_node(self, name: str, instance: str) -> None: ...
+    async def list_nodes(self) -> list[NodeRow]: ...
+    async def count_node_jobs(self, node: str) -> int: ...
+    async def claim_downloads(
+        self, node: str, limit: int, ids: Sequence[int] | None = None
+    ) -> list[int]: ...
+    async def requeue_downloads_of_node(self, node: str, reason: str) -> list[int]: ...
+    async def fail_uploads_of_node(self, node: str, reason: str) -> list[int]: ...
+    async def try_lead(self) -> bool: ...
+    async def still_leading(self) -> bool: ...
+    async def resign(self) -> None: ...
 
 
 class Database:
@@ -1161,6 +1229,11 @@ class Database:
             else _SQLiteBackend(Path(location), busy_timeout_ms)
         )
         self._write_lock = asyncio.Lock()
+        # Other processes on the same PostgreSQL: their commits reach our hub, and the leader's
+        # lock. None with SQLite (one process).
+        self._peers = (
+            _Peers(location, self._republish) if isinstance(location, PostgresLocation) else None
+        )
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -1193,7 +1266,15 @@ class Database:
             raise
 
     async def close(self) -> None:
+        if self._peers is not None:
+            await self._peers.close()
         await self._backend.close()
+
+    async def follow_peers(self) -> None:
+        """Publish the commits of other processes on this store on our hub too (PostgreSQL:
+        LISTEN/NOTIFY on a connection of its own, reconnected with backoff)."""
+        if self._peers is not None:
+            self._peers.follow()
 
     async def __aenter__(self) -> Database:
         return await self.open()
@@ -1216,16 +1297,43 @@ class Database:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[_Tx]:
-        """One write transaction; its events are published once it has committed."""
+        """One write transaction; its events are published once it has committed, here and
+        (PostgreSQL) to every other process on the store, in one notification per batch."""
         async with self._write_lock:
             tx: _Tx | None = None
             try:
                 async with self._backend.transaction() as sql:
                     tx = _Tx(sql, self._backend.dialect)
                     yield tx
+                    if self._peers is not None:
+                        await self._peers.announce(sql, tx.events)
             finally:
                 if tx is not None and tx.sql.committed:
                     tx.publish(self.hub)
+
+    async def _republish(self, notice: _Notice) -> None:
+        """Publish what another process committed: the rows as they are now."""
+        tx = _Tx(self._backend.reads(), self._backend.dialect)
+        if notice.downloads:
+            marks = ", ".join("?" for _ in notice.downloads)
+            rows = await tx.fetch_all(
+                f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE id IN ({marks}) ORDER BY id",
+                notice.downloads,
+            )
+            await tx._snapshots([_download_from_row(row) for row in rows])
+        if notice.since is not None:
+            rows = await tx.fetch_all(
+                f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE updated_at >= ? ORDER BY id",
+                (notice.since,),
+            )
+            await tx._snapshots([_download_from_row(row) for row in rows])
+        for download_id in notice.removed:
+            tx.emit_removed(download_id)
+        for upload_id in notice.uploads:
+            await tx.emit_upload(upload_id)
+        for upload_id in notice.cleanups:
+            await tx.emit_upload(upload_id, cleanup=True)
+        tx.publish(self.hub)
 
     async def _read_all(self, sql: str, params: Sequence[object] = ()) -> Sequence[_Row]:
         return await self._backend.reads().fetch_all(sql, params)
@@ -1414,7 +1522,8 @@ class Database:
             return [await tx.apply_download_change(change) for change in changes]
 
     async def reset_download_for_retry(self, download_id: int) -> DownloadRow:
-        """failed/cancelled → pending: progress and error cleared; the old gids stay known."""
+        """failed/cancelled → pending: progress and error cleared, free for any node to claim;
+        the old gids stay known."""
         try:
             async with self._write() as tx:
                 await tx.transition(
@@ -1423,6 +1532,7 @@ class Database:
                     "pending",
                     "retry",
                     gid=None,
+                    node=None,
                     completed_length=0,
                     download_speed=0,
                     error_message=None,
@@ -1542,8 +1652,11 @@ class Database:
     ) -> list[DownloadRow]:
         return await self._fetch_recent(_DOWNLOADS, limit, {"status": status, "owner_id": owner_id})
 
-    async def fetch_downloads_in_states(self, statuses: Sequence[str]) -> list[DownloadRow]:
-        return await self._fetch_in_states(_DOWNLOADS, statuses)
+    async def fetch_downloads_in_states(
+        self, statuses: Sequence[str], *, node: str | None = None
+    ) -> list[DownloadRow]:
+        """The downloads in `statuses`; with `node`, only those that node holds."""
+        return await self._fetch_in_states(_DOWNLOADS, statuses, "node = ?", node)
 
     async def fetch_downloads_grouped(
         self, limit: int = 50, *, status: str | None = None
@@ -1995,8 +2108,13 @@ class Database:
             _UPLOADS, limit, {"status": status, "upload_target": upload_target}
         )
 
-    async def fetch_uploads_in_states(self, statuses: Sequence[str]) -> list[UploadRow]:
-        return await self._fetch_in_states(_UPLOADS, statuses)
+    async def fetch_uploads_in_states(
+        self, statuses: Sequence[str], *, node: str | None = None
+    ) -> list[UploadRow]:
+        """The uploads in `statuses`; with `node`, only those of downloads that node holds."""
+        return await self._fetch_in_states(
+            _UPLOADS, statuses, "download_id IN (SELECT id FROM downloads WHERE node = ?)", node
+        )
 
     async def _fetch_recent(
         self, table: _Table[RowT], limit: int, filters: Mapping[str, object]
@@ -2010,11 +2128,14 @@ class Database:
         )
         return await table.convert_all(rows)
 
-    async def _fetch_in_states(self, table: _Table[RowT], statuses: Sequence[str]) -> list[RowT]:
+    async def _fetch_in_states(
+        self, table: _Table[RowT], statuses: Sequence[str], node_clause: str, node: str | None
+    ) -> list[RowT]:
         marks = ", ".join("?" for _ in statuses)
+        where = f"status IN ({marks})" + (f" AND {node_clause}" if node is not None else "")
+        params = (*statuses, node) if node is not None else tuple(statuses)
         rows = await self._read_all(
-            f"SELECT {table.columns} FROM {table.name} WHERE status IN ({marks}) ORDER BY id",
-            tuple(statuses),
+            f"SELECT {table.columns} FROM {table.name} WHERE {where} ORDER BY id", params
         )
         return await table.convert_all(rows)
 
@@ -2087,6 +2208,193 @@ class Database:
         rows = await self._read_all("SELECT key, value FROM config_settings ORDER BY key")
         return {r["key"]: r["value"] for r in rows}
 
+    # --- the cluster ----------------------------------------------------------------------------
+
+    @property
+    def shared(self) -> bool:
+        """True when several nodes may share this store (PostgreSQL)."""
+        return self._backend.dialect == "postgresql"
+
+    async def shared_secret(self, name: str, make: Callable[[], str]) -> str:
+        """The secret every node uses under `name`: the first node to ask stores `make()`."""
+        async with self._write() as tx:
+            await tx.execute(
+                "INSERT INTO shared_secrets (name, value, created_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                (name, make(), utc_now()),
+            )
+            row = await tx.fetch_one("SELECT value FROM shared_secrets WHERE name = ?", (name,))
+        assert row is not None
+        return str(row["value"])
+
+    async def register_node(self, beat: NodeHeartbeat, *, timeout: float) -> NodeRow | None:
+        """Enter this node in `nodes`, taking over its name only from a node that stopped or
+        whose heartbeat is older than `timeout` seconds; None when a live node has the name."""
+        now = datetime.now(UTC)
+        stale = (now - timedelta(seconds=timeout)).isoformat(timespec="milliseconds")
+        stamp = now.isoformat(timespec="milliseconds")
+        async with self._write() as tx:
+            row = await tx.fetch_one(
+                "INSERT INTO nodes (name, instance, public_url, slots, disk_free, leader,"
+                " started_at, heartbeat_at, stopped_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, NULL)"
+                " ON CONFLICT (name) DO UPDATE SET instance = excluded.instance,"
+                " public_url = excluded.public_url, slots = excluded.slots,"
+                " disk_free = excluded.disk_free, leader = 0, started_at = excluded.started_at,"
+                " heartbeat_at = excluded.heartbeat_at, stopped_at = NULL"
+                " WHERE nodes.stopped_at IS NOT NULL OR nodes.heartbeat_at < ?"
+                " RETURNING name",
+                (
+                    beat.name,
+                    beat.instance,
+                    beat.public_url,
+                    beat.slots,
+                    beat.disk_free,
+                    stamp,
+                    stamp,
+                    stale,
+                ),
+            )
+        if row is None:
+            return None
+        return next(node for node in await self.list_nodes() if node.name == beat.name)
+
+    async def heartbeat_node(self, beat: NodeHeartbeat) -> bool:
+        """Refresh this node's row; False when the row is no longer this process's."""
+        async with self._write() as tx:
+            changed = await tx.execute(
+                "UPDATE nodes SET public_url = ?, slots = ?, disk_free = ?, leader = ?,"
+                " heartbeat_at = ?, stopped_at = NULL WHERE name = ? AND instance = ?",
+                (
+                    beat.public_url,
+                    beat.slots,
+                    beat.disk_free,
+                    int(beat.leader),
+                    utc_now(),
+                    beat.name,
+                    beat.instance,
+                ),
+            )
+        return changed == 1
+
+    async def stop_node(self, name: str, instance: str) -> None:
+        async with self._write() as tx:
+            await tx.execute(
+                "UPDATE nodes SET stopped_at = ?, leader = 0 WHERE name = ? AND instance = ?",
+                (utc_now(), name, instance),
+            )
+
+    async def list_nodes(self) -> list[NodeRow]:
+        """Every node, by name, with the jobs it holds that take a slot."""
+        rows = await self._read_all(
+            "SELECT n.name, n.instance, n.public_url, n.slots, COALESCE(r.running, 0),"
+            " n.disk_free, n.leader, n.started_at, n.heartbeat_at, n.stopped_at FROM nodes n"
+            " LEFT JOIN (SELECT node, COUNT(*) AS running FROM downloads"
+            f" WHERE status IN {_SLOT_STATUSES} AND node IS NOT NULL GROUP BY node) r"
+            " ON r.node = n.name ORDER BY n.name"
+        )
+        return [
+            NodeRow(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), bool(r[6]), *r[7:10])
+            for r in rows
+        ]
+
+    async def count_node_jobs(self, node: str) -> int:
+        """The jobs `node` holds that take one of its slots (pending, waiting, downloading)."""
+        row = await self._read_one(
+            f"SELECT COUNT(*) FROM downloads WHERE node = ? AND status IN {_SLOT_STATUSES}",
+            (node,),
+        )
+        return int(row[0]) if row else 0
+
+    async def claim_downloads(
+        self, node: str, limit: int, ids: Sequence[int] | None = None
+    ) -> list[int]:
+        """Claim up to `limit` pending downloads no node holds (only among `ids` if given), oldest
+        first, for `node`; the ids claimed. However many nodes race, a row goes to one: PostgreSQL
+        skips the rows another transaction has locked, SQLite has one writer."""
+        if limit <= 0 or ids == []:
+            return []
+        among = f" AND id IN ({', '.join('?' for _ in ids)})" if ids else ""
+        skip = " FOR UPDATE SKIP LOCKED" if self._backend.dialect == "postgresql" else ""
+        now = utc_now()
+        async with self._write() as tx:
+            rows = await tx.fetch_all(
+                "UPDATE downloads SET node = ?, updated_at = ? WHERE id IN (SELECT id FROM"
+                f" downloads WHERE status = 'pending' AND node IS NULL{among}"
+                f" ORDER BY id LIMIT ?{skip}) AND status = 'pending' AND node IS NULL"
+                f" RETURNING {_DOWNLOAD_COLUMNS}",
+                (node, now, *(ids or ()), limit),
+            )
+            claimed = [_download_from_row(row) for row in rows]
+            why = f"claimed by node {node}"
+            for row in claimed:
+                await tx.history("download", row.id, "pending", "pending", why, now)
+            await tx._snapshots(claimed)
+        return sorted(row.id for row in claimed)
+
+    async def requeue_downloads_of_node(self, node: str, reason: str) -> list[int]:
+        """Send every unfinished download `node` holds back to the queue (pending, no node, no
+        gid, no progress), each with a history row giving `reason`; the ids."""
+        async with self._write() as tx:
+            await tx.lock_cluster_sweep()
+            rows = await tx.fetch_all(
+                "SELECT id FROM downloads WHERE node = ?"
+                " AND status IN ('pending', 'waiting', 'downloading', 'paused') ORDER BY id",
+                (node,),
+            )
+            ids = [int(row["id"]) for row in rows]
+            now = utc_now()
+            for download_id in ids:
+                columns = {
+                    "node": None,
+                    "gid": None,
+                    "local_path": None,
+                    "completed_length": 0,
+                    "download_speed": 0,
+                }
+                if not await tx.transition("download", download_id, "pending", reason, **columns):
+                    await tx.update_columns("downloads", download_id, columns)
+                    await tx.history("download", download_id, "pending", "pending", reason, now)
+                await tx.emit_download(download_id)
+        return ids
+
+    async def fail_uploads_of_node(self, node: str, reason: str) -> list[int]:
+        """Fail every unfinished upload of a file `node` holds (it is on that node's disk only)."""
+        async with self._write() as tx:
+            await tx.lock_cluster_sweep()
+            rows = await tx.fetch_all(
+                "SELECT id FROM uploads WHERE status IN ('pending', 'uploading', 'paused')"
+                " AND download_id IN (SELECT id FROM downloads WHERE node = ?"
+                " AND status = 'completed') ORDER BY id",
+                (node,),
+            )
+            ids = [int(row["id"]) for row in rows]
+            for upload_id in ids:
+                await tx.transition(
+                    "upload",
+                    upload_id,
+                    "failed",
+                    reason,
+                    failure_reason=reason,
+                    upload_speed=0,
+                    next_attempt_at=None,
+                )
+                await tx.emit_upload(upload_id)
+        return ids
+
+    async def try_lead(self) -> bool:
+        """Try to become the cluster's leader (the one node running the bot): a session lock
+        on a connection of its own, released by the server when that connection ends. A lone
+        SQLite node always leads."""
+        return True if self._peers is None else await self._peers.try_lead()
+
+    async def still_leading(self) -> bool:
+        """False once the leader's connection is gone (so is its lock)."""
+        return True if self._peers is None else await self._peers.still_leading()
+
+    async def resign(self) -> None:
+        if self._peers is not None:
+            await self._peers.resign()
+
     # --- maintenance ----------------------------------------------------------------------------
 
     async def backup(self, target: Path) -> None:
@@ -2095,9 +2403,13 @@ class Database:
         await asyncio.to_thread(backup_database_file, self.path, target)
 
     async def table_counts(self) -> tuple[TableCount, ...]:
-        """Every table of the store: its rows and, when numbered, its highest ids."""
+        """Every table of the store: its rows and, when numbered, its highest ids. (A store at
+        an older schema lacks the tables of later ones: they would be empty.)"""
         sql = self._backend.reads()
-        return tuple([await _count(self._backend, sql, table) for table in _STORE_TABLES])
+        present = await self._backend.tables(sql)
+        return tuple(
+            [await _count(self._backend, sql, table) for table in _STORE_TABLES if table in present]
+        )
 
     async def copy_into(self, target: Database) -> tuple[TableCount, ...]:
         """Copy every row of this store (at the current schema) into `target`, an empty
@@ -2342,6 +2654,196 @@ async def move_store(source: DatabaseConfig, target: DatabaseConfig, *, apply: b
         )
 
 
+# --- other processes on one PostgreSQL store -----------------------------------------------------
+
+_EVENTS_CHANNEL = "mistrelay_events"
+_LEADER_LOCK = APPLICATION_ID + 1  # advisory lock held by the node running the bot
+_CLUSTER_SWEEP_LOCK = APPLICATION_ID + 2  # one sweep of a dead node's jobs at a time
+_NOTICE_BYTES = 7900  # PostgreSQL refuses a NOTIFY payload of 8000 bytes or more
+_NOTICE_IDS = 1000  # ids per notification: a larger batch is announced in several
+_FOLLOW_PROBE = 5.0  # seconds between checks that the listening connection still lives
+_CATCH_UP_MARGIN = timedelta(seconds=2)  # reread rows changed this long before a lost link
+# The leader's connection: the server notices a vanished leader (no FIN) within ~10 s.
+_LEADER_KEEPALIVES = {
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
+}
+
+
+@dataclass(frozen=True)
+class _Notice:
+    """What one committed batch of another process changed (ids), or, after a lost link, the
+    moment from which to reread every row (`since`)."""
+
+    downloads: tuple[int, ...] = ()
+    removed: tuple[int | None, ...] = ()
+    uploads: tuple[int, ...] = ()
+    cleanups: tuple[int, ...] = ()
+    since: str | None = None
+
+    @classmethod
+    def parse(cls, payload: str) -> tuple[str, _Notice]:
+        """(sender, notice) from a NOTIFY payload."""
+        data = json.loads(payload)
+        return str(data.get("from", "")), cls(
+            downloads=tuple(int(i) for i in data.get("d", ())),
+            removed=tuple(None if i is None else int(i) for i in data.get("r", ())),
+            uploads=tuple(int(i) for i in data.get("u", ())),
+            cleanups=tuple(int(i) for i in data.get("c", ())),
+        )
+
+
+def _payloads(sender: str, events: Sequence[tuple[EventKind, int | None, EventData]]) -> list[str]:
+    """A batch's changed ids as NOTIFY payloads: one, unless the batch is very large."""
+    ids: dict[str, list[int | None]] = {"d": [], "r": [], "u": [], "c": []}
+    for kind, item_id, data in events:
+        key = "r" if isinstance(data, DownloadRemoved) else kind[0]
+        if key in ids and (key == "r" or item_id is not None) and item_id not in ids[key]:
+            ids[key].append(item_id)
+    flat = [(key, item) for key, items in ids.items() for item in items]
+    payloads: list[str] = []
+    for first in range(0, len(flat), _NOTICE_IDS):
+        part: dict[str, list[int | None]] = {}
+        for key, item in flat[first : first + _NOTICE_IDS]:
+            part.setdefault(key, []).append(item)
+        payloads.append(json.dumps({"from": sender, **part}, separators=(",", ":")))
+    return payloads
+
+
+class _Peers:
+    """This process among others on one PostgreSQL store: announces its commits, republishes
+    theirs, and holds the leader's lock, each on a connection of its own."""
+
+    def __init__(
+        self, location: PostgresLocation, republish: Callable[[_Notice], Awaitable[None]]
+    ) -> None:
+        self.location = location
+        self.sender = secrets.token_hex(8)
+        self._republish = republish
+        self._follower: asyncio.Task[None] | None = None
+        self._notices: asyncio.Queue[_Notice] = asyncio.Queue()
+        self._leader_conn: asyncpg.Connection | None = None
+
+    async def announce(
+        self, sql: _Statements, events: Sequence[tuple[EventKind, int | None, EventData]]
+    ) -> None:
+        """NOTIFY inside the transaction: delivered to the listeners when (and if) it commits."""
+        for payload in _payloads(self.sender, events):
+            if len(payload.encode()) < _NOTICE_BYTES:
+                await sql.execute("SELECT pg_notify(?, ?)", (_EVENTS_CHANNEL, payload))
+
+    def follow(self) -> None:
+        if self._follower is None:
+            self._follower = asyncio.create_task(self._follow(), name="store-follow-peers")
+
+    async def _connect(self, **settings: str) -> asyncpg.Connection:
+        connection: asyncpg.Connection = await asyncpg.connect(
+            self.location.dsn,
+            timeout=self.location.connect_timeout,
+            server_settings=settings or None,
+        )
+        return connection
+
+    async def _follow(self) -> None:
+        delay = 0.5
+        since: str | None = None
+        publisher = asyncio.create_task(self._publish_notices(), name="store-peer-events")
+        try:
+            while True:
+                try:
+                    conn = await self._connect()
+                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    logger.warning(
+                        "store {}: cannot listen for other nodes; retrying in {:.1f} s",
+                        self.location.shown,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    continue
+                if since is not None:
+                    logger.info("store {}: listening for other nodes again", self.location.shown)
+                    self._notices.put_nowait(_Notice(since=since))
+                delay = 0.5
+                since = await self._listen(conn)
+        finally:
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
+
+    async def _listen(self, conn: asyncpg.Connection) -> str:
+        """Listen until the connection is lost; the moment from which to catch up."""
+        lost = asyncio.Event()
+
+        def received(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            try:
+                sender, notice = _Notice.parse(payload)
+            except (ValueError, TypeError, AttributeError):
+                logger.warning("store: ignored a malformed notification")
+                return
+            if sender != self.sender:
+                self._notices.put_nowait(notice)
+
+        conn.add_termination_listener(lambda _conn: lost.set())
+        alive_at = datetime.now(UTC)
+        try:
+            await conn.add_listener(_EVENTS_CHANNEL, received)
+            while not lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), _FOLLOW_PROBE)
+                    break
+                await conn.execute("SELECT 1", timeout=_FOLLOW_PROBE)
+                alive_at = datetime.now(UTC)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass
+        finally:
+            conn.terminate()
+        logger.warning("store {}: lost the link to other nodes; reconnecting", self.location.shown)
+        return (alive_at - _CATCH_UP_MARGIN).isoformat(timespec="milliseconds")
+
+    async def _publish_notices(self) -> None:
+        while True:
+            notice = await self._notices.get()
+            try:
+                await self._republish(notice)
+            except STORE_ERRORS as exc:
+                logger.warning("store: another node's change not published here: {}", exc)
+
+    async def try_lead(self) -> bool:
+        if self._leader_conn is None or self._leader_conn.is_closed():
+            self._leader_conn = await self._connect(**_LEADER_KEEPALIVES)
+        held = await self._leader_conn.fetchval("SELECT pg_try_advisory_lock($1)", _LEADER_LOCK)
+        if not held:
+            await self.resign()
+        return bool(held)
+
+    async def still_leading(self) -> bool:
+        conn = self._leader_conn
+        if conn is None or conn.is_closed():
+            return False
+        try:
+            await conn.execute("SELECT 1", timeout=_FOLLOW_PROBE)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await self.resign()
+            return False
+        return True
+
+    async def resign(self) -> None:
+        """Close the leader's connection: the server releases its lock with it."""
+        conn, self._leader_conn = self._leader_conn, None
+        if conn is not None:
+            conn.terminate()
+
+    async def close(self) -> None:
+        await self.resign()
+        task, self._follower = self._follower, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 class _Tx:
     """Statements inside one write transaction; collects events to publish after COMMIT."""
 
@@ -2414,6 +2916,11 @@ class _Tx:
             raise TransitionError(entity, item_id, current, target)
         await self.history(entity, item_id, current, target, reason, now)
         return True
+
+    async def lock_cluster_sweep(self) -> None:
+        """One sweep of a dead node's jobs at a time across the cluster (PostgreSQL)."""
+        if self.dialect == "postgresql":
+            await self.execute("SELECT pg_advisory_xact_lock(?)", (_CLUSTER_SWEEP_LOCK,))
 
     async def raise_retry_count(self, upload_id: int) -> int:
         """retry_count + 1 on the upload; the new count."""

@@ -93,6 +93,7 @@ class DownloadRow(NamedTuple):
     completed_at: str | None
     updated_at: str
     has_torrent_data: bool = False
+    node: str | None = None  # the node holding the job (None: a single node's store)
 
 
 class UploadRow(NamedTuple):
@@ -121,6 +122,46 @@ class UploadRow(NamedTuple):
     completed_at: str | None
     cleaned_at: str | None
     updated_at: str
+
+
+class NodeRow(NamedTuple):
+    """A `nodes` row: one MistRelay node of a cluster, as its last heartbeat left it."""
+
+    name: str
+    instance: str  # a random id of the running process: tells a restart from a second node
+    public_url: str
+    slots: int  # aria2.max_concurrent_downloads
+    running: int  # jobs it holds that are pending, waiting or downloading
+    disk_free: int  # bytes free in its download folder
+    leader: bool  # it runs the Telegram bot
+    started_at: str
+    heartbeat_at: str
+    stopped_at: str | None
+
+
+NodeState = Literal["alive", "dead", "stopped"]
+
+
+class NodeStatus(NamedTuple):
+    """A node as the cluster sees it now: its row, whether it lives, and how old its heartbeat
+    is (seconds)."""
+
+    row: NodeRow
+    state: NodeState
+    heartbeat_age: float
+    is_self: bool
+
+
+@dataclass(frozen=True)
+class NodeHeartbeat:
+    """What a node reports about itself on each heartbeat."""
+
+    name: str
+    instance: str
+    public_url: str
+    slots: int
+    disk_free: int
+    leader: bool
 
 
 @dataclass(frozen=True)

@@ -108,18 +108,23 @@ class CheckResult:
 
 
 async def find_mismatches(
-    db: Store, aria2: Aria2Client | None, download_dir: Path
+    db: Store, aria2: Aria2Client | None, download_dir: Path, *, node: str | None = None
 ) -> list[Mismatch]:
     """Every mismatch between the rows and aria2 (when reachable) and the disk."""
-    result = await check(db, aria2, download_dir)
+    result = await check(db, aria2, download_dir, node=node)
     if result.aria2_note is not None:
         logger.warning("consistency check: {}; compared with the disk only", result.aria2_note)
     return result.mismatches
 
 
-async def check(db: Store, aria2: Aria2Client | None, download_dir: Path) -> CheckResult:
-    """Like :func:`find_mismatches`, also saying whether aria2 took part, and if not, why."""
-    rows = await db.fetch_downloads_in_states(DOWNLOAD_STATUSES)
+async def check(
+    db: Store, aria2: Aria2Client | None, download_dir: Path, *, node: str | None = None
+) -> CheckResult:
+    """Like :func:`find_mismatches`, also saying whether aria2 took part, and if not, why.
+
+    With `node` (a cluster), only the jobs that node holds: the others run on other machines.
+    """
+    rows = await db.fetch_downloads_in_states(DOWNLOAD_STATUSES, node=node)
     completed = [r for r in rows if r.status == "completed" and r.error_code not in DISK_KINDS]
     cleaned = await _cleaned_download_ids(db, [r.id for r in completed])
     # A file deleted after its uploads were verified (upload.auto_delete) is not a mismatch.
@@ -375,8 +380,10 @@ class ConsistencyChecker:
         *,
         confirm_after: float = 2.0,
         off_recheck: float = 60.0,
+        node: str | None = None,
     ) -> None:
         self.db = db
+        self.node = node
         self.aria2 = aria2
         self.download_dir = download_dir
         self.interval = interval
@@ -418,12 +425,12 @@ class ConsistencyChecker:
     async def check_once(self) -> list[Mismatch]:
         """One check (with its confirming second look); logs and returns what it found."""
         started = time.monotonic()
-        result = await check(self.db, self.aria2, self.download_dir)
+        result = await check(self.db, self.aria2, self.download_dir, node=self.node)
         found = result.mismatches
         if found and self.confirm_after > 0:
             await asyncio.sleep(self.confirm_after)
             first = {m.key for m in found}
-            result = await check(self.db, self.aria2, self.download_dir)
+            result = await check(self.db, self.aria2, self.download_dir, node=self.node)
             found = [m for m in result.mismatches if m.key in first]
         self.checks += 1
         self.last = found

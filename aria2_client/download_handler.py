@@ -41,6 +41,18 @@ from records import (
 
 DownloadListener = Callable[[DownloadRow], Awaitable[None]]
 TelegramLinkMaker = Callable[[DownloadRow], str]
+# (node holding the job, action, download id): the action done by that node's own service.
+HolderAction = Callable[[str, str, int], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """This node in a cluster: jobs are claimed, up to `slots()` at a time (pending, waiting
+    and downloading), and an action on a job another node holds is done by that node."""
+
+    node: str
+    slots: Callable[[], int]
+    ask_holder: HolderAction
 
 
 class TooLarge(SourceError):
@@ -77,8 +89,12 @@ class DownloadManager:
         telegram_link: TelegramLinkMaker | None = None,
         on_completed: Sequence[DownloadListener] = (),
         on_removed: Sequence[DownloadListener] = (),
+        placement: Placement | None = None,
     ) -> None:
         self.store = store
+        self.placement = placement
+        # The rows this process runs: with a placement, those its node holds; else every row.
+        self.node = placement.node if placement is not None else None
         self.aria2 = aria2
         self.files = files
         self.max_download_size = max_download_size
@@ -209,9 +225,30 @@ class DownloadManager:
             return
         self._submitting.add(download_id)
         try:
-            await self._submit_pending(download_id, paused)
+            if await self._claim(download_id):
+                await self._submit_pending(download_id, paused)
         finally:
             self._submitting.discard(download_id)
+
+    async def _claim(self, download_id: int) -> bool:
+        """Whether this node runs the job: always alone; in a cluster, if it holds the job or
+        has a free slot to claim it (else it waits, pending, for any node)."""
+        if self.placement is None:
+            return True
+        row = await self.store.get_download_by_id(download_id)
+        if row is None or row.node not in (None, self.placement.node):
+            return False
+        if row.node is not None:
+            return True
+        if await self._free_slots() <= 0:
+            return False
+        claimed = await self.store.claim_downloads(self.placement.node, 1, [download_id])
+        return download_id in claimed
+
+    async def _free_slots(self) -> int:
+        assert self.placement is not None
+        held = await self.store.count_node_jobs(self.placement.node)
+        return self.placement.slots() - held
 
     async def _submit_pending(self, download_id: int, paused: bool) -> None:
         row = await self.store.get_download_by_id(download_id)
@@ -234,11 +271,19 @@ class DownloadManager:
         log.bind(gid=gid).info("download {} queued in aria2 as {}", download_id, gid)
 
     async def reconcile_pending(self) -> int:
-        """Submit every row that never reached aria2 (e.g. the service stopped in between)."""
-        rows = await self.store.fetch_downloads_in_states(("pending",))
+        """Submit every row that never reached aria2 (e.g. the service stopped in between); in a
+        cluster, those this node holds, then as many more as it has free slots for."""
+        rows = await self.store.fetch_downloads_in_states(("pending",), node=self.node)
         for row in rows:
             await self.submit(row.id)
-        return len(rows)
+        if self.placement is None:
+            return len(rows)
+        free = await self._free_slots()
+        claimed = await self.store.claim_downloads(self.placement.node, free) if free > 0 else []
+        for download_id in claimed:
+            logger.bind(job=download_id).info("download {} claimed", download_id)
+            await self.submit(download_id)
+        return len(rows) + len(claimed)
 
     # --- user actions -----------------------------------------------------------------------------
 
@@ -248,8 +293,18 @@ class DownloadManager:
             raise NotFound("download", download_id)
         return row
 
+    async def _held_elsewhere(self, row: DownloadRow, action: str) -> bool:
+        """In a cluster, have the node holding `row` do `action` itself (its aria2 runs the job,
+        its disk has the file); True when it did."""
+        if self.placement is None or row.node in (None, self.placement.node):
+            return False
+        await self.placement.ask_holder(row.node, action, row.id)
+        return True
+
     async def pause(self, download_id: int) -> DownloadRow:
         row = await self._row(download_id)
+        if await self._held_elsewhere(row, "pause"):
+            return await self._row(download_id)
         if row.status not in ("waiting", "downloading") or row.gid is None:
             raise TransitionError("download", download_id, row.status, "paused")
         try:
@@ -261,6 +316,8 @@ class DownloadManager:
 
     async def resume(self, download_id: int) -> DownloadRow:
         row = await self._row(download_id)
+        if await self._held_elsewhere(row, "resume"):
+            return await self._row(download_id)
         if row.status != "paused" or row.gid is None:
             raise TransitionError("download", download_id, row.status, "waiting")
         try:
@@ -277,6 +334,10 @@ class DownloadManager:
 
     async def cancel(self, download_id: int) -> DownloadRow:
         row = await self._row(download_id)
+        if row.status in ("waiting", "downloading", "paused") and await self._held_elsewhere(
+            row, "cancel"
+        ):
+            return await self._row(download_id)
         if row.status not in ACTIVE_DOWNLOAD_STATUSES:
             raise TransitionError("download", download_id, row.status, "cancelled")
         if row.gid is not None:
@@ -299,6 +360,8 @@ class DownloadManager:
     async def delete(self, download_id: int, *, delete_file: bool = False) -> DownloadRow:
         """Stop the aria2 job and running uploads first, then remove the rows (and the file)."""
         row = await self._row(download_id)
+        if await self._held_elsewhere(row, "delete-with-file" if delete_file else "delete"):
+            return row
         if row.gid is not None and row.status in ACTIVE_DOWNLOAD_STATUSES:
             await self.aria2.remove(row.gid)
         await self._tell_removed(row)
@@ -308,7 +371,9 @@ class DownloadManager:
         return deleted
 
     async def delete_all(self, *, delete_files: bool = False) -> int:
-        for row in await self.store.fetch_downloads_in_states(ACTIVE_DOWNLOAD_STATUSES):
+        for row in await self.store.fetch_downloads_in_states(
+            ACTIVE_DOWNLOAD_STATUSES, node=self.node
+        ):
             if row.gid is not None:
                 await self.aria2.remove(row.gid)
         for row in await self.store.fetch_recent_downloads(limit=-1):
@@ -358,7 +423,9 @@ class DownloadManager:
 
         Returns the number of active rows (the caller chooses the busy or idle interval).
         """
-        rows = await self.store.fetch_downloads_in_states(("waiting", "downloading", "paused"))
+        rows = await self.store.fetch_downloads_in_states(
+            ("waiting", "downloading", "paused"), node=self.node
+        )
         rows_by_gid = {row.gid: row for row in rows if row.gid is not None}
         statuses = await self.aria2.poll(
             max_waiting=max(1000, len(rows)), max_stopped=0, keys=PROGRESS_KEYS
@@ -379,6 +446,8 @@ class DownloadManager:
                 elif gid not in by_gid:
                     await self._readd(rows_by_gid[gid])
         await self.apply_status(list(by_gid.values()), rows_by_gid)
+        if self.placement is not None:
+            await self.reconcile_pending()  # slots freed this cycle take the next jobs
         return len(rows)
 
     async def apply_status(

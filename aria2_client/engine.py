@@ -12,7 +12,12 @@ from typing import Any
 from loguru import logger
 
 from aria2_client.client import Aria2Client
-from aria2_client.download_handler import DownloadListener, DownloadManager, TelegramLinkMaker
+from aria2_client.download_handler import (
+    DownloadListener,
+    DownloadManager,
+    Placement,
+    TelegramLinkMaker,
+)
 from aria2_client.poller import Poller
 from aria2_client.process import EmbeddedAria2
 from aria2_client.transport import Aria2Transport
@@ -45,6 +50,7 @@ class Engine:
         telegram_link: TelegramLinkMaker | None,
         on_completed: Sequence[DownloadListener],
         on_removed: Sequence[DownloadListener],
+        placement: Placement | None = None,
     ) -> None:
         self._config = config
         self.embedded: EmbeddedAria2 | None = None
@@ -70,6 +76,7 @@ class Engine:
             telegram_link=telegram_link,
             on_completed=on_completed,
             on_removed=on_removed,
+            placement=placement,
         )
         self.poller = Poller(
             self.downloads,

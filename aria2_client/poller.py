@@ -12,6 +12,7 @@ from loguru import logger
 
 from aria2_client.download_handler import DownloadManager
 from aria2_client.transport import Aria2RpcError, Aria2Unavailable
+from db import STORE_ERRORS
 
 
 class Poller:
@@ -62,6 +63,9 @@ class Poller:
                 logger.debug("poller: aria2 unavailable")
             except Aria2RpcError as exc:
                 logger.warning("poller: aria2 answered an error: {}", exc.message)
+            except STORE_ERRORS as exc:
+                # The database is away (a server restarting): aria2 keeps running; catch up later.
+                logger.warning("poller: the store did not answer: {}", _one_line(exc))
             except Exception:
                 logger.exception("poller cycle failed")
             self.cycles += 1
@@ -70,3 +74,7 @@ class Poller:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

@@ -242,9 +242,12 @@ class UploadManager:
         rclone_args: Sequence[str] = (),
         telegram_part_size: int | None = None,
         progress_interval: float = PROGRESS_INTERVAL,
+        node: str | None = None,
     ) -> None:
         self.store = store
         self.config = config
+        # In a cluster, the uploads of the files on this node's disk only (None: every upload).
+        self.node = node
         self.files = files
         self.data_dir = data_dir
         self.telegram_client = telegram_client
@@ -402,7 +405,7 @@ class UploadManager:
         file is still on disk get rows for targets they have none for; downloads whose every
         upload is done are cleaned up (auto_delete).
         """
-        completed = await self.store.fetch_downloads_in_states(("completed",))
+        completed = await self.store.fetch_downloads_in_states(("completed",), node=self.node)
         uploads = await self.store.get_uploads_for_downloads([r.id for r in completed])
         created = 0
         for row in completed:
@@ -504,7 +507,9 @@ class UploadManager:
         now = datetime.now(UTC)
         next_due = _IDLE_DISPATCH_SECONDS
         candidates: list[UploadRow] = []
-        for upload in await self.store.fetch_uploads_in_states(("uploading", "pending")):
+        for upload in await self.store.fetch_uploads_in_states(
+            ("uploading", "pending"), node=self.node
+        ):
             due = parse_utc(upload.next_attempt_at) if upload.next_attempt_at else None
             if due is not None and due > now:
                 next_due = min(next_due, (due - now).total_seconds())
