@@ -90,6 +90,14 @@ class DownloadFiles:
         """Where aria2 puts the files of one download (aria2 creates it on first write)."""
         return self.root / str(download_id)
 
+    def job_ids(self) -> list[int]:
+        """The ids of the job folders present (blocking: call it in a thread)."""
+        try:
+            entries = list(self.root.iterdir())
+        except FileNotFoundError:
+            return []
+        return sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_dir())
+
     def confined(self, candidate: str | Path) -> Path | None:
         return confined_path(self.root, candidate)
 

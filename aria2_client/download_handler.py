@@ -285,6 +285,33 @@ class DownloadManager:
             await self.submit(download_id)
         return len(rows) + len(claimed)
 
+    async def release_others_jobs(self) -> int:
+        """A cluster node back from the dead: other nodes took its unfinished jobs meanwhile.
+        Stop what its aria2 still runs for them and delete their partial files here; the number
+        of jobs released."""
+        if self.placement is None:
+            return 0
+        mine = await self.store.fetch_downloads_in_states(ACTIVE_DOWNLOAD_STATUSES, node=self.node)
+        gids = {row.gid for row in mine}
+        stale = [s.gid for s in await self.aria2.poll(max_stopped=0) if s.gid not in gids]
+        for gid in stale:
+            await self.aria2.remove(gid)
+        released = 0
+        for download_id in await asyncio.to_thread(self.files.job_ids):
+            row = await self.store.get_download_by_id(download_id)
+            # A job back in the queue (no node) may be claimed here again: aria2 resumes its file.
+            if row is None or row.node in (None, self.node):
+                continue
+            await self.files.remove(self.files.job_dir(download_id), job=download_id)
+            logger.bind(job=download_id).info(
+                "download {} is another node's now; its partial files here are deleted",
+                download_id,
+            )
+            released += 1
+        if stale:
+            logger.info("aria2 jobs no row of this node runs any more, stopped: {}", len(stale))
+        return released
+
     # --- user actions -----------------------------------------------------------------------------
 
     async def _row(self, download_id: int) -> DownloadRow:

@@ -108,6 +108,8 @@ class Engine:
         )
         if not await self.transport.wait_connected(10):
             logger.warning("aria2 is not reachable yet; jobs wait until it is")
+        else:
+            await self.downloads.release_others_jobs()
         self.poller.start()
         if self.embedded is not None:
             self._supervisor = asyncio.create_task(
