@@ -2317,12 +2317,15 @@ class Database:
         skip = " FOR UPDATE SKIP LOCKED" if self._backend.dialect == "postgresql" else ""
         now = utc_now()
         async with self._write() as tx:
+            # The pick is a CTE, run once: as a subquery of the UPDATE, PostgreSQL may run it
+            # again for each row and pick the rows after the ones just claimed too.
             rows = await tx.fetch_all(
-                "UPDATE downloads SET node = ?, updated_at = ? WHERE id IN (SELECT id FROM"
-                f" downloads WHERE status = 'pending' AND node IS NULL{among}"
-                f" ORDER BY id LIMIT ?{skip}) AND status = 'pending' AND node IS NULL"
+                "WITH picked AS (SELECT id AS picked_id FROM downloads"
+                f" WHERE status = 'pending' AND node IS NULL{among} ORDER BY id LIMIT ?{skip})"
+                " UPDATE downloads SET node = ?, updated_at = ? FROM picked"
+                " WHERE downloads.id = picked_id AND status = 'pending' AND node IS NULL"
                 f" RETURNING {_DOWNLOAD_COLUMNS}",
-                (node, now, *(ids or ()), limit),
+                (*(ids or ()), limit, node, now),
             )
             claimed = [_download_from_row(row) for row in rows]
             why = f"claimed by node {node}"
