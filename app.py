@@ -259,6 +259,7 @@ class Service:
             data_dir=config.data_dir,
             telegram_client=(lambda: telegram.client) if telegram is not None else None,
             node=node,
+            ask_holder=cluster.ask_holder if node is not None else None,
         )
         await uploads.start()
         stack.push_async_callback(uploads.stop)
@@ -281,6 +282,7 @@ class Service:
                 if node is not None
                 else None
             ),
+            hub=hub,
         )
         web = WebServer(
             AppContext(

@@ -55,6 +55,17 @@ def _age(row: NodeRow, now: datetime) -> float:
     return (now - beat).total_seconds() if beat is not None else float("inf")
 
 
+def _holder_request(action: str, item_id: int) -> tuple[str, str]:
+    """The API call on the holding node that does `action`."""
+    if action.startswith("upload-"):
+        return "POST", f"/api/uploads/{item_id}/{action.removeprefix('upload-')}"
+    if action == "delete":
+        return "DELETE", f"/api/downloads/{item_id}"
+    if action == "delete-with-file":
+        return "DELETE", f"/api/downloads/{item_id}?delete_file=true"
+    return "POST", f"/api/downloads/{item_id}/{action}"
+
+
 class Cluster:
     """This node's place in the cluster: registration, heartbeat, the view of the other nodes,
     the sweep of dead ones, leadership, and asking the node holding a job to act on it."""
@@ -231,33 +242,27 @@ class Cluster:
             found.append(NodeStatus(row, state, round(age, 3), row.name == self.node_name))
         return found
 
-    async def ask_holder(self, node: str, action: str, download_id: int) -> None:
-        """Have `node` do `action` (pause, resume, cancel, delete, delete-with-file) on a job it
-        holds, through its own API. HolderError when it refuses or does not answer."""
+    async def ask_holder(self, node: str, action: str, item_id: int) -> None:
+        """Have `node` do `action` on a job it holds, through its own API: pause, resume,
+        cancel, delete, delete-with-file (a download), upload-retry, upload-cancel (an upload).
+        HolderError when it refuses or does not answer."""
         origin = self.origin_of(node)
         if origin is None or self._http is None:
-            raise HolderError(
-                503, "node_unknown", f"download {download_id} is held by unknown node {node}"
-            )
-        if action.startswith("delete"):
-            method, path = "DELETE", f"/api/downloads/{download_id}"
-            if action == "delete-with-file":
-                path += "?delete_file=true"
-        else:
-            method, path = "POST", f"/api/downloads/{download_id}/{action}"
-        log = logger.bind(job=download_id, node=node)
+            raise HolderError(503, "node_unknown", f"job {item_id} is held by unknown node {node}")
+        method, path = _holder_request(action, item_id)
+        log = logger.bind(job=item_id, node=node)
         headers = {"Authorization": f"Bearer {self._web_token}"}
         try:
             async with self._http.request(method, origin + path, headers=headers) as answer:
                 if answer.status < 300:
-                    log.info("node {} did {} on download {}", node, action, download_id)
+                    log.info("node {} did {} on {}", node, action, path)
                     return
                 detail = await answer.text()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise HolderError(
                 503,
                 "node_unreachable",
-                f"node {node} holding download {download_id} did not answer: {type(exc).__name__}",
+                f"node {node} holding job {item_id} did not answer: {type(exc).__name__}",
             ) from None
         raise HolderError(answer.status, "refused_by_node", f"node {node}: {detail[:300]}")
 

@@ -6,7 +6,7 @@ import circle: this module imports nothing of the project.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, TypedDict
 
@@ -140,6 +140,8 @@ class NodeRow(NamedTuple):
 
 
 NodeState = Literal["alive", "dead", "stopped"]
+# (node holding a job, action, download or upload id): the action done by that node's service.
+HolderAction = Callable[[str, str, int], Awaitable[None]]
 
 
 class NodeStatus(NamedTuple):

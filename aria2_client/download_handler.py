@@ -33,6 +33,7 @@ from files import DownloadFiles
 from records import (
     DownloadChange,
     DownloadRow,
+    HolderAction,
     NewDownload,
     ProgressUpdate,
     TgMediaRecord,
@@ -41,8 +42,6 @@ from records import (
 
 DownloadListener = Callable[[DownloadRow], Awaitable[None]]
 TelegramLinkMaker = Callable[[DownloadRow], str]
-# (node holding the job, action, download id): the action done by that node's own service.
-HolderAction = Callable[[str, str, int], Awaitable[None]]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ from aria2_client.process import EmbeddedAria2
 from aria2_client.transport import Aria2Transport
 from configer import Aria2Config
 from db import Store
+from events import EventHub, Subscription
 from files import DownloadFiles
+from records import DownloadSnapshot
 
 
 def embedded_options(config: Aria2Config) -> dict[str, str]:
@@ -51,8 +53,11 @@ class Engine:
         on_completed: Sequence[DownloadListener],
         on_removed: Sequence[DownloadListener],
         placement: Placement | None = None,
+        hub: EventHub | None = None,
     ) -> None:
         self._config = config
+        # In a cluster, a job queued on any node wakes the poller, which claims it if it can.
+        self._queue_watch = hub.subscribe("engine-queue") if hub and placement else None
         self.embedded: EmbeddedAria2 | None = None
         if not config.rpc_url:
             self.embedded = EmbeddedAria2(
@@ -111,6 +116,8 @@ class Engine:
         else:
             await self.downloads.release_others_jobs()
         self.poller.start()
+        if self._queue_watch is not None:
+            self._spawn(self._watch_queue(self._queue_watch), "engine-queue-watch")
         if self.embedded is not None:
             self._supervisor = asyncio.create_task(
                 self.embedded.supervise(self._aria2_restarted), name="aria2c-supervisor"
@@ -119,6 +126,8 @@ class Engine:
     async def stop(self) -> None:
         """Stop polling and supervising, close the connection, then stop our aria2c."""
         await self.poller.stop()
+        if self._queue_watch is not None:
+            self._queue_watch.close()
         tasks = [t for t in (self._supervisor, *self._background) if t is not None]
         self._supervisor = None
         for task in tasks:
@@ -140,6 +149,12 @@ class Engine:
             await self.aria2.change_global_option(
                 {"max-concurrent-downloads": str(config.max_concurrent_downloads)}
             )
+
+    async def _watch_queue(self, events: Subscription) -> None:
+        async for event in events:
+            row = event.data.row if isinstance(event.data, DownloadSnapshot) else None
+            if row is not None and row.status == "pending" and row.node is None:
+                self.poller.wake()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)

@@ -41,7 +41,7 @@ from loguru import logger
 from configer import UploadConfig, UploadTarget
 from db import NotFound, Store, StoreError, TransitionError, allowed_sources, parse_utc
 from files import DownloadFiles
-from records import DownloadRow, UploadRow
+from records import DownloadRow, HolderAction, UploadRow
 from uploads import telegram as telegram_upload
 from uploads.rclone import (
     LOCAL_FILE_MISSING,
@@ -243,11 +243,14 @@ class UploadManager:
         telegram_part_size: int | None = None,
         progress_interval: float = PROGRESS_INTERVAL,
         node: str | None = None,
+        ask_holder: HolderAction | None = None,
     ) -> None:
         self.store = store
         self.config = config
-        # In a cluster, the uploads of the files on this node's disk only (None: every upload).
+        # In a cluster, the uploads of the files on this node's disk only (None: every upload);
+        # an action on another node's upload is done by that node (`ask_holder`).
         self.node = node
+        self.ask_holder = ask_holder
         self.files = files
         self.data_dir = data_dir
         self.telegram_client = telegram_client
@@ -443,6 +446,8 @@ class UploadManager:
     async def retry(self, upload_id: int) -> UploadRow:
         """By hand: a failed or cancelled upload, or one waiting for its automatic retry, starts
         again now with its retry count reset. TransitionError for any other status."""
+        if await self._held_elsewhere(upload_id, "retry"):
+            return await self._row(upload_id)
         await self.store.reset_upload_for_retry(upload_id)
         upload = await self._row(upload_id)
         logger.bind(upload=upload_id, job=upload.download_id).info("upload retried by hand")
@@ -458,6 +463,8 @@ class UploadManager:
             raise NotFound("upload", upload_id)
         if upload.status not in allowed_sources("upload", "cancelled"):
             raise TransitionError("upload", upload_id, upload.status, "cancelled")
+        if await self._held_elsewhere(upload_id, "cancel"):
+            return await self._row(upload_id)
         attempt = self._attempts.get(upload_id)
         if attempt is not None and upload.status in ("pending", "uploading"):
             attempt.cancel_requested = True
@@ -473,6 +480,18 @@ class UploadManager:
         await self.store.mark_upload_cancelled(upload_id, reason)
         logger.bind(upload=upload_id, job=upload.download_id).info("upload cancelled: {}", reason)
         return await self._row(upload_id)
+
+    async def _held_elsewhere(self, upload_id: int, action: str) -> bool:
+        """In a cluster, have the node whose disk holds the file do `action` on the upload (its
+        rclone runs it); True when it did."""
+        if self.ask_holder is None:
+            return False
+        upload = await self._row(upload_id)
+        download = await self.store.get_download_by_id(upload.download_id)
+        if download is None or download.node in (None, self.node):
+            return False
+        await self.ask_holder(download.node, f"upload-{action}", upload_id)
+        return True
 
     async def _row(self, upload_id: int) -> UploadRow:
         row = await self.store.get_upload_by_id(upload_id)
