@@ -58,11 +58,10 @@ from db import (
 )
 from events import EventHub
 from files import DownloadFiles
-from records import DownloadRow
 from uploads.manager import UploadManager
 from uploads.media import MediaProber
 from webstreamer.context import AppContext
-from webstreamer.links import StreamLinks, file_name_of
+from webstreamer.links import StreamLinks
 from webstreamer.server import Listener, WebServer
 from webstreamer.signing import LinkSigner
 
@@ -183,6 +182,7 @@ class Service:
         self._parts: Parts | None = None
         self._log_secrets: list[str] = []
         self._bot_start: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def parts(self) -> Parts:
@@ -199,6 +199,7 @@ class Service:
 
     async def stop(self) -> None:
         """Stop everything started, newest first; safe to call twice."""
+        self._stopping = True
         self._parts = None
         await self._stack.aclose()
 
@@ -270,7 +271,7 @@ class Service:
             config.aria2,
             data_dir=config.data_dir,
             secret=secrets.aria2_secret,
-            telegram_link=lambda row: _telegram_link(links, cluster, row),
+            telegram_link=links.loopback_url,
             on_completed=[media.on_download_completed, uploads.on_download_completed],
             on_removed=[uploads.on_download_removed],
             placement=(
@@ -339,9 +340,7 @@ class Service:
             )
         # One node of a cluster runs the bot (Telegram gives updates to one consumer): the
         # leader. A lone node leads at once.
-        cluster.start_leading(
-            on_gain=lambda: self._lead(bot, telegram), on_loss=lambda: self._follow(bot, telegram)
-        )
+        cluster.start_leading(lambda leading: self._leadership_changed(leading, bot, telegram))
         stack.push_async_callback(cluster.stop_leading)
         return Parts(
             secrets,
@@ -359,21 +358,23 @@ class Service:
             bot,
         )
 
-    async def _lead(self, bot: TelegramBot | None, telegram: TelegramSession | None) -> None:
-        if bot is None or telegram is None:
-            return
-        # Telegram may be unreachable: the service runs (API, page, jobs) while the bot keeps
-        # trying to log in on its own.
-        self._bot_start = asyncio.create_task(_start_bot(bot, telegram), name="telegram-bot-start")
-
-    async def _follow(self, bot: TelegramBot | None, telegram: TelegramSession | None) -> None:
+    async def _leadership_changed(
+        self, leading: bool, bot: TelegramBot | None, telegram: TelegramSession | None
+    ) -> None:
+        """The leader runs the bot on a session that receives updates; every other node of a
+        cluster keeps a session of its own without updates, for Telegram files and uploads.
+        Telegram may be unreachable: the service runs (API, page, jobs) while the session keeps
+        trying to log in on its own."""
         if bot is None or telegram is None:
             return
         await self._stop_bot(bot)
-        if self._parts is not None:
-            # Leadership lost while running: another node's bot takes the updates. (On the way
-            # out, the session stops after the uploads, which may still be sending through it.)
+        if self._stopping:
+            return  # the session stops after the uploads, which may still send through it
+        if telegram.started:
             await telegram.stop()
+        self._bot_start = asyncio.create_task(
+            _start_telegram(telegram, bot if leading else None), name="telegram-start"
+        )
 
     def _telegram_session(self, store: Store) -> TelegramSession | None:
         telegram = self.config.telegram
@@ -422,10 +423,12 @@ class Service:
         return diff
 
 
-async def _start_bot(bot: TelegramBot, telegram: TelegramSession) -> None:
+async def _start_telegram(telegram: TelegramSession, bot: TelegramBot | None) -> None:
+    """Start the session: with the bot, receiving updates; without, for files and uploads."""
     try:
-        await bot.start()
-        await telegram.start()
+        if bot is not None:
+            await bot.start()
+        await telegram.start(updates=bot is not None)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -438,15 +441,6 @@ async def _cluster_secrets(store: Store, config: Config, own: Secrets) -> Secret
     link_key = await store.shared_secret("link_key", own.link_key.hex)
     web_token = config.web.token or await store.shared_secret("web_token", lambda: own.web_token)
     return replace(own, link_key=bytes.fromhex(link_key), web_token=web_token)
-
-
-def _telegram_link(links: StreamLinks, cluster: Cluster, row: DownloadRow) -> str:
-    """How aria2 fetches a Telegram file: from our own listener, or in a cluster from the node
-    running the bot (the only one with a Telegram session)."""
-    leader = cluster.leader_origin()
-    if leader is None:
-        return links.loopback_url(row)
-    return leader + links.signer.stream_path(row.id, file_name_of(row), lifetime=0)
 
 
 async def _close_store(store: Store) -> None:

@@ -29,7 +29,8 @@ from configer import ClusterConfig
 from db import STORE_ERRORS, Store, StoreError, parse_utc
 from records import NodeHeartbeat, NodeRow, NodeState, NodeStatus
 
-LeaderHook = Callable[[], Awaitable[None]]
+# Told whether this node leads: once when first known, then at every change (and on stop).
+LeadershipHook = Callable[[bool], Awaitable[None]]
 
 _LEAD_RETRY = 1.0  # seconds between attempts to become the leader
 _HOLDER_TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
@@ -94,7 +95,7 @@ class Cluster:
         self._in_touch_since: float | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._leadership: asyncio.Task[None] | None = None
-        self._on_loss: LeaderHook | None = None
+        self._on_change: LeadershipHook | None = None
         self._http: aiohttp.ClientSession | None = None
 
     @property
@@ -268,34 +269,32 @@ class Cluster:
 
     # --- leadership ------------------------------------------------------------------------------
 
-    def start_leading(self, on_gain: LeaderHook, on_loss: LeaderHook) -> None:
-        """Try for the leader's lock; run `on_gain` when it is ours and `on_loss` when it is lost
-        (or on stop). A lone node leads at once."""
-        self._on_loss = on_loss
-        self._leadership = asyncio.create_task(self._lead(on_gain), name="cluster-leadership")
+    def start_leading(self, on_change: LeadershipHook) -> None:
+        """Try for the leader's lock, now and whenever it is free; `on_change(leading)` hears
+        the outcome of the first try and every change after. A lone node leads at once."""
+        self._on_change = on_change
+        self._leadership = asyncio.create_task(self._lead(on_change), name="cluster-leadership")
 
-    async def _lead(self, on_gain: LeaderHook) -> None:
+    async def _lead(self, on_change: LeadershipHook) -> None:
         log = logger.bind(node=self.node_name)
         if not self.enabled:
-            await on_gain()
+            await on_change(True)
             return
+        told: bool | None = None
         while True:
             try:
                 if not self.leading and await self.store.try_lead():
                     self.leading = True
                     log.info("node {} leads the cluster: it runs the bot", self.node_name)
-                    await on_gain()
                 elif self.leading and not await self.store.still_leading():
                     self.leading = False
                     log.warning("node {} lost the lead", self.node_name)
-                    await self._lose()
             except STORE_ERRORS as exc:
                 log.debug("leadership: {}", exc)
+            if self.leading != told:
+                told = self.leading
+                await on_change(self.leading)
             await asyncio.sleep(_LEAD_RETRY)
-
-    async def _lose(self) -> None:
-        if self._on_loss is not None:
-            await self._on_loss()
 
     async def stop_leading(self) -> None:
         task, self._leadership = self._leadership, None
@@ -305,7 +304,8 @@ class Cluster:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         if self.leading:
-            await self._lose()
             if self.enabled:
                 self.leading = False
                 await self.store.resign()
+            if self._on_change is not None:
+                await self._on_change(False)

@@ -106,8 +106,18 @@ class TelegramSession:
 
     # --- lifecycle --------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Log in; when the first attempt fails, keep trying in the background instead."""
+    @property
+    def started(self) -> bool:
+        """Whether it is logged in, connected or still trying to log in."""
+        return self.logged_in.is_set() or self.retrying or self._client.is_connected
+
+    async def start(self, *, updates: bool = True) -> None:
+        """Log in; when the first attempt fails, keep trying in the background instead.
+
+        Without `updates` the session only acts (files, uploads, messages) and Telegram sends it
+        no updates: in a cluster, the one consumer of the bot's updates is the leader's session.
+        """
+        self._client.no_updates = not updates
         try:
             await asyncio.wait_for(self._log_in(), timeout=_START_TIMEOUT)
         except _REFUSED_CREDENTIALS as exc:
@@ -138,7 +148,7 @@ class TelegramSession:
             with contextlib.suppress(ConnectionError):
                 # A half-started client refuses to start again until it is stopped.
                 if self._client.is_connected:
-                    await self._client.stop()
+                    await self._client.stop(clear_handlers=False)
             try:
                 await asyncio.wait_for(self._log_in(), timeout=_START_TIMEOUT)
             except _REFUSED_CREDENTIALS as exc:
@@ -159,7 +169,10 @@ class TelegramSession:
             logger.warning("closing Telegram media sessions failed: {}", type(exc).__name__)
         if self._client.is_connected:
             try:
-                await asyncio.wait_for(self._client.stop(), timeout=_STOP_TIMEOUT)
+                # The bot's handlers stay registered for the next start (leadership returns).
+                await asyncio.wait_for(
+                    self._client.stop(clear_handlers=False), timeout=_STOP_TIMEOUT
+                )
             except (ConnectionError, TimeoutError, OSError) as exc:
                 logger.warning("the Telegram client did not stop cleanly: {}", type(exc).__name__)
         logger.info("Telegram session closed")

@@ -271,6 +271,11 @@ async def test_dashboard_follows_a_download_over_the_websocket(
             "the live dashboard",
         )
         assert await page.evaluate("document.cookie") == ""  # HttpOnly: not readable by script
+        # One node on SQLite: no nodes panel (and below, no node label on the row).
+        await page.wait_for(
+            "document.getElementById('nodes').dataset.enabled === 'false'", 10, "/api/cluster"
+        )
+        assert await page.evaluate("document.getElementById('nodes').hidden") is True
 
         # From now on the list API fails: only pushes can move the row.
         await page.send(
@@ -289,6 +294,7 @@ async def test_dashboard_follows_a_download_over_the_websocket(
         )
         row = f"document.querySelector('article.item[data-download-id=\"{row_id}\"]')"
         assert await page.evaluate(f"{row}.querySelector('.name').textContent") == "slow clip.mp4"
+        assert await page.evaluate(f"{row}.querySelector('.badge.node').hidden") is True
         row_buttons = (
             f"Array.from({row}.querySelectorAll(':scope > .actions > [data-action]'),"
             " (b) => b.dataset.action)"

@@ -17,7 +17,7 @@ from configer import Config, ConfigDiff, Secrets
 from db import Store
 from events import EventHub
 from files import DownloadFiles
-from records import DownloadRow, UploadRow
+from records import DownloadRow, NodeStatus, UploadRow
 from webstreamer.byteserve import ByteSource
 from webstreamer.links import StreamLinks
 
@@ -56,13 +56,27 @@ class UploadActions(Protocol):
     async def cancel(self, upload_id: int) -> UploadRow: ...
 
 
+class ClusterView(Protocol):
+    """What the routes ask of the cluster: which node this is, where another node that holds a
+    job answers, and how every node stands. A single node (SQLite) is not `enabled`."""
+
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def node_name(self) -> str: ...
+    def origin_of(self, node: str | None) -> str | None: ...
+    def leader_origin(self) -> str | None: ...
+    async def nodes(self) -> Sequence[NodeStatus]: ...
+
+
 @dataclass(frozen=True)
 class AppContext:
     """Everything the routes need, built complete by app.py (or a test) before the application.
 
     `live_config` returns the configuration in force: a reload swaps it without touching the
     context. `files` is the download directory that whole files are served from; when a file is
-    not whole there, `byte_sources` (the Telegram streamer) are asked in order.
+    not whole there, `byte_sources` (the Telegram streamer) are asked in order. `cluster` says
+    which other node's public URL answers for a job this node does not hold.
     """
 
     live_config: Callable[[], Config]
@@ -76,6 +90,7 @@ class AppContext:
     byte_sources: Sequence[ByteSourceProvider]
     aria2_connected: Callable[[], bool]
     reload_config: Callable[[], Awaitable[ConfigDiff]]
+    cluster: ClusterView
     version: str = VERSION
 
     @property
@@ -182,6 +197,16 @@ async def signed_request(request: web.Request, what: str) -> SignedRequest | web
         return json_error(404, "not_found", f"no download {download_id}")
     # Well-formed: the signature check has read it.
     return SignedRequest(row, index, int(request.query.get("exp") or 0))
+
+
+def redirect_to_node(request: web.Request, origin: str) -> web.Response:
+    """A 307 to the same path and query on another node: a signed link holds on every node, and
+    307 keeps the method (HEAD stays HEAD) and the headers the client resends (Range)."""
+    # The path and query exactly as sent (path_qs would re-encode them); path_qs only for a
+    # request target in absolute form.
+    target = request.raw_path if request.raw_path.startswith("/") else request.path_qs
+    location = origin + target
+    return web.Response(status=307, headers={"Location": location}, text=f"see {location}\n")
 
 
 # --- the dashboard's HTML shell (the page and the sign-in form are one document) ------------------

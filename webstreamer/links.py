@@ -3,6 +3,7 @@ player page and the bot alike, so that every part gives the same link for the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from records import DownloadRow
@@ -22,15 +23,34 @@ def file_name_of(row: DownloadRow) -> str:
     return row.file_name or "file"
 
 
-class StreamLinks:
-    """Signed links to a row's bytes, on the public base URL (or on loopback, for aria2)."""
+def no_other_node(node: str | None) -> str | None:
+    """The origin of a single node's jobs: always its own base URL."""
+    return None
 
-    def __init__(self, signer: LinkSigner, base_url: str, loopback_origin: str) -> None:
+
+class StreamLinks:
+    """Signed links to a row's bytes, on the public URL of the node that holds the row (or on
+    loopback, for aria2)."""
+
+    def __init__(
+        self,
+        signer: LinkSigner,
+        base_url: str,
+        loopback_origin: str,
+        origin_of: Callable[[str | None], str | None] = no_other_node,
+    ) -> None:
         """`loopback_origin` is ``http://address:port`` of our own listener, as seen from this
-        machine: it is fixed for the life of the process, unlike the reloadable base URL."""
+        machine: it is fixed for the life of the process, unlike the reloadable base URL.
+        `origin_of(row.node)` is the public URL of another node that holds a row, else None (the
+        row's links are then on our own base URL)."""
         self.signer = signer
         self.base_url = base_url.rstrip("/")
         self.loopback_origin = loopback_origin
+        self.origin_of = origin_of
+
+    def origin(self, row: DownloadRow) -> str:
+        """Where the row's public links point: the node holding it, or this one."""
+        return self.origin_of(row.node) or self.base_url
 
     def reconfigure(self, *, link_expiry: int, base_url: str) -> None:
         """Apply a reloaded `web.link_expiry` or `web.public_url` to every holder at once."""
@@ -41,19 +61,19 @@ class StreamLinks:
         """The whole download's bytes: None for a torrent (its files have links of their own)."""
         if not can_stream(row) or row.files:
             return None
-        return self.base_url + self.signer.stream_path(row.id, file_name_of(row))
+        return self.origin(row) + self.signer.stream_path(row.id, file_name_of(row))
 
     def watch_url(self, row: DownloadRow) -> str | None:
         if not can_stream(row) or row.files:
             return None
-        return self.base_url + self.signer.watch_path(row.id)
+        return self.origin(row) + self.signer.watch_path(row.id)
 
     def file_url(self, row: DownloadRow, index: int, path: str) -> str | None:
         """One file of a completed torrent, by aria2's 1-based index."""
         if row.status != "completed":
             return None
         name = path.rsplit("/", 1)[-1]
-        return self.base_url + self.signer.stream_path(row.id, name, index=index)
+        return self.origin(row) + self.signer.stream_path(row.id, name, index=index)
 
     def player_source(self, download_id: int, name: str, index: int | None, expires: int) -> str:
         """The relative /stream link the /watch page plays. Both links sign the same (id, index,

@@ -12,9 +12,10 @@ from aiohttp import web
 from loguru import logger
 
 from aria2_client.sources import SourceError
-from db import DuplicateDownload, NotFound, StoreError, TransitionError
+from cluster import HolderError
+from db import DRIVER_ERRORS, DuplicateDownload, NotFound, StoreError, TransitionError
 from webstreamer.context import CONTEXT, AppContext, json_error
-from webstreamer.routes import api, auth, page, stream, uploads, ws
+from webstreamer.routes import api, auth, cluster, page, stream, uploads, ws
 
 
 @web.middleware
@@ -48,6 +49,11 @@ async def error_middleware(
         return json_error(400, "bad_source", str(exc))
     except StoreError as exc:
         return json_error(409, "conflict", str(exc))
+    except HolderError as exc:  # the node holding the job refused the action or is away
+        return json_error(exc.status, exc.code, exc.message)
+    except DRIVER_ERRORS as exc:  # the database is away (a server restarting)
+        logger.warning("{} {}: the store did not answer: {}", request.method, request.path, exc)
+        return json_error(503, "store_unavailable", "the database did not answer; try again")
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
@@ -74,6 +80,7 @@ def create_app(ctx: AppContext) -> web.Application:
     app[CONTEXT] = ctx
     api.setup(app)
     uploads.setup(app)
+    cluster.setup(app)
     stream.setup(app)
     ws.setup(app)
     auth.setup(app)

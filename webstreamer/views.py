@@ -4,7 +4,8 @@ A download's JSON is every `DownloadRow` field but `has_torrent_data`, its `uplo
 `stream_url` / `watch_url` (null when not streamable), a `stream_url` for each file of a
 completed torrent, and `actions`: what the row allows now. An upload's JSON is every `UploadRow`
 field and its `actions`. A WebSocket `download_update` carries exactly the list row of
-`GET /api/downloads`.
+`GET /api/downloads`. `GET /api/cluster` answers `cluster_json`: this node, the live leader
+and every node's last heartbeat.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from records import (
     DownloadSnapshot,
     EventData,
     HistoryEntry,
+    NodeStatus,
     UploadRow,
 )
 from webstreamer.links import StreamLinks
@@ -66,3 +68,31 @@ def event_json(links: StreamLinks, data: EventData) -> object:
     if isinstance(data, UploadRow):
         return upload_json(data)
     return data  # the statistics, already JSON-shaped
+
+
+def node_json(status: NodeStatus) -> dict[str, Any]:
+    row = status.row
+    return {
+        "name": row.name,
+        "public_url": row.public_url,
+        "state": status.state,
+        "slots": row.slots,
+        "running": row.running,
+        "disk_free": row.disk_free,
+        "heartbeat_age": status.heartbeat_age,
+        "leader": row.leader,
+        "started_at": row.started_at,
+        "heartbeat_at": row.heartbeat_at,
+        "self": status.is_self,
+    }
+
+
+def cluster_json(enabled: bool, node_name: str, nodes: Sequence[NodeStatus]) -> dict[str, Any]:
+    """The cluster as one node sees it; the leader is the live node that runs the bot."""
+    leader = next((n.row.name for n in nodes if n.row.leader and n.state == "alive"), None)
+    return {
+        "enabled": enabled,
+        "node": node_name,
+        "leader": leader,
+        "nodes": [node_json(status) for status in nodes],
+    }

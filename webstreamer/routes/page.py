@@ -2,7 +2,8 @@
 
 `/` and `/static/...` are public: the page itself shows the sign-in form (routes/auth.py) until
 the browser holds a session cookie, which the API and the WebSocket then accept. `/watch/...` is
-authorised by the same HMAC signature as the `/stream/...` link it plays.
+authorised by the same HMAC signature as the `/stream/...` link it plays, and served by the node
+that holds the file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from html import escape
 from pathlib import Path
 
 from aiohttp import web
+from loguru import logger
 
 from webstreamer.context import (
     STATIC_DIR,
@@ -20,6 +22,7 @@ from webstreamer.context import (
     index_response,
     json_error,
     page_headers,
+    redirect_to_node,
     signed_request,
 )
 from webstreamer.i18n import language_for, translate
@@ -139,6 +142,12 @@ async def watch(request: web.Request) -> web.StreamResponse:
     download_id = row.id
     if not can_stream(row):
         return json_error(409, "not_ready", f"download {download_id} cannot be played yet")
+    # The player plays a /stream link of its own origin (media-src 'self'): the node holding
+    # the file serves both.
+    holder = ctx.cluster.origin_of(row.node) if row.status == "completed" else None
+    if holder is not None:
+        logger.bind(job=download_id).debug("player sent to node {} at {}", row.node, holder)
+        return redirect_to_node(request, holder)
     lang = language_for(request.headers.get("Accept-Language"))
     title = row.file_name or f"#{row.id}"
     message_key: str | None = None

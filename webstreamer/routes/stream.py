@@ -12,7 +12,7 @@ from loguru import logger
 from files import DownloadFiles
 from records import DownloadRow
 from webstreamer.byteserve import ByteSource, LocalFileSource, serve_bytes
-from webstreamer.context import context_of, json_error, signed_request
+from webstreamer.context import context_of, json_error, redirect_to_node, signed_request
 from webstreamer.links import file_name_of
 
 
@@ -55,21 +55,37 @@ async def _local_source(
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
+    """The bytes from here when this node has them whole (or a byte source does); else a 307 to
+    the node that holds the completed file, or, for a Telegram file, to the node running the
+    bot; else 409."""
     ctx = context_of(request)
     signed = await signed_request(request, "stream")
     if isinstance(signed, web.Response):
         return signed
     row, index = signed.row, signed.index
     download_id = row.id
+    log = logger.bind(job=download_id)
     source = await _local_source(ctx.files, row, index)
+    if source is None and row.status == "completed":
+        holder = ctx.cluster.origin_of(row.node)
+        if holder is not None:
+            log.debug(
+                "{} sent to node {} at {}, which holds the file", request.method, row.node, holder
+            )
+            return redirect_to_node(request, holder)
     if source is None and index is None:
         for provider in ctx.byte_sources:
             source = await provider(row, index)
             if source is not None:
                 break
+    if source is None and index is None and row.source_type == "telegram":
+        leader = ctx.cluster.leader_origin()  # this node does not read Telegram; the leader does
+        if leader is not None:
+            log.debug("{} sent to {}, the node that reads Telegram", request.method, leader)
+            return redirect_to_node(request, leader)
     if source is None:
         return json_error(409, "not_ready", f"download {download_id} has no whole file to serve")
-    logger.bind(job=download_id).debug("streaming {} ({} bytes)", source.name, source.size)
+    log.debug("streaming {} ({} bytes)", source.name, source.size)
     return await serve_bytes(request, source)
 
 

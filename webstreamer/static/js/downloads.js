@@ -3,6 +3,7 @@
 import { renderDetails } from "./details.js";
 import { copyLinkButton, formatBytes, formatDuration, formatSpeed, h, safeUrl, watchLink } from "./dom.js";
 import { language, t } from "./i18n.js";
+import { state } from "./state.js";
 import { renderUploads } from "./uploads.js";
 
 export function displayName(d) {
@@ -34,6 +35,7 @@ export function displayName(d) {
 export function createItemView(id) {
   const v = {};
   v.name = h("span", { class: "name" });
+  v.node = h("span", { class: "badge node", hidden: true });
   v.badge = h("span", { class: "badge state" });
   v.source = h("div", { class: "source" });
   v.bar = h("div", { class: "bar" });
@@ -54,7 +56,7 @@ export function createItemView(id) {
   v.root = h(
     "article",
     { class: "item", dataset: { downloadId: String(id) } },
-    h("div", { class: "item-head" }, v.name, v.badge),
+    h("div", { class: "item-head" }, v.name, v.node, v.badge),
     v.source,
     v.progress,
     h("div", { class: "meta" }, v.size, v.percent, v.speed, v.eta),
@@ -77,6 +79,11 @@ export function renderItem(rec) {
   v.name.title = displayName(d);
   v.badge.dataset.status = status;
   v.badge.textContent = t(`status.${status}`);
+  // In a cluster: the node holding the job.
+  const clustered = Boolean(state.cluster && state.cluster.enabled);
+  v.node.hidden = !clustered;
+  v.node.textContent = clustered ? d.node || t("web.item.no_node") : "";
+  v.node.title = clustered ? t("web.item.node") : "";
   const origin = [`#${d.id}`];
   if (d.source_type) origin.push(d.source_type);
   if (d.source_type !== "telegram" && typeof d.source_url === "string" && d.file_name) {

@@ -1,4 +1,5 @@
 // Signing in and out: the token form, the session cookie, and which view the page shows.
+import { startCluster, stopCluster } from "./cluster.js";
 import { $, toast } from "./dom.js";
 import { t } from "./i18n.js";
 import { connect, disconnect, setConnection } from "./live.js";
@@ -26,6 +27,7 @@ export function signedOut(notify) {
   if (!state.signedIn) return;
   state.signedIn = false;
   disconnect();
+  stopCluster();
   showLogin();
   if (notify) toast(t("web.error.unauthorized"), "bad");
 }
@@ -35,6 +37,7 @@ export function signedIn() {
   document.body.dataset.loginState = "";
   showDashboard();
   connect();
+  startCluster();
 }
 
 export async function onLoginSubmit(event) {

@@ -1,6 +1,7 @@
 // MistRelay dashboard start-up: one page, native modules, no build step.
 import { onAddSubmit, onTorrentChosen } from "./add.js";
 import { onUnauthorized } from "./api.js";
+import { refreshCluster, renderNodes } from "./cluster.js";
 import { onDeleteDialogClosed, onListClick } from "./controls.js";
 import { $ } from "./dom.js";
 import { renderAll } from "./groups.js";
@@ -14,6 +15,7 @@ function switchLanguage() {
   const conn = $("conn-text");
   if (conn.dataset.i18n) conn.textContent = t(conn.dataset.i18n, { seconds: "…" });
   renderAll();
+  renderNodes();
   renderStatistics();
   drawChart();
 }
@@ -45,6 +47,7 @@ async function boot() {
   $("groups").addEventListener("click", onListClick);
   $("delete-dialog").addEventListener("close", onDeleteDialogClosed);
   window.addEventListener("resize", drawChart);
+  document.addEventListener("visibilitychange", refreshCluster);
   window.setInterval(sampleSpeeds, 1000);
   const authenticated = await probeSession();
   document.documentElement.classList.remove("boot");
