@@ -533,7 +533,9 @@ async def check_command(config: Config, *, fix: bool) -> int:
         return 2
     try:
         async with running_aria2(config.aria2, config.data_dir) as (aria2, where):
-            result = await check(db, aria2, config.aria2.download_dir)
+            # In a cluster, the jobs this node holds: the others run on other machines.
+            node = config.cluster.name if db.shared else None
+            result = await check(db, aria2, config.aria2.download_dir, node=node)
             if result.aria2_compared:
                 print(f"aria2: compared (at {where})")
             else:
