@@ -103,6 +103,7 @@ class DownloadManager:
         self._on_removed = tuple(on_removed)
         self._apply_lock = asyncio.Lock()
         self._submitting: set[int] = set()
+        self._claim_lock = asyncio.Lock()
 
     @property
     def download_dir(self) -> Path:
@@ -239,9 +240,10 @@ class DownloadManager:
             return False
         if row.node is not None:
             return True
-        if await self._free_slots() <= 0:
-            return False
-        claimed = await self.store.claim_downloads(self.placement.node, 1, [download_id])
+        async with self._claim_lock:
+            if await self._free_slots() <= 0:
+                return False
+            claimed = await self.store.claim_downloads(self.placement.node, 1, [download_id])
         return download_id in claimed
 
     async def _free_slots(self) -> int:
@@ -277,8 +279,10 @@ class DownloadManager:
             await self.submit(row.id)
         if self.placement is None:
             return len(rows)
-        free = await self._free_slots()
-        claimed = await self.store.claim_downloads(self.placement.node, free) if free > 0 else []
+        node = self.placement.node
+        async with self._claim_lock:  # slots counted and taken in one step
+            free = await self._free_slots()
+            claimed = await self.store.claim_downloads(node, free) if free > 0 else []
         for download_id in claimed:
             logger.bind(job=download_id).info("download {} claimed", download_id)
             await self.submit(download_id)
