@@ -340,7 +340,9 @@ class Service:
             )
         # One node of a cluster runs the bot (Telegram gives updates to one consumer): the
         # leader. A lone node leads at once.
-        cluster.start_leading(lambda leading: self._leadership_changed(leading, bot, telegram))
+        await cluster.start_leading(
+            lambda leading: self._leadership_changed(leading, bot, telegram)
+        )
         stack.push_async_callback(cluster.stop_leading)
         return Parts(
             secrets,

@@ -269,43 +269,47 @@ class Cluster:
 
     # --- leadership ------------------------------------------------------------------------------
 
-    def start_leading(self, on_change: LeadershipHook) -> None:
-        """Try for the leader's lock, now and whenever it is free; `on_change(leading)` hears
-        the outcome of the first try and every change after. A lone node leads at once."""
+    async def start_leading(self, on_change: LeadershipHook) -> None:
+        """Try for the leader's lock, now (`on_change(leading)` hears the outcome before this
+        returns) and then whenever it is free (`on_change` hears every change). A lone node
+        leads at once."""
         self._on_change = on_change
-        self._leadership = asyncio.create_task(self._lead(on_change), name="cluster-leadership")
-
-    async def _lead(self, on_change: LeadershipHook) -> None:
-        log = logger.bind(node=self.node_name)
         if not self.enabled:
             await on_change(True)
             return
-        told: bool | None = None
+        await self._try_lead()
+        await on_change(self.leading)
+        self._leadership = asyncio.create_task(self._lead(on_change), name="cluster-leadership")
+
+    async def _try_lead(self) -> None:
+        log = logger.bind(node=self.node_name)
+        try:
+            if not self.leading and await self.store.try_lead():
+                self.leading = True
+                log.info("node {} leads the cluster: it runs the bot", self.node_name)
+            elif self.leading and not await self.store.still_leading():
+                self.leading = False
+                log.warning("node {} lost the lead", self.node_name)
+        except STORE_ERRORS as exc:
+            log.debug("leadership: {}", exc)
+
+    async def _lead(self, on_change: LeadershipHook) -> None:
+        told = self.leading
         while True:
-            try:
-                if not self.leading and await self.store.try_lead():
-                    self.leading = True
-                    log.info("node {} leads the cluster: it runs the bot", self.node_name)
-                elif self.leading and not await self.store.still_leading():
-                    self.leading = False
-                    log.warning("node {} lost the lead", self.node_name)
-            except STORE_ERRORS as exc:
-                log.debug("leadership: {}", exc)
+            await asyncio.sleep(_LEAD_RETRY)
+            await self._try_lead()
             if self.leading != told:
                 told = self.leading
                 await on_change(self.leading)
-            await asyncio.sleep(_LEAD_RETRY)
 
     async def stop_leading(self) -> None:
         task, self._leadership = self._leadership, None
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        if self.leading:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.leading and self._on_change is not None:
             if self.enabled:
                 self.leading = False
                 await self.store.resign()
-            if self._on_change is not None:
-                await self._on_change(False)
+            await self._on_change(False)
