@@ -240,6 +240,8 @@ class Cluster:
                 state = "stopped"
             elif age > self.config.node_timeout:
                 state = "dead"
+            if state != "alive":  # a dead leader's row says so until another beats for it
+                row = row._replace(leader=False)
             found.append(NodeStatus(row, state, round(age, 3), row.name == self.node_name))
         return found
 

@@ -2194,6 +2194,7 @@ class Database:
         """Store the effective configuration (secrets already masked) for the page and the API."""
         now = utc_now()
         async with self._write() as tx:
+            await tx.serialize(_CONFIG_LOCK)  # nodes starting together each rewrite it
             await tx.execute("DELETE FROM config_settings")
             await tx.executemany(
                 "INSERT INTO config_settings (key, value, updated_at) VALUES (?, ?, ?)",
@@ -2338,7 +2339,7 @@ class Database:
         """Send every unfinished download `node` holds back to the queue (pending, no node, no
         gid, no progress), each with a history row giving `reason`; the ids."""
         async with self._write() as tx:
-            await tx.lock_cluster_sweep()
+            await tx.serialize(_CLUSTER_SWEEP_LOCK)
             rows = await tx.fetch_all(
                 "SELECT id FROM downloads WHERE node = ?"
                 " AND status IN ('pending', 'waiting', 'downloading', 'paused') ORDER BY id",
@@ -2363,7 +2364,7 @@ class Database:
     async def fail_uploads_of_node(self, node: str, reason: str) -> list[int]:
         """Fail every unfinished upload of a file `node` holds (it is on that node's disk only)."""
         async with self._write() as tx:
-            await tx.lock_cluster_sweep()
+            await tx.serialize(_CLUSTER_SWEEP_LOCK)
             rows = await tx.fetch_all(
                 "SELECT id FROM uploads WHERE status IN ('pending', 'uploading', 'paused')"
                 " AND download_id IN (SELECT id FROM downloads WHERE node = ?"
@@ -2662,6 +2663,7 @@ async def move_store(source: DatabaseConfig, target: DatabaseConfig, *, apply: b
 _EVENTS_CHANNEL = "mistrelay_events"
 _LEADER_LOCK = APPLICATION_ID + 1  # advisory lock held by the node running the bot
 _CLUSTER_SWEEP_LOCK = APPLICATION_ID + 2  # one sweep of a dead node's jobs at a time
+_CONFIG_LOCK = APPLICATION_ID + 3  # one rewrite of the stored configuration at a time
 _NOTICE_BYTES = 7900  # PostgreSQL refuses a NOTIFY payload of 8000 bytes or more
 _NOTICE_IDS = 1000  # ids per notification: a larger batch is announced in several
 _FOLLOW_PROBE = 5.0  # seconds between checks that the listening connection still lives
@@ -2705,7 +2707,7 @@ def _payloads(sender: str, events: Sequence[tuple[EventKind, int | None, EventDa
         if key in ids and (key == "r" or item_id is not None) and item_id not in ids[key]:
             ids[key].append(item_id)
     flat = [(key, item) for key, items in ids.items() for item in items]
-    payloads: list[str] = []
+    payloads: list[str] = []  # none for a batch that changed no job (a heartbeat)
     for first in range(0, len(flat), _NOTICE_IDS):
         part: dict[str, list[int | None]] = {}
         for key, item in flat[first : first + _NOTICE_IDS]:
@@ -2920,10 +2922,11 @@ class _Tx:
         await self.history(entity, item_id, current, target, reason, now)
         return True
 
-    async def lock_cluster_sweep(self) -> None:
-        """One sweep of a dead node's jobs at a time across the cluster (PostgreSQL)."""
+    async def serialize(self, lock: int) -> None:
+        """One transaction taking `lock` at a time among the processes on the store, until it
+        ends (PostgreSQL; SQLite has one writer anyway)."""
         if self.dialect == "postgresql":
-            await self.execute("SELECT pg_advisory_xact_lock(?)", (_CLUSTER_SWEEP_LOCK,))
+            await self.execute("SELECT pg_advisory_xact_lock(?)", (lock,))
 
     async def raise_retry_count(self, upload_id: int) -> int:
         """retry_count + 1 on the upload; the new count."""

@@ -28,7 +28,14 @@ from aria2_client.sources import (
 )
 from aria2_client.sync import Oversized, RowDetails, plan, store_change, too_large_message
 from aria2_client.transport import Aria2RpcError, Aria2Unavailable
-from db import ACTIVE_DOWNLOAD_STATUSES, NotFound, Store, StoreError, TransitionError
+from db import (
+    ACTIVE_DOWNLOAD_STATUSES,
+    STORE_ERRORS,
+    NotFound,
+    Store,
+    StoreError,
+    TransitionError,
+)
 from files import DownloadFiles
 from records import (
     DownloadChange,
@@ -444,9 +451,14 @@ class DownloadManager:
     async def on_notification(self, notification: Aria2Notification) -> None:
         try:
             status = await self.aria2.tell_status(notification.gid)
+            await self.apply_status([status])
         except (Aria2RpcError, Aria2Unavailable):
             return
-        await self.apply_status([status])
+        except STORE_ERRORS as exc:
+            # The database is away: the poller applies aria2's view once it is back.
+            logger.bind(gid=notification.gid).warning(
+                "aria2's {} not recorded yet: {}", notification.event, " ".join(str(exc).split())
+            )
 
     async def poll_once(self) -> int:
         """One poller cycle: at most two RPC calls whatever the number of downloads.

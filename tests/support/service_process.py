@@ -5,7 +5,7 @@ crash the whole service, or run it inside another mount namespace, use :class:`S
 
 - :meth:`ServiceProcess.start` spawns the service in its own process group (its stdout and stderr
   go to ``<root>/service.log``; every run appends), waits until ``GET /api/health`` answers and
-  reads the web token from ``data_dir/web_token``.
+  reads the web token from ``data_dir/web_token`` (or takes the config's ``web.token``).
 - :meth:`ServiceProcess.kill` sends a signal to the service's PID only (SIGKILL by default: a
   crash); :meth:`ServiceProcess.stop` asks it to stop (SIGTERM) and waits, SIGKILL after a grace.
 - :meth:`ServiceProcess.children` lists the processes whose command line mentions the data folder
@@ -123,6 +123,10 @@ class ServiceProcess:
     # Put in front of the service's command line, e.g. a mount-namespace wrapper: it must end by
     # exec-ing the command so that the PID stays the service's.
     wrapper: Callable[[list[str]], list[str]] | None = None
+    # What the interpreter runs before `--config X`: app.py, or e.g. ("-m", "some.module").
+    entry: tuple[str, ...] = (str(APP_SCRIPT),)
+    # The config's `web.token`, when it sets one (then no web_token file is written).
+    web_token: str = field(default="", repr=False)
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     token: str = ""
     runs: int = 0
@@ -159,7 +163,7 @@ class ServiceProcess:
         return self.popen is not None and self.popen.poll() is None
 
     def command(self, *args: str) -> list[str]:
-        return [sys.executable, str(APP_SCRIPT), "--config", str(self.config_path), *args]
+        return [sys.executable, *self.entry, "--config", str(self.config_path), *args]
 
     def log_text(self) -> str:
         try:
@@ -195,7 +199,7 @@ class ServiceProcess:
                 start_new_session=True,
             )
         await self.wait_healthy(timeout)
-        self.token = (self.data_dir / "web_token").read_text().strip()
+        self.token = self.web_token or (self.data_dir / "web_token").read_text().strip()
 
     async def wait_healthy(self, timeout: float = 30.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -376,18 +380,21 @@ def make_service_process(
     *,
     env: dict[str, str] | None = None,
     wrapper: Callable[[list[str]], list[str]] | None = None,
+    entry: tuple[str, ...] = (str(APP_SCRIPT),),
 ) -> ServiceProcess:
     """Write root/config.yaml (the in-process fixture's test defaults plus `overrides`)."""
     config_path = service_config(root, overrides)
     import yaml
 
-    port = int(yaml.safe_load(config_path.read_text())["web"]["port"])
+    web = yaml.safe_load(config_path.read_text())["web"]
     return ServiceProcess(
         root=root,
         config_path=config_path,
-        port=port,
+        port=int(web["port"]),
         env=clean_environment(env),
         wrapper=wrapper,
+        entry=entry,
+        web_token=str(web.get("token") or ""),
     )
 
 
@@ -405,8 +412,9 @@ async def service_processes(root: Path) -> AsyncIterator[ServiceProcessFactory]:
         name: str = "svc",
         env: dict[str, str] | None = None,
         wrapper: Callable[[list[str]], list[str]] | None = None,
+        entry: tuple[str, ...] = (str(APP_SCRIPT),),
     ) -> ServiceProcess:
-        svc = make_service_process(root / name, overrides, env=env, wrapper=wrapper)
+        svc = make_service_process(root / name, overrides, env=env, wrapper=wrapper, entry=entry)
         made.append(svc)
         return svc
 

@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from aria2_client.sources import SourceError, parse_link
-from configer import ConfigError
+from configer import ConfigError, masked_settings
 from db import DOWNLOAD_STATUSES, DuplicateDownload
 from records import DownloadRow
 from webstreamer.context import (
@@ -185,7 +185,9 @@ async def reload_config(request: web.Request) -> web.Response:
 
 
 async def get_config(request: web.Request) -> web.Response:
-    return web.json_response({"settings": await context_of(request).store.get_all_configs()})
+    """The configuration in force on this node (secrets masked), as it is also stored; in a
+    cluster each node answers with its own."""
+    return web.json_response({"settings": masked_settings(context_of(request).live_config())})
 
 
 def setup(app: web.Application) -> None:
