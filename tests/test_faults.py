@@ -337,7 +337,7 @@ async def test_two_hundred_links_in_one_chat_message(
 
         await wait_until(all_final, 120, interval=0.25, what="200 jobs in a final state")
     finally:
-        probe.stop()
+        await probe.stop()
     rows = await db.fetch_recent_downloads(limit=-1)
     by_url = {r.source_url for r in rows}
     wrong = [r.id for r in rows if r.status != "completed"]

@@ -824,7 +824,7 @@ async def test_overload(
         burst_seconds = time.monotonic() - started
         rows = await svc.wait_all_final(sorted(set(added)), timeout=120)
     finally:
-        probe.stop()
+        await probe.stop()
         if silent_ws is not None:
             silent_ws.close()
 

@@ -491,10 +491,12 @@ class HealthProbe:
         self._thread = threading.Thread(target=self._run, name="health-probe", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """Stop probing. The join waits in a thread: the service under test may share this event
+        loop, and a probe still waiting for its answer would never get it from a blocked loop."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            await asyncio.to_thread(self._thread.join, 10)
 
     def _run(self) -> None:
         while not self._stop.is_set():
