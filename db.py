@@ -47,6 +47,7 @@ from configer import DatabaseConfig
 from events import EventHub, EventKind
 from files import discard
 from records import (
+    BotNotice,
     ChangeOutcome,
     DownloadChange,
     DownloadGroup,
@@ -66,9 +67,10 @@ from records import (
     TorrentFile,
     UploadRow,
     UploadStatistics,
+    WebSession,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
 
 SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
@@ -528,11 +530,44 @@ async def _schema_4(sql: _Statements, dialect: Dialect) -> None:
     await _run_script(sql, script)
 
 
+# Schema 5: dashboard sessions kept on the server (revocable), and the bot's outbox: what a chat
+# is owed for a download that reached a final status, written with that status change.
+_SCHEMA_5 = """
+CREATE TABLE web_sessions (
+    token_hash   TEXT PRIMARY KEY,
+    created_at   TEXT NOT NULL,
+    last_used_at TEXT NOT NULL,
+    expires_at   TEXT NOT NULL,
+    revoked_at   TEXT,
+    address      TEXT,
+    user_agent   TEXT
+);
+CREATE TABLE bot_notices (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    download_id  INTEGER NOT NULL REFERENCES downloads(id) ON DELETE CASCADE,
+    chat_id      INTEGER NOT NULL,
+    kind         TEXT NOT NULL CHECK (kind IN ('completed', 'failed', 'cancelled')),
+    created_at   TEXT NOT NULL,
+    delivered_at TEXT
+);
+CREATE INDEX bot_notices_undelivered ON bot_notices(id) WHERE delivered_at IS NULL
+"""
+
+
+async def _schema_5(sql: _Statements, dialect: Dialect) -> None:
+    script = _SCHEMA_5
+    if dialect == "postgresql":
+        for sqlite_type, postgres_type in _POSTGRES_TYPES:
+            script = re.sub(rf"\b{sqlite_type}\b", postgres_type, script)
+    await _run_script(sql, script)
+
+
 _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     1: _schema_1,
     2: _schema_2,
     3: _schema_3,
     4: _schema_4,
+    5: _schema_5,
 }
 
 # The tables the steps above make, each with its key, in an order their foreign keys allow
@@ -546,6 +581,8 @@ _STORE_TABLES: dict[str, str] = {
     "config_settings": "key",
     "nodes": "name",
     "shared_secrets": "name",
+    "web_sessions": "token_hash",
+    "bot_notices": "id",
 }
 
 
@@ -949,6 +986,8 @@ _DOWNLOAD_COLUMNS = (
     "torrent_data IS NOT NULL AS has_torrent_data, node"
 )
 _UPLOAD_COLUMNS = ", ".join(UploadRow._fields)
+_SESSION_COLUMNS = ", ".join(WebSession._fields)
+_SESSION_TOUCH = timedelta(minutes=1)  # how often a session's last use is written at most
 _SLOT_STATUSES = "('pending', 'waiting', 'downloading')"  # the jobs that take a node's slot
 _DOWNLOAD_STAMPS = {"downloading": "started_at", "completed": "completed_at"}
 _PROGRESS_CHUNK = 2000  # rows per statement: 4 parameters each, under both backends' limits
@@ -1204,6 +1243,17 @@ class Store(Protocol):
     async def try_lead(self) -> bool: ...
     async def still_leading(self) -> bool: ...
     async def resign(self) -> None: ...
+
+    # dashboard sessions and the bot's outbox
+    async def create_web_session(
+        self, token_hash: str, expires_at: str, address: str | None, user_agent: str | None
+    ) -> WebSession: ...
+    async def use_web_session(self, token_hash: str) -> WebSession | None: ...
+    async def revoke_web_session(self, token_hash: str) -> bool: ...
+    async def revoke_all_web_sessions(self) -> int: ...
+    async def list_web_sessions(self) -> list[WebSession]: ...
+    async def fetch_undelivered_notices(self, limit: int = 100) -> list[BotNotice]: ...
+    async def mark_notice_delivered(self, notice_id: int) -> bool: ...
 
 
 class Database:
@@ -2399,6 +2449,90 @@ class Database:
         if self._peers is not None:
             await self._peers.resign()
 
+    # --- dashboard sessions -------------------------------------------------------------------
+
+    async def create_web_session(
+        self, token_hash: str, expires_at: str, address: str | None, user_agent: str | None
+    ) -> WebSession:
+        now = utc_now()
+        async with self._write() as tx:
+            await tx.execute(
+                f"INSERT INTO web_sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, NULL, ?, ?)",
+                (token_hash, now, now, expires_at, address, user_agent),
+            )
+        return WebSession(token_hash, now, now, expires_at, None, address, user_agent)
+
+    async def use_web_session(self, token_hash: str) -> WebSession | None:
+        """The session if it is neither revoked nor expired; its last use is recorded at most
+        once a minute (not a write per request)."""
+        row = await self._read_one(
+            f"SELECT {_SESSION_COLUMNS} FROM web_sessions WHERE token_hash = ?", (token_hash,)
+        )
+        if row is None:
+            return None
+        session = WebSession(*row)
+        now = datetime.now(UTC)
+        expires = parse_utc(session.expires_at)
+        if session.revoked_at is not None or expires is None or expires <= now:
+            return None
+        used = parse_utc(session.last_used_at)
+        if used is None or now - used >= _SESSION_TOUCH:
+            stamp = now.isoformat(timespec="milliseconds")
+            async with self._write() as tx:
+                await tx.execute(
+                    "UPDATE web_sessions SET last_used_at = ? WHERE token_hash = ?",
+                    (stamp, token_hash),
+                )
+            session = session._replace(last_used_at=stamp)
+        return session
+
+    async def revoke_web_session(self, token_hash: str) -> bool:
+        async with self._write() as tx:
+            changed = await tx.execute(
+                "UPDATE web_sessions SET revoked_at = ?"
+                " WHERE token_hash = ? AND revoked_at IS NULL",
+                (utc_now(), token_hash),
+            )
+        return changed == 1
+
+    async def revoke_all_web_sessions(self) -> int:
+        """Sign out everywhere; the number of sessions ended."""
+        async with self._write() as tx:
+            now = utc_now()
+            return await tx.execute(
+                "UPDATE web_sessions SET revoked_at = ?"
+                " WHERE revoked_at IS NULL AND expires_at > ?",
+                (now, now),
+            )
+
+    async def list_web_sessions(self) -> list[WebSession]:
+        """The sessions still in use (not revoked, not expired), newest first."""
+        rows = await self._read_all(
+            f"SELECT {_SESSION_COLUMNS} FROM web_sessions"
+            " WHERE revoked_at IS NULL AND expires_at > ? ORDER BY created_at DESC",
+            (utc_now(),),
+        )
+        return [WebSession(*row) for row in rows]
+
+    # --- the bot's outbox -----------------------------------------------------------------------
+
+    async def fetch_undelivered_notices(self, limit: int = 100) -> list[BotNotice]:
+        rows = await self._read_all(
+            "SELECT id, download_id, chat_id, kind, created_at FROM bot_notices"
+            " WHERE delivered_at IS NULL ORDER BY id LIMIT ?",
+            (limit,),
+        )
+        return [BotNotice(*row) for row in rows]
+
+    async def mark_notice_delivered(self, notice_id: int) -> bool:
+        """True when this call recorded the delivery (False: already delivered, or gone)."""
+        async with self._write() as tx:
+            changed = await tx.execute(
+                "UPDATE bot_notices SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL",
+                (utc_now(), notice_id),
+            )
+        return changed == 1
+
     # --- maintenance ----------------------------------------------------------------------------
 
     async def backup(self, target: Path) -> None:
@@ -2920,6 +3054,13 @@ class _Tx:
         if changed != 1:
             raise TransitionError(entity, item_id, current, target)
         await self.history(entity, item_id, current, target, reason, now)
+        if entity == "download" and target in FINAL_DOWNLOAD_STATUSES:
+            # What the bot owes the chat that asked, if any: delivered once, even after a stop.
+            await self.sql.execute(
+                "INSERT INTO bot_notices (download_id, chat_id, kind, created_at)"
+                " SELECT id, chat_id, ?, ? FROM downloads WHERE id = ? AND chat_id IS NOT NULL",
+                (target, now, item_id),
+            )
         return True
 
     async def serialize(self, lock: int) -> None:

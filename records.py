@@ -166,6 +166,30 @@ class NodeHeartbeat:
     leader: bool
 
 
+class WebSession(NamedTuple):
+    """A signed-in dashboard session, kept on the server (the cookie holds only its secret,
+    `token_hash` is that secret's SHA-256)."""
+
+    token_hash: str
+    created_at: str
+    last_used_at: str
+    expires_at: str
+    revoked_at: str | None
+    address: str | None
+    user_agent: str | None
+
+
+class BotNotice(NamedTuple):
+    """What the bot owes a chat for a download that reached a final status (`kind`: completed,
+    failed or cancelled): recorded with the status change, delivered once."""
+
+    id: int
+    download_id: int
+    chat_id: int
+    kind: str
+    created_at: str
+
+
 @dataclass(frozen=True)
 class ProgressUpdate:
     gid: str
