@@ -73,6 +73,25 @@ def test_records_render_sorted_with_outcomes() -> None:
     assert "- **disk full \\| mid-download** — free_bytes: 20000000" in text
 
 
+def test_attacks_get_a_table_of_their_own() -> None:
+    store = ReliabilityStore()
+    store.attacks["tests/test_web_security.py::test_csrf"] = ("forged form", "refused with 403")
+    store.attacks["tests/test_ssrf.py::test_redirect"] = ("Redirect to loopback", "job fails")
+    store.attacks["tests/test_ssrf.py::test_unrun"] = ("never ran", "")
+    store.note_outcome("tests/test_web_security.py::test_csrf", "call", "passed")
+    store.note_outcome("tests/test_ssrf.py::test_redirect", "call", "failed")
+    attacks = store.attack_rows()
+    assert [a[0] for a in attacks] == ["forged form", "never ran", "Redirect to loopback"]
+    ran = [row for row in attacks if row[3] != "not run"]
+    text = render([], when=datetime(2026, 1, 2, tzinfo=UTC), command="pytest", attacks=ran)
+    table = text.split("| Attack | What MistRelay promises | Test | Result |", 1)[1]
+    assert "2 attack(s) made by the hostile-input tests; 1 held." in text
+    assert table.strip().splitlines()[1:3] == [
+        "| forged form | refused with 403 | `tests/test_web_security.py::test_csrf` | passed |",
+        "| Redirect to loopback | job fails | `tests/test_ssrf.py::test_redirect` | **failed** |",
+    ]
+
+
 def test_record_refuses_figures_that_are_not_counts() -> None:
     recorder = Recorder(ReliabilityStore(), "t::x")
     with pytest.raises(ValueError, match="bytes_lost"):

@@ -6,7 +6,9 @@ A fault test asks for the `reliability` fixture and records one row per injected
                        jobs_started=20, jobs_finished=20, rows_wrong=0, bytes_lost=0)
 
 A test may also carry ``@pytest.mark.fault("name", promise="...")``: it then gets a row even when
-it fails before recording anything. At the end of a session in which any such row exists, the
+it fails before recording anything. A hostile-input test carries
+``@pytest.mark.attack("name", promise="...")`` and gets a row in the table of attacks (attack,
+promise, result). At the end of a session in which any such row exists, the
 table is written to RELIABILITY.md at the project root, rows sorted by fault name so that diffs
 between runs stay small; the Result column is the test's own outcome. The committed file is the
 evidence of a whole run, so a session that picked some tests (paths, ``-k``, ``-m``) leaves it
@@ -51,6 +53,8 @@ class ReliabilityStore:
     records: list[FaultRecord] = field(default_factory=list)
     # Tests marked `fault` that recorded nothing (yet): (fault, promise) by node id.
     declared: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Tests marked `attack`: (attack, promise) by node id.
+    attacks: dict[str, tuple[str, str]] = field(default_factory=dict)
     outcomes: dict[str, str] = field(default_factory=dict)
 
     def add(self, record: FaultRecord) -> None:
@@ -74,6 +78,14 @@ class ReliabilityStore:
                 rows.append(FaultRecord(fault=fault, promise=promise, nodeid=nodeid))
         rows.sort(key=lambda r: (r.fault.casefold(), r.nodeid))
         return [(r, self.outcomes.get(r.nodeid, "not run")) for r in rows]
+
+    def attack_rows(self) -> list[tuple[str, str, str, str]]:
+        """(attack, promise, node id, result) of the attack tests, sorted like the faults."""
+        rows = [
+            (attack, promise, nodeid, self.outcomes.get(nodeid, "not run"))
+            for nodeid, (attack, promise) in self.attacks.items()
+        ]
+        return sorted(rows, key=lambda r: (r[0].casefold(), r[2]))
 
 
 class Recorder:
@@ -132,8 +144,15 @@ def _count(value: int | None) -> str:
     return _MISSING if value is None else f"{value:,}"
 
 
-def render(rows: list[tuple[FaultRecord, str]], *, when: datetime, command: str) -> str:
-    """RELIABILITY.md's text for the given (record, result) rows."""
+def render(
+    rows: list[tuple[FaultRecord, str]],
+    *,
+    when: datetime,
+    command: str,
+    attacks: list[tuple[str, str, str, str]] | None = None,
+) -> str:
+    """RELIABILITY.md's text for the given (record, result) rows and (attack, promise, node id,
+    result) rows."""
     results = [result for _record, result in rows]
     failed = sum(1 for r in results if r in ("failed", "error"))
     summary = (
@@ -179,6 +198,20 @@ def render(rows: list[tuple[FaultRecord, str]], *, when: datetime, command: str)
             )
             + " |"
         )
+    if attacks:
+        held = sum(1 for *_rest, result in attacks if result == "passed")
+        lines += [
+            "",
+            "## Attacks",
+            "",
+            f"{len(attacks)} attack(s) made by the hostile-input tests; {held} held.",
+            "",
+            "| Attack | What MistRelay promises | Test | Result |",
+            "|---|---|---|---|",
+        ]
+        for attack, promise, nodeid, result in attacks:
+            shown = f"**{result}**" if result in ("failed", "error") else result
+            lines.append(f"| {_cell(attack)} | {_cell(promise)} | `{_cell(nodeid)}` | {shown} |")
     notes = [(record, result) for record, result in rows if record.extra]
     if notes:
         lines += ["", "## Details", ""]
@@ -230,17 +263,21 @@ def pytest_configure(config: pytest.Config) -> None:
         "fault(name, promise=...): a fault-injection test; it gets a row in "
         f"{FILE_NAME} even when it fails before recording its figures",
     )
+    config.addinivalue_line(
+        "markers",
+        f"attack(name, promise=...): a hostile-input test; it gets a row in {FILE_NAME}",
+    )
     config.stash[_STORE] = ReliabilityStore()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        marker = item.get_closest_marker("fault")
-        if marker is None:
-            continue
-        name = str(marker.args[0]) if marker.args else item.name
-        promise = str(marker.kwargs.get("promise", ""))
-        item.config.stash[_STORE].declared[item.nodeid] = (name, promise)
+        store = item.config.stash[_STORE]
+        for kind, table in (("fault", store.declared), ("attack", store.attacks)):
+            marker = item.get_closest_marker(kind)
+            if marker is not None:
+                name = str(marker.args[0]) if marker.args else item.name
+                table[item.nodeid] = (name, str(marker.kwargs.get("promise", "")))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -269,13 +306,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     # Only tests that actually ran (recorded, or marked and run) make rows.
     ran = [(record, result) for record, result in store.rows() if result != "not run"]
-    if not ran:
+    attacks = [row for row in store.attack_rows() if row[3] != "not run"]
+    if not ran and not attacks:
         return
     option = config.getoption("--reliability-file")
     if option == "" or (option is None and picked_some_tests(config)):
         return
     target = Path(option) if option else config.rootpath / FILE_NAME
-    text = render(ran, when=datetime.now(UTC), command=command_line(config))
+    text = render(ran, when=datetime.now(UTC), command=command_line(config), attacks=attacks)
     partial = target.with_name(target.name + ".partial")
     partial.write_text(text, encoding="utf-8")
     os.replace(partial, target)
