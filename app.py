@@ -98,7 +98,7 @@ class InstanceLock:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -274,6 +274,7 @@ class Service:
             telegram_link=links.loopback_url,
             on_completed=[media.on_download_completed, uploads.on_download_completed],
             on_removed=[uploads.on_download_removed],
+            admins=lambda: self.config.telegram.admins,
             placement=(
                 Placement(
                     cluster.node_name,
@@ -695,6 +696,9 @@ def _rows_text(count: TableCount) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # What the service writes (database, secrets, aria2's session, downloads, backups) and what
+    # the programs it runs write (aria2c, rclone, ffprobe) is readable by its own user only.
+    os.umask(0o077)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     configure_logging("INFO")
     path = args.config

@@ -66,6 +66,7 @@ __all__ = [
     "ensure_secrets",
     "load_config",
     "log_secrets",
+    "mask_url_passwords",
     "masked_settings",
     "parse_database_url",
     "parse_size",
@@ -92,7 +93,9 @@ LIVE_KEYS: frozenset[str] = frozenset(
         "telegram.progress_interval",
         "aria2.idle_poll_interval",
         "aria2.max_download_size",
+        "aria2.max_torrent_files",
         "aria2.allow_private_addresses",
+        "aria2.blocked_networks",
         "aria2.max_concurrent_downloads",  # via aria2.changeGlobalOption
         "upload.auto_delete",
         "upload.max_retries",
@@ -100,6 +103,9 @@ LIVE_KEYS: frozenset[str] = frozenset(
         "upload.retry_backoff",
         "upload.targets",
         "web.link_expiry",
+        "web.header_timeout",
+        "web.max_connections_per_client",
+        "web.login_attempts",
         "maintenance.check_interval",
         "logging.level",
     }
@@ -116,6 +122,29 @@ ARIA2_SECRET_FILE = "aria2_secret"
 
 _MAX_INT64 = 2**63 - 1
 _YEAR = 365 * 24 * 3600
+
+# What a job of a user who is not an admin may not reach: loopback, private, link-local, CGNAT,
+# IETF protocol assignments, benchmarking, multicast, unspecified and reserved, IPv6 unique and
+# site local. IPv6 forms that carry an IPv4 address are also judged by that address.
+DEFAULT_BLOCKED_NETWORKS: tuple[str, ...] = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/128",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+    "fec0::/10",
+    "ff00::/8",
+)
 
 
 # --- the typed configuration --------------------------------------------------------------------
@@ -146,7 +175,9 @@ class Aria2Config:
     poll_interval: float = 1.0
     idle_poll_interval: float = 5.0
     max_download_size: int = 0  # bytes; 0 = no cap
+    max_torrent_files: int = 10_000  # files in one .torrent
     allow_private_addresses: bool = False
+    blocked_networks: tuple[str, ...] = DEFAULT_BLOCKED_NETWORKS
     executable: str = "aria2c"
     rpc_port: int = 0  # 0 = a free port
     options: dict[str, str] = field(default_factory=dict)
@@ -218,6 +249,9 @@ class WebConfig:
     token: str = field(default="", repr=False)  # empty = generated on first start
     link_expiry: int = 0  # seconds; 0 = stream links never expire
     max_body_size: int = 20 * 1024 * 1024
+    header_timeout: float = 20.0  # seconds a connection may take to send a request's head
+    max_connections_per_client: int = 256  # open connections from one address (IPv6: a /64)
+    login_attempts: int = 10  # failed sign-ins one client may make a minute
 
     @property
     def base_url(self) -> str:
@@ -792,6 +826,33 @@ def _id_list(value: Any, ctx: _Context) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _networks(value: Any, ctx: _Context) -> tuple[str, ...]:
+    problem = "must be a list of networks like 10.0.0.0/8 or fc00::/7"
+    items: Any = value
+    if isinstance(value, str):
+        text = value.strip()
+        items = (
+            _json(text, "a list of networks")
+            if text.startswith("[")
+            else [part for part in text.split(",") if part.strip()]
+        )
+    if not isinstance(items, list):
+        raise _Invalid(problem, value)
+    networks: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise _Invalid(problem, item)
+        try:
+            network = str(ipaddress.ip_network(item.strip()))
+        except ValueError as exc:
+            raise _Invalid(f"{problem} ({exc})", item) from None
+        if network not in networks:
+            networks.append(network)
+    if not networks:
+        raise _Invalid("must list at least one network (aria2.allow_private_addresses allows all)")
+    return tuple(networks)
+
+
 _OPTION_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}", re.ASCII)
 # Options MistRelay sets itself: the RPC stays on loopback with our secret, under our control.
 _RESERVED_OPTIONS: dict[str, str] = {
@@ -984,7 +1045,9 @@ _PARSERS: dict[str, _Parser] = {
     "aria2.poll_interval": _number(0, 3600, lo_open=True),
     "aria2.idle_poll_interval": _number(0, 3600, lo_open=True),
     "aria2.max_download_size": _size(0, " (0 = no cap)"),
+    "aria2.max_torrent_files": _integer(1, 1_000_000),
     "aria2.allow_private_addresses": _boolean,
+    "aria2.blocked_networks": _networks,
     "aria2.executable": _executable,
     "aria2.rpc_port": _integer(0, 65535, " (0 = a free port)"),
     "aria2.options": _aria2_options,
@@ -1002,6 +1065,9 @@ _PARSERS: dict[str, _Parser] = {
     "web.token": _single_token,
     "web.link_expiry": _integer(0, 10 * _YEAR, " (0 = links never expire)"),
     "web.max_body_size": _size(1),
+    "web.header_timeout": _number(0, 3600, lo_open=True),
+    "web.max_connections_per_client": _integer(1, 1_000_000),
+    "web.login_attempts": _integer(1, 1_000_000),
     "database.path": _path,
     "database.url": _database_url,
     "cluster.node_name": _node_name,
@@ -1251,6 +1317,13 @@ def _flatten(config: Config) -> dict[str, Any]:
 
 
 _SENSITIVE_OPTION = re.compile(r"passwd|password|secret|token|cookie|header", re.IGNORECASE)
+# The password of a URL's user info: scheme://user:PASSWORD@host (the host follows the last @).
+_URL_PASSWORD = re.compile(r'(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:"<>]*:)[^/?#\s"<>]*@')
+
+
+def mask_url_passwords(text: str) -> str:
+    """`text` with the password of every URL in it shown as ``***``: ``http://user:***@host``."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", text)
 
 
 def _as_text(value: Any) -> str:
@@ -1262,7 +1335,8 @@ def _as_text(value: Any) -> str:
 
 
 def masked_settings(config: Config) -> dict[str, str]:
-    """Every effective setting as ``{"web.port": "8080", ...}``; secrets as ``***`` when set."""
+    """Every effective setting as ``{"web.port": "8080", ...}``; secrets as ``***`` when set,
+    and so is the password of any URL in a value (a proxy's, for one)."""
     settings: dict[str, str] = {}
     for dotted, value in _flatten(config).items():
         if dotted in SECRET_KEYS:
@@ -1271,9 +1345,9 @@ def masked_settings(config: Config) -> dict[str, str]:
             settings[dotted] = config.database.redacted_url
         elif dotted == "aria2.options":
             shown = {k: "***" if _SENSITIVE_OPTION.search(k) else v for k, v in value.items()}
-            settings[dotted] = _as_text(shown)
+            settings[dotted] = mask_url_passwords(_as_text(shown))
         else:
-            settings[dotted] = _as_text(value)
+            settings[dotted] = mask_url_passwords(_as_text(value))
     return settings
 
 
@@ -1362,19 +1436,35 @@ def ensure_secrets(config: Config) -> Secrets:
 
 
 def _ensure_private_dir(path: Path) -> None:
-    if path.is_dir():
-        return
+    """The data folder (database, secrets, aria2's session with its stream links) is its owner's
+    only: created 0700, and an existing one that others may enter is set to 0700."""
     try:
         path.mkdir(parents=True, mode=0o700)
         os.chmod(path, 0o700)
     except FileExistsError:
         if not path.is_dir():
             raise ConfigError("exists and is not a folder", source=str(path)) from None
+        _tighten_dir(path)
+        return
     except OSError as exc:
         raise ConfigError(
             f"cannot create the data folder: {exc.strerror}", source=str(path)
         ) from None
     logger.bind(path=str(path)).info("Created data folder {} (mode 0700)", path)
+
+
+def _tighten_dir(path: Path) -> None:
+    """Set an existing data folder that others may enter to 0700 (a warning if that fails)."""
+    log = logger.bind(path=str(path))
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if not mode & 0o077:
+            return
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        log.warning("Data folder {} is open to other users and stays so: {}", path, exc.strerror)
+        return
+    log.warning("Data folder {} was open to other users (mode {:04o}); set to 0700", path, mode)
 
 
 def _read_secret_file(path: Path) -> str | None:

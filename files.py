@@ -102,7 +102,8 @@ class DownloadFiles:
         return confined_path(self.root, candidate)
 
     async def ensure_root(self) -> None:
-        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        """Create the download folder (for the service's user only) if it is missing."""
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True, mode=0o700)
 
     async def remove(self, candidate: str | Path, *, job: int | None = None) -> bool:
         """Delete a download's file or folder (inside the root only); True if it was removed."""

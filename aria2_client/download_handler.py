@@ -8,26 +8,34 @@ the decision of :func:`aria2_client.sync.plan` through the store.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from loguru import logger
 
 from aria2_client.client import Aria2Client
+from aria2_client.egress import EgressProxy
 from aria2_client.models import PROGRESS_KEYS, Aria2Notification, Aria2Status
 from aria2_client.sources import (
+    AddressPolicy,
     ParsedLink,
     SourceError,
-    TorrentMeta,
+    blocked_sources,
     ensure_public_host,
+    magnet_sources,
     parse_link,
     parse_torrent,
     safe_file_name,
+    torrent_sources,
+    without_magnet_sources,
+    without_torrent_sources,
 )
 from aria2_client.sync import Oversized, RowDetails, plan, store_change, too_large_message
 from aria2_client.transport import Aria2RpcError, Aria2Unavailable
+from configer import DEFAULT_BLOCKED_NETWORKS
 from db import (
     ACTIVE_DOWNLOAD_STATUSES,
     STORE_ERRORS,
@@ -49,6 +57,7 @@ from records import (
 
 DownloadListener = Callable[[DownloadRow], Awaitable[None]]
 TelegramLinkMaker = Callable[[DownloadRow], str]
+HANDOFF_WAIT = 10.0  # seconds a refusal by the egress proxy waits for its job's hand-off
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,6 @@ class Requester:
     chat_id: int | None = None
     message_id: int | None = None
     group_key: str | None = None
-    is_admin: bool = True
 
 
 class DownloadManager:
@@ -91,7 +99,11 @@ class DownloadManager:
         files: DownloadFiles,
         *,
         max_download_size: int = 0,
+        max_torrent_files: int = 0,
         allow_private_addresses: bool = False,
+        blocked_networks: Sequence[str] = DEFAULT_BLOCKED_NETWORKS,
+        admins: Callable[[], Collection[int]] = tuple,
+        egress: EgressProxy | None = None,
         telegram_link: TelegramLinkMaker | None = None,
         on_completed: Sequence[DownloadListener] = (),
         on_removed: Sequence[DownloadListener] = (),
@@ -104,13 +116,18 @@ class DownloadManager:
         self.aria2 = aria2
         self.files = files
         self.max_download_size = max_download_size
+        self.max_torrent_files = max_torrent_files  # 0: no cap
         self.allow_private_addresses = allow_private_addresses
+        self.policy = AddressPolicy(blocked_networks)
+        self.admins = admins
+        self.egress = egress
         self.telegram_link = telegram_link
         self._on_completed = tuple(on_completed)
         self._on_removed = tuple(on_removed)
         self._apply_lock = asyncio.Lock()
         self._submitting: set[int] = set()
         self._claim_lock = asyncio.Lock()
+        self._handoffs: dict[int, asyncio.Event] = {}  # jobs being handed to aria2
 
     @property
     def download_dir(self) -> Path:
@@ -125,9 +142,19 @@ class DownloadManager:
         """
         requester = requester or Requester()
         link = parse_link(url)
-        if not requester.is_admin and not self.allow_private_addresses:
-            await ensure_public_host(link)
+        if self._restricted(requester.owner_id):
+            await ensure_public_host(link, self.policy)
         return await self._create_and_submit(self._new_from_link(link, requester))
+
+    def _restricted(self, owner_id: int | None) -> bool:
+        """Whether a job of this owner may reach only addresses outside `aria2.blocked_networks`:
+        a Telegram user's (jobs of the page and the API have no owner) who is not an admin,
+        unless `aria2.allow_private_addresses` is on. Judged from the row at every hand-off."""
+        return (
+            owner_id is not None
+            and not self.allow_private_addresses
+            and owner_id not in self.admins()
+        )
 
     def _new_from_link(self, link: ParsedLink, requester: Requester) -> NewDownload:
         return NewDownload(
@@ -143,8 +170,11 @@ class DownloadManager:
         )
 
     async def add_torrent(self, data: bytes, requester: Requester | None = None) -> DownloadRow:
+        """A .torrent → a committed row with its file list, then aria2. Raises SourceError (a bad
+        torrent, or more files than `aria2.max_torrent_files`), TooLarge or DuplicateDownload."""
         requester = requester or Requester()
-        meta = parse_torrent(data)
+        # Reading a torrent of many files takes a second of CPU: not on the event loop.
+        meta = await asyncio.to_thread(parse_torrent, data, max_files=self.max_torrent_files)
         self._check_size(meta.total_length)
         new = NewDownload(
             source_type="torrent",
@@ -159,7 +189,7 @@ class DownloadManager:
             message_id=requester.message_id,
             group_key=requester.group_key,
         )
-        return await self._create_and_submit(new, files=self._torrent_files(meta))
+        return await self._create_and_submit(new, files=meta.files)
 
     async def add_telegram(
         self, media: TgMediaRecord, requester: Requester | None = None
@@ -183,10 +213,6 @@ class DownloadManager:
         if self.max_download_size and size > self.max_download_size:
             raise TooLarge(too_large_message(size, self.max_download_size))
 
-    @staticmethod
-    def _torrent_files(meta: TorrentMeta) -> list[TorrentFile]:
-        return [TorrentFile(f.index, f.path, f.length) for f in meta.files]
-
     async def _create_and_submit(
         self,
         new: NewDownload,
@@ -208,10 +234,24 @@ class DownloadManager:
         options = {"dir": str(self.files.job_dir(row.id))}
         if paused:
             options["pause"] = "true"
+        # Telegram files come from our own loopback link, never through the proxy.
+        restricted = row.source_type != "telegram" and self._restricted(row.owner_id)
+        if restricted:
+            if self.egress is None:
+                raise SourceError("downloads of users who are not admins need the egress proxy")
+            options.update(self.egress.options(row.id, tunnel=row.source_type == "ftp"))
         if row.source_type == "torrent":
             data = await self.store.get_torrent_data(row.id)
             if data is None:
                 raise SourceError("the torrent file of this download is missing")
+            meta = await asyncio.to_thread(parse_torrent, data)
+            if meta.index_out:  # the files whose names the name policy cleaned
+                options["index-out"] = meta.index_out
+            if restricted:
+                sources = await asyncio.to_thread(torrent_sources, data)
+                dropped = await self._blocked_sources(row, sources)
+                if dropped:
+                    data = await asyncio.to_thread(without_torrent_sources, data, dropped)
             return await self.aria2.add_torrent(data, options)
         if row.source_type == "telegram":
             if self.telegram_link is None:
@@ -223,7 +263,62 @@ class DownloadManager:
         if row.source_type in ("http", "ftp") and not _safe_link_name(row.source_url):
             # aria2 would use the link's last segment as it is (too long, "..", bidi marks…).
             options["out"] = row.file_name or "download"
-        return await self.aria2.add_uri([row.source_url], options)
+        url = row.source_url
+        if row.source_type in ("http", "ftp"):
+            url = _credentials_to_options(url, options)
+        if restricted and row.source_type == "magnet":
+            dropped = await self._blocked_sources(row, magnet_sources(url))
+            url = without_magnet_sources(url, dropped) if dropped else url
+        return await self.aria2.add_uri([url], options)
+
+    async def _blocked_sources(self, row: DownloadRow, sources: Sequence[str]) -> set[str]:
+        """The trackers and web seeds of a restricted job it may not contact (logged with their
+        reasons; the URLs themselves may carry a tracker's passkey and are not)."""
+        dropped = await blocked_sources(sources, self.policy)
+        if dropped:
+            logger.bind(job=row.id).warning(
+                "download {}: {} of {} trackers and web seeds dropped: {}",
+                row.id,
+                len(dropped),
+                len(sources),
+                "; ".join(sorted(set(dropped.values()))),
+            )
+        return set(dropped)
+
+    @contextlib.contextmanager
+    def _handing_off(self, download_id: int) -> Iterator[None]:
+        """While a job is handed to aria2 and its row told so (aria2 may fetch at once)."""
+        done = self._handoffs.setdefault(download_id, asyncio.Event())
+        try:
+            yield
+        finally:
+            if self._handoffs.get(download_id) is done:
+                del self._handoffs[download_id]
+            done.set()
+
+    async def egress_refused(self, download_id: int, reason: str) -> None:
+        """The egress proxy refused a connection of this job. A link's job fails with the reason,
+        recorded before aria2 hears the refusal (which would fail it with a bare status code); a
+        torrent's goes on without that tracker or web seed. aria2 waits for the proxy's answer,
+        so a refusal that comes while the job is still being handed over waits for its row."""
+        handoff = self._handoffs.get(download_id)
+        if handoff is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(handoff.wait(), HANDOFF_WAIT)
+        row = await self.store.get_download_by_id(download_id)
+        if row is None or row.source_type not in ("http", "ftp"):
+            return
+        if row.status not in ("waiting", "downloading", "paused"):
+            return
+        try:
+            await self.store.mark_download_failed_by_id(download_id, reason, "blocked")
+        except TransitionError:
+            return  # it moved on meanwhile
+        if row.gid is not None:
+            try:
+                await self.aria2.remove(row.gid)
+            except (Aria2RpcError, Aria2Unavailable) as exc:
+                logger.bind(job=download_id, gid=row.gid).info("aria2 remove: {}", exc)
 
     async def submit(self, download_id: int, *, paused: bool = False) -> None:
         """Hand a `pending` row to aria2; if aria2 is down the row stays pending for later."""
@@ -263,19 +358,20 @@ class DownloadManager:
         if row is None or row.status != "pending":
             return
         log = logger.bind(job=download_id)
-        try:
-            gid = await self._hand_to_aria2(row, paused=paused)
-        except Aria2Unavailable:
-            log.warning("aria2 is unavailable; download {} stays pending", download_id)
-            return
-        except (Aria2RpcError, SourceError) as exc:
-            message = exc.message if isinstance(exc, Aria2RpcError) else str(exc)
-            log.warning("aria2 refused download {}: {}", download_id, message)
-            await self.store.mark_download_failed_by_id(download_id, message, "refused")
-            return
-        await self.store.mark_download_queued_by_id(
-            download_id, gid, status="paused" if paused else "waiting"
-        )
+        with self._handing_off(download_id):
+            try:
+                gid = await self._hand_to_aria2(row, paused=paused)
+            except Aria2Unavailable:
+                log.warning("aria2 is unavailable; download {} stays pending", download_id)
+                return
+            except (Aria2RpcError, SourceError) as exc:
+                message = exc.message if isinstance(exc, Aria2RpcError) else str(exc)
+                log.warning("aria2 refused download {}: {}", download_id, message)
+                await self.store.mark_download_failed_by_id(download_id, message, "refused")
+                return
+            await self.store.mark_download_queued_by_id(
+                download_id, gid, status="paused" if paused else "waiting"
+            )
         log.bind(gid=gid).info("download {} queued in aria2 as {}", download_id, gid)
 
     async def reconcile_pending(self) -> int:
@@ -435,15 +531,16 @@ class DownloadManager:
     async def _readd(self, row: DownloadRow) -> None:
         """aria2 forgot this job (restarted without its session): add it again under a new gid."""
         log = logger.bind(job=row.id, gid=row.gid)
-        try:
-            gid = await self._hand_to_aria2(row, paused=row.status == "paused")
-        except (Aria2RpcError, SourceError) as exc:
-            message = exc.message if isinstance(exc, Aria2RpcError) else str(exc)
-            await self.store.mark_download_failed_by_id(
-                row.id, f"could not re-add after aria2 lost it: {message}"
-            )
-            return
-        await self.store.mark_download_queued_by_id(row.id, gid, status=row.status)
+        with self._handing_off(row.id):
+            try:
+                gid = await self._hand_to_aria2(row, paused=row.status == "paused")
+            except (Aria2RpcError, SourceError) as exc:
+                message = exc.message if isinstance(exc, Aria2RpcError) else str(exc)
+                await self.store.mark_download_failed_by_id(
+                    row.id, f"could not re-add after aria2 lost it: {message}"
+                )
+                return
+            await self.store.mark_download_queued_by_id(row.id, gid, status=row.status)
         log.info("aria2 had lost download {}; re-added as {}", row.id, gid)
 
     # --- keeping rows true to aria2 ---------------------------------------------------------------
@@ -560,6 +657,19 @@ class DownloadManager:
                 await listener(row)
             except Exception:
                 logger.bind(job=row.id).exception("completion listener failed")
+
+
+def _credentials_to_options(url: str, options: dict[str, str]) -> str:
+    """The link without its user and password, which go to aria2 as options instead: aria2
+    writes every link it fetches into its log, the options not."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    prefix = "ftp" if parts.scheme.lower() == "ftp" else "http"
+    options[f"{prefix}-user"] = unquote(parts.username or "")
+    options[f"{prefix}-passwd"] = unquote(parts.password or "")
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=host))
 
 
 def _safe_link_name(url: str) -> bool:

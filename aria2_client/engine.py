@@ -1,11 +1,13 @@
 """The download engine as one part: aria2c (our own, or the external one at `aria2.rpc_url`), the
-connection to it, the download manager, the poller, and keeping them going when aria2 restarts
-or the connection drops."""
+connection to it, the egress proxy the jobs of users who are not admins go through, the download
+manager, the poller, and keeping them going when aria2 restarts or the connection drops."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+import hashlib
+import os
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,19 @@ from aria2_client.download_handler import (
     Placement,
     TelegramLinkMaker,
 )
+from aria2_client.egress import EgressProxy
 from aria2_client.poller import Poller
 from aria2_client.process import EmbeddedAria2
+from aria2_client.sources import AddressPolicy
 from aria2_client.transport import Aria2Transport
 from configer import Aria2Config
 from db import Store
 from events import EventHub, Subscription
 from files import DownloadFiles
 from records import DownloadSnapshot
+
+# The egress proxy's port, kept for the next start: the jobs aria2 keeps in its session name it.
+EGRESS_PORT_FILE = "egress_port"
 
 
 def embedded_options(config: Aria2Config) -> dict[str, str]:
@@ -54,8 +61,10 @@ class Engine:
         on_removed: Sequence[DownloadListener],
         placement: Placement | None = None,
         hub: EventHub | None = None,
+        admins: Callable[[], Collection[int]] = tuple,
     ) -> None:
         self._config = config
+        self._egress_port_file = data_dir / EGRESS_PORT_FILE
         # In a cluster, a job queued on any node wakes the poller, which claims it if it can.
         self._queue_watch = hub.subscribe("engine-queue") if hub and placement else None
         self.embedded: EmbeddedAria2 | None = None
@@ -72,12 +81,24 @@ class Engine:
         self.rpc_url = self.embedded.rpc_url if self.embedded is not None else config.rpc_url
         self.transport = Aria2Transport(self.rpc_url, secret)
         self.aria2 = Aria2Client(self.transport)
+        self.egress = EgressProxy(
+            lambda: self.downloads.policy,
+            # Job credentials that stay valid across restarts, as the jobs aria2 keeps do.
+            hashlib.sha256(b"mistrelay egress\0" + secret.encode()).digest(),
+            on_refused=lambda download_id, reason: self.downloads.egress_refused(
+                download_id, reason
+            ),
+        )
         self.downloads = DownloadManager(
             store,
             self.aria2,
             files,
             max_download_size=config.max_download_size,
+            max_torrent_files=config.max_torrent_files,
             allow_private_addresses=config.allow_private_addresses,
+            blocked_networks=config.blocked_networks,
+            admins=admins,
+            egress=self.egress,
             telegram_link=telegram_link,
             on_completed=on_completed,
             on_removed=on_removed,
@@ -101,9 +122,18 @@ class Engine:
         return self.embedded.pid if self.embedded is not None else None
 
     async def start(self) -> None:
-        """Start aria2c if it is ours, then connect; jobs wait while aria2 is not reachable."""
+        """Start the egress proxy (on its last port) and aria2c if it is ours, then connect; jobs
+        wait while aria2 is not reachable."""
+        port = await asyncio.to_thread(_read_port, self._egress_port_file)
+        await self.egress.start(port)
+        if self.egress.port != port:
+            await asyncio.to_thread(_write_port, self._egress_port_file, self.egress.port)
         if self.embedded is not None:
-            await self.embedded.start()
+            try:
+                await self.embedded.start()
+            except BaseException:
+                await self.egress.stop()  # a start that fails leaves nothing running
+                raise
             logger.info("embedded aria2c started (pid {})", self.embedded.pid)
         else:
             logger.info("using the external aria2 at {}", self.rpc_url)
@@ -136,13 +166,16 @@ class Engine:
         await self.transport.close()
         if self.embedded is not None:
             await self.embedded.stop()
+        await self.egress.stop()
 
     async def apply_config(self, config: Aria2Config) -> None:
-        """Apply the keys that change live: size limit, private addresses, parallel downloads,
-        poll intervals."""
+        """Apply the keys that change live: size limit, private addresses, blocked networks,
+        parallel downloads, poll intervals."""
         old, self._config = self._config, config
         self.downloads.max_download_size = config.max_download_size
+        self.downloads.max_torrent_files = config.max_torrent_files
         self.downloads.allow_private_addresses = config.allow_private_addresses
+        self.downloads.policy = AddressPolicy(config.blocked_networks)
         if config.max_concurrent_downloads != old.max_concurrent_downloads:
             if self.embedded is not None:
                 self.embedded.max_concurrent_downloads = config.max_concurrent_downloads
@@ -179,3 +212,19 @@ class Engine:
     async def _aria2_restarted(self) -> None:
         logger.warning("embedded aria2c died and was restarted from its session")
         self.poller.wake()
+
+
+def _read_port(path: Path) -> int:
+    try:
+        port = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+    return port if 0 < port < 65536 else 0
+
+
+def _write_port(path: Path, port: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, f"{port}\n".encode())
+    finally:
+        os.close(fd)

@@ -153,7 +153,13 @@ class EmbeddedAria2:
             "rpc-max-request-size": "64M",
             "stop-with-process": str(os.getpid()),
             "save-session": str(self.session_path),
-            "save-session-interval": "5",
+            # A killed aria2c resumes from what these saves recorded: the session brings a job
+            # back under its gid, and each download's control file (name.aria2, written at its
+            # start) says which of its bytes are on disk. aria2 rewrites control files only
+            # every 60 s by default, so a job killed in its first minute started again from
+            # byte 0; saved every second, at most about a second's worth is fetched again.
+            "save-session-interval": "1",
+            "auto-save-interval": "1",
             "force-save": "false",
             "max-download-result": "10000",
             "keep-unfinished-download-result": "true",
@@ -223,7 +229,7 @@ class EmbeddedAria2:
 
     def write_conf(self) -> None:
         """Write the configuration file, readable by its owner only."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         lines = [f"{key}={value}" for key, value in self.options().items()]
         fd = os.open(self.conf_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -235,7 +241,7 @@ class EmbeddedAria2:
     async def _start_locked(self) -> None:
         if self.running:
             return
-        self.download_dir.mkdir(parents=True, exist_ok=True)
+        self.download_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.write_conf()
         console_offset = self._prepare_console_log()
         console = os.open(self.console_log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -247,6 +253,9 @@ class EmbeddedAria2:
                 stdout=console,
                 stderr=asyncio.subprocess.STDOUT,
                 env=child_environment(),
+                # Its session (stream links with their signatures), control files, log and the
+                # downloads themselves are for the service's user only.
+                umask=0o077,
                 # Ctrl-C in a terminal signals the whole foreground group: keep aria2c out of it
                 # so that MistRelay saves the session and stops it in order
                 # (--stop-with-process still ends it if MistRelay dies).

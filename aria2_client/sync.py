@@ -173,7 +173,8 @@ def _torrent_done(status: Aria2Status) -> bool:
 def local_path(status: Aria2Status) -> str | None:
     """Where aria2 puts the bytes: a multi-file torrent's folder, else the one file's path."""
     if status.is_torrent and status.bittorrent_name and len(status.files) > 1:
-        return str(Path(status.dir) / status.bittorrent_name)
+        # The folder as written on disk: the torrent's name cleaned like every name (index-out).
+        return str(Path(status.dir) / safe_file_name(status.bittorrent_name, "torrent"))
     if status.files and status.files[0].path:
         return status.files[0].path
     return None

@@ -48,10 +48,6 @@ class Caller:
     role: Role
     lang: Language
 
-    @property
-    def is_admin(self) -> bool:
-        return self.role is Role.ADMIN
-
 
 def requester_of(message: Message, caller: Caller) -> Requester:
     return Requester(
@@ -59,7 +55,6 @@ def requester_of(message: Message, caller: Caller) -> Requester:
         chat_id=chat_id_of(message),
         message_id=message.id,
         group_key=group_key_of(message),
-        is_admin=caller.is_admin,
     )
 
 

@@ -7,6 +7,12 @@ one at a time, at most once every `telegram.progress_interval` seconds (read liv
 never trips Telegram's flood limits; a FloodWait that still comes back is waited out and the job
 is retried. The message id is stored with the job (`progress_message_id`), so editing continues
 in the same message after a restart.
+
+What the bot owes a chat when a download ends (its progress message's last edit, then the notice
+of how it ended) is in the store's outbox, written in the transaction that ended the download. The
+notifier reads it when it starts and whenever a download of a chat ends (on this node or another:
+the hub carries both), and marks each notice delivered once sent, so a stop between the end and
+the message loses nothing and a restart sends nothing twice.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from loguru import logger
-from pyrogram.errors import Flood, MessageIdInvalid, RPCError
+from pyrogram.errors import BadRequest, Flood, Forbidden, MessageIdInvalid, RPCError
 from pyrogram.types import InlineKeyboardMarkup
 
 from bot import render
@@ -32,6 +38,8 @@ from records import DownloadRemoved, DownloadRow, DownloadSnapshot, UploadRow
 _MAX_TRANSIENT_RETRIES = 3
 _JOB_LIMIT = 10_000  # jobs remembered; the least recently changed are forgotten first
 _NOTIFIED_UPLOAD_STATUSES = ("completed", "failed")
+_OUTBOX_BATCH = 100  # owed notices taken from the store at a time
+_OUTBOX_RETRY = 5.0  # seconds before reading the outbox again after the store failed
 
 
 @dataclass
@@ -60,6 +68,8 @@ class ProgressNotifier:
         self._dirty: dict[int, OrderedDict[int, None]] = {}
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._next_allowed: dict[int, float] = {}
+        self._outbox_wake = asyncio.Event()  # set: read the outbox again
+        self._outbox_backlog = False  # the last read was a full batch: more may be owed
 
     @property
     def interval(self) -> float:
@@ -91,6 +101,7 @@ class ProgressNotifier:
     async def run(self) -> None:
         """Follow the hub until cancelled (or until the hub closes)."""
         self.running = True
+        outbox = asyncio.create_task(self._follow_outbox(), name="telegram-outbox")
         try:
             while True:
                 subscription = self.context.hub.subscribe("telegram-progress", maxsize=10_000)
@@ -112,6 +123,9 @@ class ProgressNotifier:
                 logger.warning("progress notifier fell behind; resynchronising")
         finally:
             self.running = False
+            outbox.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await outbox
             await self._stop_workers()
 
     async def _stop_workers(self) -> None:
@@ -124,7 +138,8 @@ class ProgressNotifier:
         self._workers.clear()
 
     async def _resync(self) -> None:
-        """Take in every active chat job: after a start (or a drop) its message catches up."""
+        """Take in every active chat job and what the outbox says is owed: after a start (or a
+        drop) every message catches up."""
         store = self.context.store
         rows = [
             row
@@ -134,6 +149,59 @@ class ProgressNotifier:
         uploads = await store.get_uploads_for_downloads([row.id for row in rows])
         for row in rows:
             self._take(row, uploads.get(row.id, ()))
+        self._outbox_wake.set()
+
+    # --- the outbox -------------------------------------------------------------------------------
+
+    async def _follow_outbox(self) -> None:
+        """Read the outbox whenever woken; each owed notice joins its job, whose chat worker
+        delivers it."""
+        while True:
+            await self._outbox_wake.wait()
+            self._outbox_wake.clear()
+            try:
+                await self._take_owed()
+            except Exception as exc:
+                logger.warning(
+                    "the bot's outbox was not read ({}); trying again in {} s",
+                    " ".join(str(exc).split()) or type(exc).__name__,
+                    _OUTBOX_RETRY,
+                )
+                await asyncio.sleep(_OUTBOX_RETRY)
+                self._outbox_wake.set()
+
+    async def _take_owed(self) -> None:
+        # Taken before the read: a notice leaves its job only once it is marked delivered, so
+        # one that the read still shows as owed was already taken then.
+        taken = {
+            notice.outbox_id
+            for job in self._jobs.values()
+            for notice in job.notices
+            if notice.outbox_id is not None
+        }
+        owed = await self.context.store.fetch_undelivered_notices(_OUTBOX_BATCH)
+        self._outbox_backlog = len(owed) == _OUTBOX_BATCH
+        for owed_notice in owed:
+            if owed_notice.id in taken:
+                continue
+            job = self._jobs.get(owed_notice.download_id) or await self._load(
+                owed_notice.download_id
+            )
+            if job is None or job.row.chat_id is None:
+                logger.bind(job=owed_notice.download_id).info(
+                    "download {} is gone: its chat notice is dropped", owed_notice.download_id
+                )
+                await self._settle(owed_notice.id)
+                continue
+            notice = render.Notice("download", job.row.id, owed_notice.kind, owed_notice.id)
+            self._add_notice(job, notice)
+            self._mark(job.row.chat_id, job.row.id)
+
+    async def _settle(self, outbox_id: int) -> None:
+        """Record an owed notice as delivered: sent, or nothing left to send."""
+        await self.context.store.mark_notice_delivered(outbox_id)
+        if self._outbox_backlog:
+            self._outbox_wake.set()  # room for the notices the last read left out
 
     async def _on_event(self, event: Event) -> None:
         data = event.data
@@ -171,7 +239,7 @@ class ProgressNotifier:
         if row.chat_id is None:
             return
         if row.status != previous and row.status in FINAL_DOWNLOAD_STATUSES:
-            self._add_notice(job, render.Notice("download", row.id, row.status))
+            self._outbox_wake.set()  # its notice was committed with this status
         self._mark(row.chat_id, row.id)
 
     async def _take_upload(self, upload: UploadRow, *, notify: bool) -> None:
@@ -193,7 +261,10 @@ class ProgressNotifier:
         if row is None:
             return None
         uploads = await store.get_uploads_by_download(download_id) if row.chat_id else []
-        return self._remember(row, {upload.id: upload for upload in uploads})
+        # An event may have brought the job in while the rows were read: it is as new.
+        return self._jobs.get(download_id) or self._remember(
+            row, {upload.id: upload for upload in uploads}
+        )
 
     def _forget(self, download_id: int) -> None:
         self._jobs.pop(download_id, None)
@@ -259,6 +330,9 @@ class ProgressNotifier:
                             type(exc).__name__,
                         )
                         job.transient_failures = 0
+                        # The outbox keeps what is owed: the next time it is read, it is tried
+                        # again.
+                        job.notices = [n for n in job.notices if n.outbox_id is None]
                 except RPCError as exc:
                     log.bind(job=download_id).warning(
                         "Telegram refused a progress update: {}", exc.ID or type(exc).__name__
@@ -275,33 +349,62 @@ class ProgressNotifier:
         self._next_allowed[chat_id] = time.monotonic() + self.interval
 
     async def _flush(self, chat_id: int, job: _Job) -> None:
-        """At most one Telegram call for this job; anything left is marked dirty again."""
+        """At most one Telegram call for this job; anything left is marked dirty again. The
+        progress message is brought up to date before a notice goes out, so a job that ended
+        shows its end (and no buttons it no longer has) first."""
         async with self.context.chat_locks(chat_id):
             row, uploads = job.row, job.upload_rows()
             lang = self.context.languages.of(row.owner_id)
             text, markup = render.progress_message(lang, row, uploads)
             signature = (text, render.markup_signature(markup))
             if job.message_id is None or job.rendered != signature:
-                if job.message_id is None:
-                    await self._send_progress(job, text, markup)
-                else:
-                    try:
-                        await self.context.edit(chat_id, job.message_id, text, markup)
-                    except MessageIdInvalid:
-                        # The user deleted the message: start a new one.
-                        await self._send_progress(job, text, markup)
+                await self._show_progress(chat_id, job, text, markup)
                 job.rendered = signature
                 self._spent(chat_id)
             elif job.notices:
-                notice = job.notices[0]
-                completed = notice == render.Notice("download", row.id, "completed")
-                links = self._links(row) if completed else ()
-                message = render.notice_text(lang, row, uploads, notice, links)
-                if message is not None:
-                    await self.context.say(chat_id, message, reply_to=row.message_id)
-                    self._spent(chat_id)
-                job.notices.pop(0)
+                await self._tell(chat_id, job, lang)
             self._remark_if_pending(chat_id, job)
+
+    async def _show_progress(
+        self, chat_id: int, job: _Job, text: str, markup: InlineKeyboardMarkup | None
+    ) -> None:
+        if job.message_id is None:
+            await self._send_progress(job, text, markup)
+            return
+        try:
+            await self.context.edit(chat_id, job.message_id, text, markup)
+        except MessageIdInvalid:
+            # The user deleted the message: start a new one.
+            await self._send_progress(job, text, markup)
+        except (BadRequest, Forbidden) as exc:
+            # Refused for good (the bot was blocked, the message may not be edited any more):
+            # the notice that may follow is still tried.
+            logger.bind(chat=chat_id, job=job.row.id).warning(
+                "Telegram refused a progress edit: {}", exc.ID or type(exc).__name__
+            )
+
+    async def _tell(self, chat_id: int, job: _Job, lang: Language) -> None:
+        """Send the job's first notice; a download's is then marked delivered in the outbox."""
+        row, notice = job.row, job.notices[0]
+        log = logger.bind(chat=chat_id, job=row.id)
+        if notice.outbox_id is not None and row.status != notice.status:
+            fresh = await self.context.store.get_download_by_id(row.id)
+            if fresh is not None and fresh.status == notice.status:
+                job.row = fresh  # the copy here was behind the store: show the end first
+                return
+            log.info("download {} was deleted or retried since it ended: no notice", row.id)
+        completed = notice.entity == "download" and notice.status == "completed"
+        links = self._links(row) if completed else ()
+        message = render.notice_text(lang, row, job.upload_rows(), notice, links)
+        if message is not None:
+            try:
+                await self.context.say(chat_id, message, reply_to=row.message_id)
+            except (BadRequest, Forbidden) as exc:
+                log.warning("Telegram refused a notice: {}", exc.ID or type(exc).__name__)
+            self._spent(chat_id)
+        if notice.outbox_id is not None:
+            await self._settle(notice.outbox_id)
+        job.notices.remove(notice)
 
     def _remark_if_pending(self, chat_id: int, job: _Job) -> None:
         if job.notices:

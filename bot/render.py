@@ -18,7 +18,7 @@ from pyrogram.types import BotCommand, InlineKeyboardButton, InlineKeyboardMarku
 
 from aria2_client.models import format_duration, human_size, human_speed
 from bot.text import Language, translate
-from configer import UploadTarget
+from configer import UploadTarget, mask_url_passwords
 from db import ACTIVE_DOWNLOAD_STATUSES, download_actions, parse_utc, upload_actions
 from records import DownloadRow, Statistics, UploadRow
 
@@ -44,11 +44,14 @@ Markup = InlineKeyboardMarkup | None
 
 @dataclass(frozen=True)
 class Notice:
-    """An end of a job the user hears about once: a download's or an upload's final state."""
+    """An end of a job the user hears about once: a download's or an upload's final state.
+    `outbox_id` is the store's record of a download's notice (`bot_notices`), marked delivered
+    once it has been sent."""
 
     entity: Literal["download", "upload"]
     entity_id: int
     status: str
+    outbox_id: int | None = None
 
 
 def clip(text: str) -> str:
@@ -96,9 +99,14 @@ def public_address(url: str) -> str:
 # --- one job ------------------------------------------------------------------------------------
 
 
+def shown_name(row: DownloadRow, fallback: str) -> str:
+    """A job's name in a chat: its file name, else its link (a password in it masked)."""
+    return row.file_name or (row.source_url and mask_url_passwords(row.source_url)) or fallback
+
+
 def download_title(row: DownloadRow) -> str:
     icon = STATUS_ICONS.get(row.status, "•")
-    return f"{icon} #{row.id} {row.file_name or row.source_url or row.source_type}"
+    return f"{icon} #{row.id} {shown_name(row, row.source_type)}"
 
 
 def download_lines(lang: Language, row: DownloadRow) -> list[str]:
@@ -249,7 +257,7 @@ def notice_text(
     """The one message that tells how a job ended (a failed upload is final); None when it has
     moved on since (retried by hand). `links` are the stream links of a completed download (at
     most MAX_LINKS; a torrent's further files are counted, not linked)."""
-    name = row.file_name or row.source_url or f"#{row.id}"
+    name = shown_name(row, f"#{row.id}")
     if notice.entity == "download":
         if row.status != notice.status:
             return None
@@ -314,7 +322,7 @@ def _page_button(lang: Language, label: str, page: int) -> InlineKeyboardButton:
 
 def download_entry(lang: Language, row: DownloadRow) -> str:
     icon = STATUS_ICONS.get(row.status, "•")
-    name = row.file_name or row.source_url or row.source_type
+    name = shown_name(row, row.source_type)
     detail = status_name(lang, row.status)
     if row.status in _RUNNING:
         detail += f" {percent(row.completed_length, row.total_length)}"

@@ -196,3 +196,17 @@ def test_long_texts_are_clipped_to_one_message() -> None:
     rows = [ROW._replace(id=n, status="failed", error_message="e" * 300) for n in range(40)]
     text = render.downloads_list("en", rows)
     assert len(text) == render.TEXT_LIMIT and text.endswith("…")
+
+
+def test_a_link_shown_in_a_chat_never_shows_its_password() -> None:
+    row = download_row(
+        file_name=None, source_url="https://ann:hunter2secret@files.example/a.bin", status="failed"
+    )
+    shown = [
+        render.download_title(row),
+        render.download_entry("en", row),
+        render.notice_text("en", row, [], Notice("download", row.id, "failed")),
+    ]
+    for text in shown:
+        assert text is not None
+        assert "hunter2secret" not in text and "ann:***@files.example" in text

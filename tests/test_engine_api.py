@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import os
 import time
@@ -12,12 +13,14 @@ from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 from loguru import logger
 
 from aria2_client.transport import Aria2RpcError
 from tests.support.http_files import MIB, FileServer
 from tests.support.processes import free_port
 from tests.support.service import RunningService, ServiceFactory
+from tests.support.sessions import stored_session
 from webstreamer.signing import SESSION_COOKIE, LinkSigner
 
 WAIT = 60.0  # generous upper bound for any download in these tests
@@ -248,7 +251,7 @@ async def test_the_right_token_and_a_session_cookie_are_accepted(svc: RunningSer
     status, body = await svc.api("GET", "/api/downloads")
     assert status == 200
     assert body == {"downloads": []}
-    cookie = signer_of(svc).session_cookie(svc.token)
+    cookie = await stored_session(svc.service.parts.store, svc.token)
     status, body = await svc.api(
         "GET", "/api/downloads", auth=False, headers={"Cookie": f"{SESSION_COOKIE}={cookie}"}
     )
@@ -1038,3 +1041,40 @@ async def test_json_errors_never_html(svc: RunningService) -> None:
     async with svc.http.put(svc.base_url + "/api/downloads", headers=svc.auth) as response:
         assert response.status == 405
         assert response.content_type == "application/json"
+
+
+async def test_a_links_user_and_password_reach_the_server_but_not_aria2s_log(
+    svc: RunningService,
+) -> None:
+    body = os.urandom(50_000)
+    expected = "Basic " + base64.b64encode(b"ann:p@ss:w/rd").decode()
+    seen: list[str | None] = []
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Authorization"))
+        if request.headers.get("Authorization") != expected:
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="t"'})
+        if request.path == "/broken.bin":
+            return web.Response(status=500)
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_get("/{name}", guarded)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        base = f"http://ann:p%40ss%3Aw%2Frd@127.0.0.1:{port}"
+        good, broken = await add_links(svc, f"{base}/guarded.bin", f"{base}/broken.bin")
+        done = await svc.wait_download(good["id"], FINAL)
+        assert done["status"] == "completed", done
+        assert await read_file(done["local_path"]) == body
+        assert (await svc.wait_download(broken["id"], FINAL))["status"] == "failed"
+        assert seen.count(expected) >= 2  # both requests carried the credentials
+    finally:
+        await runner.cleanup()
+    # aria2 got the credentials as options: the link it logs (a failed one) has none.
+    aria2_log = await read_file(svc.service.config.data_dir / "aria2.log")
+    assert b"/broken.bin" in aria2_log
+    assert b"p@ss" not in aria2_log and b"p%40ss" not in aria2_log

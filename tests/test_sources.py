@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -11,17 +12,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aria2_client.sources import (
+    MAX_SOURCE_HOSTS,
     MAX_URL_LENGTH,
+    AddressPolicy,
+    BlockedAddress,
     ParsedLink,
     SourceError,
+    allowed_addresses,
+    blocked_sources,
     ensure_public_host,
     extract_links,
+    magnet_sources,
     parse_link,
     parse_torrent,
+    torrent_sources,
+    without_magnet_sources,
+    without_torrent_sources,
 )
-from tests.support.torrents import bencode, corrupt_torrent_cases, make_torrent
+from configer import DEFAULT_BLOCKED_NETWORKS
+from tests.support.torrents import BencodeValue, bencode, corrupt_torrent_cases, make_torrent
 
 ANNOUNCE = "http://127.0.0.1:1/announce"
+DEFAULT_POLICY = AddressPolicy(DEFAULT_BLOCKED_NETWORKS)
 INFO_HASH_HEX = "c12fe1c06bba254a9dc9f519b335aa7c1367a88a"
 
 # --- parse_link -------------------------------------------------------------------------------
@@ -239,18 +251,164 @@ def test_extract_links_in_plain_text_finds_nothing() -> None:
 )
 async def test_ensure_public_host_refuses_loopback_private_and_reserved(url: str) -> None:
     with pytest.raises(SourceError):
-        await ensure_public_host(parse_link(url))
+        await ensure_public_host(parse_link(url), DEFAULT_POLICY)
 
 
 @pytest.mark.parametrize(
     "url", ["http://93.184.216.34/x", "https://[2606:4700:4700::1111]/x", "ftp://8.8.8.8/x"]
 )
 async def test_ensure_public_host_lets_public_literal_addresses_through(url: str) -> None:
-    await ensure_public_host(parse_link(url))
+    await ensure_public_host(parse_link(url), DEFAULT_POLICY)
 
 
 async def test_ensure_public_host_ignores_magnets() -> None:
-    await ensure_public_host(parse_link(f"magnet:?xt=urn:btih:{INFO_HASH_HEX}"))
+    await ensure_public_host(parse_link(f"magnet:?xt=urn:btih:{INFO_HASH_HEX}"), DEFAULT_POLICY)
+
+
+# --- the address policy (aria2.blocked_networks) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.31.255.255",
+        "192.168.0.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "240.0.0.1",
+        "255.255.255.255",
+        "224.0.0.251",
+        "::",
+        "::1",
+        "fe80::1%eth0",
+        "fc00::1",
+        "fd12:3456::1",
+        "ff02::1",
+        # IPv6 forms that carry an IPv4 address are judged by it too.
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "::127.0.0.1",
+        "64:ff9b::a00:1",
+        "2002:c0a8:101::1",
+    ],
+)
+def test_the_default_policy_blocks_private_loopback_and_reserved_addresses(address: str) -> None:
+    assert DEFAULT_POLICY.blocking_network(address) is not None
+
+
+@pytest.mark.parametrize(
+    "address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
+)
+def test_the_default_policy_lets_public_addresses_through(address: str) -> None:
+    assert DEFAULT_POLICY.blocking_network(address) is None
+
+
+async def test_a_host_with_any_blocked_address_is_refused_naming_it() -> None:
+    async def resolve(host: str) -> list[str]:
+        return {"mixed.test": ["93.184.216.34", "10.0.0.7"], "none.test": []}.get(host, [host])
+
+    with pytest.raises(BlockedAddress, match=r"mixed\.test: blocked address 10\.0\.0\.7"):
+        await allowed_addresses("mixed.test", DEFAULT_POLICY, resolve)
+    with pytest.raises(SourceError, match="does not resolve"):
+        await allowed_addresses("none.test", DEFAULT_POLICY, resolve)
+    narrow = AddressPolicy(["127.0.0.2/32"])
+    assert await allowed_addresses("127.0.0.1", narrow, resolve) == ["127.0.0.1"]
+    with pytest.raises(BlockedAddress):
+        await allowed_addresses("::ffff:127.0.0.2", narrow, resolve)
+
+
+# --- trackers and web seeds of torrents and magnets ---------------------------------------------
+
+
+def test_blocked_trackers_and_web_seeds_leave_a_torrent_with_its_info_hash() -> None:
+    info: BencodeValue = {
+        "length": 1,
+        "name": "film.bin",
+        "piece length": 16384,
+        "pieces": b"\0" * 20,
+    }
+    torrent = bencode(
+        {
+            "announce": "http://10.0.0.1/announce",
+            "announce-list": [
+                ["http://10.0.0.1/announce", "udp://tracker.test:80"],
+                ["http://10.0.0.2/a"],
+            ],
+            "comment": "kept",
+            "info": info,
+            "url-list": ["http://10.0.0.3/seed/", "http://seed.test/film.bin"],
+        }
+    )
+    assert torrent_sources(torrent) == [
+        "http://10.0.0.1/announce",
+        "http://10.0.0.1/announce",
+        "udp://tracker.test:80",
+        "http://10.0.0.2/a",
+        "http://10.0.0.3/seed/",
+        "http://seed.test/film.bin",
+    ]
+    dropped = {"http://10.0.0.1/announce", "http://10.0.0.2/a", "http://10.0.0.3/seed/"}
+    rewritten = without_torrent_sources(torrent, dropped)
+    assert rewritten == bencode(
+        {
+            "announce-list": [["udp://tracker.test:80"]],
+            "comment": "kept",
+            "info": info,
+            "url-list": ["http://seed.test/film.bin"],
+        }
+    )
+    assert parse_torrent(rewritten).info_hash == hashlib.sha1(bencode(info)).hexdigest()
+    assert without_torrent_sources(torrent, set()) == torrent  # nothing dropped: the same bytes
+
+
+def test_blocked_trackers_and_web_seeds_leave_a_magnet_otherwise_as_it_was() -> None:
+    magnet = (
+        f"magnet:?xt=urn:btih:{INFO_HASH_HEX}&dn=A+film&tr=http%3A%2F%2F10.0.0.1%2Fa"
+        "&tr.1=udp%3A%2F%2Ftracker.test%3A80&ws=http%3A%2F%2F10.0.0.3%2Fseed&x.pe=1.2.3.4:5"
+    )
+    assert magnet_sources(magnet) == [
+        "http://10.0.0.1/a",
+        "udp://tracker.test:80",
+        "http://10.0.0.3/seed",
+    ]
+    kept = without_magnet_sources(magnet, {"http://10.0.0.1/a", "http://10.0.0.3/seed"})
+    assert kept == (
+        f"magnet:?xt=urn:btih:{INFO_HASH_HEX}&dn=A+film&tr.1=udp%3A%2F%2Ftracker.test%3A80"
+        "&x.pe=1.2.3.4:5"
+    )
+    assert parse_link(kept).info_hash == INFO_HASH_HEX
+
+
+async def test_sources_are_judged_by_host_once_and_unresolvable_ones_dropped() -> None:
+    looked_up: list[str] = []
+
+    async def resolve(host: str) -> list[str]:
+        looked_up.append(host)
+        return {"good.test": ["93.184.216.34"], "inner.test": ["192.168.1.5"]}.get(host, [])
+
+    urls = [
+        "http://good.test/announce",
+        "udp://good.test:6969",
+        "http://inner.test/announce",
+        "http://gone.test/announce",
+        "http://[::1]:80/seed",
+        "not a url",
+    ]
+    reasons = await blocked_sources(urls, DEFAULT_POLICY, resolve)
+    assert set(reasons) == set(urls[2:])
+    assert "blocked address 192.168.1.5" in reasons["http://inner.test/announce"]
+    assert "does not resolve" in reasons["http://gone.test/announce"]
+    assert looked_up.count("good.test") == 1
+    many = [f"http://h{n}.test/a" for n in range(MAX_SOURCE_HOSTS + 5)]
+
+    async def public(host: str) -> list[str]:
+        return ["93.184.216.34"]
+
+    reasons = await blocked_sources(many, DEFAULT_POLICY, public)
+    assert sorted(reasons) == sorted(many[MAX_SOURCE_HOSTS:])
 
 
 # --- parse_torrent ----------------------------------------------------------------------------
@@ -307,6 +465,35 @@ def test_parse_torrent_refuses_trailing_bytes(tmp_path: Path) -> None:
     info = make_torrent(b"x" * 100, tmp_path, ANNOUNCE, "t.bin")
     with pytest.raises(SourceError, match="trailing"):
         parse_torrent(info.torrent_bytes + b"junk")
+
+
+def test_parse_torrent_gives_the_paths_on_disk_under_the_one_name_policy(tmp_path: Path) -> None:
+    files = {
+        "a\u202eb.txt": b"1",
+        "ab.txt": b"2",  # what the first cleans to: numbered
+        "ab.1.txt": b"3",  # and what that number would give: numbered further
+        "d\u2066ir/c\x7f.bin": b"4",
+        "plain.bin": b"5",
+    }
+    info = make_torrent(files, tmp_path, ANNOUNCE, "pa\u202eck")
+    meta = parse_torrent(info.torrent_bytes)
+    paths = [f.path for f in meta.files]
+    assert sorted(paths) == [
+        "pack/ab.1.txt",
+        "pack/ab.2.txt",
+        "pack/ab.txt",
+        "pack/dir/c.bin",
+        "pack/plain.bin",
+    ]
+    assert meta.renamed == {f.index for f in meta.files}  # the folder itself was cleaned
+    assert meta.index_out.splitlines() == [f"{f.index}={f.path}" for f in meta.files]
+
+    clean = parse_torrent(make_torrent({"x.bin": b"1"}, tmp_path, ANNOUNCE, "ok").torrent_bytes)
+    assert (clean.renamed, clean.index_out) == (frozenset(), "")
+    single = make_torrent(b"1", tmp_path, ANNOUNCE, "invoice\u202egpj.exe")
+    meta = parse_torrent(single.torrent_bytes)
+    assert [f.path for f in meta.files] == ["invoicegpj.exe"]
+    assert meta.index_out == "1=invoicegpj.exe"
 
 
 def test_parse_torrent_refuses_missing_pieces() -> None:

@@ -4,7 +4,10 @@ signature check and the dashboard's HTML shell. Routes import this module, never
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import math
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from html import escape
@@ -12,12 +15,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
+from loguru import logger
 
 from configer import Config, ConfigDiff, Secrets
 from db import Store
 from events import EventHub
 from files import DownloadFiles
-from records import DownloadRow, NodeStatus, UploadRow
+from records import DownloadRow, NodeStatus, UploadRow, WebSession
 from webstreamer.byteserve import ByteSource
 from webstreamer.links import StreamLinks
 
@@ -105,6 +109,11 @@ def context_of(request: web.Request) -> AppContext:
     return request.app[CONTEXT]
 
 
+# The dashboard session a request was signed in with (absent for a bearer token): set by the
+# auth middleware (routes/auth.py).
+SESSION: web.RequestKey[WebSession] = web.RequestKey("session", WebSession)
+
+
 def json_error(status: int, error: str, detail: object = None) -> web.Response:
     return web.json_response({"error": error, "detail": detail}, status=status)
 
@@ -113,8 +122,10 @@ def json_error(status: int, error: str, detail: object = None) -> web.Response:
 
 
 def parse_id(text: str | None) -> int | None:
-    """A row id from a path segment: plain digits that fit SQLite's integer, else None."""
-    return int(text) if text is not None and text.isdigit() and len(text) <= 18 else None
+    """A row id from a path segment: plain ASCII digits that fit SQLite's integer, else None."""
+    if text is None or not (text.isascii() and text.isdigit()) or len(text) > 18:
+        return None
+    return int(text)
 
 
 def path_id(request: web.Request, kind: str = "download") -> int:
@@ -126,12 +137,61 @@ def path_id(request: web.Request, kind: str = "download") -> int:
     return number
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 that says what is wrong with it."""
+MAX_JSON_DEPTH = 32  # nesting of arrays and objects a request body may have
+
+
+def _json_problem(document: object) -> str | None:
+    """What makes a parsed body unusable: nesting deeper than MAX_JSON_DEPTH, or a string (a
+    value or a key) holding a lone surrogate, which no UTF-8 text (nor the store) can hold."""
+    pending: list[tuple[object, int]] = [(document, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list) and depth >= MAX_JSON_DEPTH:
+            return f"the body nests deeper than {MAX_JSON_DEPTH} levels"
+        if isinstance(item, dict):
+            pending += [(key, depth + 1) for key in item]
+            pending += [(value, depth + 1) for value in item.values()]
+        elif isinstance(item, list):
+            pending += [(value, depth + 1) for value in item]
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                lone = ascii(item[exc.start])[1:-1]
+                return f"a string in the body holds a lone surrogate ({lone}), which is not text"
+    return None
+
+
+def parse_json(body: bytes) -> object:
+    """A request body as JSON, or a 400 naming what is wrong with it: not UTF-8, not JSON,
+    nested too deep, a number with too many digits, a lone surrogate in a string."""
     try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text="the body is not valid JSON") from None
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise web.HTTPBadRequest(text=f"the body is not UTF-8 (byte {exc.start})") from None
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise web.HTTPBadRequest(
+            text=f"the body nests deeper than {MAX_JSON_DEPTH} levels"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise web.HTTPBadRequest(text=f"the body is not valid JSON: {exc.msg}") from None
+    except ValueError:  # an integer beyond the digits int() converts
+        digits = sys.get_int_max_str_digits()
+        raise web.HTTPBadRequest(
+            text=f"a number in the body has more than {digits} digits"
+        ) from None
+    problem = _json_problem(document)
+    if problem is not None:
+        raise web.HTTPBadRequest(text=problem)
+    return document
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object (UTF-8, whatever charset the request names), or a 400 that
+    says what is wrong with it."""
+    body = parse_json(await request.read())
     if not isinstance(body, dict):
         raise web.HTTPBadRequest(text="the body must be a JSON object")
     return body
@@ -207,6 +267,67 @@ def redirect_to_node(request: web.Request, origin: str) -> web.Response:
     target = request.raw_path if request.raw_path.startswith("/") else request.path_qs
     location = origin + target
     return web.Response(status=307, headers={"Location": location}, text=f"see {location}\n")
+
+
+# --- clients -----------------------------------------------------------------------------------
+
+
+def client_of(address: str | None) -> str:
+    """Who a connection comes from, for limits per client: its address, an IPv6 address by its
+    /64 (one host usually holds a whole /64), an IPv4-mapped one as IPv4."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return address or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class WarningSummary:
+    """At most one WARNING per client per `interval` seconds, with how many times `what`
+    happened since the last one: a flood costs a log line a minute, not a line an attempt.
+    The first time is reported at once, the rest when the interval is over."""
+
+    def __init__(self, what: str, interval: float = 60.0) -> None:
+        self.what = what
+        self.interval = interval
+        self._counts: dict[str, int] = {}
+        self._reported: dict[str, float] = {}  # client -> loop time of its last line
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    def add(self, client: str) -> None:
+        self._counts[client] = self._counts.get(client, 0) + 1
+        if client in self._timers:
+            return
+        loop = asyncio.get_running_loop()
+        delay = self._reported.get(client, -math.inf) + self.interval - loop.time()
+        if delay <= 0:
+            self._report(client)
+        else:
+            self._timers[client] = loop.call_later(delay, self._report, client)
+
+    def _report(self, client: str) -> None:
+        self._timers.pop(client, None)
+        count = self._counts.pop(client, 0)
+        if not count:
+            return
+        now = asyncio.get_running_loop().time()
+        self._reported[client] = now
+        if len(self._reported) > 4096:  # forget clients whose interval is long over
+            for name in [c for c, t in self._reported.items() if t < now - self.interval]:
+                del self._reported[name]
+        logger.bind(peer=client).warning(
+            "{} {} for {} within {:g} s", count, self.what, client, self.interval
+        )
+
+    def close(self) -> None:
+        """Report what is still counted (at a stop) and cancel the timers."""
+        for client, timer in list(self._timers.items()):
+            timer.cancel()
+            self._report(client)
 
 
 # --- the dashboard's HTML shell (the page and the sign-in form are one document) ------------------

@@ -1,12 +1,22 @@
-"""The aiohttp application (routes, JSON errors, security headers) and the listener it is served
-on. Only app.py imports this module; the routes share webstreamer.context instead."""
+"""The aiohttp application (routes, JSON errors, security headers), the listener it is served
+on, and the limits on connections. Only app.py imports this module; the routes share
+webstreamer.context instead.
+
+Slow and greedy clients: a connection must send a whole request head within
+`web.header_timeout` seconds of opening, or of its previous answer (an idle keep-alive
+connection is closed after as long), so connections that trickle their headers (slowloris) are
+closed; and one client (an address, an IPv6 /64) may hold at most
+`web.max_connections_per_client` connections: a further one is answered 503 and closed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from loguru import logger
@@ -14,7 +24,7 @@ from loguru import logger
 from aria2_client.sources import SourceError
 from cluster import HolderError
 from db import DRIVER_ERRORS, DuplicateDownload, NotFound, StoreError, TransitionError
-from webstreamer.context import CONTEXT, AppContext, json_error
+from webstreamer.context import CONTEXT, AppContext, WarningSummary, client_of, json_error
 from webstreamer.routes import api, auth, cluster, page, stream, uploads, ws
 
 
@@ -138,6 +148,7 @@ class Listener:
     """
 
     def __init__(self, host: str, port: int, *, backlog: int = 128) -> None:
+        self.backlog = backlog
         self.sockets: list[socket.socket] = []
         try:
             for family, address in _passive_addresses(host, port):
@@ -169,6 +180,72 @@ class Listener:
             sock.close()
 
 
+def _refusal(limit: int) -> bytes:
+    body = json.dumps(
+        {
+            "error": "too_many_connections",
+            "detail": f"at most {limit} open connections from one address",
+        }
+    ).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class ConnectionGate:
+    """Open connections per client; `limit()` (read at each connection) caps them."""
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+        self.refused = WarningSummary(
+            "connection(s) refused as over web.max_connections_per_client"
+        )
+
+    def admit(self, client: str) -> bool:
+        count = self.open.get(client, 0)
+        if count >= self.limit():
+            self.refused.add(client)
+            return False
+        self.open[client] = count + 1
+        return True
+
+    def release(self, client: str) -> None:
+        count = self.open.pop(client, 0) - 1
+        if count > 0:
+            self.open[client] = count
+
+
+class _Connection(web.RequestHandler):
+    """The handler of one connection, counted by the gate; over the cap it answers 503 at once
+    and never reads a request."""
+
+    def __init__(self, server: web.Server, gate: ConnectionGate, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._gate = gate
+        self._client: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        client = client_of(str(peer[0]) if isinstance(peer, tuple) and peer else None)
+        if not self._gate.admit(client):
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(_refusal(self._gate.limit()))
+            transport.close()
+            return
+        self._client = client
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._client is None:  # refused: the handler never started
+            return
+        self._gate.release(self._client)
+        self._client = None
+        super().connection_lost(exc)
+
+
 class WebServer:
     """Serves the application on a bound listener until stopped."""
 
@@ -179,17 +256,40 @@ class WebServer:
         self._runner = web.AppRunner(
             self.app, access_log=None, handle_signals=False, handler_cancellation=True
         )
+        self.gate = ConnectionGate(lambda: ctx.config.web.max_connections_per_client)
+        self._servers: list[asyncio.AbstractServer] = []
 
     @property
     def port(self) -> int:
         return self.listener.port
 
+    def _connection(self) -> _Connection:
+        """A new connection's handler, with the limits in force now. aiohttp closes a
+        connection that waits for a request head longer than its keep-alive timeout, from the
+        moment it opens as after each answer: that timeout is the header timeout."""
+        server = self._runner.server
+        assert server is not None
+        return _Connection(
+            server,
+            self.gate,
+            loop=asyncio.get_running_loop(),
+            keepalive_timeout=self.ctx.config.web.header_timeout,
+            access_log=None,
+        )
+
     async def start(self) -> None:
         await self._runner.setup()
+        loop = asyncio.get_running_loop()
         for sock in self.listener.sockets:
-            await web.SockSite(self._runner, sock).start()
+            self._servers.append(
+                await loop.create_server(self._connection, sock=sock, backlog=self.listener.backlog)
+            )
         logger.info("web server listening on {}", self.ctx.links.base_url)
 
     async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        self.gate.refused.close()
         if self._runner.server is not None:
             await self._runner.cleanup()

@@ -1,16 +1,20 @@
-"""Signed links for /stream and /watch, and the dashboard's session cookie (HMAC-SHA256)."""
+"""Signed links for /stream and /watch (HMAC-SHA256), and the secret in the dashboard's session
+cookie with the key the store keeps for it (SHA-256)."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
+import re
+import secrets
 import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
 SESSION_COOKIE = "mistrelay_session"
 SESSION_LIFETIME = 30 * 24 * 3600
+_SESSION_SECRET = re.compile(r"[A-Za-z0-9_-]{43}")  # 32 random bytes, URL-safe base64
 
 
 def _b64(digest: bytes) -> str:
@@ -67,6 +71,8 @@ class LinkSigner:
         """None when the link is good, else why it is refused ("missing", "forged", "expired")."""
         if not sig:
             return "missing signature"
+        if not sig.isascii() or not (exp or "").isascii():
+            return "malformed signature (not ASCII)"
         try:
             expires = int(exp) if exp else 0
         except ValueError:
@@ -79,26 +85,20 @@ class LinkSigner:
             return "expired link"
         return None
 
-    # --- dashboard sessions -----------------------------------------------------------------------
 
-    def session_cookie(self, token: str, *, now: float | None = None) -> str:
-        issued = int(now or time.time())
-        return f"{issued}.{self._session_mac(token, issued)}"
+# --- dashboard sessions ---------------------------------------------------------------------------
 
-    def _session_mac(self, token: str, issued: int) -> str:
-        token_hash = hashlib.sha256(token.encode()).hexdigest()
-        message = f"session:{issued}:{token_hash}".encode()
-        return _b64(hmac.new(self.key, message, hashlib.sha256).digest())
 
-    def session_valid(self, cookie: str | None, token: str, *, now: float | None = None) -> bool:
-        if not cookie or "." not in cookie:
-            return False
-        issued_text, mac = cookie.split(".", 1)
-        try:
-            issued = int(issued_text)
-        except ValueError:
-            return False
-        age = (now or time.time()) - issued
-        if age < -60 or age > SESSION_LIFETIME:
-            return False
-        return hmac.compare_digest(mac, self._session_mac(token, issued))
+def new_session_secret() -> str:
+    """The secret a new session cookie holds: 32 random bytes, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+def session_key(secret: str | None, web_token: str) -> str | None:
+    """What the store keeps of a session cookie's secret: the hex SHA-256 of the secret and of
+    the web token's own digest, so that a new web.token ends every session. None for a value
+    that is no secret of ours (never looked up)."""
+    if secret is None or not _SESSION_SECRET.fullmatch(secret):
+        return None
+    token_digest = hashlib.sha256(web_token.encode("utf-8", "surrogateescape")).hexdigest()
+    return hashlib.sha256(f"session:{token_digest}:{secret}".encode()).hexdigest()

@@ -1,11 +1,13 @@
 """The one JSON shape of downloads and uploads, shared by the REST API and the WebSocket push.
 
-A download's JSON is every `DownloadRow` field but `has_torrent_data`, its `uploads`, its signed
-`stream_url` / `watch_url` (null when not streamable), a `stream_url` for each file of a
-completed torrent, and `actions`: what the row allows now. An upload's JSON is every `UploadRow`
-field and its `actions`. A WebSocket `download_update` carries exactly the list row of
-`GET /api/downloads`. `GET /api/cluster` answers `cluster_json`: this node, the live leader
-and every node's last heartbeat.
+A download's JSON is every `DownloadRow` field but `has_torrent_data` (the password of a
+`source_url` shown as ``***``; the store keeps it for the download), its `uploads`, its signed
+`stream_url` / `watch_url` (null when not streamable), and `actions`: what the row allows now.
+Of a torrent's files it carries `files_total` and the first `FILES_IN_ROW` (each with a
+`stream_url` once completed); `file_json` shapes every page of `GET /api/downloads/{id}/files`.
+An upload's JSON is every `UploadRow` field and its `actions`. A WebSocket `download_update`
+carries exactly the list row of `GET /api/downloads`. `GET /api/cluster` answers
+`cluster_json`: this node, the live leader and every node's last heartbeat.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from configer import mask_url_passwords
 from db import download_actions, upload_actions
 from records import (
     DownloadRemoved,
@@ -22,9 +25,13 @@ from records import (
     EventData,
     HistoryEntry,
     NodeStatus,
+    TorrentFile,
     UploadRow,
 )
 from webstreamer.links import StreamLinks
+
+# A torrent's files in a download's JSON (lists, details and pushes alike); the rest are paged.
+FILES_IN_ROW = 20
 
 
 def download_json(
@@ -35,10 +42,10 @@ def download_json(
 ) -> dict[str, Any]:
     data = row._asdict()
     del data["has_torrent_data"]
-    data["files"] = [
-        {**asdict(entry), "stream_url": links.file_url(row, entry.index, entry.path)}
-        for entry in row.files
-    ]
+    if row.source_url:
+        data["source_url"] = mask_url_passwords(row.source_url)
+    data["files"] = [file_json(links, row, entry) for entry in row.files[:FILES_IN_ROW]]
+    data["files_total"] = len(row.files)
     data["uploads"] = [upload_json(upload) for upload in uploads]
     data["stream_url"] = links.stream_url(row)
     data["watch_url"] = links.watch_url(row)
@@ -49,6 +56,11 @@ def download_json(
             for h in history
         ]
     return data
+
+
+def file_json(links: StreamLinks, row: DownloadRow, entry: TorrentFile) -> dict[str, Any]:
+    """One file of a torrent: index, path, length, selected, and its link once completed."""
+    return {**asdict(entry), "stream_url": links.file_url(row, entry.index, entry.path)}
 
 
 def upload_json(row: UploadRow) -> dict[str, Any]:

@@ -119,6 +119,9 @@ class FileServer:
         self.port = 0
         self.hits: dict[str, int] = {}
         self.requests: list[RequestRecord] = []
+        # Body bytes sent by the streaming routes (slow, hold), by request path: how much of a
+        # file a client fetched in all, resumes and repeats included.
+        self.bytes_sent: dict[str, int] = {}
         self._release: dict[str, asyncio.Event] = {}
         self._reached: dict[str, asyncio.Event] = {}
         self._runner: web.AppRunner | None = None
@@ -335,6 +338,7 @@ class FileServer:
                     break
                 await response.write(chunk)
                 sent += len(chunk)
+                self.bytes_sent[request.path] = self.bytes_sent.get(request.path, 0) + len(chunk)
                 if rate is not None:
                     ahead = sent / rate - (time.monotonic() - started)
                     if ahead > 0:

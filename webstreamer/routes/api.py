@@ -20,9 +20,10 @@ from webstreamer.context import (
     query_int,
     read_json_object,
 )
-from webstreamer.views import download_json
+from webstreamer.views import download_json, file_json
 
 MAX_URLS_PER_REQUEST = 500
+MAX_FILES_PER_PAGE = 1000  # files one page of a torrent's file list may ask for
 
 
 async def health(request: web.Request) -> web.Response:
@@ -135,6 +136,27 @@ async def get_download(request: web.Request) -> web.Response:
     return web.json_response(download_json(ctx.links, row, uploads, history))
 
 
+async def download_files(request: web.Request) -> web.Response:
+    """A page of a torrent's files (`offset` from 0, `limit` 1-1000, default 100) and how many
+    there are; the list and the pushes carry only the first few."""
+    ctx = context_of(request)
+    download_id = path_id(request)
+    offset = query_int(request, "offset", 0, 0, 2**31 - 1)
+    limit = query_int(request, "limit", 100, 1, MAX_FILES_PER_PAGE)
+    row = await ctx.store.get_download_by_id(download_id)
+    if row is None:
+        raise web.HTTPNotFound(text=f"no download {download_id}")
+    page = row.files[offset : offset + limit]
+    return web.json_response(
+        {
+            "files": [file_json(ctx.links, row, entry) for entry in page],
+            "total": len(row.files),
+            "offset": offset,
+            "limit": limit,
+        }
+    )
+
+
 async def act_on_download(request: web.Request) -> web.Response:
     ctx = context_of(request)
     download_id = path_id(request)
@@ -199,6 +221,7 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/api/downloads/statistics", download_statistics)
     app.router.add_get(r"/api/downloads/{id}", get_download)
     app.router.add_delete(r"/api/downloads/{id}", delete_download)
+    app.router.add_get(r"/api/downloads/{id}/files", download_files)
     app.router.add_post(r"/api/downloads/{id}/{action:pause|resume|retry|cancel}", act_on_download)
     app.router.add_post("/api/config/reload", reload_config)
     app.router.add_get("/api/config", get_config)

@@ -1,36 +1,157 @@
-"""Who may use the API: a bearer token (`web.token`) or the dashboard's session cookie, given by
-signing in with that token (`/login`) and dropped by `/logout`.
+"""Who may use the API, and from which page.
 
-Every `/api` path but the health check needs one of the two; the page and the sign-in form are
+Credentials: a bearer token (`web.token`), or the dashboard's session cookie, given by signing in
+with that token (`POST /login`). The cookie holds only a random secret; the store keeps its key
+(`signing.session_key`) with the session's expiry (30 days), last use, address and browser, so
+every node of a cluster accepts it, `POST /logout` ends it, `POST /api/sessions/revoke-all` ends
+every session and `GET /api/sessions` lists the live ones (never a secret).
+
+Forgery: a browser sends the cookie with a request that another site's page makes too. So a
+request signed in by the cookie that may change something (POST, PUT, PATCH, DELETE) must have a
+JSON body type (multipart only for the torrent upload), which no plain form or no-cors fetch can
+send, and it and the WebSocket upgrade must come from this server's own origin (`Origin`, or
+`Sec-Fetch-Site: same-origin` without one). A bearer token proves itself and needs neither.
+
+Guessing: failed sign-ins are counted per client (an address; an IPv6 /64); at
+`web.login_attempts` within a minute the client gets 429 until the oldest is a minute old. Every
+refused sign-in is logged as a summary, one line per client a minute.
+
+Every `/api` path but the health check needs credentials; the page and the sign-in form are
 public, and `/stream` and `/watch` links carry their own signature instead.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
+import math
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from urllib.parse import parse_qs
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 from loguru import logger
 
-from webstreamer.context import context_of, index_response, json_error
-from webstreamer.signing import SESSION_COOKIE, SESSION_LIFETIME
+from records import WebSession
+from webstreamer.context import (
+    SESSION,
+    WarningSummary,
+    client_of,
+    context_of,
+    index_response,
+    json_error,
+    parse_json,
+)
+from webstreamer.signing import (
+    SESSION_COOKIE,
+    SESSION_LIFETIME,
+    new_session_secret,
+    session_key,
+)
 
 LOGIN_BODY_LIMIT = 8 * 1024
 PUBLIC_API_PATHS = frozenset({"/api/health"})
+LOGOUT_PATH = "/logout"
+WEBSOCKET_PATH = "/api/ws"
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+JSON_TYPE = "application/json"
+# The body types a cookie-signed request may send, by path (JSON everywhere else).
+BODY_TYPES: dict[str, tuple[str, ...]] = {
+    "/api/downloads/torrent": (JSON_TYPE, "multipart/form-data"),
+}
+LOGIN_WINDOW = 60.0  # seconds over which failed sign-ins are counted
+USER_AGENT_LIMIT = 200  # characters of a browser's name kept with its session
+SESSION_ID_LENGTH = 12  # hex digits of a session's key shown as its id
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def request_is_authenticated(request: web.Request) -> bool:
-    """A bearer token equal to web.token, or a valid dashboard session cookie."""
+# --- credentials --------------------------------------------------------------------------------
+
+
+def _same_text(offered: str, expected: str) -> bool:
+    """Constant-time equality of two header texts (a header may hold any bytes)."""
+    return hmac.compare_digest(
+        offered.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else None
+
+
+@dataclass(frozen=True)
+class Credential:
+    """How a request signed in: a bearer token (`session` None) or a session cookie."""
+
+    session: WebSession | None
+
+
+async def authenticate(request: web.Request) -> Credential | None:
+    """A bearer token equal to web.token, or the cookie of a live session; else None."""
     ctx = context_of(request)
     token = ctx.secrets.web_token
-    header = request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
-        offered = header[7:].strip()
-        return hmac.compare_digest(offered.encode(), token.encode())
-    return ctx.links.signer.session_valid(request.cookies.get(SESSION_COOKIE), token)
+    offered = _bearer(request)
+    if offered is not None:
+        return Credential(None) if token and _same_text(offered, token) else None
+    key = session_key(request.cookies.get(SESSION_COOKIE), token)
+    if key is None:
+        return None
+    session = await ctx.store.use_web_session(key)
+    return Credential(session) if session is not None else None
+
+
+def _endpoint(url: str, scheme: str) -> tuple[str, int] | None:
+    """(host, port) of a URL or a ``//host:port``, the port defaulting to `scheme`'s."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    return parts.hostname, port or _DEFAULT_PORTS[scheme]
+
+
+def _origin_is_ours(request: web.Request, origin: str) -> bool:
+    """Whether `origin` is this server as the browser reached it (its Host) or as it is
+    published (web.public_url). The Host carries no scheme: its default port is the origin's."""
+    scheme = urlsplit(origin).scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        return False
+    offered = _endpoint(origin, scheme)
+    ours = {_endpoint(f"//{request.host}", scheme)}
+    public_url = context_of(request).config.web.public_url
+    if public_url:
+        public_scheme = urlsplit(public_url).scheme.lower()
+        if public_scheme in _DEFAULT_PORTS:
+            ours.add(_endpoint(public_url, public_scheme))
+    return offered is not None and offered in ours
+
+
+def forgery_problem(request: web.Request) -> str | None:
+    """Why a request signed in by the session cookie may have been made by another site's
+    page, or None when it is the dashboard's own."""
+    if request.method in STATE_CHANGING:
+        allowed = BODY_TYPES.get(request.path, (JSON_TYPE,))
+        if request.content_type not in allowed:
+            return f"a request signed in by cookie must send Content-Type {' or '.join(allowed)}"
+    elif request.path != WEBSOCKET_PATH:
+        return None
+    origin = request.headers.get("Origin")
+    if origin is None:
+        if request.headers.get("Sec-Fetch-Site", "").lower() == "same-origin":
+            return None
+        return (
+            "a request signed in by cookie must send this server's Origin"
+            " (or Sec-Fetch-Site: same-origin)"
+        )
+    if not _origin_is_ours(request, origin):
+        return "the request's Origin is not this server"
+    return None
 
 
 @web.middleware
@@ -39,13 +160,68 @@ async def auth_middleware(
 ) -> web.StreamResponse:
     path = request.path
     is_api = path == "/api" or path.startswith("/api/")
-    if is_api and path not in PUBLIC_API_PATHS and not request_is_authenticated(request):
+    if (not is_api and path != LOGOUT_PATH) or path in PUBLIC_API_PATHS:
+        return await handler(request)
+    credential = await authenticate(request)
+    if credential is None:
+        if path == LOGOUT_PATH:  # no live session: signing out only clears the cookie
+            return await handler(request)
         return web.json_response(
             {"error": "unauthorized", "detail": "a valid token or session is required"},
             status=401,
             headers={"WWW-Authenticate": 'Bearer realm="mistrelay"'},
         )
+    if credential.session is not None:
+        problem = forgery_problem(request)
+        if problem is not None:
+            return json_error(403, "forbidden", problem)
+        request[SESSION] = credential.session
     return await handler(request)
+
+
+# --- failed sign-ins ----------------------------------------------------------------------------
+
+
+@dataclass
+class LoginLimiter:
+    """Failed sign-ins per client over the last `LOGIN_WINDOW` seconds."""
+
+    failures: dict[str, deque[float]] = field(default_factory=dict)
+
+    def wait(self, client: str, limit: int, now: float) -> float:
+        """Seconds until `client` may try again (0: now)."""
+        times = self.failures.get(client)
+        if times is None:
+            return 0.0
+        while times and times[0] <= now - LOGIN_WINDOW:
+            times.popleft()
+        if not times:
+            del self.failures[client]
+            return 0.0
+        return times[0] + LOGIN_WINDOW - now if len(times) >= limit else 0.0
+
+    def failed(self, client: str, now: float) -> None:
+        self.failures.setdefault(client, deque()).append(now)
+        if len(self.failures) > 4096:  # many clients: forget those with nothing recent
+            for name in [c for c, t in self.failures.items() if t[-1] <= now - LOGIN_WINDOW]:
+                del self.failures[name]
+
+    def succeeded(self, client: str) -> None:
+        self.failures.pop(client, None)
+
+
+@dataclass
+class LoginGuard:
+    limiter: LoginLimiter = field(default_factory=LoginLimiter)
+    refused: WarningSummary = field(
+        default_factory=lambda: WarningSummary("dashboard sign-in(s) refused", LOGIN_WINDOW)
+    )
+
+
+LOGIN_GUARD: web.AppKey[LoginGuard] = web.AppKey("login_guard", LoginGuard)
+
+
+# --- sign-in and sign-out -----------------------------------------------------------------------
 
 
 class _TooLarge(Exception):
@@ -68,54 +244,83 @@ async def _read_small_body(request: web.Request, limit: int) -> bytes:
 
 
 def _wants_json(request: web.Request) -> bool:
-    return request.content_type == "application/json" or "application/json" in request.headers.get(
-        "Accept", ""
-    )
+    return request.content_type == JSON_TYPE or JSON_TYPE in request.headers.get("Accept", "")
 
 
 def _is_https(request: web.Request) -> bool:
     return request.secure or context_of(request).config.web.public_url.startswith("https://")
 
 
+def _printable(text: str | None, limit: int) -> str | None:
+    """A header value as the store can keep it: valid UTF-8, at most `limit` characters."""
+    if text is None:
+        return None
+    return text[:limit].encode("utf-8", "replace").decode("utf-8")
+
+
 async def login_page(request: web.Request) -> web.Response:
     return await index_response()
 
 
-async def login(request: web.Request) -> web.StreamResponse:
-    """Token (JSON {"token": ...} or form field `token`) → the session cookie."""
-    ctx = context_of(request)
-    as_json = _wants_json(request)
+async def _offered_token(request: web.Request) -> object:
+    """The token a sign-in offers: JSON {"token": ...} or the form field `token`."""
     try:
         body = await _read_small_body(request, LOGIN_BODY_LIMIT)
     except _TooLarge:
-        return json_error(413, "request_entity_too_large", f"at most {LOGIN_BODY_LIMIT} bytes")
-    offered: object = None
-    if request.content_type == "application/json":
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return json_error(400, "bad_request", "the body is not valid JSON")
-        if isinstance(document, dict):
-            offered = document.get("token")
-    elif request.content_type in ("application/x-www-form-urlencoded", ""):
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=LOGIN_BODY_LIMIT,
+            actual_size=request.content_length or LOGIN_BODY_LIMIT + 1,
+            text=f"at most {LOGIN_BODY_LIMIT} bytes",
+        ) from None
+    if request.content_type == JSON_TYPE:
+        document = parse_json(body)
+        return document.get("token") if isinstance(document, dict) else None
+    if request.content_type in ("application/x-www-form-urlencoded", ""):
         try:
             fields = parse_qs(body.decode("utf-8"), max_num_fields=10)
         except (UnicodeDecodeError, ValueError):
-            return json_error(400, "bad_request", "the form could not be read")
-        offered = fields["token"][0] if fields.get("token") else None
-    else:
-        return json_error(415, "unsupported_media_type", "send JSON or a form")
+            raise web.HTTPBadRequest(text="the form could not be read") from None
+        return fields["token"][0] if fields.get("token") else None
+    raise web.HTTPUnsupportedMediaType(text="send JSON or a form")
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    """Token → a new session, its secret in the cookie. A client with too many failed sign-ins
+    in the last minute is refused (429) before its token is looked at."""
+    ctx = context_of(request)
+    guard = request.app[LOGIN_GUARD]
+    client = client_of(request.remote)
+    wait = guard.limiter.wait(client, ctx.config.web.login_attempts, time.monotonic())
+    if wait > 0:
+        guard.refused.add(client)
+        seconds = max(1, math.ceil(wait))
+        refusal = json_error(
+            429,
+            "too_many_requests",
+            f"too many failed sign-ins from this address; try again in {seconds} s",
+        )
+        refusal.headers["Retry-After"] = str(seconds)
+        return refusal
+    as_json = _wants_json(request)
+    offered = await _offered_token(request)
     token = ctx.secrets.web_token
-    good = (
-        isinstance(offered, str)
-        and bool(token)
-        and hmac.compare_digest(offered.strip().encode(), token.encode())
-    )
-    if not good:
-        logger.bind(peer=request.remote).warning("dashboard sign-in refused: wrong token")
+    if not (isinstance(offered, str) and token and _same_text(offered.strip(), token)):
+        guard.limiter.failed(client, time.monotonic())
+        guard.refused.add(client)
         if as_json:
             return json_error(401, "unauthorized", "wrong token")
         return await index_response(401, "failed")
+    guard.limiter.succeeded(client)
+    secret = new_session_secret()
+    key = session_key(secret, token)
+    assert key is not None  # a fresh secret is always well-formed
+    expires = datetime.now(UTC) + timedelta(seconds=SESSION_LIFETIME)
+    await ctx.store.create_web_session(
+        key,
+        expires.isoformat(timespec="milliseconds"),
+        request.remote,
+        _printable(request.headers.get("User-Agent"), USER_AGENT_LIMIT),
+    )
     response: web.StreamResponse
     if as_json:
         response = web.json_response({"ok": True})
@@ -123,7 +328,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         response = web.Response(status=303, headers={"Location": "/"})
     response.set_cookie(
         SESSION_COOKIE,
-        ctx.links.signer.session_cookie(token),
+        secret,
         max_age=SESSION_LIFETIME,
         path="/",
         httponly=True,
@@ -131,22 +336,70 @@ async def login(request: web.Request) -> web.StreamResponse:
         secure=_is_https(request) or None,
     )
     response.headers["Cache-Control"] = "no-store"
-    logger.bind(peer=request.remote).info("dashboard session started")
+    logger.bind(peer=request.remote, session=key[:SESSION_ID_LENGTH]).info(
+        "dashboard session started"
+    )
     return response
 
 
-async def logout(request: web.Request) -> web.StreamResponse:
-    response: web.StreamResponse
-    if _wants_json(request):
-        response = web.json_response({"ok": True})
-    else:
-        response = web.Response(status=303, headers={"Location": "/"})
+def _signed_out(response: web.StreamResponse) -> web.StreamResponse:
     response.del_cookie(SESSION_COOKIE, path="/", samesite="Strict", httponly=True)
     response.headers["Cache-Control"] = "no-store"
     return response
 
 
+async def logout(request: web.Request) -> web.StreamResponse:
+    """End this browser's session on the server (its cookie stops working on every node)."""
+    session = request.get(SESSION)
+    if session is not None:
+        await context_of(request).store.revoke_web_session(session.token_hash)
+        logger.bind(peer=request.remote, session=session.token_hash[:SESSION_ID_LENGTH]).info(
+            "dashboard session ended"
+        )
+    if _wants_json(request):
+        return _signed_out(web.json_response({"ok": True}))
+    return _signed_out(web.Response(status=303, headers={"Location": "/"}))
+
+
+# --- the sessions -------------------------------------------------------------------------------
+
+
+def session_json(session: WebSession, current: WebSession | None) -> dict[str, Any]:
+    """A session as the API shows it: a short id, never its key or secret."""
+    return {
+        "id": session.token_hash[:SESSION_ID_LENGTH],
+        "address": session.address,
+        "user_agent": session.user_agent,
+        "created_at": session.created_at,
+        "last_used_at": session.last_used_at,
+        "expires_at": session.expires_at,
+        "current": current is not None and current.token_hash == session.token_hash,
+    }
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    sessions = await context_of(request).store.list_web_sessions()
+    current = request.get(SESSION)
+    return web.json_response({"sessions": [session_json(s, current) for s in sessions]})
+
+
+async def revoke_all_sessions(request: web.Request) -> web.StreamResponse:
+    """Sign out everywhere: every session ends, this browser's too."""
+    count = await context_of(request).store.revoke_all_web_sessions()
+    logger.bind(peer=request.remote).info("signed out everywhere: {} session(s) ended", count)
+    response = web.json_response({"revoked": count})
+    return _signed_out(response) if SESSION in request else response
+
+
+async def _report_refusals(app: web.Application) -> None:
+    app[LOGIN_GUARD].refused.close()
+
+
 def setup(app: web.Application) -> None:
+    app[LOGIN_GUARD] = LoginGuard()
+    app.on_cleanup.append(_report_refusals)
     app.router.add_get("/login", login_page)
     app.router.add_post("/login", login)
-    app.router.add_post("/logout", logout)
+    app.router.add_post(LOGOUT_PATH, logout)
+    app.router.add_get("/api/sessions", list_sessions)
+    app.router.add_post("/api/sessions/revoke-all", revoke_all_sessions)

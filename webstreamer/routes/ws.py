@@ -3,8 +3,11 @@
 Each connection owns one bounded, coalescing subscription on the event hub, so publishing never
 waits for a browser. A client that stops reading is cut off on its own: when the hub drops its
 subscription for falling behind, or when one send stays blocked longer than `send_timeout`, its
-socket is closed and nobody else notices. The auth middleware refuses the upgrade (401) before
-this handler runs, because the path is under /api.
+socket is closed and nobody else notices. The auth middleware refuses the upgrade before this
+handler runs, because the path is under /api: 401 without credentials, 403 when the session
+cookie comes from another site's page (cross-site WebSocket hijacking). A socket opened with a
+session cookie is closed (1008) once that session has ended: signed out, here or on another
+node, or expired; it is checked every `session_check_interval` seconds.
 
 Messages: ``{"type": "hello" | "download_update" | "upload_update" | "cleanup_update" |
 "statistics_update", "seq": n, "data": {...}}`` with `seq` counting 1, 2, 3 … per connection.
@@ -21,14 +24,14 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from loguru import logger
 
+from db import DRIVER_ERRORS, Store
 from events import Event, Subscription, SubscriptionClosed
-from records import Statistics
-from webstreamer.context import context_of, json_error
+from records import Statistics, WebSession
+from webstreamer.context import SESSION, context_of, json_error
 from webstreamer.links import StreamLinks
 from webstreamer.views import event_json
 
@@ -53,6 +56,7 @@ class WsSettings:
     # Kernel send buffer per connection (0 = the kernel's autotuning, up to megabytes): keeps
     # what a stuck client can pin small and lets the send timeout notice it within seconds.
     socket_send_buffer: int = 128 * 1024
+    session_check_interval: float = 15.0  # seconds between checks that a cookie's session lives
 
 
 WS_SETTINGS: web.AppKey[WsSettings] = web.AppKey("ws_settings", WsSettings)
@@ -144,6 +148,25 @@ class ClientConnection:
                 self.cut_off(f"a send blocked for over {self.settings.send_timeout:g} s")
                 return
 
+    async def watch_session(self, store: Store, session: WebSession) -> None:
+        """Close the socket once the session it was opened with has ended."""
+        while not self.ws.closed:
+            await asyncio.sleep(self.settings.session_check_interval)
+            try:
+                live = await store.use_web_session(session.token_hash)
+            except DRIVER_ERRORS as exc:  # the store is away for now: look again later
+                self.log.debug("session check failed: {}", exc)
+                continue
+            if live is None:
+                self.log.info("WebSocket closed: its session has ended")
+                self.subscription.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"signed out"),
+                        2.0,
+                    )
+                return
+
     async def pump(self) -> None:
         """Forward hub events until the subscription or the socket ends."""
         while not self.ws.closed:
@@ -161,20 +184,6 @@ class ClientConnection:
         elif not self.ws.closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.ws.close(code=CLOSE_GOING_AWAY), 2.0)
-
-
-def origin_allowed(request: web.Request) -> bool:
-    """A browser's handshake must come from this server's own page (cross-site WebSocket
-    hijacking); a bearer-token client (no cookie involved) may come from anywhere."""
-    origin = request.headers.get("Origin")
-    if origin is None or request.headers.get("Authorization", "").lower().startswith("bearer "):
-        return True
-    offered = urlsplit(origin).netloc.lower()
-    allowed = {request.host.lower()}
-    public_url = context_of(request).live_config().web.public_url
-    if public_url:
-        allowed.add(urlsplit(public_url).netloc.lower())
-    return bool(offered) and offered in allowed
 
 
 def _limit_send_buffer(request: web.Request, size: int) -> None:
@@ -195,8 +204,6 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     )
     if not ws.can_prepare(request).ok:
         return json_error(400, "bad_request", "a WebSocket upgrade is required")
-    if not origin_allowed(request):
-        return json_error(403, "forbidden", "the page's origin is not this server")
     if len(clients) >= settings.max_clients:
         return json_error(503, "too_many_clients", f"at most {settings.max_clients} connections")
     number = next(_connection_numbers)
@@ -220,6 +227,13 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             asyncio.create_task(connection.pump(), name=f"ws-{number}-pump"),
             asyncio.create_task(connection.watchdog(), name=f"ws-{number}-watchdog"),
         ]
+        session = request.get(SESSION)
+        if session is not None:
+            tasks.append(
+                asyncio.create_task(
+                    connection.watch_session(ctx.store, session), name=f"ws-{number}-session"
+                )
+            )
         try:
             async for message in ws:
                 if message.type == WSMsgType.TEXT and message.data == "ping":

@@ -1,5 +1,6 @@
 // Signing in and out: the token form, the session cookie, and which view the page shows.
 import { startCluster, stopCluster } from "./cluster.js";
+import { api } from "./api.js";
 import { $, toast } from "./dom.js";
 import { t } from "./i18n.js";
 import { connect, disconnect, setConnection } from "./live.js";
@@ -9,6 +10,7 @@ import { drawChart } from "./stats.js";
 export function showLogin() {
   $("dashboard").hidden = true;
   $("logout").hidden = true;
+  $("logout-all").hidden = true;
   $("login-view").hidden = false;
   setConnection("signed-out");
   $("token").focus();
@@ -18,6 +20,7 @@ function showDashboard() {
   $("login-view").hidden = true;
   $("dashboard").hidden = false;
   $("logout").hidden = false;
+  $("logout-all").hidden = false;
   if (window.location.pathname === "/login") window.history.replaceState(null, "", "/");
   drawChart();
 }
@@ -75,9 +78,24 @@ export async function onLoginSubmit(event) {
 
 export async function onLogout() {
   try {
-    await fetch("/logout", { method: "POST", credentials: "same-origin", headers: { Accept: "application/json" } });
+    await fetch("/logout", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { Accept: "application/json", "Content-Type": "application/json" },
+    });
   } catch (_) {
-    // the cookie stays until it expires; the page forgets the session anyway
+    // the server could not be told; the page forgets the session anyway
   }
   signedOut(false);
+}
+
+/** Sign out everywhere: every session of the dashboard ends, on every device, this one too. */
+export async function onLogoutEverywhere() {
+  try {
+    const data = await api("POST", "/api/sessions/revoke-all");
+    signedOut(false);
+    toast(t("web.logout_all.done", { count: data.revoked }));
+  } catch (error) {
+    toast(t("web.logout_all.failed", { message: error.message }), "bad");
+  }
 }

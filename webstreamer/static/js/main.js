@@ -6,7 +6,7 @@ import { onDeleteDialogClosed, onListClick } from "./controls.js";
 import { $ } from "./dom.js";
 import { renderAll } from "./groups.js";
 import { applyStaticTexts, loadMessages, t, toggleLanguage } from "./i18n.js";
-import { onLoginSubmit, onLogout, showLogin, signedIn, signedOut } from "./login.js";
+import { onLoginSubmit, onLogout, onLogoutEverywhere, showLogin, signedIn, signedOut } from "./login.js";
 import { drawChart, renderStatistics, sampleSpeeds, setStatistics } from "./stats.js";
 
 function switchLanguage() {
@@ -41,6 +41,7 @@ async function boot() {
   onUnauthorized(() => signedOut(true));
   $("login-form").addEventListener("submit", onLoginSubmit);
   $("logout").addEventListener("click", onLogout);
+  $("logout-all").addEventListener("click", onLogoutEverywhere);
   $("lang-switch").addEventListener("click", switchLanguage);
   $("add-form").addEventListener("submit", onAddSubmit);
   $("torrent-file").addEventListener("change", onTorrentChosen);
