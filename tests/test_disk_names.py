@@ -73,6 +73,10 @@ async def streams(svc: RunningService, url: str) -> bytes:
 
 
 @pytest.mark.slow
+@pytest.mark.attack(
+    "a torrent named with a bidi control (invoice\u202egpj.exe)",
+    promise="the file on disk and the uploaded name are the cleaned name",
+)
 async def test_a_torrent_named_with_a_bidi_control_is_written_under_its_clean_name(
     svc: RunningService, tracker: Tracker, seeder_factory: SeederFactory, tmp_path: Path
 ) -> None:

@@ -189,6 +189,10 @@ async def exchange(proxy: EgressProxy, head: str, then: bytes = b"") -> tuple[by
             await writer.wait_closed()
 
 
+@pytest.mark.attack(
+    "DNS changes between the check and the connect",
+    promise="the proxy resolves once and connects only to the address it checked",
+)
 async def test_the_proxy_connects_only_to_the_address_it_checked(
     sites: tuple[Site, Site], proxy_factory: Callable[..., Awaitable[EgressProxy]]
 ) -> None:
@@ -280,6 +284,10 @@ async def svc(service_factory: ServiceFactory) -> RunningService:
 
 
 @pytest.mark.slow
+@pytest.mark.attack(
+    "a user's public link redirects to a private address",
+    promise="the job fails naming the blocked address; the private server is never reached",
+)
 async def test_a_redirect_to_a_blocked_address_fails_the_job_and_fetches_nothing(
     svc: RunningService, sites: tuple[Site, Site]
 ) -> None:
@@ -385,6 +393,10 @@ async def aria2_view(svc: RunningService, download_id: int) -> tuple[dict[str, A
 
 
 @pytest.mark.slow
+@pytest.mark.attack(
+    "a user's torrent names private trackers and web seeds",
+    promise="they are dropped before aria2 sees the torrent; the info hash is unchanged",
+)
 async def test_blocked_trackers_and_web_seeds_of_a_users_torrent_are_dropped(
     svc: RunningService, sites: tuple[Site, Site], tracker: Tracker, tmp_path: Path
 ) -> None:
@@ -415,6 +427,10 @@ def _announced(tracker: Tracker) -> Callable[[], Awaitable[bool]]:
 
 
 @pytest.mark.slow
+@pytest.mark.attack(
+    "a user's magnet names private trackers and web seeds",
+    promise="they are dropped before aria2 sees the magnet",
+)
 async def test_blocked_trackers_and_web_seeds_of_a_users_magnet_are_dropped(
     svc: RunningService, sites: tuple[Site, Site], tracker: Tracker
 ) -> None:
