@@ -63,6 +63,25 @@ def remove_empty_tree(root: Path, candidate: str | Path) -> None:
             return
 
 
+def rename_confined(root: Path, candidate: str | Path, new_name: str) -> Path | None:
+    """Give the file `candidate` inside `root` the name `new_name` in its own folder, never over
+    another file (``name.1.ext``, ``name.2.ext``… when taken); the new path, or None when the
+    file is not inside `root` or is gone."""
+    path = confined_path(root, candidate)
+    if path is None or not path.is_file():
+        return None
+    stem, dot, suffix = new_name.rpartition(".")
+    if not stem:
+        stem, dot, suffix = new_name, "", ""
+    target = path.with_name(new_name)
+    number = 0
+    while target.exists():
+        number += 1
+        target = path.with_name(f"{stem}.{number}{dot}{suffix}")
+    path.rename(target)
+    return target
+
+
 def _remove_empty_parents(root: Path, parent: Path) -> None:
     while parent != root and root in parent.parents:
         try:
@@ -111,6 +130,13 @@ class DownloadFiles:
         if removed and job is not None:
             logger.bind(job=job).info("local file of download {} deleted", job)
         return removed
+
+    async def rename(self, candidate: str | Path, new_name: str, *, job: int) -> Path | None:
+        """Rename a downloaded file in its folder (inside the root only); its new path."""
+        renamed = await asyncio.to_thread(rename_confined, self.root, candidate, new_name)
+        if renamed is not None:
+            logger.bind(job=job).info("file of download {} renamed to {}", job, renamed.name)
+        return renamed
 
     async def remove_job_dir_if_empty(self, download_id: int) -> None:
         await asyncio.to_thread(remove_empty_tree, self.root, self.job_dir(download_id))

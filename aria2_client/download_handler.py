@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -637,7 +638,7 @@ class DownloadManager:
         for download_id in completed:
             row = await self.store.get_download_by_id(download_id)
             if row is not None:
-                await self._tell_completed(row)
+                await self._tell_completed(await self._clean_name_on_disk(row))
 
     async def _learn(self, row: DownloadRow, details: RowDetails) -> None:
         try:
@@ -650,6 +651,23 @@ class DownloadManager:
             )
         except StoreError as exc:
             logger.bind(job=row.id, gid=row.gid).debug("details not recorded: {}", exc)
+
+    async def _clean_name_on_disk(self, row: DownloadRow) -> DownloadRow:
+        """aria2 may name a link's file after the server's Content-Disposition, as it comes: the
+        name on disk (and so the uploaded one) follows the one name policy like every other."""
+        if row.source_type not in ("http", "ftp") or not row.local_path or row.files:
+            return row
+        name = os.path.basename(row.local_path)
+        clean = safe_file_name(name, "download")
+        if clean == name:
+            return row
+        renamed = await self.files.rename(row.local_path, clean, job=row.id)
+        if renamed is None:
+            return row
+        await self.store.update_download_details_by_id(
+            row.id, file_name=renamed.name, local_path=str(renamed)
+        )
+        return await self._row(row.id)
 
     async def _tell_completed(self, row: DownloadRow) -> None:
         for listener in self._on_completed:

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.http_files import deterministic_bytes
+from tests.support.http_files import FileServer, deterministic_bytes
 from tests.support.service import RunningService, ServiceFactory
 from tests.support.torrents import SeederFactory, TorrentInfo, Tracker, make_torrent
 from tests.test_engine_api import FINAL, fetch, settled
@@ -138,3 +138,25 @@ async def test_a_torrent_folder_named_with_a_bidi_control_is_the_clean_folder(
     on_disk = await names_on_disk(job_dir)
     assert {"foldergpj.exe/one.bin", "foldergpj.exe/two.bin"} <= set(on_disk), on_disk
     assert [name for name in on_disk if unsafe(name)] == [], on_disk
+
+
+@pytest.mark.attack(
+    "a server names its file with a bidi control (Content-Disposition)",
+    promise="the file on disk, and so the uploaded name, is the cleaned name",
+)
+async def test_a_servers_unsafe_file_name_is_cleaned_on_disk(
+    svc: RunningService, file_server: FileServer
+) -> None:
+    data = deterministic_bytes(40_000, seed=9)
+    file_server.add_file("get", data=data)
+    url = file_server.url("get", disposition="invoice\u202egpj.exe")
+    status, answer = await svc.api("POST", "/api/downloads", json={"url": url})
+    assert status == 201, answer
+    done = await svc.wait_download(answer["downloads"][0]["id"], FINAL)
+    assert done["status"] == "completed", done
+    local = Path(done["local_path"])
+    assert local.name == done["file_name"] == "invoicegpj.exe"
+    assert unsafe(local.name) == []
+    assert await names_on_disk(local.parent) == ["invoicegpj.exe"]
+    assert await asyncio.to_thread(local.read_bytes) == data
+    assert await streams(svc, done["stream_url"]) == data
