@@ -173,7 +173,12 @@ def _torrent_done(status: Aria2Status) -> bool:
 def local_path(status: Aria2Status) -> str | None:
     """Where aria2 puts the bytes: a multi-file torrent's folder, else the one file's path."""
     if status.is_torrent and status.bittorrent_name and len(status.files) > 1:
-        # The folder as written on disk: the torrent's name cleaned like every name (index-out).
+        # The folder aria2 writes into, as its files' paths say: a torrent added as a file gets
+        # the cleaned name (index-out); a magnet's names are only known once aria2 has them.
+        first = PurePosixPath(status.files[0].path)
+        base = PurePosixPath(status.dir)
+        if first.is_relative_to(base) and len(first.relative_to(base).parts) > 1:
+            return str(Path(status.dir) / first.relative_to(base).parts[0])
         return str(Path(status.dir) / safe_file_name(status.bittorrent_name, "torrent"))
     if status.files and status.files[0].path:
         return status.files[0].path
