@@ -451,8 +451,11 @@ async def _close_store(store: Store) -> None:
     logger.info("MistRelay stopped")
 
 
-async def run_service(config: Config) -> None:
-    service = Service(config)
+async def run_service(
+    config: Config, *, telegram_client_factory: Callable[[], Client] | None = None
+) -> None:
+    """Run until SIGINT or SIGTERM; SIGHUP reloads the configuration."""
+    service = Service(config, telegram_client_factory=telegram_client_factory)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)

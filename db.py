@@ -441,12 +441,16 @@ async def _run_script(sql: _Statements, script: str) -> None:
             await sql.execute(statement.strip())
 
 
-async def _schema_1(sql: _Statements, dialect: Dialect) -> None:
-    script = _SCHEMA_1
+async def _run_schema(sql: _Statements, dialect: Dialect, script: str) -> None:
+    """A schema script written with SQLite's column types, in the dialect's types."""
     if dialect == "postgresql":
         for sqlite_type, postgres_type in _POSTGRES_TYPES:
             script = re.sub(rf"\b{sqlite_type}\b", postgres_type, script)
     await _run_script(sql, script)
+
+
+async def _schema_1(sql: _Statements, dialect: Dialect) -> None:
+    await _run_schema(sql, dialect, _SCHEMA_1)
 
 
 async def _schema_2(sql: _Statements, dialect: Dialect) -> None:
@@ -524,10 +528,7 @@ CREATE INDEX downloads_by_node ON downloads(node, status)
 
 
 async def _schema_4(sql: _Statements, dialect: Dialect) -> None:
-    script = _SCHEMA_4
-    if dialect == "postgresql":
-        script = re.sub(r"\bINTEGER\b", "BIGINT", script)
-    await _run_script(sql, script)
+    await _run_schema(sql, dialect, _SCHEMA_4)
 
 
 # Schema 5: dashboard sessions kept on the server (revocable), and the bot's outbox: what a chat
@@ -555,11 +556,7 @@ CREATE INDEX bot_notices_undelivered ON bot_notices(id) WHERE delivered_at IS NU
 
 
 async def _schema_5(sql: _Statements, dialect: Dialect) -> None:
-    script = _SCHEMA_5
-    if dialect == "postgresql":
-        for sqlite_type, postgres_type in _POSTGRES_TYPES:
-            script = re.sub(rf"\b{sqlite_type}\b", postgres_type, script)
-    await _run_script(sql, script)
+    await _run_schema(sql, dialect, _SCHEMA_5)
 
 
 _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {

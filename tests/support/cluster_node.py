@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import TextIO
 
 from loguru import logger
 
-from app import AlreadyRunning, Service, configure_logging
+from app import AlreadyRunning, configure_logging, run_service
 from configer import Config, ConfigError, load_config
 from db import StoreError
 from tests.support.fake_telegram import FakeSession, FakeTelegram
@@ -57,17 +56,7 @@ class ReportingTelegram(FakeTelegram):
 
 async def run_node(config: Config, log: TextIO | None) -> None:
     fake = ReportingTelegram(config.cluster.name, log)
-    service = Service(config, telegram_client_factory=fake.make_client)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    try:
-        await service.start()
-        await stop.wait()
-        logger.info("stopping")
-    finally:
-        await service.stop()
+    await run_service(config, telegram_client_factory=fake.make_client)
 
 
 def main(argv: list[str]) -> int:
