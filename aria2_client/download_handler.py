@@ -12,7 +12,7 @@ import contextlib
 import os
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from loguru import logger
@@ -26,6 +26,7 @@ from aria2_client.sources import (
     SourceError,
     blocked_sources,
     ensure_public_host,
+    index_out_for,
     magnet_sources,
     parse_link,
     parse_torrent,
@@ -265,6 +266,10 @@ class DownloadManager:
             # aria2 would use the link's last segment as it is (too long, "..", bidi marks…).
             options["out"] = row.file_name or "download"
         url = row.source_url
+        if row.source_type == "magnet":
+            # The files are known once the metadata is in: the download that follows waits,
+            # paused, until their names on disk are set (see _start_follow_up).
+            options["pause-metadata"] = "true"
         if row.source_type in ("http", "ftp"):
             url = _credentials_to_options(url, options)
         if restricted and row.source_type == "magnet":
@@ -623,6 +628,10 @@ class DownloadManager:
                 changes.append(store_change(row, sync.change))
             outcomes = await self.store.apply_download_changes(changes)
             await self.store.update_progress_batch(progress)
+            # Under the lock: no other cycle sees a follow-up download paused in between.
+            for change, outcome in zip(changes, outcomes, strict=True):
+                if outcome.applied and change.new_gid is not None:
+                    await self._start_follow_up(change.download_id, change.new_gid)
         completed: list[int] = []
         for change, outcome in zip(changes, outcomes, strict=True):
             log = logger.bind(job=change.download_id, gid=change.expected_gid)
@@ -651,6 +660,32 @@ class DownloadManager:
             )
         except StoreError as exc:
             logger.bind(job=row.id, gid=row.gid).debug("details not recorded: {}", exc)
+
+    async def _start_follow_up(self, download_id: int, gid: str) -> None:
+        """A magnet's metadata is in: give its files their names on disk (the one name policy,
+        aria2's `index-out`), then start the download aria2 created paused for it."""
+        row = await self.store.get_download_by_id(download_id)
+        if row is None or row.source_type != "magnet" or row.gid != gid:
+            return
+        log = logger.bind(job=download_id, gid=gid)
+        try:
+            status = await self.aria2.tell_status(gid)
+            if status.status != "paused":
+                return
+            base = PurePosixPath(status.dir)
+            files = [
+                (f.index, PurePosixPath(f.path).relative_to(base).parts)
+                for f in status.files
+                if f.path and PurePosixPath(f.path).is_relative_to(base)
+            ]
+            index_out = await asyncio.to_thread(index_out_for, files)
+            if index_out:
+                await self.aria2.change_option(gid, {"index-out": index_out})
+                log.info("download {}: file names cleaned on disk", download_id)
+            if row.status != "paused":  # a person's pause stays
+                await self.aria2.unpause(gid)
+        except (Aria2RpcError, Aria2Unavailable) as exc:
+            log.warning("the magnet's download could not be started: {}", exc)
 
     async def _clean_name_on_disk(self, row: DownloadRow) -> DownloadRow:
         """aria2 may name a link's file after the server's Content-Disposition, as it comes: the

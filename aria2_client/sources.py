@@ -452,6 +452,16 @@ def parse_torrent(data: bytes, *, max_files: int = 0) -> TorrentMeta:
     return TorrentMeta(info_hash, name, tuple(entries), frozenset(disk.renamed))
 
 
+def index_out_for(files: Sequence[tuple[int, Sequence[str]]]) -> str:
+    """aria2's `index-out` lines for files known by their path elements (a magnet's, once its
+    metadata has arrived): the same name policy as a torrent file's; empty when none changes."""
+    disk = _DiskPaths()
+    for index, elements in files:
+        disk.place(index, list(elements), [safe_file_name(e) for e in elements])
+    renamed = set(disk.renamed)
+    return "\n".join(f"{i}={p}" for i, p in disk.placed if i in renamed)
+
+
 class _DiskPaths:
     """Where a torrent's files go on disk: the one name policy on each path element, and a
     number before the extension where cleaning made two paths one ("a.bin", "a.1.bin")."""
@@ -459,6 +469,7 @@ class _DiskPaths:
     def __init__(self) -> None:
         self.taken: set[str] = set()
         self.renamed: list[int] = []
+        self.placed: list[tuple[int, str]] = []
         self._next: dict[str, int] = {}
 
     def place(self, index: int, elements: list[str], cleaned: list[str]) -> str:
@@ -471,6 +482,7 @@ class _DiskPaths:
             last = f"{stem}.{number}.{extension}" if dot and stem else f"{cleaned[-1]}.{number}"
             path = "/".join([*cleaned[:-1], last])
         self.taken.add(path)
+        self.placed.append((index, path))
         if path != "/".join(elements):
             self.renamed.append(index)
         return path

@@ -160,3 +160,29 @@ async def test_a_servers_unsafe_file_name_is_cleaned_on_disk(
     assert await names_on_disk(local.parent) == ["invoicegpj.exe"]
     assert await asyncio.to_thread(local.read_bytes) == data
     assert await streams(svc, done["stream_url"]) == data
+
+
+@pytest.mark.slow
+@pytest.mark.attack(
+    "a magnet whose torrent names its folder and files with bidi controls",
+    promise="once the metadata is in, the files are written under their cleaned names",
+)
+async def test_a_magnets_unsafe_names_are_cleaned_on_disk(
+    svc: RunningService, tracker: Tracker, seeder_factory: SeederFactory, tmp_path: Path
+) -> None:
+    files = {"evil\u202etxt.exe": deterministic_bytes(20_000, seed=31), "fine.bin": b"fine"}
+    info = await seeded(tmp_path, tracker, seeder_factory, files, "mag\u202enet")
+    status, answer = await svc.api("POST", "/api/downloads", json={"url": info.magnet})
+    assert status == 201, answer
+    done = await svc.wait_download(answer["downloads"][0]["id"], FINAL, timeout=WAIT)
+    assert done["status"] == "completed", done
+    job_dir = svc.config.aria2.download_dir / str(done["id"])
+    assert sorted(f["path"] for f in done["files"]) == ["magnet/eviltxt.exe", "magnet/fine.bin"]
+    assert Path(done["local_path"]) == job_dir / "magnet"
+    on_disk = await names_on_disk(job_dir)
+    assert {"magnet/eviltxt.exe", "magnet/fine.bin"} <= set(on_disk), on_disk
+    assert [name for name in on_disk if unsafe(name)] == [], on_disk
+    for entry in done["files"]:
+        body = await asyncio.to_thread((job_dir / entry["path"]).read_bytes)
+        assert body == files[entry["path"].split("/")[-1].replace("eviltxt", "evil\u202etxt")]
+        assert await streams(svc, entry["stream_url"]) == body
