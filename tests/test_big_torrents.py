@@ -32,7 +32,7 @@ from tests.support.torrents import (
     make_torrent,
 )
 from tests.test_bot import RelayFactory, relay_factory  # noqa: F401 (the relay fixture)
-from tests.test_browser import CHROMIUM, chromium
+from tests.test_browser import CHROMIUM, chromium, sign_in
 from tests.test_engine_api import FINAL, fetch, row_count
 from tests.test_engine_sources import upload_torrent
 
@@ -332,22 +332,7 @@ async def test_the_page_shows_a_torrents_first_files_and_fetches_the_rest(
     files = f"{row}.querySelectorAll('.details ul.files > li')"
     async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
         await page.send("Runtime.enable")
-        await page.send("Page.navigate", {"url": svc.base_url + "/"})
-        await page.wait_for(
-            "!document.getElementById('login-view').hidden"
-            " && !document.documentElement.classList.contains('boot')",
-            20,
-            "the sign-in form",
-        )
-        await page.evaluate("document.getElementById('token').focus()")
-        await page.send("Input.insertText", {"text": svc.token})
-        await page.evaluate("document.getElementById('login-submit').click()")
-        await page.wait_for(
-            "document.getElementById('conn').dataset.state === 'live'"
-            " && document.body.dataset.synced === '1'",
-            20,
-            "the live dashboard",
-        )
+        await sign_in(page, svc.base_url, svc.token)
         await page.wait_for(f"!!{row}", 10, "the torrent's row")
         await page.evaluate(f"{row}.querySelector('button[data-action=\"details\"]').click()")
         await page.wait_for(f"{files}.length === {FILES_IN_ROW}", 10, "the row's first files")

@@ -119,6 +119,27 @@ def _launch(command: list[str], profile: Path, log_path: Path) -> subprocess.Pop
         )
 
 
+async def sign_in(page: PageSession, base_url: str, token: str) -> None:
+    """Open the page at `base_url`, sign in through the form with `token`, and wait for the
+    live dashboard with its first list."""
+    await page.send("Page.navigate", {"url": base_url + "/"})
+    await page.wait_for(
+        "!document.getElementById('login-view').hidden"
+        " && !document.documentElement.classList.contains('boot')",
+        20,
+        "the sign-in form",
+    )
+    await page.evaluate("document.getElementById('token').focus()")
+    await page.send("Input.insertText", {"text": token})
+    await page.evaluate("document.getElementById('login-submit').click()")
+    await page.wait_for(
+        "document.getElementById('conn').dataset.state === 'live'"
+        " && document.body.dataset.synced === '1'",
+        20,
+        "the live dashboard",
+    )
+
+
 @contextlib.asynccontextmanager
 async def chromium(profile: Path, log_path: Path) -> AsyncIterator[PageSession]:
     """A headless Chromium with its own profile, killed by PID however the test ends."""

@@ -27,7 +27,7 @@ from records import NewDownload, NodeHeartbeat
 from tests.support.http_files import FileServer
 from tests.support.service import RunningService, ServiceFactory, service_config
 from tests.support.service_process import wait_until
-from tests.test_browser import CHROMIUM, PageSession, chromium
+from tests.test_browser import CHROMIUM, chromium, sign_in
 from tests.test_engine_api import add_link, fetch, settled
 from tests.test_service_postgres import pushed_for, receive
 
@@ -318,7 +318,7 @@ async def test_the_dashboard_shows_the_nodes_and_who_holds_each_job(
         page.on_event(on_event)
         await page.send("Runtime.enable")
         await page.send("Log.enable")
-        await sign_in(page, nodes.svc)
+        await sign_in(page, nodes.svc.base_url, nodes.svc.token)
 
         rows = await page.wait_for(
             "(() => { const rows = document.querySelectorAll('#nodes-body tr');"
@@ -346,18 +346,3 @@ async def test_the_dashboard_shows_the_nodes_and_who_holds_each_job(
 
     # Expected: the signed-out session probe before the sign-in.
     assert [e for e in console_errors if "/api/downloads/statistics" not in e] == []
-
-
-async def sign_in(page: PageSession, svc: RunningService) -> None:
-    """Open the page, sign in through the form and wait for the first list."""
-    await page.send("Page.navigate", {"url": svc.base_url + "/"})
-    await page.wait_for(
-        "!document.getElementById('login-view').hidden"
-        " && !document.documentElement.classList.contains('boot')",
-        WAIT,
-        "the sign-in form",
-    )
-    await page.evaluate("document.getElementById('token').focus()")
-    await page.send("Input.insertText", {"text": svc.token})
-    await page.evaluate("document.getElementById('login-submit').click()")
-    await page.wait_for("document.body.dataset.synced === '1'", WAIT, "the dashboard's list")

@@ -27,7 +27,7 @@ from tests.support.http_files import FileServer
 from tests.support.processes import free_port
 from tests.support.service import RunningService, ServiceFactory, service_config
 from tests.support.sessions import cookie_header, stored_session
-from tests.test_browser import CHROMIUM, PageSession, chromium
+from tests.test_browser import CHROMIUM, chromium, sign_in
 from tests.test_web_page import Site, serve_site, session_cookie_from
 from webstreamer.routes.ws import WS_SETTINGS, WsSettings
 from webstreamer.server import Listener, WebServer
@@ -812,22 +812,6 @@ async def test_one_client_holds_at_most_its_cap_of_connections(
 # --- the page -----------------------------------------------------------------------------------
 
 
-async def _sign_in(page: PageSession, site: Site) -> None:
-    await page.send("Page.navigate", {"url": site.base_url + "/"})
-    await page.wait_for(
-        "!document.getElementById('login-view').hidden"
-        " && !document.documentElement.classList.contains('boot')",
-        20,
-        "the sign-in form",
-    )
-    await page.evaluate("document.getElementById('token').focus()")
-    await page.send("Input.insertText", {"text": site.token})
-    await page.evaluate("document.getElementById('login-submit').click()")
-    await page.wait_for(
-        "document.getElementById('conn').dataset.state === 'live'", 20, "the live dashboard"
-    )
-
-
 @pytest.mark.browser
 @pytest.mark.slow
 @pytest.mark.skipif(
@@ -845,7 +829,7 @@ async def test_the_page_changes_things_and_signs_out_here_and_everywhere(
     await site.running.wait_download(download_id, {"downloading"}, WAIT)
     async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
         await page.send("Page.enable")
-        await _sign_in(page, site)
+        await sign_in(page, site.base_url, site.token)
         # A change without a body, as the page's buttons send it, passes the forgery checks.
         paused = await page.evaluate(
             "import('/static/js/api.js').then((m) =>"
@@ -864,7 +848,7 @@ async def test_the_page_changes_things_and_signs_out_here_and_everywhere(
         status, _, _ = await site.request("GET", "/api/downloads", auth=False, headers=other)
         assert status == 401
         # Signed in again, then out: the server forgets this session too.
-        await _sign_in(page, site)
+        await sign_in(page, site.base_url, site.token)
         status, body, _ = await site.request("GET", "/api/sessions")
         assert len(body["sessions"]) == 1
         await page.evaluate("document.getElementById('logout').click()")
