@@ -1,8 +1,8 @@
 """The Docker image, built from the project's Dockerfile and run on the host network.
 
 It answers /api/health and turns healthy by its own HEALTHCHECK, runs every process as the
-non-root user 10001, keeps its data in the volume across a new container, and on `docker stop`
-saves aria2's session and ends aria2c before it exits with code 0.
+non-root user 10001, keeps no build secret, keeps its data in the volume across a new container,
+and on `docker stop` saves aria2's session and ends aria2c before it exits with code 0.
 """
 
 from __future__ import annotations
@@ -205,6 +205,9 @@ async def test_image_is_healthy_and_runs_as_non_root(
         assert proc_fact(pid, "Gid").split() == [str(IMAGE_UID)] * 4, names[pid]
     assert (await container.exec("id", "-un")).strip() == "mistrelay"
     assert (await container.exec("stat", "-c", "%u %a", "/data")).split() == [str(IMAGE_UID), "700"]
+    # The build's pip settings and CA bundle were build secrets: the image keeps none of them.
+    assert (await container.exec("pip", "config", "list")).strip() == ""
+    assert (await container.exec("sh", "-c", "ls -A /run/secrets 2>/dev/null || true")) == ""
 
 
 async def test_data_survives_a_new_container_and_stop_saves_the_session(

@@ -188,8 +188,15 @@ def debian_mirror() -> str:
     raise DockerUnavailable(f"no Debian {SUITE} main mirror in this machine's apt sources")
 
 
+def _image_id(cli: DockerCli, tag: str) -> str | None:
+    found = cli.run("image", "inspect", "--format", "{{.Id}}", tag, check=False)
+    if found.returncode != 0:
+        return None
+    return found.stdout.strip() or None
+
+
 def _image_exists(cli: DockerCli, tag: str) -> bool:
-    return cli.run("image", "inspect", tag, check=False).returncode == 0
+    return _image_id(cli, tag) is not None
 
 
 def ensure_base_image(cli: DockerCli) -> str:
@@ -300,6 +307,7 @@ class BuiltImage:
 def build_image(cli: DockerCli, folder: Path, extra: Sequence[str] = ()) -> BuiltImage:
     """Build the project's Dockerfile on the local base image, as IMAGE_TAG."""
     base = ensure_base_image(cli)
+    previous = _image_id(cli, IMAGE_TAG)
     started = time.monotonic()
     cli.run(
         "build",
@@ -314,7 +322,11 @@ def build_image(cli: DockerCli, folder: Path, extra: Sequence[str] = ()) -> Buil
         str(PROJECT_ROOT),
         timeout=1500,
     )
-    return BuiltImage(cli, IMAGE_TAG, base, time.monotonic() - started)
+    seconds = time.monotonic() - started
+    if previous is not None and previous != _image_id(cli, IMAGE_TAG):
+        # The image of an earlier run, now untagged: its layers would pile up run after run.
+        cli.run("image", "rm", previous, check=False)
+    return BuiltImage(cli, IMAGE_TAG, base, seconds)
 
 
 @pytest.fixture(scope="session")
