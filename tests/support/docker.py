@@ -168,17 +168,22 @@ def _one_line_mirrors(text: str) -> Iterator[tuple[str, list[str], list[str], li
             yield line[0], [line[1]], [line[2]], line[3:]
 
 
-def debian_mirror() -> str:
+def apt_source_files() -> list[Path]:
+    """sources.list and the files of sources.list.d, in apt's order."""
+    listed = sorted(APT_SOURCES_DIR.iterdir()) if APT_SOURCES_DIR.is_dir() else []
+    return [APT_SOURCES, *listed]
+
+
+def debian_mirror(files: Sequence[Path] | None = None) -> str:
     """The Debian mirror that apt on this machine uses for `bookworm main`."""
     entries: list[tuple[str, list[str], list[str], list[str]]] = []
-    files = [APT_SOURCES, *(sorted(APT_SOURCES_DIR.iterdir()) if APT_SOURCES_DIR.is_dir() else [])]
-    for path in files:
+    for path in apt_source_files() if files is None else files:
         if not path.is_file():
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
         if path.suffix == ".sources":
             entries.extend(_deb822_mirrors(text))
-        elif path.suffix == ".list" or path == APT_SOURCES:
+        elif path.suffix == ".list" or path.name == "sources.list":
             entries.extend(_one_line_mirrors(text))
     for types, uris, suites, components in entries:
         if "deb" in types.split() and SUITE in suites and "main" in components:
