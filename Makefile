@@ -6,6 +6,8 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 RUN_PACKAGES := aria2 rclone ffmpeg
 TEST_PACKAGES := $(RUN_PACKAGES) chromium postgresql
+# For the docker tests (they skip without a Docker daemon): installed when make runs as root.
+DOCKER_PACKAGES := docker.io debootstrap
 PYTEST_ARGS ?=
 
 .PHONY: run test lint system-run system-test clean
@@ -24,12 +26,14 @@ system-run:
 
 system-test:
 	@sh scripts/install-system.sh $(TEST_PACKAGES)
+	@if [ "$$(id -u)" = 0 ]; then sh scripts/install-system.sh $(DOCKER_PACKAGES); fi
 
 run: system-run $(VENV)/.runtime
 	$(VPY) app.py
 
+# Starts dockerd for the run when it is installed and not running, and stops it at the end.
 test: system-test $(VENV)/.dev
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	sh scripts/with-dockerd.sh $(VPY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

@@ -6,6 +6,7 @@ missing=""
 installed() {
     case "$1" in
         aria2) command -v aria2c ;;
+        docker.io) command -v dockerd ;;
         # Debian keeps the server programs off PATH, in /usr/lib/postgresql/<version>/bin.
         postgresql) command -v initdb || ls /usr/lib/postgresql/*/bin/initdb ;;
         *) command -v "$1" ;;

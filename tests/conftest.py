@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.support.reliability",
     "tests.support.postgres",
     "tests.support.stores",
+    "tests.support.docker",
 ]
