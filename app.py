@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import functools
 import os
 import shlex
 import signal
@@ -44,11 +45,13 @@ from configer import (
     parse_database_url,
 )
 from db import (
+    ACTIVE_DOWNLOAD_STATUSES,
     DRIVER_ERRORS,
     SCHEMA_VERSION,
     Store,
     StoreError,
     StoreMove,
+    StoreUnavailable,
     TableCount,
     backup_database_file,
     inspect_store,
@@ -58,6 +61,7 @@ from db import (
 )
 from events import EventHub
 from files import DownloadFiles
+from importer import FileIndex, UpstreamError, files_root, plan_import, read_upstream
 from uploads.manager import UploadManager
 from uploads.media import MediaProber
 from webstreamer.context import AppContext
@@ -501,6 +505,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     move.add_argument(
         "--apply", action="store_true", help="copy (without it: a dry run that writes nothing)"
     )
+    upstream = sub.add_parser(
+        "import-upstream",
+        help="import the jobs of the relay bot's SQLite database MistRelay grew from",
+    )
+    upstream.add_argument("path", type=Path, help="that bot's database file (downloads.db)")
+    upstream.add_argument(
+        "--files",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="match completed downloads to the files in DIR (the download folder or inside it)",
+    )
+    mode = upstream.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--dry-run", action="store_true", help="report only; write nothing")
+    mode.add_argument("--apply", action="store_true", help="import (the service stopped)")
     return parser.parse_args(argv)
 
 
@@ -672,6 +691,78 @@ async def migrate_store_command(config: Config, to: str, *, apply: bool) -> int:
     return 0
 
 
+# What makes `import-upstream` fail with exit code 2.
+_IMPORT_ERRORS: tuple[type[Exception], ...] = (UpstreamError, StoreError, OSError, *DRIVER_ERRORS)
+
+
+async def import_upstream_command(
+    config: Config, source: Path, files: Path | None, *, apply: bool
+) -> int:
+    """`python app.py import-upstream PATH [--files DIR] --dry-run|--apply`.
+
+    Exit code: 0 done (or, in a dry run, planned), 2 refused or failed.
+    """
+    lock = InstanceLock(config.data_dir)
+    if apply and not lock.acquire():
+        print(f"import-upstream: MistRelay is running on {config.data_dir}: stop it first")
+        return 2
+    try:
+        upstream = await asyncio.to_thread(read_upstream, source)
+        index = None
+        if files is not None:
+            root = files_root(files, config.aria2.download_dir)
+            index = await asyncio.to_thread(FileIndex.scan, root)
+        store = await _store_for_import(config, apply=apply)
+        try:
+            imported = await store.imported_origins() if store else {}
+            active = (
+                await store.fetch_downloads_in_states(ACTIVE_DOWNLOAD_STATUSES) if store else []
+            )
+            plan = await asyncio.to_thread(
+                functools.partial(
+                    plan_import,
+                    upstream,
+                    imported=imported,
+                    active_sources=[row.source_key for row in active],
+                    uploads=config.upload,
+                    files=index,
+                )
+            )
+            result = await store.import_rows(plan.batch) if apply and store else None
+        finally:
+            if store is not None:
+                await store.close()
+    except _IMPORT_ERRORS as exc:
+        print(f"import-upstream: {exc}; nothing was written")
+        return 2
+    finally:
+        lock.release()
+    for line in plan.lines(result):
+        print(line)
+    if not apply:
+        print("Dry run: nothing was written. Run again with --apply.")
+    return 0
+
+
+async def _store_for_import(config: Config, *, apply: bool) -> Store | None:
+    """The store to import into: opened (and migrated) for --apply; for a dry run, only if it
+    exists at the current schema (None when there is none yet)."""
+    if apply:
+        return await open_store(config.database)
+    try:
+        version = await inspect_store(config.database)
+    except StoreUnavailable:
+        raise
+    except StoreError:
+        return None  # no database yet: everything would be new
+    if version != SCHEMA_VERSION:
+        raise StoreError(
+            f"the database has schema version {version}; --apply migrates it to "
+            f"{SCHEMA_VERSION} first (or start the service once)"
+        )
+    return await open_store(config.database)
+
+
 def _print_move(move: StoreMove, *, applied: bool) -> None:
     version = move.source_version
     if version == SCHEMA_VERSION:
@@ -721,6 +812,9 @@ def main(argv: list[str] | None = None) -> int:
         return backup_command(config, args.path)
     if command == "restore":
         return restore_command(config, args.path)
+    if command == "import-upstream":
+        configure_logging("WARNING")
+        return asyncio.run(import_upstream_command(config, args.path, args.files, apply=args.apply))
     if command == "migrate-store":
         configure_logging("WARNING")
         return asyncio.run(migrate_store_command(config, args.to, apply=args.apply))

@@ -27,6 +27,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Iterable,
     Iterator,
     Mapping,
@@ -57,6 +58,10 @@ from records import (
     DownloadStatistics,
     EventData,
     HistoryEntry,
+    ImportBatch,
+    ImportedDownload,
+    ImportedUpload,
+    ImportResult,
     NewDownload,
     NodeHeartbeat,
     NodeRow,
@@ -70,7 +75,7 @@ from records import (
     WebSession,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
 
 SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
@@ -559,12 +564,29 @@ async def _schema_5(sql: _Statements, dialect: Dialect) -> None:
     await _run_schema(sql, dialect, _SCHEMA_5)
 
 
+# Schema 6: the rows an import took from another store (`app.py import-upstream`), by their
+# origin there, so that importing the same database again adds only what is new.
+_SCHEMA_6 = """
+CREATE TABLE imported_rows (
+    origin      TEXT PRIMARY KEY,
+    entity      TEXT NOT NULL CHECK (entity IN ('download', 'upload')),
+    local_id    INTEGER NOT NULL,
+    imported_at TEXT NOT NULL
+)
+"""
+
+
+async def _schema_6(sql: _Statements, dialect: Dialect) -> None:
+    await _run_schema(sql, dialect, _SCHEMA_6)
+
+
 _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     1: _schema_1,
     2: _schema_2,
     3: _schema_3,
     4: _schema_4,
     5: _schema_5,
+    6: _schema_6,
 }
 
 # The tables the steps above make, each with its key, in an order their foreign keys allow
@@ -580,6 +602,7 @@ _STORE_TABLES: dict[str, str] = {
     "shared_secrets": "name",
     "web_sessions": "token_hash",
     "bot_notices": "id",
+    "imported_rows": "origin",
 }
 
 
@@ -1218,6 +1241,10 @@ class Store(Protocol):
     # statistics, history, configuration
     async def get_statistics(self) -> Statistics: ...
     async def get_status_history(self, entity: str, entity_id: int) -> list[HistoryEntry]: ...
+
+    # imports from another store
+    async def imported_origins(self) -> dict[str, int]: ...
+    async def import_rows(self, batch: ImportBatch) -> ImportResult: ...
     async def init_config_from_yaml(self, settings: Mapping[str, str]) -> None: ...
     async def get_config(self, key: str) -> str | None: ...
     async def get_all_configs(self) -> dict[str, str]: ...
@@ -2237,6 +2264,32 @@ class Database:
         )
         return [HistoryEntry(*r) for r in rows]
 
+    # --- imports from another store -------------------------------------------------------------
+
+    async def imported_origins(self) -> dict[str, int]:
+        """Every row an earlier import took: its origin in the other store → our id."""
+        rows = await self._read_all("SELECT origin, local_id FROM imported_rows")
+        return {str(r["origin"]): int(r["local_id"]) for r in rows}
+
+    async def import_rows(self, batch: ImportBatch) -> ImportResult:
+        """Write what an import mapped, all in one transaction: media rows that are not here
+        yet, downloads and uploads with the status they were given (a history row each, with
+        the import's reason) and the origin of each, so that no row is imported twice."""
+        media = downloads = uploads = 0
+        async with self._write() as tx:
+            for record in batch.media:
+                media += await tx.insert_media_if_absent(record)
+            for item in batch.downloads:
+                if await tx.already_imported(item.origin):
+                    continue
+                download_id = await tx.insert_imported_download(item)
+                downloads += 1
+                for upload in item.uploads:
+                    uploads += await tx.insert_imported_upload(download_id, upload)
+            for download_id, upload in batch.late_uploads:
+                uploads += await tx.insert_imported_upload(download_id, upload)
+        return ImportResult(media, downloads, uploads)
+
     async def init_config_from_yaml(self, settings: Mapping[str, str]) -> None:
         """Store the effective configuration (secrets already masked) for the page and the API."""
         now = utc_now()
@@ -2617,6 +2670,35 @@ async def inspect_store(config: DatabaseConfig) -> int:
     if version == 0:
         raise StoreError(f"{backend.where}: holds no MistRelay database yet")
     return version
+
+
+def read_sqlite_tables(
+    path: Path, wanted: Collection[str]
+) -> tuple[set[str], dict[str, list[dict[str, Any]]]]:
+    """The table names of another program's SQLite file and every row of the `wanted` tables
+    it has (as column → value), read without writing to it (blocking: call it in a thread).
+    StoreError when it is not a readable SQLite database."""
+    if not path.is_file():
+        raise StoreError(f"{path}: no such file")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot be opened: {exc}") from None
+    try:
+        conn.row_factory = sqlite3.Row
+        tables = {
+            str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        rows = {
+            table: [dict(r) for r in conn.execute(f'SELECT * FROM "{table}"')]
+            for table in wanted
+            if table in tables
+        }
+        return tables, rows
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: not a readable SQLite database: {exc}") from None
+    finally:
+        conn.close()
 
 
 def inspect_database_file(path: Path) -> int:
@@ -3098,6 +3180,116 @@ class _Tx:
             f" {updates}, updated_at = excluded.updated_at",
             (*data.values(), now, now),
         )
+
+    async def insert_media_if_absent(self, media: TgMediaRecord) -> int:
+        """1 if the media row was written, 0 if one with its file_unique_id was here."""
+        now = utc_now()
+        data = asdict(media)
+        names = ", ".join(data)
+        marks = ", ".join("?" for _ in data)
+        row = await self.fetch_one(
+            f"INSERT INTO tg_media ({names}, created_at, updated_at) VALUES ({marks}, ?, ?)"
+            " ON CONFLICT (file_unique_id) DO NOTHING RETURNING file_unique_id",
+            (*data.values(), now, now),
+        )
+        return 0 if row is None else 1
+
+    async def already_imported(self, origin: str) -> bool:
+        found = await self.fetch_one("SELECT 1 FROM imported_rows WHERE origin = ?", (origin,))
+        return found is not None
+
+    async def _remember_import(self, origin: str, entity: str, local_id: int, now: str) -> None:
+        await self.execute(
+            "INSERT INTO imported_rows (origin, entity, local_id, imported_at) VALUES (?, ?, ?, ?)",
+            (origin, entity, local_id, now),
+        )
+
+    async def insert_imported_download(self, item: ImportedDownload) -> int:
+        if item.status not in DOWNLOAD_STATUSES:
+            raise StoreError(f"{item.origin}: unknown download status {item.status!r}")
+        new = item.new
+        now = utc_now()
+        files = json.dumps([asdict(f) for f in item.files]) if item.files else None
+        created = await self.fetch_one(
+            "INSERT INTO downloads (source_type, source_key, source_url, file_name,"
+            " total_length, completed_length, file_unique_id, owner_id, chat_id, message_id,"
+            " group_key, info_hash, status, local_path, files_json, error_message, error_code,"
+            " created_at, started_at, completed_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (
+                new.source_type,
+                new.source_key,
+                new.source_url,
+                new.file_name,
+                new.total_length,
+                item.completed_length,
+                new.file_unique_id,
+                new.owner_id,
+                new.chat_id,
+                new.message_id,
+                new.group_key or f"job:{new.source_key}",
+                new.info_hash,
+                item.status,
+                item.local_path,
+                files,
+                item.error_message,
+                item.error_code,
+                item.created_at or now,
+                item.started_at,
+                item.completed_at,
+                now,
+            ),
+        )
+        assert created is not None
+        download_id = int(created["id"])
+        if new.group_key is None:
+            await self.execute(
+                "UPDATE downloads SET group_key = ? WHERE id = ?",
+                (f"download:{download_id}", download_id),
+            )
+        await self.history("download", download_id, None, item.status, item.reason, now)
+        await self._remember_import(item.origin, "download", download_id, now)
+        await self.emit_download(download_id)
+        return download_id
+
+    async def insert_imported_upload(self, download_id: int, item: ImportedUpload) -> int:
+        """1 if written; 0 if it was imported before."""
+        if item.status not in UPLOAD_STATUSES:
+            raise StoreError(f"{item.origin}: unknown upload status {item.status!r}")
+        if await self.already_imported(item.origin):
+            return 0
+        now = utc_now()
+        created = await self.fetch_one(
+            "INSERT INTO uploads (download_id, upload_target, target_type, status, remote_path,"
+            " uploaded_size, total_size, retry_count, max_retries, failure_reason,"
+            " error_message, error_code, created_at, started_at, completed_at, cleaned_at,"
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (
+                download_id,
+                item.upload_target,
+                item.target_type,
+                item.status,
+                item.remote_path,
+                item.uploaded_size,
+                item.total_size,
+                item.retry_count,
+                item.max_retries,
+                item.failure_reason,
+                item.error_message,
+                item.error_code,
+                item.created_at or now,
+                item.started_at,
+                item.completed_at,
+                item.cleaned_at,
+                now,
+            ),
+        )
+        assert created is not None
+        upload_id = int(created["id"])
+        await self.history("upload", upload_id, None, item.status, item.reason, now)
+        await self._remember_import(item.origin, "upload", upload_id, now)
+        await self.emit_upload(upload_id)
+        return 1
 
     async def download_id_by_gid(self, gid: str) -> int | None:
         row = await self.fetch_one("SELECT download_id FROM download_gids WHERE gid = ?", (gid,))

@@ -279,3 +279,62 @@ class Statistics(TypedDict):
 
 
 EventData = DownloadSnapshot | DownloadRemoved | UploadRow | Statistics
+
+
+@dataclass(frozen=True)
+class ImportedUpload:
+    """An upload row of another store, mapped into ours (see importer.py)."""
+
+    origin: str  # "upload:<id>|<created_at>" in the other store: imported once
+    upload_target: str
+    target_type: str
+    status: str
+    reason: str  # the history row's reason
+    remote_path: str | None = None
+    uploaded_size: int = 0
+    total_size: int = 0
+    retry_count: int = 0
+    max_retries: int = 3
+    failure_reason: str | None = None
+    error_message: str | None = None
+    error_code: str | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    cleaned_at: str | None = None
+
+
+@dataclass(frozen=True)
+class ImportedDownload:
+    """A download row of another store, mapped into ours, with its uploads."""
+
+    origin: str  # "download:<id>|<created_at>" in the other store: imported once
+    new: NewDownload
+    status: str
+    reason: str  # the history row's reason
+    local_path: str | None = None
+    completed_length: int = 0
+    files: tuple[TorrentFile, ...] = ()
+    error_message: str | None = None
+    error_code: str | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    uploads: tuple[ImportedUpload, ...] = ()
+
+
+@dataclass(frozen=True)
+class ImportBatch:
+    """What one import writes, in one transaction."""
+
+    media: tuple[TgMediaRecord, ...] = ()
+    downloads: tuple[ImportedDownload, ...] = ()
+    # Uploads of downloads imported by an earlier run: (our download id, the upload).
+    late_uploads: tuple[tuple[int, ImportedUpload], ...] = ()
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    media: int
+    downloads: int
+    uploads: int

@@ -26,7 +26,7 @@ from db import (
     StoreNotEmpty,
     open_store,
 )
-from records import NewDownload, TgMediaRecord, TorrentFile
+from records import ImportBatch, ImportedDownload, NewDownload, TgMediaRecord, TorrentFile
 from tests.support.postgres import PostgresServer, find_server_programs
 from tests.support.processes import free_port
 from tests.support.service import service_config
@@ -168,11 +168,20 @@ async def fill_store(db: Database, config: Config) -> Filled:
     await db.mark_download_paused("gid-magnet")
     ftp = await db.create_download(NewDownload("ftp", "ftp://h/f.iso", "ftp://h/f.iso"))
     await db.mark_download_failed_by_id(ftp, "connection refused", "6")
+    old = ImportedDownload(
+        "download:9|2025-01-01 00:00:00",
+        NewDownload("http", "http://h/old.bin", "http://h/old.bin", file_name="old.bin"),
+        "failed",
+        "imported",
+        error_message="404",
+    )
+    await db.import_rows(ImportBatch(downloads=(old,)))  # one taken from another store
+    imported = (await db.imported_origins())[old.origin]
     gone = await db.create_download(NewDownload("http", "http://h/gone", "http://h/gone"))
     await db.mark_download_cancelled_by_id(gone)
     await db.delete_download_record(gone)
     await db.init_config_from_yaml(masked_settings(config))
-    return Filled(gone, (telegram, torrent, http, magnet, ftp))
+    return Filled(gone, (telegram, torrent, http, magnet, ftp, imported))
 
 
 async def filled_source(config: Config) -> Filled:
@@ -300,7 +309,7 @@ async def test_copy_into_keeps_every_row_and_the_numbering_on_either_backend(
             assert copied == await source.table_counts() == await target.table_counts()
             downloads = {count.table: count for count in copied}["downloads"]
             assert (downloads.rows, downloads.max_id, downloads.last_id) == (
-                5,
+                6,
                 max(filled.download_ids),
                 filled.last_download_id,
             )
