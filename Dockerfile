@@ -13,7 +13,7 @@ WORKDIR /app
 COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 
-COPY app.py cluster.py configer.py db.py events.py files.py records.py config.yaml ./
+COPY app.py cluster.py configer.py db.py events.py files.py metrics.py records.py config.yaml ./
 COPY aria2_client ./aria2_client
 COPY uploads ./uploads
 COPY bot ./bot
