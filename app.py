@@ -170,17 +170,18 @@ def _masked(text: str, hidden: list[str]) -> str:
 
 
 def _json_line(record: Record) -> str:
-    """One JSON object a line: the job's context (job, gid, …) as fields of their own, then
-    time (UTC), level, logger, function, line, message and, when there is one, the traceback."""
-    document: dict[str, object] = {key: _plain(value) for key, value in record["extra"].items()}
-    document.update(
-        time=record["time"].astimezone(UTC).isoformat(timespec="milliseconds"),
-        level=record["level"].name,
-        logger=record["name"],
-        function=record["function"],
-        line=record["line"],
-        message=record["message"],
-    )
+    """One JSON object a line: time (UTC), level, logger, function, line, message, then the
+    job's context (job, gid, …) as fields of their own and, when there is one, the traceback."""
+    document: dict[str, object] = {
+        "time": record["time"].astimezone(UTC).isoformat(timespec="milliseconds"),
+        "level": record["level"].name,
+        "logger": record["name"],
+        "function": record["function"],
+        "line": record["line"],
+        "message": record["message"],
+    }
+    for key, value in record["extra"].items():
+        document.setdefault(key, _plain(value))
     error = record["exception"]
     if error is not None and error.type is not None:
         document["exception"] = "".join(

@@ -31,7 +31,7 @@ from records import DownloadRemoved, DownloadRow, DownloadSnapshot, Statistics, 
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST  # text/plain; version=0.0.4; charset=utf-8
+CONTENT_TYPE = CONTENT_TYPE_LATEST  # text/plain; version=1.0.0; charset=utf-8
 FINAL_STATUSES = ("completed", "failed")
 LAG_PROBE_INTERVAL = 0.5  # seconds between two looks at the event loop's lag
 
