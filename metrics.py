@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from events import EventHub, Subscription
+from events import Event, EventHub
 from records import DownloadRemoved, DownloadRow, DownloadSnapshot, Statistics, UploadRow
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -146,8 +147,8 @@ class Metrics:
         self._downloads: dict[int, _Seen] = {}
         self._uploads: dict[int, _Seen] = {}
         self._foreign: set[int] = set()  # downloads another node of the cluster holds
-        self._tasks: list[asyncio.Task[None]] = []
-        self._subscription: Subscription | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._downloaded = self._uploaded = 0  # bytes of the batch being counted
 
     # --- hooks the parts call ---------------------------------------------------------------
 
@@ -172,26 +173,20 @@ class Metrics:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self, hub: EventHub, *, node: str | None, since: str) -> None:
-        """Follow the hub's events and probe the loop. `node`: this node's name in a cluster
+        """Count the hub's events and probe the loop. `node`: this node's name in a cluster
         (None alone); `since`: the start's UTC timestamp, as the store writes them — a job whose
         row changed before it is not counted as finishing now."""
         self._node = node
         self._started = since
-        self._subscription = hub.subscribe("metrics", maxsize=100_000)
-        self._tasks = [
-            asyncio.create_task(self._follow(self._subscription), name="metrics-events"),
-            asyncio.create_task(self._probe_loop(), name="metrics-loop-lag"),
-        ]
+        hub.observe(self._observe)
+        self._probe = asyncio.create_task(self._probe_loop(), name="metrics-loop-lag")
 
     async def stop(self) -> None:
-        if self._subscription is not None:
-            self._subscription.close()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        if self._probe is not None:
+            self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+                await self._probe
+            self._probe = None
 
     async def _probe_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -200,18 +195,23 @@ class Metrics:
             await asyncio.sleep(LAG_PROBE_INTERVAL)
             self.loop_lag_seconds.observe(max(0.0, loop.time() - before - LAG_PROBE_INTERVAL))
 
-    async def _follow(self, events: Subscription) -> None:
-        async for event in events:
-            try:
-                self.count(event.data)
-            except Exception:  # a figure must never stop the counting
-                logger.exception("metrics: an event could not be counted")
-        if events.dropped:
-            logger.warning("metrics: the event hub dropped the metrics subscriber")
+    def _observe(self, events: Sequence[Event]) -> None:
+        """Every batch the hub publishes, as it is published (so none is coalesced away)."""
+        self._downloaded = self._uploaded = 0
+        try:
+            for event in events:
+                self._count(event.data)
+        except Exception:  # a figure must never break a publisher
+            logger.exception("metrics: an event could not be counted")
+        # Once a batch: a poll cycle publishes the progress of every running job at once.
+        if self._downloaded:
+            self.downloaded_bytes.inc(self._downloaded)
+        if self._uploaded:
+            self.uploaded_bytes.inc(self._uploaded)
 
     # --- counting from events -------------------------------------------------------------------
 
-    def count(self, data: object) -> None:
+    def _count(self, data: object) -> None:
         """Count one committed change the hub carried."""
         if isinstance(data, DownloadSnapshot):
             self._download(data.row)
@@ -242,7 +242,7 @@ class Metrics:
             )
             self._downloads[row.id] = seen
         if row.completed_length > seen.done:
-            self.downloaded_bytes.inc(row.completed_length - seen.done)
+            self._downloaded += row.completed_length - seen.done
         seen.done = row.completed_length  # a retry starts again from 0
         if row.status != seen.status:
             if row.status in FINAL_STATUSES:
@@ -262,7 +262,7 @@ class Metrics:
                 seen.retries = row.retry_count
             self._uploads[row.id] = seen
         if row.uploaded_size > seen.done:
-            self.uploaded_bytes.inc(row.uploaded_size - seen.done)
+            self._uploaded += row.uploaded_size - seen.done
         seen.done = row.uploaded_size
         if row.retry_count > seen.retries:
             self.upload_retries.labels(row.upload_target).inc(row.retry_count - seen.retries)
