@@ -14,6 +14,11 @@ Three kinds of figures:
 - histograms and counters from the hooks above, and the event loop's lag, measured here.
 - gauges computed when scraped: jobs by status, speeds and queue depths from the store's statistics
   (the whole store: in a cluster, every node's jobs), aria2's connection and the WebSocket clients.
+
+Built on prometheus-client, the reference client: registries of our own, histograms with fixed
+buckets, the text format rendered in microseconds (no I/O, so the event loop is never held), and
+its own parser for the tests. Nothing asynchronous is needed from the library: the only await of
+a scrape is the store's statistics, done by the route.
 """
 
 from __future__ import annotations
