@@ -24,6 +24,7 @@ from bot.tg_source import (
     TelegramStreamError,
     refresh_from_message,
 )
+from metrics import Metrics
 from tests.support.fake_telegram import MIB, FakeFile, FakeTelegram
 
 KIB4 = 4096
@@ -159,15 +160,21 @@ async def test_close_stops_the_media_sessions(
         await _read(streamer, _ref(file), 0, 99)
 
 
-async def test_a_short_flood_wait_is_waited_out(
-    fake_telegram: FakeTelegram, streamer: TelegramStreamer
+async def test_a_short_flood_wait_is_waited_out_and_counted(
+    fake_telegram: FakeTelegram, tg_client: pyrogram.Client
 ) -> None:
+    metrics = Metrics()
+    streamer = TelegramStreamer(tg_client, on_flood_wait=metrics.flood_wait)
     data = _payload(2 * MIB)
     file = fake_telegram.add_file(data)
     fake_telegram.inject("upload.GetFile", FloodWait(value=1))
-
-    assert await _read(streamer, _ref(file), 0, file.size - 1) == data
+    try:
+        assert await _read(streamer, _ref(file), 0, file.size - 1) == data
+    finally:
+        await streamer.close()
     assert fake_telegram.get_file_calls == 3
+    seconds = metrics.registry.get_sample_value("mistrelay_telegram_flood_wait_seconds_total")
+    assert seconds == 1
 
 
 async def test_a_flood_wait_beyond_the_bound_raises(
