@@ -138,7 +138,7 @@ class Metrics:
         )
         self.flood_wait_seconds = Counter(
             "mistrelay_telegram_flood_wait_seconds",
-            "Seconds Telegram asked us to wait (FloodWait) while streaming its files",
+            "Seconds Telegram asked to wait (FloodWait) while its files were streamed",
             registry=r,
         )
         self.db_write_seconds = Histogram(

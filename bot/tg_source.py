@@ -163,7 +163,7 @@ class TelegramStreamer:
         self.retry_backoff = retry_backoff
         self.max_flood_wait = max_flood_wait
         self.max_refreshes = max_refreshes
-        self._on_flood_wait = on_flood_wait  # told the seconds of each FloodWait waited out
+        self._on_flood_wait = on_flood_wait  # told the seconds each FloodWait asks for
         self._sessions: dict[int, Session] = {}
         self._session_lock = asyncio.Lock()
         self._closed = False
@@ -267,11 +267,11 @@ class TelegramStreamer:
                 )
             except (FloodWait, FloodPremiumWait) as error:
                 wait = float(error.value) if isinstance(error.value, int) else 0.0
+                if self._on_flood_wait is not None:
+                    self._on_flood_wait(wait)
                 if flood_waited + wait > self.max_flood_wait:
                     raise
                 flood_waited += wait
-                if self._on_flood_wait is not None:
-                    self._on_flood_wait(wait)
                 log.info("Telegram asks to wait {} s before the next part", wait)
                 await asyncio.sleep(wait)
                 continue

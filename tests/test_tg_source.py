@@ -180,7 +180,8 @@ async def test_a_short_flood_wait_is_waited_out_and_counted(
 async def test_a_flood_wait_beyond_the_bound_raises(
     fake_telegram: FakeTelegram, tg_client: pyrogram.Client
 ) -> None:
-    streamer = TelegramStreamer(tg_client, max_flood_wait=5)
+    metrics = Metrics()
+    streamer = TelegramStreamer(tg_client, max_flood_wait=5, on_flood_wait=metrics.flood_wait)
     file = fake_telegram.add_file(_payload(1000))
     fake_telegram.inject("upload.GetFile", FloodWait(value=300))
     try:
@@ -188,6 +189,9 @@ async def test_a_flood_wait_beyond_the_bound_raises(
             await _read(streamer, _ref(file), 0, 999)
     finally:
         await streamer.close()
+    # Asked for, though not waited: the figure says how hard Telegram pushes back.
+    seconds = metrics.registry.get_sample_value("mistrelay_telegram_flood_wait_seconds_total")
+    assert seconds == 300
 
 
 async def test_an_expired_file_reference_is_refreshed_through_the_callback(
