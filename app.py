@@ -14,13 +14,16 @@ import argparse
 import asyncio
 import fcntl
 import functools
+import json
 import os
 import shlex
 import signal
 import sys
+import traceback
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
+from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,7 @@ from configer import (
     Config,
     ConfigDiff,
     ConfigError,
+    LoggingConfig,
     Secrets,
     diff_config,
     ensure_secrets,
@@ -58,10 +62,12 @@ from db import (
     move_store,
     open_store,
     restore_database_file,
+    utc_now,
 )
 from events import EventHub
 from files import DownloadFiles
 from importer import FileIndex, UpstreamError, files_root, plan_import, read_upstream
+from metrics import Metrics
 from uploads.manager import UploadManager
 from uploads.media import MediaProber
 from webstreamer.context import AppContext
@@ -125,18 +131,74 @@ class AlreadyRunning(RuntimeError):
     pass
 
 
-def configure_logging(level: str, secrets: list[str] | None = None) -> None:
-    """loguru to stderr; any known secret that slips into a message is masked."""
+def configure_logging(settings: LoggingConfig | str, secrets: list[str] | None = None) -> None:
+    """loguru to stderr, and to `logging.file` (rotated) when set, as text or JSON lines (a
+    bare level: text on stderr); any known secret that slips into a message or a context value
+    is masked."""
+    if isinstance(settings, str):
+        settings = LoggingConfig(level=settings)
     hidden = [s for s in (secrets or []) if s and len(s) >= 6]
 
     def redact(record: Record) -> None:
-        for secret in hidden:
-            if secret in record["message"]:
-                record["message"] = record["message"].replace(secret, "***")
+        record["message"] = _masked(record["message"], hidden)
+        for key, value in record["extra"].items():
+            if isinstance(value, str):
+                record["extra"][key] = _masked(value, hidden)
 
+    log_format = _json_line if settings.format == "json" else _log_format
+    level = settings.level.upper()
     logger.remove()
     logger.configure(patcher=redact)
-    logger.add(sys.stderr, level=level.upper(), format=_log_format, backtrace=False, diagnose=False)
+    logger.add(sys.stderr, level=level, format=log_format, backtrace=False, diagnose=False)
+    if settings.file:
+        # Written by a thread of its own (enqueue): a slow disk or a rotation never holds up
+        # the event loop.
+        logger.add(
+            settings.file,
+            level=level,
+            format=log_format,
+            rotation=settings.rotation_value,
+            retention=settings.retention_value,
+            encoding="utf-8",
+            enqueue=True,
+            backtrace=False,
+            diagnose=False,
+        )
+
+
+def _masked(text: str, hidden: list[str]) -> str:
+    for secret in hidden:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _json_line(record: Record) -> str:
+    """One JSON object a line: time (UTC), level, logger, function, line, message, then the
+    job's context (job, gid, …) as fields of their own and, when there is one, the traceback."""
+    document: dict[str, object] = {
+        "time": record["time"].astimezone(UTC).isoformat(timespec="milliseconds"),
+        "level": record["level"].name,
+        "logger": record["name"],
+        "function": record["function"],
+        "line": record["line"],
+        "message": record["message"],
+    }
+    for key, value in record["extra"].items():
+        document.setdefault(key, _plain(value))
+    error = record["exception"]
+    if error is not None and error.type is not None:
+        document["exception"] = "".join(
+            traceback.format_exception(error.type, error.value, error.traceback)
+        )
+    line = json.dumps(document, ensure_ascii=False)
+    return line.replace("{", "{{").replace("}", "}}") + "\n"
+
+
+def _plain(value: object) -> object:
+    """A context value as JSON holds it: numbers, text, booleans and null as they are, the rest
+    as text."""
+    return value if value is None or isinstance(value, str | int | float | bool) else str(value)
 
 
 def _log_format(record: Record) -> str:
@@ -213,22 +275,26 @@ class Service:
         if not lock.acquire():
             raise AlreadyRunning(f"another MistRelay is running on {config.data_dir}")
         stack.callback(lock.release)
+        started_at = utc_now()
         secrets = ensure_secrets(config)
         self._log_secrets = log_secrets(config, secrets)
-        configure_logging(config.logging.level, self._log_secrets)
+        configure_logging(config.logging, self._log_secrets)
         files = DownloadFiles(config.aria2.download_dir)
         await files.ensure_root()
         # Bound first: aria2's loopback links to Telegram files need the port before the engine.
         listener = await asyncio.to_thread(Listener, config.web.host, config.web.port)
         stack.callback(listener.close)
 
-        store = await open_store(config.database, hub=(hub := EventHub()))
+        metrics = Metrics()
+        store = await open_store(
+            config.database, hub=(hub := EventHub()), on_write=metrics.db_write
+        )
         stack.push_async_callback(_close_store, store)
         stack.push_async_callback(hub.close)
         if store.shared:
             secrets = await _cluster_secrets(store, config, secrets)
             self._log_secrets = log_secrets(config, secrets)
-            configure_logging(config.logging.level, self._log_secrets)
+            configure_logging(config.logging, self._log_secrets)
         await store.init_config_from_yaml(masked_settings(config))
 
         cluster = Cluster(
@@ -242,6 +308,8 @@ class Service:
         await cluster.start()
         stack.push_async_callback(cluster.stop)
         node = cluster.node_name if cluster.enabled else None
+        metrics.start(hub, node=node, since=started_at)
+        stack.push_async_callback(metrics.stop)
         links = StreamLinks(
             LinkSigner(secrets.link_key, config.web.link_expiry),
             config.web.base_url,
@@ -253,7 +321,7 @@ class Service:
         await media.start()
         stack.push_async_callback(media.stop)
 
-        telegram = self._telegram_session(store)
+        telegram = self._telegram_session(store, metrics)
         if telegram is not None:
             # Stopped after the uploads, which may still be sending through its client.
             stack.push_async_callback(telegram.stop)
@@ -289,6 +357,7 @@ class Service:
                 else None
             ),
             hub=hub,
+            metrics=metrics,
         )
         web = WebServer(
             AppContext(
@@ -304,6 +373,7 @@ class Service:
                 aria2_connected=lambda: engine.connected,
                 reload_config=self.reload,
                 cluster=cluster,
+                metrics=metrics,
             ),
             listener,
         )
@@ -383,7 +453,7 @@ class Service:
             _start_telegram(telegram, bot if leading else None), name="telegram-start"
         )
 
-    def _telegram_session(self, store: Store) -> TelegramSession | None:
+    def _telegram_session(self, store: Store, metrics: Metrics) -> TelegramSession | None:
         telegram = self.config.telegram
         if not telegram.enabled:
             logger.info("no Telegram credentials (telegram.bot_token): the bot is off")
@@ -396,6 +466,7 @@ class Service:
             workdir=self.config.data_dir,
             store=store,
             client_factory=self.telegram_client_factory,
+            on_flood_wait=metrics.flood_wait,
         )
 
     async def wait_bot(self) -> None:
@@ -421,7 +492,7 @@ class Service:
         parts.uploads.apply_config(live.upload)
         await parts.engine.apply_config(live.aria2)
         await parts.store.init_config_from_yaml(masked_settings(live))
-        configure_logging(live.logging.level, self._log_secrets)
+        configure_logging(live.logging, self._log_secrets)
         logger.info(
             "configuration reloaded: applied {}; needs a restart: {}",
             ", ".join(diff.applied) or "nothing",
@@ -803,20 +874,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         logger.error("{}", exc)
         return 2
-    configure_logging(config.logging.level)
+    configure_logging(config.logging)
     command = args.command or "run"
     if command == "check":
-        configure_logging("WARNING")
+        configure_logging(replace(config.logging, level="WARNING"))
         return asyncio.run(check_command(config, fix=args.fix))
     if command == "backup":
         return backup_command(config, args.path)
     if command == "restore":
         return restore_command(config, args.path)
     if command == "import-upstream":
-        configure_logging("WARNING")
+        configure_logging(replace(config.logging, level="WARNING"))
         return asyncio.run(import_upstream_command(config, args.path, args.files, apply=args.apply))
     if command == "migrate-store":
-        configure_logging("WARNING")
+        configure_logging(replace(config.logging, level="WARNING"))
         return asyncio.run(migrate_store_command(config, args.to, apply=args.apply))
     try:
         asyncio.run(run_service(config))

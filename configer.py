@@ -26,6 +26,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -79,7 +80,13 @@ DB_PATH_ALIAS = "MISTRELAY_DB_PATH"
 DEFAULT_CONFIG_FILE = "config.yaml"
 
 SECRET_KEYS: frozenset[str] = frozenset(
-    {"telegram.api_hash", "telegram.bot_token", "aria2.rpc_secret", "web.token"}
+    {
+        "telegram.api_hash",
+        "telegram.bot_token",
+        "aria2.rpc_secret",
+        "web.token",
+        "web.metrics_token",
+    }
 )
 # Keys whose values may hold a password: an error names the problem, never the value.
 _UNSHOWN_KEYS: frozenset[str] = SECRET_KEYS | {"aria2.options", "database.url"}
@@ -108,6 +115,10 @@ LIVE_KEYS: frozenset[str] = frozenset(
         "web.login_attempts",
         "maintenance.check_interval",
         "logging.level",
+        "logging.format",
+        "logging.file",
+        "logging.rotation",
+        "logging.retention",
     }
 )
 
@@ -115,6 +126,7 @@ TargetType = Literal["rclone", "telegram"]
 TARGET_TYPES: tuple[str, ...] = get_args(TargetType)
 SOURCE_TYPES: tuple[str, ...] = ("telegram", "http", "ftp", "magnet", "torrent")
 LOG_LEVELS: tuple[str, ...] = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS: tuple[str, ...] = ("text", "json")
 
 WEB_TOKEN_FILE = "web_token"
 LINK_KEY_FILE = "link_key"
@@ -252,6 +264,7 @@ class WebConfig:
     header_timeout: float = 20.0  # seconds a connection may take to send a request's head
     max_connections_per_client: int = 256  # open connections from one address (IPv6: a /64)
     login_attempts: int = 10  # failed sign-ins one client may make a minute
+    metrics_token: str = field(default="", repr=False)  # opens GET /metrics only; empty = none
 
     @property
     def base_url(self) -> str:
@@ -361,6 +374,18 @@ class MaintenanceConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
+    format: str = "text"  # text (one line for people) | json (one JSON object a line)
+    file: str = ""  # a log file besides stderr; empty = none
+    rotation: str = "50 MB"  # a new file past this size or age; empty = never
+    retention: str = "10"  # rotated files kept: a count or an age; empty = all
+
+    @property
+    def rotation_value(self) -> int | timedelta | None:
+        return log_rotation(self.rotation)
+
+    @property
+    def retention_value(self) -> int | timedelta | None:
+        return log_retention(self.retention)
 
 
 @dataclass(frozen=True)
@@ -762,6 +787,58 @@ def _log_level(value: Any, ctx: _Context) -> str:
     return level
 
 
+def _log_format(value: Any, ctx: _Context) -> str:
+    text = _text(value, ctx).lower()
+    if text not in LOG_FORMATS:
+        raise _Invalid("must be one of " + ", ".join(LOG_FORMATS), value)
+    return text
+
+
+_AGE_TEXT = re.compile(r"([0-9]{1,6})\s*(second|minute|hour|day|week)s?", re.ASCII)
+_AGE_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400}
+
+
+def _age(text: str) -> timedelta | None:
+    """``"12 hours"``, ``"1 day"``, ``"2 weeks"`` → a timedelta; None if it is not an age."""
+    match = _AGE_TEXT.fullmatch(text.strip().lower())
+    return timedelta(seconds=int(match[1]) * _AGE_SECONDS[match[2]]) if match else None
+
+
+def log_rotation(text: str) -> int | timedelta | None:
+    """`logging.rotation` as the log file takes it: a size in bytes, an age, or None (never);
+    ValueError if it is neither."""
+    if not text:
+        return None
+    age = _age(text)
+    return age if age is not None else parse_size(text)
+
+
+def log_retention(text: str) -> int | timedelta | None:
+    """`logging.retention`: how many rotated files to keep, how old they may get, or None (all);
+    ValueError if it is neither."""
+    if not text:
+        return None
+    age = _age(text)
+    return age if age is not None else int(text.strip())
+
+
+def _log_limit(convert: Callable[[str], int | timedelta | None], problem: str) -> _Parser:
+    def parse(value: Any, ctx: _Context) -> str:
+        plain_int = isinstance(value, int) and not isinstance(value, bool)
+        text = str(value) if plain_int else _text(value, ctx)
+        try:
+            limit = convert(text)
+        except ValueError:
+            raise _Invalid(problem, value) from None
+        if isinstance(limit, timedelta):
+            limit = int(limit.total_seconds())
+        if limit is not None and limit <= 0:
+            raise _Invalid(problem, value)
+        return text
+
+    return parse
+
+
 _SIZE_TEXT = re.compile(r"([0-9]{1,20}(?:\.[0-9]{1,9})?)\s*([a-z]{0,3})", re.ASCII)
 _SIZE_UNITS: dict[str, int] = {"": 1, "b": 1}
 for _power, _letter in enumerate("kmgtp", start=1):
@@ -1068,6 +1145,7 @@ _PARSERS: dict[str, _Parser] = {
     "web.header_timeout": _number(0, 3600, lo_open=True),
     "web.max_connections_per_client": _integer(1, 1_000_000),
     "web.login_attempts": _integer(1, 1_000_000),
+    "web.metrics_token": _single_token,
     "database.path": _path,
     "database.url": _database_url,
     "cluster.node_name": _node_name,
@@ -1076,6 +1154,17 @@ _PARSERS: dict[str, _Parser] = {
     "cluster.upload_wait": _number(0, 7 * 24 * 3600),
     "maintenance.check_interval": _number(0, _YEAR, note=" (0 = off)"),
     "logging.level": _log_level,
+    "logging.format": _log_format,
+    "logging.file": _optional_path_text,
+    "logging.rotation": _log_limit(
+        log_rotation,
+        "must be a size like 50 MB or an age like 1 day (second, minute, hour, day, week); "
+        "empty = never",
+    ),
+    "logging.retention": _log_limit(
+        log_retention,
+        "must be a number of files like 10 or an age like 14 days; empty = keep all",
+    ),
 }
 assert set(_PARSERS) == set(KNOWN_KEYS), "every configuration key needs exactly one parser"
 
@@ -1374,6 +1463,7 @@ def log_secrets(config: Config, secrets: Secrets) -> list[str]:
     """Every secret value a log line must never show, each once (empty ones left out)."""
     values = [
         secrets.web_token,
+        config.web.metrics_token,
         secrets.aria2_secret,
         secrets.link_key.hex(),
         config.telegram.bot_token,

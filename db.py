@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import sqlite3
+import time
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -1295,8 +1296,10 @@ class Database:
         *,
         hub: EventHub | None = None,
         busy_timeout_ms: int = 15000,
+        on_write: Callable[[float], None] | None = None,
     ) -> None:
         self.hub = hub
+        self._on_write = on_write
         self._backend: _Backend = (
             _PostgresBackend(location)
             if isinstance(location, PostgresLocation)
@@ -1375,6 +1378,7 @@ class Database:
         (PostgreSQL) to every other process on the store, in one notification per batch."""
         async with self._write_lock:
             tx: _Tx | None = None
+            began = time.perf_counter()
             try:
                 async with self._backend.transaction() as sql:
                     tx = _Tx(sql, self._backend.dialect)
@@ -1383,6 +1387,8 @@ class Database:
                         await self._peers.announce(sql, tx.events)
             finally:
                 if tx is not None and tx.sql.committed:
+                    if self._on_write is not None:
+                        self._on_write(time.perf_counter() - began)
                     tx.publish(self.hub)
 
     async def _republish(self, notice: _Notice) -> None:
@@ -2649,11 +2655,16 @@ def _location(config: DatabaseConfig) -> Path | PostgresLocation:
     )
 
 
-async def open_store(config: DatabaseConfig, hub: EventHub | None = None) -> Store:
+async def open_store(
+    config: DatabaseConfig,
+    hub: EventHub | None = None,
+    on_write: Callable[[float], None] | None = None,
+) -> Store:
     """The store `database.url` (or `database.path`) names, open and migrated to the current
     schema. StoreUnavailable (one line, password masked) when a PostgreSQL server cannot be
-    reached; StoreError for a database that is not MistRelay's or is newer."""
-    return await Database(_location(config), hub=hub).open()
+    reached; StoreError for a database that is not MistRelay's or is newer. `on_write` is told
+    the seconds of each committed write transaction."""
+    return await Database(_location(config), hub=hub, on_write=on_write).open()
 
 
 async def inspect_store(config: DatabaseConfig) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Literal, NamedTuple
 
 from loguru import logger
@@ -112,6 +112,7 @@ class EventHub:
         self._statistics_source: Callable[[], Awaitable[Statistics]] | None = None
         self._statistics_dirty = asyncio.Event()
         self._statistics_task: asyncio.Task[None] | None = None
+        self._observers: list[Callable[[Sequence[Event]], None]] = []
         self.published = 0
 
     def subscribe(self, name: str, maxsize: int = 1000) -> Subscription:
@@ -124,6 +125,11 @@ class EventHub:
             self._subscribers.remove(subscription)
         if subscription.dropped:
             logger.warning("event subscriber {} fell behind and was dropped", subscription.name)
+
+    def observe(self, observer: Callable[[Sequence[Event]], None]) -> None:
+        """Hand every published batch to `observer` as it is published, before any subscriber
+        sees it: it sees every event, none coalesced, so it must be quick and must not raise."""
+        self._observers.append(observer)
 
     @property
     def subscriber_count(self) -> int:
@@ -138,6 +144,8 @@ class EventHub:
         if not events:
             return
         self.published += len(events)
+        for observer in self._observers:
+            observer(events)
         for subscription in list(self._subscribers):
             subscription.offer_many(events)
         if any(event.kind != "statistics" for event in events):

@@ -29,6 +29,7 @@ from configer import Aria2Config
 from db import Store
 from events import EventHub, Subscription
 from files import DownloadFiles
+from metrics import Metrics
 from records import DownloadSnapshot
 
 # The egress proxy's port, kept for the next start: the jobs aria2 keeps in its session name it.
@@ -62,8 +63,10 @@ class Engine:
         placement: Placement | None = None,
         hub: EventHub | None = None,
         admins: Callable[[], Collection[int]] = tuple,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config = config
+        self._metrics = metrics
         self._egress_port_file = data_dir / EGRESS_PORT_FILE
         # In a cluster, a job queued on any node wakes the poller, which claims it if it can.
         self._queue_watch = hub.subscribe("engine-queue") if hub and placement else None
@@ -79,7 +82,9 @@ class Engine:
                 extra_options=embedded_options(config),
             )
         self.rpc_url = self.embedded.rpc_url if self.embedded is not None else config.rpc_url
-        self.transport = Aria2Transport(self.rpc_url, secret)
+        self.transport = Aria2Transport(
+            self.rpc_url, secret, on_reply=metrics.rpc_call if metrics is not None else None
+        )
         self.aria2 = Aria2Client(self.transport)
         self.egress = EgressProxy(
             lambda: self.downloads.policy,
@@ -108,6 +113,7 @@ class Engine:
             self.downloads,
             interval=lambda: self._config.poll_interval,
             idle_interval=lambda: self._config.idle_poll_interval,
+            on_cycle=metrics.poll_cycle if metrics is not None else None,
         )
         self._supervisor: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -211,6 +217,8 @@ class Engine:
 
     async def _aria2_restarted(self) -> None:
         logger.warning("embedded aria2c died and was restarted from its session")
+        if self._metrics is not None:
+            self._metrics.aria2_restarted()
         self.poller.wake()
 
 

@@ -22,8 +22,10 @@ class Poller:
         *,
         interval: Callable[[], float],
         idle_interval: Callable[[], float],
+        on_cycle: Callable[[float], None] | None = None,
     ) -> None:
         self.manager = manager
+        self._on_cycle = on_cycle  # told each cycle's seconds
         self._interval = interval
         self._idle_interval = idle_interval
         self._task: asyncio.Task[None] | None = None
@@ -70,6 +72,8 @@ class Poller:
                 logger.exception("poller cycle failed")
             self.cycles += 1
             self.last_cycle_seconds = time.perf_counter() - started
+            if self._on_cycle is not None:
+                self._on_cycle(self.last_cycle_seconds)
             delay = self._interval() if active else self._idle_interval()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):

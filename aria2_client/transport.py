@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -81,8 +82,10 @@ class Aria2Transport:
         max_backoff: float = 5.0,
         connect_timeout: float = 5.0,
         heartbeat: float | None = 30.0,
+        on_reply: Callable[[str, float], None] | None = None,
     ) -> None:
         self.url = url
+        self._on_reply = on_reply  # told each answered call's method and seconds
         self.ws_url = websocket_url(url)
         self._token = f"token:{secret}" if secret else None
         self._on_notification: NotificationHandler | None = None
@@ -217,7 +220,11 @@ class Aria2Transport:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
                 # that arrives together with the reply, and the caller then never stops.
                 async with asyncio.timeout(timeout):
-                    return await future
+                    sent = time.perf_counter()
+                    result = await future
+                    if self._on_reply is not None:
+                        self._on_reply(method, time.perf_counter() - sent)
+                    return result
             except TimeoutError:
                 raise Aria2Timeout(f"aria2 did not answer {method} within {timeout} s") from None
         finally:

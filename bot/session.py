@@ -77,12 +77,15 @@ class TelegramSession:
         workdir: Path,
         store: Store,
         client_factory: Callable[[], Client] | None = None,
+        on_flood_wait: Callable[[float], None] | None = None,
     ) -> None:
         self._store = store
         self._client = (
             client_factory() if client_factory is not None else _new_client(telegram, workdir)
         )
-        self._streamer = TelegramStreamer(self._client, parts_in_flight=telegram.parts_in_flight)
+        self._streamer = TelegramStreamer(
+            self._client, parts_in_flight=telegram.parts_in_flight, on_flood_wait=on_flood_wait
+        )
         self.logged_in = asyncio.Event()
         # The background login after a failed first attempt; None while none runs.
         self._retry: asyncio.Task[None] | None = None

@@ -150,6 +150,7 @@ class TelegramStreamer:
         retry_backoff: float = 0.5,
         max_flood_wait: float = 60.0,
         max_refreshes: int = 2,
+        on_flood_wait: Callable[[float], None] | None = None,
     ) -> None:
         if parts_in_flight < 1:
             raise ValueError("parts_in_flight must be at least 1")
@@ -162,6 +163,7 @@ class TelegramStreamer:
         self.retry_backoff = retry_backoff
         self.max_flood_wait = max_flood_wait
         self.max_refreshes = max_refreshes
+        self._on_flood_wait = on_flood_wait  # told the seconds each FloodWait asks for
         self._sessions: dict[int, Session] = {}
         self._session_lock = asyncio.Lock()
         self._closed = False
@@ -265,6 +267,8 @@ class TelegramStreamer:
                 )
             except (FloodWait, FloodPremiumWait) as error:
                 wait = float(error.value) if isinstance(error.value, int) else 0.0
+                if self._on_flood_wait is not None:
+                    self._on_flood_wait(wait)
                 if flood_waited + wait > self.max_flood_wait:
                     raise
                 flood_waited += wait

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import (
     NODE_TIMEOUT,
@@ -217,6 +218,18 @@ async def test_sixty_downloads_are_shared_each_fetched_by_one_node(
 
     holders = Counter(row.node for row in rows.values())
     assert set(holders) == set(NAMES), f"not every node took jobs: {holders}"
+    # Each node's metrics count the downloads it held, none of the others'.
+    for name in NAMES:
+        status, body = await cluster.node(name).api("GET", "/metrics")
+        assert status == 200, body
+        finished = sum(
+            sample.value
+            for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples
+            if sample.name == "mistrelay_downloads_finished_total"
+            and sample.labels["status"] == "completed"
+        )
+        assert finished == holders[name], (name, finished, holders)
     for download_id, job in added.items():
         row = rows[download_id]
         check_on_holder(cluster, row, job)

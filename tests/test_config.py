@@ -429,6 +429,7 @@ def test_masked_settings_hide_secrets(tmp_path: Path) -> None:
         "MISTRELAY_TELEGRAM_BOT_TOKEN": SECRET + "b",
         "MISTRELAY_ARIA2_RPC_SECRET": SECRET + "a",
         "MISTRELAY_WEB_TOKEN": SECRET + "w",
+        "MISTRELAY_WEB_METRICS_TOKEN": SECRET + "m",
         "MISTRELAY_ARIA2_OPTIONS": json.dumps({"http-passwd": SECRET, "split": "4"}),
         "MISTRELAY_TELEGRAM_ADMINS": "5,6",
     }

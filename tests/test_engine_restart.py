@@ -248,6 +248,8 @@ async def test_embedded_aria2_sigkill_is_restarted_and_the_download_completes(
         assert done["completed_length"] == done["total_length"] == size
         assert await row_count(svc) == 1
         assert_clean_history(done)
+        metrics = svc.service.parts.web.ctx.metrics.registry
+        assert metrics.get_sample_value("mistrelay_aria2_restarts_total") == 1
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -24,6 +24,7 @@ from bot.tg_source import (
     TelegramStreamError,
     refresh_from_message,
 )
+from metrics import Metrics
 from tests.support.fake_telegram import MIB, FakeFile, FakeTelegram
 
 KIB4 = 4096
@@ -159,21 +160,28 @@ async def test_close_stops_the_media_sessions(
         await _read(streamer, _ref(file), 0, 99)
 
 
-async def test_a_short_flood_wait_is_waited_out(
-    fake_telegram: FakeTelegram, streamer: TelegramStreamer
+async def test_a_short_flood_wait_is_waited_out_and_counted(
+    fake_telegram: FakeTelegram, tg_client: pyrogram.Client
 ) -> None:
+    metrics = Metrics()
+    streamer = TelegramStreamer(tg_client, on_flood_wait=metrics.flood_wait)
     data = _payload(2 * MIB)
     file = fake_telegram.add_file(data)
     fake_telegram.inject("upload.GetFile", FloodWait(value=1))
-
-    assert await _read(streamer, _ref(file), 0, file.size - 1) == data
+    try:
+        assert await _read(streamer, _ref(file), 0, file.size - 1) == data
+    finally:
+        await streamer.close()
     assert fake_telegram.get_file_calls == 3
+    seconds = metrics.registry.get_sample_value("mistrelay_telegram_flood_wait_seconds_total")
+    assert seconds == 1
 
 
 async def test_a_flood_wait_beyond_the_bound_raises(
     fake_telegram: FakeTelegram, tg_client: pyrogram.Client
 ) -> None:
-    streamer = TelegramStreamer(tg_client, max_flood_wait=5)
+    metrics = Metrics()
+    streamer = TelegramStreamer(tg_client, max_flood_wait=5, on_flood_wait=metrics.flood_wait)
     file = fake_telegram.add_file(_payload(1000))
     fake_telegram.inject("upload.GetFile", FloodWait(value=300))
     try:
@@ -181,6 +189,9 @@ async def test_a_flood_wait_beyond_the_bound_raises(
             await _read(streamer, _ref(file), 0, 999)
     finally:
         await streamer.close()
+    # Asked for, though not waited: the figure says how hard Telegram pushes back.
+    seconds = metrics.registry.get_sample_value("mistrelay_telegram_flood_wait_seconds_total")
+    assert seconds == 300
 
 
 async def test_an_expired_file_reference_is_refreshed_through_the_callback(

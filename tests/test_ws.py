@@ -359,6 +359,9 @@ async def test_a_stuck_client_is_dropped_while_another_keeps_receiving(site: Sit
         assert [m["seq"] for m in received] == list(range(2, len(received) + 2))
         await wait_until(lambda: hub.subscriber_count == 1, 15, "the stuck client to be dropped")
         assert not good.closed
+        metrics = site.running.service.parts.web.ctx.metrics.registry
+        assert metrics.get_sample_value("mistrelay_websocket_clients_dropped_total") == 1
+        assert metrics.get_sample_value("mistrelay_websocket_clients") == 1
         # The server closed the stuck socket: draining it ends in EOF or a reset, not a timeout.
         assert await asyncio.to_thread(_drained_to_the_end, stuck)
         hub.publish("download", snapshot(-5), -5)

@@ -21,6 +21,7 @@ from configer import Config, ConfigDiff, Secrets
 from db import Store
 from events import EventHub
 from files import DownloadFiles
+from metrics import Metrics
 from records import DownloadRow, NodeStatus, UploadRow, WebSession
 from webstreamer.byteserve import ByteSource
 from webstreamer.links import StreamLinks
@@ -95,6 +96,7 @@ class AppContext:
     aria2_connected: Callable[[], bool]
     reload_config: Callable[[], Awaitable[ConfigDiff]]
     cluster: ClusterView
+    metrics: Metrics
     version: str = VERSION
 
     @property
@@ -112,6 +114,9 @@ def context_of(request: web.Request) -> AppContext:
 # The dashboard session a request was signed in with (absent for a bearer token): set by the
 # auth middleware (routes/auth.py).
 SESSION: web.RequestKey[WebSession] = web.RequestKey("session", WebSession)
+
+# The Prometheus scrape: credentials as for the API, or web.metrics_token (routes/metrics.py).
+METRICS_PATH = "/metrics"
 
 
 def json_error(status: int, error: str, detail: object = None) -> web.Response:

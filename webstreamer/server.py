@@ -25,7 +25,7 @@ from aria2_client.sources import SourceError
 from cluster import HolderError
 from db import DRIVER_ERRORS, DuplicateDownload, NotFound, StoreError, TransitionError
 from webstreamer.context import CONTEXT, AppContext, WarningSummary, client_of, json_error
-from webstreamer.routes import api, auth, cluster, page, stream, uploads, ws
+from webstreamer.routes import api, auth, cluster, metrics, page, stream, uploads, ws
 
 
 @web.middleware
@@ -93,6 +93,7 @@ def create_app(ctx: AppContext) -> web.Application:
     cluster.setup(app)
     stream.setup(app)
     ws.setup(app)
+    metrics.setup(app)
     auth.setup(app)
     page.setup(app)
     return app

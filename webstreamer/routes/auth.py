@@ -16,7 +16,8 @@ Guessing: failed sign-ins are counted per client (an address; an IPv6 /64); at
 `web.login_attempts` within a minute the client gets 429 until the oldest is a minute old. Every
 refused sign-in is logged as a summary, one line per client a minute.
 
-Every `/api` path but the health check needs credentials; the page and the sign-in form are
+Every `/api` path but the health check needs credentials, and so does `/metrics` (where
+`web.metrics_token` is accepted too); the page and the sign-in form are
 public, and `/stream` and `/watch` links carry their own signature instead.
 """
 
@@ -37,6 +38,7 @@ from loguru import logger
 
 from records import WebSession
 from webstreamer.context import (
+    METRICS_PATH,
     SESSION,
     WarningSummary,
     client_of,
@@ -91,12 +93,15 @@ class Credential:
 
 
 async def authenticate(request: web.Request) -> Credential | None:
-    """A bearer token equal to web.token, or the cookie of a live session; else None."""
+    """A bearer token equal to web.token (or, for /metrics only, to web.metrics_token), or the
+    cookie of a live session; else None."""
     ctx = context_of(request)
     token = ctx.secrets.web_token
     offered = _bearer(request)
     if offered is not None:
-        return Credential(None) if token and _same_text(offered, token) else None
+        scrape = ctx.config.web.metrics_token if request.path == METRICS_PATH else ""
+        valid = (token and _same_text(offered, token)) or (scrape and _same_text(offered, scrape))
+        return Credential(None) if valid else None
     key = session_key(request.cookies.get(SESSION_COOKIE), token)
     if key is None:
         return None
@@ -160,7 +165,7 @@ async def auth_middleware(
 ) -> web.StreamResponse:
     path = request.path
     is_api = path == "/api" or path.startswith("/api/")
-    if (not is_api and path != LOGOUT_PATH) or path in PUBLIC_API_PATHS:
+    if (not is_api and path not in (LOGOUT_PATH, METRICS_PATH)) or path in PUBLIC_API_PATHS:
         return await handler(request)
     credential = await authenticate(request)
     if credential is None:

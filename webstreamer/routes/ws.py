@@ -23,6 +23,7 @@ import socket
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -31,7 +32,7 @@ from loguru import logger
 from db import DRIVER_ERRORS, Store
 from events import Event, Subscription, SubscriptionClosed
 from records import Statistics, WebSession
-from webstreamer.context import SESSION, context_of, json_error
+from webstreamer.context import CONTEXT, SESSION, context_of, json_error
 from webstreamer.links import StreamLinks
 from webstreamer.views import event_json
 
@@ -98,8 +99,10 @@ class ClientConnection:
         settings: WsSettings,
         number: int,
         links: StreamLinks,
+        on_dropped: Callable[[], None],
     ) -> None:
         self.ws = ws
+        self.on_dropped = on_dropped
         self.subscription = subscription
         self.links = links
         self.settings = settings
@@ -131,6 +134,7 @@ class ClientConnection:
         if self.subscription.closed and self._transport is None:
             return
         self.log.warning("WebSocket client dropped: {}", why)
+        self.on_dropped()
         self.subscription.close()
         if self._transport is not None:
             self._transport.abort()
@@ -218,7 +222,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         await ws.prepare(request)
         clients.add(ws)
         _limit_send_buffer(request, settings.socket_send_buffer)
-        connection = ClientConnection(request, ws, subscription, settings, number, ctx.links)
+        connection = ClientConnection(
+            request,
+            ws,
+            subscription,
+            settings,
+            number,
+            ctx.links,
+            ctx.metrics.websocket_client_dropped,
+        )
         connection.log.debug("WebSocket client connected")
         hello = {"statistics": statistics, "version": ctx.version, "server_time": time.time()}
         if not await connection.send("hello", encode_json(hello)):
@@ -263,7 +275,9 @@ async def _close_all(app: web.Application) -> None:
 
 def setup(app: web.Application, settings: WsSettings | None = None) -> None:
     app[WS_SETTINGS] = settings or WsSettings()
-    app[WS_CLIENTS] = weakref.WeakSet()
+    clients: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+    app[WS_CLIENTS] = clients
+    app[CONTEXT].metrics.websocket_clients.set_function(lambda: len(clients))
     app.router.add_get("/api/ws", websocket)
     app.on_shutdown.append(_close_all)
 
