@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -20,11 +21,12 @@ import schemathesis
 from aiohttp import web
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
-from schemathesis import APIOperation, BaseSchema, Case, HookContext, Response
+from schemathesis import APIOperation, BaseSchema, Case, GenerationMode, HookContext, Response
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.core.result import Err
 from schemathesis.specs.openapi.checks import (
+    ignored_auth,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -32,6 +34,7 @@ from schemathesis.specs.openapi.checks import (
 from tests.support.http_files import FileServer
 from tests.support.processes import free_port
 from tests.support.service import ServiceFactory
+from tests.test_browser import CHROMIUM, chromium
 
 # A route's variable part that is a plain choice of words, as in {action:pause|resume}.
 _CHOICE_GROUP = re.compile(r"\(\?P<(\w+)>([\w-]+(?:\|[\w-]+)*)\)")
@@ -100,7 +103,7 @@ async def test_the_document_and_its_page_need_no_token(service_factory: ServiceF
 
 # --- schemathesis against the running service ----------------------------------------------------
 
-CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance]
+CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, ignored_auth]
 EXAMPLES = 12  # generated cases per operation (plus one per seeded download)
 STATEFUL_RUNS = 8  # sequences of linked calls
 STATEFUL_STEPS = 6  # calls per sequence at most
@@ -132,7 +135,7 @@ def _seed(download: dict[str, Any]) -> Seed:
 def _strategy(operation: APIOperation, seeds: list[Seed]) -> SearchStrategy[Case]:
     """Cases from the schema alone, and as many that name a seeded download (with its valid
     signature on /stream and /watch), so the answers with data are checked too."""
-    strategies = [operation.as_strategy()]
+    strategies = [operation.as_strategy(), operation.as_strategy(GenerationMode.NEGATIVE)]
     names = {p["name"] for p in operation.definition.raw.get("parameters", []) if p["in"] == "path"}
     if (
         names
@@ -292,3 +295,41 @@ async def test_the_running_service_keeps_its_contract(
         ("GET /watch/{id}", 200),
     ):
         assert status in outcome.statuses[label], (label, outcome.statuses[label])
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)"
+)
+async def test_the_docs_page_shows_every_operation_in_chromium(
+    service_factory: ServiceFactory, tmp_path: Path
+) -> None:
+    """The page renders every operation of the document with its own script only (its CSP
+    holds: no error, no blocked resource), without a token."""
+    running = await service_factory()
+    _, document = await running.api("GET", "/api/openapi.json", auth=False)
+    errors: list[str] = []
+
+    def on_event(method: str, params: dict[str, Any]) -> None:
+        if method == "Runtime.exceptionThrown":
+            errors.append(str(params.get("exceptionDetails", {}))[:300])
+        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+            errors.append(str(params["entry"].get("text", ""))[:300])
+
+    async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
+        page.on_event(on_event)
+        await page.send("Runtime.enable")
+        await page.send("Log.enable")
+        await page.send("Page.navigate", {"url": running.base_url + "/api/docs"})
+        shown = await page.wait_for(
+            "document.querySelectorAll('.api-op').length", 20, "the operations on the page"
+        )
+        titles = await page.evaluate(
+            "[...document.querySelectorAll('.api-op h3')].map(h => h.textContent)"
+        )
+        intro = await page.evaluate("document.getElementById('api-intro').textContent")
+    assert shown == len(documented_operations(document))
+    assert "POST /api/downloads/{id}/pause" in titles
+    assert intro.startswith(f"MistRelay {document['info']['version']} — OpenAPI 3.1")
+    assert not errors, errors
