@@ -33,6 +33,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.support.http_files import FileServer
 from tests.support.processes import free_port
+from tests.support.rclone_cloud import RcloneCloud
 from tests.support.service import ServiceFactory
 from tests.test_browser import CHROMIUM, chromium
 
@@ -126,33 +127,41 @@ class Seed:
     sig: str
 
 
+@dataclass(frozen=True)
+class Seeds:
+    """What the run starts with: downloads (completed, failed, running) and uploads."""
+
+    downloads: list[Seed]
+    uploads: list[int]
+
+
 def _seed(download: dict[str, Any]) -> Seed:
     url = urlsplit(download["stream_url"] or download["watch_url"] or "/stream/0/x?sig=x")
     name = unquote(url.path.rsplit("/", 1)[-1])
     return Seed(download["id"], name, parse_qs(url.query).get("sig", [""])[0])
 
 
-def _strategy(operation: APIOperation, seeds: list[Seed]) -> SearchStrategy[Case]:
-    """Cases from the schema alone, and as many that name a seeded download (with its valid
-    signature on /stream and /watch), so the answers with data are checked too."""
+def _strategy(operation: APIOperation, seeds: Seeds) -> SearchStrategy[Case]:
+    """Cases from the schema alone (valid and invalid), and as many that name a seeded download
+    or upload (with a download's valid signature on /stream and /watch), so that the answers
+    with data are checked too."""
     strategies = [operation.as_strategy(), operation.as_strategy(GenerationMode.NEGATIVE)]
     names = {p["name"] for p in operation.definition.raw.get("parameters", []) if p["in"] == "path"}
-    if (
-        names
-        and names <= {"id", "name", "index"}
-        and operation.path.startswith(("/api/downloads", "/stream", "/watch"))
-    ):
-        for seed in seeds:
-            path = {"id": seed.id, **({"name": seed.name} if "name" in names else {})}
-            if "index" in names:
-                path["index"] = 1
-            query = {"sig": seed.sig} if operation.path.startswith(("/stream", "/watch")) else None
+    signed = operation.path.startswith(("/stream", "/watch"))
+    if names == {"id"} and operation.path.startswith("/api/uploads/"):
+        for upload_id in seeds.uploads:
+            strategies.append(operation.as_strategy(path_parameters={"id": upload_id}))
+    elif "id" in names and (signed or operation.path.startswith("/api/downloads/")):
+        for seed in seeds.downloads:
+            path: dict[str, Any] = {"id": seed.id, "name": seed.name, "index": 1}
+            path = {name: value for name, value in path.items() if name in names}
+            query = {"sig": seed.sig} if signed else None
             strategies.append(operation.as_strategy(path_parameters=path, query=query))
     return st.one_of(strategies)
 
 
 def _run_operation(
-    operation: APIOperation, seeds: list[Seed], headers: dict[str, str], examples: int
+    operation: APIOperation, seeds: Seeds, headers: dict[str, str], examples: int
 ) -> None:
     @hypothesis.settings(
         max_examples=examples,
@@ -176,9 +185,10 @@ class Outcome:
 
     failures: list[str] = field(default_factory=list)
     statuses: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    linked: list[str] = field(default_factory=list)  # stateful steps that followed a link
 
 
-def exercise_api(base_url: str, token: str, seeds: list[Seed], links: list[str]) -> Outcome:
+def exercise_api(base_url: str, token: str, seeds: Seeds, links: list[str]) -> Outcome:
     """Every operation with generated cases, then linked sequences (queue a download, act on
     it), then the operations that wipe what the others read. A queued body is sometimes one of
     `links` (made unique), so that sequences have a real download to act on."""
@@ -217,14 +227,18 @@ def exercise_api(base_url: str, token: str, seeds: list[Seed], links: list[str])
     first_last = next(i for i, op in enumerate(operations) if (op.method.upper(), op.path) in LAST)
     for position, operation in enumerate(operations):
         if position == first_last:
-            record("stateful", partial(_run_stateful, schema, headers))
+            record("stateful", partial(_run_stateful, schema, headers, outcome))
         examples = EXAMPLES if time.monotonic() < deadline else 1
         record(operation.label, partial(_run_operation, operation, seeds, headers, examples))
     return outcome
 
 
-def _run_stateful(schema: BaseSchema, headers: dict[str, str]) -> None:
+def _run_stateful(schema: BaseSchema, headers: dict[str, str], outcome: Outcome) -> None:
     class Links(schema.as_state_machine()):  # type: ignore[misc]
+        def before_call(self, case: Case) -> None:
+            if case.operation.label != "POST /api/downloads":
+                outcome.linked.append(case.operation.label)
+
         def get_call_kwargs(self, case: Case) -> dict[str, Any]:
             return {"headers": headers, "timeout": 30}
 
@@ -246,11 +260,15 @@ def _run_stateful(schema: BaseSchema, headers: dict[str, str]) -> None:
 
 @pytest.mark.slow
 async def test_the_running_service_keeps_its_contract(
-    service_factory: ServiceFactory, file_server: FileServer
+    service_factory: ServiceFactory,
+    file_server: FileServer,
+    rclone_config: Path,
+    webdav_cloud: RcloneCloud,
 ) -> None:
-    """schemathesis sends generated requests to a real service (real aria2c, SQLite, a local
-    file server): no answer is a 5xx, and every answer's status and JSON match the document.
-    Links it queues that leave this machine go to a closed local proxy port (they fail)."""
+    """schemathesis sends generated requests to a real service (real aria2c, SQLite, rclone to
+    a WebDAV cloud, a local file server): no answer is a 5xx, and every answer's status and
+    JSON match the document. Links it queues that leave this machine go to a closed local
+    proxy port (they fail)."""
     running = await service_factory(
         overrides={
             "aria2": {
@@ -258,12 +276,17 @@ async def test_the_running_service_keeps_its_contract(
                     "all-proxy": f"http://127.0.0.1:{free_port()}",
                     "no-proxy": "127.0.0.1,localhost",
                 }
-            }
+            },
+            "upload": {
+                "targets": [{"name": "dav", "type": "rclone", "remote": "testdav", "path": "/up"}],
+                "rclone_config": str(rclone_config),
+                "retry_backoff": 0.5,
+            },
         }
     )
     file_server.add_file("seed.bin", size=64 * 1024)
     file_server.add_file("slow.bin", size=4 * 1024 * 1024)
-    seeds = []
+    downloads = []
     for url, final in (
         (file_server.url("seed.bin"), {"completed"}),
         (file_server.status_url(404), {"failed"}),
@@ -271,7 +294,15 @@ async def test_the_running_service_keeps_its_contract(
     ):
         status, body = await running.api("POST", "/api/downloads", json={"url": url})
         assert status == 201, body
-        seeds.append(_seed(await running.wait_download(body["downloads"][0]["id"], final)))
+        downloads.append(_seed(await running.wait_download(body["downloads"][0]["id"], final)))
+    uploads: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 60
+    while not any(u["status"] == "completed" for u in uploads) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        _, listed = await running.api("GET", "/api/uploads")
+        uploads = listed["uploads"]
+    assert any(u["status"] == "completed" for u in uploads), uploads
+    seeds = Seeds(downloads, [u["id"] for u in uploads])
 
     links = [
         file_server.url("slow.bin", route="slow", rate=16 * 1024),
@@ -285,6 +316,7 @@ async def test_the_running_service_keeps_its_contract(
     # schemathesis leaves out the operation that served it the document
     expected = {f"{method} {path}" for method, path in documented_operations(document)}
     assert set(outcome.statuses) == expected - {"GET /api/openapi.json"}
+    assert outcome.linked, "no sequence went past queueing a download"
     # The answers with data were checked too, not only refusals.
     for label, status in (
         ("POST /api/downloads", 201),
@@ -293,6 +325,8 @@ async def test_the_running_service_keeps_its_contract(
         ("POST /api/downloads/{id}/pause", 200),
         ("GET /stream/{id}/{name}", 200),
         ("GET /watch/{id}", 200),
+        ("GET /api/uploads", 200),
+        ("POST /api/uploads/{id}/retry", 409),  # a completed upload
     ):
         assert status in outcome.statuses[label], (label, outcome.statuses[label])
 
