@@ -30,6 +30,7 @@ from webstreamer.context import (
     context_of,
     page_headers,
 )
+from webstreamer.routes.api import MAX_FILES_PER_PAGE, MAX_URLS_PER_REQUEST
 from webstreamer.signing import SESSION_COOKIE
 
 OPENAPI_PATH = "/api/openapi.json"
@@ -324,7 +325,7 @@ def _response(description: str, schema: Schema | None = None, media: str = JSON_
     return {"description": description, "content": {media: {"schema": schema}}}
 
 
-def error(description: str) -> Schema:
+def _error(description: str) -> Schema:
     return _response(description, ref("Error"))
 
 
@@ -352,8 +353,8 @@ def query_param(name: str, schema: Schema, description: str) -> Schema:
     }
 
 
-def json_body(schema: Schema, *, required: bool = True) -> Schema:
-    return {"required": required, "content": {JSON_TYPE: {"schema": schema}}}
+def json_body(schema: Schema) -> Schema:
+    return {"required": True, "content": {JSON_TYPE: {"schema": schema}}}
 
 
 DOWNLOAD_ID = path_param("id", "the download's id")
@@ -376,15 +377,15 @@ FILE_INDEX = path_param("index", "a torrent's file (aria2's 1-based index)")
 
 # What every signed-in route may answer besides its own.
 AUTH_ERRORS: dict[str, Schema] = {
-    "401": error("no valid token or session"),
-    "403": error("signed in by cookie from another site's page, or without a JSON body"),
+    "401": _error("no valid token or session"),
+    "403": _error("signed in by cookie from another site's page, or without a JSON body"),
 }
 STORE_AWAY: dict[str, Schema] = {
-    "503": error("the store, or the node holding the job, did not answer")
+    "503": _error("the store, or the node holding the job, did not answer")
 }
 BAD_BODY: dict[str, Schema] = {
-    "400": error("the body is not what the route takes (the detail says what)"),
-    "413": error("the body is larger than web.max_body_size"),
+    "400": _error("the body is not what the route takes (the detail says what)"),
+    "413": _error("the body is larger than web.max_body_size"),
 }
 
 
@@ -410,7 +411,7 @@ class Operation:
 
     def as_openapi(self) -> Schema:
         responses = dict(self.responses)
-        if self.security is SIGNED_IN:
+        if self.security == SIGNED_IN:
             responses = {**AUTH_ERRORS, **responses}
         operation: Schema = {
             "operationId": self.operation_id,
@@ -436,8 +437,8 @@ def _download_action(action: str, allowed_from: str) -> Operation:
         "downloads",
         {
             "200": _response("the download after the action", ref("Download")),
-            "404": error("no such download"),
-            "409": error(f"the download's status forbids it (allowed from: {allowed_from})"),
+            "404": _error("no such download"),
+            "409": _error(f"the download's status forbids it (allowed from: {allowed_from})"),
             **STORE_AWAY,
         },
         parameters=(DOWNLOAD_ID,),
@@ -452,8 +453,8 @@ def _upload_action(action: str, allowed_from: str) -> Operation:
         "uploads",
         {
             "200": _response("the upload after the action", ref("Upload")),
-            "404": error("no such upload"),
-            "409": error(f"the upload's status forbids it (allowed from: {allowed_from})"),
+            "404": _error("no such upload"),
+            "409": _error(f"the upload's status forbids it (allowed from: {allowed_from})"),
             **STORE_AWAY,
         },
         parameters=(UPLOAD_ID,),
@@ -472,9 +473,9 @@ def _stream(method: str, path: str, parameters: tuple[Schema, ...]) -> Operation
             "206": {"description": "the range asked for", "content": body},
             "304": _response("not modified since the client's copy"),
             "307": _response("another node holds the file: the same path and query there"),
-            "403": error("the signature is missing, forged or expired"),
-            "404": error("no such download or file"),
-            "409": error("the download has no whole file to serve yet"),
+            "403": _error("the signature is missing, forged or expired"),
+            "404": _error("no such download or file"),
+            "409": _error("the download has no whole file to serve yet"),
             "412": _response("the file changed since the client's copy (If-Match)"),
             "416": _response("the range lies outside the file"),
         },
@@ -495,9 +496,9 @@ def _watch(path: str, parameters: tuple[Schema, ...]) -> Operation:
         {
             "200": _html("the player page"),
             "307": _response("another node holds the file: the same path and query there"),
-            "403": error("the signature is missing, forged or expired"),
-            "404": error("no such download or file"),
-            "409": error("the download cannot be played yet"),
+            "403": _error("the signature is missing, forged or expired"),
+            "404": _error("no such download or file"),
+            "409": _error("the download cannot be played yet"),
         },
         security=SIGNED_LINK,
         parameters=(*parameters, *SIGNED_QUERY),
@@ -563,7 +564,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "service",
         {
             "200": _response("what changed now and what needs a restart", ref("ConfigReload")),
-            "400": error("the file has a bad value (the detail names the key)"),
+            "400": _error("the file has a bad value (the detail names the key)"),
         },
     ),
     Operation(
@@ -580,8 +581,8 @@ OPERATIONS: tuple[Operation, ...] = (
         "service",
         {
             "101": _response("switching to the WebSocket protocol"),
-            "400": error("not a WebSocket upgrade"),
-            "503": error("too many WebSocket clients"),
+            "400": _error("not a WebSocket upgrade"),
+            "503": _error("too many WebSocket clients"),
         },
         description=(
             'Messages: {"type": "hello" | "download_update" | "upload_update" |'
@@ -601,14 +602,23 @@ OPERATIONS: tuple[Operation, ...] = (
                 "links": NEW_DOWNLOAD_LINKS,
             },
             **BAD_BODY,
-            "409": error("every link is queued already (the detail names the existing ids)"),
+            "409": _error("every link is queued already (the detail names the existing ids)"),
             **STORE_AWAY,
         },
         body=json_body(
             {
                 "oneOf": [
                     _obj({"url": STR}),
-                    _obj({"urls": {"type": "array", "items": STR, "minItems": 1, "maxItems": 500}}),
+                    _obj(
+                        {
+                            "urls": {
+                                "type": "array",
+                                "items": STR,
+                                "minItems": 1,
+                                "maxItems": MAX_URLS_PER_REQUEST,
+                            }
+                        }
+                    ),
                 ]
             }
         ),
@@ -621,7 +631,7 @@ OPERATIONS: tuple[Operation, ...] = (
         {
             "201": _response("the new download", ref("DownloadList")),
             **BAD_BODY,
-            "409": error("that torrent is queued already"),
+            "409": _error("that torrent is queued already"),
             **STORE_AWAY,
         },
         body={
@@ -647,7 +657,7 @@ OPERATIONS: tuple[Operation, ...] = (
                 "downloads (newest first), or groups with ?grouped=true",
                 {"oneOf": [ref("DownloadList"), ref("DownloadGroups")]},
             ),
-            "400": error("a query value is out of range (the detail names it)"),
+            "400": _error("a query value is out of range (the detail names it)"),
             **STORE_AWAY,
         },
         parameters=(
@@ -684,7 +694,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "downloads",
         {
             "200": _response("the download", ref("Download")),
-            "404": error("no such download"),
+            "404": _error("no such download"),
             **STORE_AWAY,
         },
         parameters=(DOWNLOAD_ID,),
@@ -696,8 +706,8 @@ OPERATIONS: tuple[Operation, ...] = (
         "downloads",
         {
             "200": _response("what was deleted", ref("Deleted")),
-            "400": error("a query value is not true or false"),
-            "404": error("no such download"),
+            "400": _error("a query value is not true or false"),
+            "404": _error("no such download"),
             **STORE_AWAY,
         },
         parameters=(DOWNLOAD_ID, query_param("delete_file", FLAG, "also delete its file")),
@@ -709,15 +719,17 @@ OPERATIONS: tuple[Operation, ...] = (
         "downloads",
         {
             "200": _response("the page and how many files there are", ref("FilePage")),
-            "400": error("a query value is out of range"),
-            "404": error("no such download"),
+            "400": _error("a query value is out of range"),
+            "404": _error("no such download"),
             **STORE_AWAY,
         },
         parameters=(
             DOWNLOAD_ID,
             query_param("offset", {"type": "integer", "minimum": 0}, "the first file (from 0)"),
             query_param(
-                "limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "files (default 100)"
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": MAX_FILES_PER_PAGE},
+                "files (default 100)",
             ),
         ),
     ),
@@ -733,7 +745,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "uploads",
         {
             "200": _response("uploads, newest first", ref("UploadList")),
-            "400": error("a query value is out of range"),
+            "400": _error("a query value is out of range"),
             **STORE_AWAY,
         },
         parameters=(
@@ -782,14 +794,14 @@ OPERATIONS: tuple[Operation, ...] = (
         {
             "200": _response("signed in (JSON request); the cookie is set", ref("Ok")),
             "303": _response("signed in (form); the cookie is set, on to /"),
-            "400": error("the body could not be read"),
+            "400": _error("the body could not be read"),
             "401": {
                 "description": "wrong token",
                 "content": {JSON_TYPE: {"schema": ref("Error")}, HTML_TYPE: {"schema": STR}},
             },
-            "413": error("the body is larger than 8 KiB"),
-            "415": error("neither JSON nor a form"),
-            "429": error("too many failed sign-ins from this address in a minute"),
+            "413": _error("the body is larger than 8 KiB"),
+            "415": _error("neither JSON nor a form"),
+            "429": _error("too many failed sign-ins from this address in a minute"),
         },
         security=PUBLIC,
         body={
@@ -810,7 +822,7 @@ OPERATIONS: tuple[Operation, ...] = (
         {
             "200": _response("signed out (JSON request)", ref("Ok")),
             "303": _response("signed out (form), on to /"),
-            "403": error("signed in by cookie from another site's page"),
+            "403": _error("signed in by cookie from another site's page"),
         },
         security=[*SIGNED_IN, {}],
     ),
@@ -831,7 +843,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "page",
         {
             "200": {"description": "the file", "content": {"*/*": {"schema": STR}}},
-            "404": error("no such file"),
+            "404": _error("no such file"),
         },
         security=PUBLIC,
         parameters=(path_param("path", "a file under the static folder", STR),),
