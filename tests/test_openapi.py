@@ -339,8 +339,9 @@ async def test_the_running_service_keeps_its_contract(
 async def test_the_docs_page_shows_every_operation_in_chromium(
     service_factory: ServiceFactory, tmp_path: Path
 ) -> None:
-    """The page renders every operation of the document with its own script only (its CSP
-    holds: no error, no blocked resource), without a token."""
+    """The page renders every operation and schema of the document with its own script only
+    (its CSP holds: no error, no blocked resource), without a token, and follows a link to a
+    card."""
     running = await service_factory()
     _, document = await running.api("GET", "/api/openapi.json", auth=False)
     errors: list[str] = []
@@ -355,15 +356,24 @@ async def test_the_docs_page_shows_every_operation_in_chromium(
         page.on_event(on_event)
         await page.send("Runtime.enable")
         await page.send("Log.enable")
-        await page.send("Page.navigate", {"url": running.base_url + "/api/docs"})
+        await page.send("Page.navigate", {"url": running.base_url + "/api/docs#schema-Upload"})
         shown = await page.wait_for(
-            "document.querySelectorAll('.api-op').length", 20, "the operations on the page"
+            "document.querySelectorAll('.api-op').length", 20, "the cards on the page"
         )
         titles = await page.evaluate(
             "[...document.querySelectorAll('.api-op h3')].map(h => h.textContent)"
         )
         intro = await page.evaluate("document.getElementById('api-intro').textContent")
-    assert shown == len(documented_operations(document))
-    assert "POST /api/downloads/{id}/pause" in titles
+        fields = await page.evaluate(
+            "[...document.querySelectorAll('#schema-Upload li code')].map(c => c.textContent)"
+        )
+        top = await page.evaluate(
+            "Math.round(document.getElementById('schema-Upload').getBoundingClientRect().top)"
+        )
+    operations = documented_operations(document)
+    assert shown == len(operations) + len(document["components"]["schemas"])
+    assert {f"{method} {path}" for method, path in operations} <= set(titles)
     assert intro.startswith(f"MistRelay {document['info']['version']} — OpenAPI 3.1")
+    assert fields == list(document["components"]["schemas"]["Upload"]["properties"])
+    assert abs(top) < 5, "the page scrolled to the card the link names"
     assert not errors, errors

@@ -32,7 +32,9 @@ function security(op, doc) {
 function operationCard(path, method, op, doc) {
   const rows = [];
   for (const p of op.parameters || []) {
-    rows.push(h("li", { text: `${p.in} ${p.name}${p.required ? "" : "?"}: ${schemaName(p.schema)} — ${p.description || ""}` }));
+    const optional = p.required ? "" : "?";
+    const text = `${p.in} ${p.name}${optional}: ${schemaName(p.schema)} — ${p.description || ""}`;
+    rows.push(h("li", { text }));
   }
   if (op.requestBody) rows.push(h("li", { text: `body: ${contentLine(op.requestBody.content)}` }));
   const answers = Object.entries(op.responses || {}).map(([status, answer]) => {
@@ -42,12 +44,34 @@ function operationCard(path, method, op, doc) {
   return h(
     "section",
     { class: "card api-op", id: op.operationId },
-    h("h3", {}, h("code", { class: `method ${method}`, text: method.toUpperCase() }), " ", h("code", { text: path })),
+    h(
+      "h3",
+      {},
+      h("code", { class: `method ${method}`, text: method.toUpperCase() }),
+      " ",
+      h("code", { text: path }),
+    ),
     h("p", { text: op.summary || "" }),
     op.description ? h("p", { class: "hint", text: op.description }) : null,
     h("p", { class: "hint", text: `auth: ${security(op, doc)}` }),
     rows.length ? h("ul", {}, ...rows) : null,
     h("ul", { class: "answers" }, ...answers),
+  );
+}
+
+function schemaCard(name, schema) {
+  const required = new Set(schema.required || []);
+  const fields = Object.entries(schema.properties || {}).map(([field, value]) => {
+    const optional = required.has(field) ? "" : "?";
+    const note = value.description ? ` — ${value.description}` : "";
+    return h("li", {}, h("code", { text: field }), `${optional}: ${schemaName(value)}${note}`);
+  });
+  return h(
+    "section",
+    { class: "card api-op", id: `schema-${name}` },
+    h("h3", {}, h("code", { text: name })),
+    schema.description ? h("p", { class: "hint", text: schema.description }) : null,
+    fields.length ? h("ul", {}, ...fields) : h("p", { text: schemaName(schema) }),
   );
 }
 
@@ -65,7 +89,17 @@ function render(doc) {
   const root = $("api-operations");
   root.replaceChildren();
   for (const [tag, cards] of byTag) root.append(h("h2", { text: tag }), ...cards);
-  $("api-intro").textContent = `${doc.info.title} ${doc.info.version} — OpenAPI ${doc.openapi}. ${doc.info.description || ""}`;
+  const schemas = Object.entries((doc.components || {}).schemas || {});
+  root.append(
+    h("h2", { text: "schemas" }),
+    ...schemas.map(([name, schema]) => schemaCard(name, schema)),
+  );
+  // The cards exist only now: follow a link to one of them (#operationId, #schema-Name).
+  const hash = decodeURIComponent(window.location.hash.slice(1));
+  const target = hash && document.getElementById(hash);
+  if (target) target.scrollIntoView();
+  const { title, version, description } = doc.info;
+  $("api-intro").textContent = `${title} ${version} — OpenAPI ${doc.openapi}. ${description || ""}`;
 }
 
 async function load() {
