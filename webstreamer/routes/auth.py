@@ -17,8 +17,8 @@ Guessing: failed sign-ins are counted per client (an address; an IPv6 /64); at
 refused sign-in is logged as a summary, one line per client a minute.
 
 Every `/api` path but the health check and the API's description (`/api/openapi.json`,
-`/api/docs`) needs credentials; the page and the sign-in form are
-public, and `/stream` and `/watch` links carry their own signature instead.
+`/api/docs`) needs credentials; the page and the sign-in form are public, and `/stream` and
+`/watch` links carry their own signature instead.
 """
 
 from __future__ import annotations
