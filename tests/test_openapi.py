@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import time
 from collections import defaultdict
@@ -15,12 +16,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import aiohttp
 import hypothesis
 import pytest
 import schemathesis
 from aiohttp import web
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
+from jsonschema_rs import Draft202012Validator
 from schemathesis import APIOperation, BaseSchema, Case, GenerationMode, HookContext, Response
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
@@ -258,6 +261,12 @@ def _run_stateful(schema: BaseSchema, headers: dict[str, str], outcome: Outcome)
     )
 
 
+async def _collect(socket: aiohttp.ClientWebSocketResponse, into: list[Any]) -> None:
+    async for message in socket:
+        if message.type == aiohttp.WSMsgType.TEXT:
+            into.append(json.loads(message.data))
+
+
 @pytest.mark.slow
 async def test_the_running_service_keeps_its_contract(
     service_factory: ServiceFactory,
@@ -267,8 +276,8 @@ async def test_the_running_service_keeps_its_contract(
 ) -> None:
     """schemathesis sends generated requests to a real service (real aria2c, SQLite, rclone to
     a WebDAV cloud, a local file server): no answer is a 5xx, and every answer's status and
-    JSON match the document. Links it queues that leave this machine go to a closed local
-    proxy port (they fail)."""
+    JSON match the document, as does every WebSocket message pushed meanwhile. Links it queues
+    that leave this machine go to a closed local proxy port (they fail)."""
     running = await service_factory(
         overrides={
             "aria2": {
@@ -284,6 +293,11 @@ async def test_the_running_service_keeps_its_contract(
             },
         }
     )
+    socket = await running.http.ws_connect(
+        running.base_url.replace("http", "ws", 1) + "/api/ws", headers=running.auth
+    )
+    pushed: list[Any] = []
+    listener = asyncio.create_task(_collect(socket, pushed))
     file_server.add_file("seed.bin", size=64 * 1024)
     file_server.add_file("slow.bin", size=4 * 1024 * 1024)
     downloads = []
@@ -311,8 +325,26 @@ async def test_the_running_service_keeps_its_contract(
     ]
     outcome = await asyncio.to_thread(exercise_api, running.base_url, running.token, seeds, links)
 
+    await socket.send_str("ping")
+    for _ in range(100):  # the pong comes after every message pushed before it
+        if pushed and pushed[-1].get("type") == "pong":
+            break
+        await asyncio.sleep(0.1)
+    await socket.close()
+    await listener
+
     assert not outcome.failures, "\n\n".join(outcome.failures)
     _, document = await running.api("GET", "/api/openapi.json")
+    # Every WebSocket message of the run is a WsMessage of the document.
+    messages = Draft202012Validator(
+        {"$ref": "#/components/schemas/WsMessage", "components": document["components"]}
+    )
+    wrong = [
+        (message, str(error)[:300]) for message in pushed for error in messages.iter_errors(message)
+    ]
+    assert not wrong, wrong[:3]
+    kinds = {message["type"] for message in pushed}
+    assert {"hello", "download_update", "upload_update", "statistics_update", "pong"} <= kinds
     # schemathesis leaves out the operation that served it the document
     expected = {f"{method} {path}" for method, path in documented_operations(document)}
     assert set(outcome.statuses) == expected - {"GET /api/openapi.json"}

@@ -81,6 +81,10 @@ def _counts(names: tuple[str, ...]) -> Schema:
     }
 
 
+def _ws_message(kind: str, data: Schema) -> Schema:
+    return _obj({"type": {"const": kind}, "seq": {"type": "integer", "minimum": 1}, "data": data})
+
+
 SCHEMAS: dict[str, Schema] = {
     "Error": {
         **_obj({"error": STR, "detail": {}}),
@@ -236,6 +240,38 @@ SCHEMAS: dict[str, Schema] = {
         }
     ),
     "UploadList": _obj({"uploads": {"type": "array", "items": ref("Upload")}}),
+    "Statistics": _obj(
+        {"downloads": ref("DownloadStatistics"), "uploads": ref("UploadStatistics")}
+    ),
+    "WsMessage": {
+        "description": "One message of GET /api/ws; `seq` counts 1, 2, 3 … per connection.",
+        "oneOf": [
+            _ws_message(
+                "hello",
+                _obj(
+                    {
+                        "statistics": nullable(ref("Statistics")),
+                        "version": STR,
+                        "server_time": {"type": "number"},
+                    }
+                ),
+            ),
+            _ws_message(
+                "download_update",
+                {
+                    "oneOf": [
+                        ref("Download"),
+                        _obj({"id": ROW_ID, "deleted": {"const": True}}),
+                        _obj({"deleted_all": {"const": True}}),
+                    ]
+                },
+            ),
+            _ws_message("upload_update", ref("Upload")),
+            _ws_message("cleanup_update", ref("Upload")),
+            _ws_message("statistics_update", ref("Statistics")),
+            _ws_message("pong", _obj({"server_time": {"type": "number"}})),
+        ],
+    },
     "ConfigReload": _obj(
         {
             "applied": {"type": "array", "items": STR},
@@ -585,8 +621,7 @@ OPERATIONS: tuple[Operation, ...] = (
             "503": _error("too many WebSocket clients"),
         },
         description=(
-            'Messages: {"type": "hello" | "download_update" | "upload_update" |'
-            ' "cleanup_update" | "statistics_update" | "pong", "seq": n, "data": {...}}.'
+            "Each message is a WsMessage (see the schemas): hello first, then the updates."
             ' Send "ping" to get a pong.'
         ),
     ),
