@@ -362,7 +362,7 @@ async def test_every_api_route_and_the_websocket_need_authentication(site: Site)
     routes: set[tuple[str, str]] = {("GET", "/api/ws")}
     for route in app.router.routes():
         canonical = getattr(route.resource, "canonical", "")
-        public = canonical == "/api/health" or route.method == "HEAD"
+        public = canonical in auth.PUBLIC_API_PATHS or route.method == "HEAD"
         if canonical.startswith("/api") and not public:
             routes.add((route.method, _concrete(canonical)))
     assert len(routes) >= 10

@@ -24,6 +24,7 @@ from loguru import logger
 from aria2_client.sources import SourceError
 from cluster import HolderError
 from db import DRIVER_ERRORS, DuplicateDownload, NotFound, StoreError, TransitionError
+from webstreamer import openapi
 from webstreamer.context import CONTEXT, AppContext, WarningSummary, client_of, json_error
 from webstreamer.routes import api, auth, cluster, metrics, page, stream, uploads, ws
 
@@ -96,6 +97,7 @@ def create_app(ctx: AppContext) -> web.Application:
     metrics.setup(app)
     auth.setup(app)
     page.setup(app)
+    openapi.setup(app)
     return app
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from aria2_client.sources import SourceError, parse_link
 from configer import ConfigError, masked_settings
@@ -83,12 +84,15 @@ async def add_torrent(request: web.Request) -> web.Response:
     ctx = context_of(request)
     if not request.content_type.startswith("multipart/"):
         raise web.HTTPBadRequest(text='send the .torrent as multipart form field "file"')
-    reader = await request.multipart()
     data: bytes | None = None
-    async for part in reader:
-        if getattr(part, "name", None) == "file":
-            data = bytes(await part.read(decode=False))  # type: ignore[union-attr]
-            break
+    try:
+        reader = await request.multipart()
+        async for part in reader:
+            if getattr(part, "name", None) == "file":
+                data = bytes(await part.read(decode=False))  # type: ignore[union-attr]
+                break
+    except (HttpProcessingError, ValueError) as exc:  # a part's head or the boundary is broken
+        raise web.HTTPBadRequest(text=f"the multipart body could not be read: {exc}") from None
     if data is None:
         raise web.HTTPBadRequest(text='multipart field "file" is missing')
     row = await ctx.downloads.add_torrent(data)

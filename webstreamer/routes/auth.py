@@ -16,9 +16,10 @@ Guessing: failed sign-ins are counted per client (an address; an IPv6 /64); at
 `web.login_attempts` within a minute the client gets 429 until the oldest is a minute old. Every
 refused sign-in is logged as a summary, one line per client a minute.
 
-Every `/api` path but the health check needs credentials, and so does `/metrics` (where
-`web.metrics_token` is accepted too); the page and the sign-in form are
-public, and `/stream` and `/watch` links carry their own signature instead.
+Every `/api` path but the health check and the API's description (`/api/openapi.json`,
+`/api/docs`) needs credentials, and so does `/metrics` (where `web.metrics_token` is accepted
+too); the page and the sign-in form are public, and `/stream` and `/watch` links carry their own
+signature instead.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from webstreamer.context import (
     json_error,
     parse_json,
 )
+from webstreamer.openapi import DOCS_PATH, OPENAPI_PATH
 from webstreamer.signing import (
     SESSION_COOKIE,
     SESSION_LIFETIME,
@@ -55,7 +57,7 @@ from webstreamer.signing import (
 )
 
 LOGIN_BODY_LIMIT = 8 * 1024
-PUBLIC_API_PATHS = frozenset({"/api/health"})
+PUBLIC_API_PATHS = frozenset({"/api/health", OPENAPI_PATH, DOCS_PATH})
 LOGOUT_PATH = "/logout"
 WEBSOCKET_PATH = "/api/ws"
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
