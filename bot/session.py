@@ -31,10 +31,12 @@ from pyrogram.types import InlineKeyboardMarkup, LinkPreviewOptions, ReplyParame
 
 from bot.tg_source import (
     FileIdRefresher,
+    RangeReader,
     TelegramByteSource,
     TelegramStreamer,
     refresh_from_message,
 )
+from bot.workers import WorkerClientFactory, WorkerPool
 from configer import TelegramConfig
 from db import Store
 from records import DownloadRow, TgMediaRecord
@@ -67,7 +69,8 @@ class TelegramSession:
     """Owns the Pyrogram client (built here, in the running loop) and the media streamer.
 
     `client_factory` replaces the client built from `telegram` (tests pass one wired to an
-    offline Telegram). `store` gives the recorded Telegram media behind a download.
+    offline Telegram), and `worker_client_factory` those of the worker bots (from a token).
+    `store` gives the recorded Telegram media behind a download.
     """
 
     def __init__(
@@ -77,12 +80,25 @@ class TelegramSession:
         workdir: Path,
         store: Store,
         client_factory: Callable[[], Client] | None = None,
+        worker_client_factory: WorkerClientFactory | None = None,
     ) -> None:
         self._store = store
         self._client = (
             client_factory() if client_factory is not None else _new_client(telegram, workdir)
         )
         self._streamer = TelegramStreamer(self._client, parts_in_flight=telegram.parts_in_flight)
+        # Worker bots read the parts of Telegram files with the main bot (none: it reads alone).
+        self.workers = (
+            WorkerPool(
+                self._streamer,
+                telegram,
+                workdir=workdir,
+                store=store,
+                client_factory=worker_client_factory,
+            )
+            if telegram.worker_bot_tokens
+            else None
+        )
         self.logged_in = asyncio.Event()
         # The background login after a failed first attempt; None while none runs.
         self._retry: asyncio.Task[None] | None = None
@@ -138,6 +154,8 @@ class TelegramSession:
         me = self._client.me
         logger.info("Telegram bot @{} is running", (me.username if me else None) or "?")
         self.logged_in.set()
+        if self.workers is not None:
+            await self.workers.start()
 
     async def _keep_trying(self) -> None:
         attempt = 0
@@ -163,6 +181,8 @@ class TelegramSession:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retry
         self.logged_in.clear()
+        if self.workers is not None:
+            await self.workers.stop()
         try:
             await asyncio.wait_for(self._streamer.close(), timeout=_STOP_TIMEOUT)
         except Exception as exc:
@@ -232,8 +252,11 @@ class TelegramSession:
         media = await self._store.get_tg_media(row.file_unique_id)
         if media is None or not media.file_size:
             return None
+        reader: RangeReader = self._streamer
+        if self.workers is not None and self.workers.workers:
+            reader = self.workers.reader(media)
         return TelegramByteSource.for_media(
-            self._streamer, media, refresh=self._refresher(media, row.id), name=row.file_name
+            reader, media, refresh=self._refresher(media, row.id), name=row.file_name
         )
 
     def _refresher(self, media: TgMediaRecord, download_id: int) -> FileIdRefresher:

@@ -882,6 +882,7 @@ class FakeTelegram:
         self._record(session, query)
         if isinstance(query, raw.functions.upload.GetFile):
             self.get_file_calls += 1
+            self.get_file_calls_by_bot[self._owner(session)] += 1
         if not wait_response:
             return None
         failure: _RpcFailure | None = None
@@ -1626,7 +1627,6 @@ class FakeTelegram:
 
     async def _on_get_file(self, call: _Call) -> raw.types.upload.File:
         bot_id = self._owner(call.session)
-        self.get_file_calls_by_bot[bot_id] += 1
         await self._bot_part_slot(bot_id)
         try:
             return await self._get_file_in_slot(call)
