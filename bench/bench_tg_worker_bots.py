@@ -71,6 +71,8 @@ async def run(size_mib: int, delay: float, limit: int, workers: int, runs: int) 
                 ),
             )
             await session.start(updates=False)
+            assert session.workers is not None
+            await asyncio.wait_for(session.workers.ready.wait(), 30)
             client = session.client
             assert client is not None and session.workers is not None
             alone = TelegramStreamer(client, parts_in_flight=limit)

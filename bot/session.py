@@ -102,6 +102,7 @@ class TelegramSession:
         self.logged_in = asyncio.Event()
         # The background login after a failed first attempt; None while none runs.
         self._retry: asyncio.Task[None] | None = None
+        self._workers_start: asyncio.Task[None] | None = None
 
     @property
     def client(self) -> Client | None:
@@ -155,7 +156,10 @@ class TelegramSession:
         logger.info("Telegram bot @{} is running", (me.username if me else None) or "?")
         self.logged_in.set()
         if self.workers is not None:
-            await self.workers.start()
+            # The main bot reads alone until the workers are in.
+            self._workers_start = asyncio.create_task(
+                self.workers.start(), name="telegram-workers-start"
+            )
 
     async def _keep_trying(self) -> None:
         attempt = 0
@@ -181,6 +185,11 @@ class TelegramSession:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retry
         self.logged_in.clear()
+        if self._workers_start is not None:
+            self._workers_start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._workers_start
+            self._workers_start = None
         if self.workers is not None:
             await self.workers.stop()
         try:

@@ -158,6 +158,7 @@ class WorkerPool:
         self._changed = asyncio.Event()
         self._taken = 0
         self._closing: set[asyncio.Task[None]] = set()
+        self.ready = asyncio.Event()  # set once every worker has logged in or been left out
 
     @property
     def workers(self) -> int:
@@ -172,18 +173,18 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Log every worker in (without updates); one Telegram refuses is left out."""
-        if self._workers:
+        if self.ready.is_set():
             return
         tokens = self._telegram.worker_bot_tokens
-        started = await asyncio.gather(*(self._start_worker(token) for token in tokens))
-        self._workers = [lane for lane in started if lane is not None]
+        await asyncio.gather(*(self._start_worker(token) for token in tokens))
+        self.ready.set()
         logger.info(
             "{} of {} worker bots read Telegram files with the main bot",
             len(self._workers),
             len(tokens),
         )
 
-    async def _start_worker(self, token: str) -> _Lane | None:
+    async def _start_worker(self, token: str) -> None:
         name = f"worker bot {_bot_id(token)}"
         if self._client_factory is not None:
             client = self._client_factory(token)
@@ -195,7 +196,10 @@ class WorkerPool:
         except (RPCError, OSError, TimeoutError) as error:
             logger.error("{} could not log in ({}); left out", name, _reason(error))
             await _stop_client(client, name)
-            return None
+            return
+        except asyncio.CancelledError:
+            await _stop_client(client, name)
+            raise
         main = self._main.streamer
         streamer = TelegramStreamer(
             client,
@@ -206,11 +210,12 @@ class WorkerPool:
             max_flood_wait=main.max_flood_wait,
             max_refreshes=main.max_refreshes,
         )
-        return _Lane(name, streamer, client=client)
+        self._workers.append(_Lane(name, streamer, client=client))
 
     async def stop(self) -> None:
-        """Stop every worker session (those dropped included)."""
+        """Stop every worker session (those dropped included); a later start logs in again."""
         lanes, self._workers = self._workers, []
+        self.ready.clear()
         await asyncio.gather(*(self._close(lane) for lane in lanes))
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)

@@ -7,6 +7,7 @@ parts in flight. The store is a real SQLite file.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,8 @@ async def start_relay(
         ),
     )
     await session.start(updates=False)
+    assert session.workers is not None
+    await asyncio.wait_for(session.workers.ready.wait(), 30)
     assert session.logged_in.is_set()
     secrets = [token.partition(":")[2] for token in members + others]
     return Relay(fake, db, session, channel, member_ids, secrets)
