@@ -19,10 +19,11 @@ from pyrogram.errors import FloodWait
 
 from bot.session import TelegramSession
 from configer import TelegramConfig
-from db import Database
+from db import Database, Store
 from records import NewDownload, TgMediaRecord
 from tests.support.fake_telegram import FakeChannel, FakeFile, FakeTelegram
 from tests.support.http_files import deterministic_bytes
+from tests.support.service import ServiceFactory
 
 MIB = 1024 * 1024
 PART_LIMIT = 4
@@ -31,7 +32,7 @@ PART_LIMIT = 4
 @dataclass
 class Relay:
     fake: FakeTelegram
-    db: Database
+    db: Store
     session: TelegramSession
     channel: FakeChannel
     worker_ids: list[int]
@@ -240,3 +241,46 @@ async def test_without_a_copy_in_the_storage_channel_the_main_bot_reads_alone(
     assert any("forwarding the file to the storage channel failed" in line for line in log_lines)
     # The workers are not to blame: they stay.
     assert relay.session.workers is not None and relay.session.workers.workers == 2
+
+
+async def test_the_stream_route_reads_through_the_workers_and_hides_their_tokens(
+    service_factory: ServiceFactory, fake_telegram: FakeTelegram
+) -> None:
+    fake = fake_telegram
+    fake.part_limit_per_bot = PART_LIMIT
+    tokens = [fake.add_bot(), fake.add_bot()]
+    worker_ids = [fake.bot_id_of(token) for token in tokens]
+    channel = fake.add_channel([fake.bot_user.id, *worker_ids])
+    telegram = {
+        "api_id": 1,
+        "api_hash": "x" * 32,
+        "bot_token": "1:x",
+        "admins": [fake.default_user.id],
+        "worker_bot_tokens": tokens,
+        "storage_channel": channel.peer_id,
+    }
+    running = await service_factory(
+        {"telegram": telegram},
+        telegram_client_factory=lambda: fake.make_client("main"),
+        telegram_worker_factory=lambda token: fake.make_client(
+            f"worker-{fake.bot_id_of(token)}", bot_token=token
+        ),
+    )
+    session = running.service.parts.telegram
+    assert session is not None and session.workers is not None
+    await asyncio.wait_for(session.workers.ready.wait(), 30)
+    assert session.workers.workers == 2
+    relay = Relay(fake, running.service.parts.store, session, channel, worker_ids, [])
+    data = deterministic_bytes(5 * MIB + 9, seed=7)
+    download_id, _ = await telegram_job(relay, data, "clip.mp4")
+
+    path = running.service.parts.web.ctx.links.signer.stream_path(download_id, "clip.mp4")
+    async with running.http.get(running.base_url + path) as response:
+        assert response.status == 200
+        assert await response.read() == data
+    assert all(fake.get_file_calls_by_bot[bot] > 0 for bot in [fake.bot_user.id, *worker_ids])
+
+    status, settings = await running.api("GET", "/api/config")
+    assert status == 200
+    shown = str(settings)
+    assert "***" in shown and not any(token.partition(":")[2] in shown for token in tokens)
