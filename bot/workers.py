@@ -165,10 +165,6 @@ class WorkerPool:
         """How many worker sessions read parts now."""
         return sum(not lane.dropped for lane in self._workers)
 
-    def loads(self) -> dict[str, int]:
-        """Parts in flight per session, by name."""
-        return {lane.name: lane.in_flight for lane in (self._main, *self._workers)}
-
     # --- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -327,8 +323,14 @@ class WorkerPool:
                 return known
             log = logger.bind(file=key)
             try:
+                # Without the sender's name or the caption: the copy only carries the file.
                 forwarded = await self._main.streamer.client.forward_messages(
-                    chat_id=self._channel, from_chat_id=media.chat_id, message_ids=media.message_id
+                    chat_id=self._channel,
+                    from_chat_id=media.chat_id,
+                    message_ids=media.message_id,
+                    disable_notification=True,
+                    hide_sender_name=True,
+                    hide_captions=True,
                 )
             except (RPCError, OSError, TimeoutError) as error:
                 log.warning(

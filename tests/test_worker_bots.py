@@ -108,7 +108,7 @@ async def relays(tmp_path: Path, db: Database) -> AsyncIterator[list[Relay]]:
 async def telegram_job(relay: Relay, data: bytes, name: str = "movie.mp4") -> tuple[int, FakeFile]:
     """A user's video sent to the bot, recorded as a Telegram download."""
     file = relay.fake.add_file(data, kind="video", file_name=name)
-    update = relay.fake.message_update(file=file)
+    update = relay.fake.message_update(text="my holiday", file=file)
     user = relay.fake.default_user
     media = TgMediaRecord(
         file_unique_id=file.file_unique_id,
@@ -163,7 +163,8 @@ async def test_parts_spread_over_three_sessions_and_the_bytes_are_exact(
     forwards = fake.requests_of(raw.functions.messages.ForwardMessages)
     assert len(forwards) == 1
     copy_id = await db.get_tg_storage_message(file.file_unique_id, relay.channel.peer_id)
-    assert copy_id is not None and copy_id in relay.channel.messages
+    assert copy_id is not None and relay.channel.messages[copy_id].file is file
+    assert relay.channel.messages[copy_id].text == ""  # the user's caption stays with them
     assert await db.get_tg_storage_message(file.file_unique_id, -1009999999999) is None
     assert set(file.bot_references) == set(relay.worker_ids)
 

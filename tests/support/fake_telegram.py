@@ -1535,8 +1535,8 @@ class FakeTelegram:
                 sender_id=bot_id,
                 out=True,
                 date=int(time.time()),
-                text=source.text,
-                entities=source.entities,
+                text="" if query.drop_media_captions and source.file else source.text,
+                entities=None if query.drop_media_captions and source.file else source.entities,
                 file=source.file,
                 channel_id=channel.id,
             )
