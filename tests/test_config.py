@@ -456,6 +456,8 @@ def test_worker_bots_need_a_storage_channel_and_valid_tokens(tmp_path: Path) -> 
     assert config.telegram.worker_bot_tokens == (f"11:{SECRET}a", f"12:{SECRET}b")
     assert config.telegram.storage_channel == -1001234567890
     assert SECRET not in repr(config.telegram)
+    hidden = log_secrets(config, ensure_secrets(config))
+    assert set(config.telegram.worker_bot_tokens) <= set(hidden)
     cases = {
         "no channel": (bot + tokens, "telegram.storage_channel", "must be set"),
         "a group id": (
