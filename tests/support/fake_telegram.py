@@ -89,6 +89,10 @@ _NO_AUTH_NEEDED: tuple[type[TLObject], ...] = (
 )
 
 
+# The file locations upload.GetFile serves.
+_SERVED_LOCATIONS = (raw.types.InputDocumentFileLocation, raw.types.InputPhotoFileLocation)
+
+
 class FakeTelegramUnsupported(NotImplementedError):
     """The fake was asked something it does not model: extend the fake, do not ignore it."""
 
@@ -897,7 +901,12 @@ class FakeTelegram:
                 raw.types.RpcError(error_code=failure.code, error_message=failure.message),
                 type(query),
             )
-        if self.wire_check and isinstance(result, raw.types.upload.File):
+        if (
+            self.wire_check
+            and isinstance(query, raw.functions.upload.GetFile)
+            and isinstance(query.location, _SERVED_LOCATIONS)
+            and isinstance(result, raw.types.upload.File)
+        ):
             # The client parses every part from the wire; the server writes each part once (its
             # writing is Telegram's work, not the client's, and would cost this loop ~1 ms a part).
             key = (query.location.id, query.offset, len(result.bytes))
