@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from loguru import logger
 from pyrogram import raw
-from pyrogram.errors import FloodWait
+from pyrogram.errors import AuthKeyUnregistered, FloodWait
 
 from bot.session import TelegramSession
 from configer import TelegramConfig
@@ -285,3 +285,24 @@ async def test_the_stream_route_reads_through_the_workers_and_hides_their_tokens
     assert status == 200
     shown = str(settings)
     assert "***" in shown and not any(token.partition(":")[2] in shown for token in tokens)
+
+
+async def test_a_worker_refused_mid_stream_is_dropped_and_its_parts_read_by_the_others(
+    tmp_path: Path, db: Database, relays: list[Relay], log_lines: list[str]
+) -> None:
+    relay = await start_relay(tmp_path, db, workers=2)
+    relays.append(relay)
+    fake = relay.fake
+    fake.delay_get_file = 0.01
+    data = deterministic_bytes(9 * MIB + 5, seed=8)
+    download_id, _ = await telegram_job(relay, data)
+    revoked = relay.worker_ids[0]
+    fake.inject(raw.functions.upload.GetFile, AuthKeyUnregistered(), PART_LIMIT, bot_id=revoked)
+
+    assert await read(relay, download_id, 0, len(data) - 1) == data
+
+    assert relay.session.workers is not None and relay.session.workers.workers == 1
+    dropped = [line for line in log_lines if "dropped" in line]
+    assert len(dropped) == 1 and f"worker bot {revoked}" in dropped[0], log_lines
+    others = [fake.bot_user.id, relay.worker_ids[1]]
+    assert sum(fake.get_file_calls_by_bot[bot] for bot in others) == 10
