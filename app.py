@@ -240,10 +240,13 @@ class Service:
         config: Config,
         *,
         telegram_client_factory: Callable[[], Client] | None = None,
+        telegram_worker_factory: Callable[[str], Client] | None = None,
     ) -> None:
         self.config = config
-        # Builds the Pyrogram client; tests pass one wired to an offline Telegram.
+        # Build the Pyrogram clients (the worker bots' from a token); tests pass ones wired to
+        # an offline Telegram.
         self.telegram_client_factory = telegram_client_factory
+        self.telegram_worker_factory = telegram_worker_factory
         self._stack = AsyncExitStack()
         self._parts: Parts | None = None
         self._log_secrets: list[str] = []
@@ -467,6 +470,7 @@ class Service:
             store=store,
             client_factory=self.telegram_client_factory,
             on_flood_wait=metrics.flood_wait,
+            worker_client_factory=self.telegram_worker_factory,
         )
 
     async def wait_bot(self) -> None:

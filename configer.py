@@ -83,6 +83,7 @@ SECRET_KEYS: frozenset[str] = frozenset(
     {
         "telegram.api_hash",
         "telegram.bot_token",
+        "telegram.worker_bot_tokens",
         "aria2.rpc_secret",
         "web.token",
         "web.metrics_token",
@@ -170,6 +171,9 @@ class TelegramConfig:
     admins: tuple[int, ...] = ()
     allowed_users: tuple[int, ...] = ()
     parts_in_flight: int = 4  # upload.GetFile parts fetched ahead while streaming
+    # More bots whose sessions share the parts of Telegram streams; secrets, like bot_token.
+    worker_bot_tokens: tuple[str, ...] = field(default=(), repr=False)
+    storage_channel: int = 0  # the channel where the main bot forwards files for the workers
     progress_interval: float = 3.0  # seconds between edits of one chat's progress messages
 
     @property
@@ -880,6 +884,38 @@ def _json(text: str, what: str) -> Any:
         raise _Invalid(f"must be {what} in JSON ({exc})") from None
 
 
+_BOT_TOKEN = re.compile(r"[1-9][0-9]{0,19}:[A-Za-z0-9_-]+")
+
+
+def _bot_tokens(value: Any, ctx: _Context) -> tuple[str, ...]:
+    """A list of bot tokens (``<bot id>:<secret>``); from the environment, JSON or commas."""
+    items: Any = value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            items = _json(text, "a list of bot tokens")
+        else:
+            items = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(items, list):
+        raise _Invalid("must be a list of bot tokens")
+    tokens: list[str] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, str) or not _BOT_TOKEN.fullmatch(item.strip()):
+            raise _Invalid("must be a bot token (<bot id>:<secret>)", subkey=f"[{index}]")
+        if item.strip() in tokens:
+            raise _Invalid("is listed twice", subkey=f"[{index}]")
+        tokens.append(item.strip())
+    return tuple(tokens)
+
+
+def _channel_id(value: Any, ctx: _Context) -> int:
+    """A channel's chat id as the Bot API writes it (-100…), or 0 for none."""
+    number = _int_value(value, ctx)
+    if number is None or not (number == 0 or -(10**15) < number < -(10**12)):
+        raise _Invalid("must be a channel's chat id (-100…), or 0 for none", value)
+    return number
+
+
 def _id_list(value: Any, ctx: _Context) -> tuple[int, ...]:
     problem = "must be a list of Telegram user ids (positive integers)"
     items: Any = value
@@ -1114,6 +1150,8 @@ _PARSERS: dict[str, _Parser] = {
     "telegram.admins": _id_list,
     "telegram.allowed_users": _id_list,
     "telegram.parts_in_flight": _integer(1, 64),
+    "telegram.worker_bot_tokens": _bot_tokens,
+    "telegram.storage_channel": _channel_id,
     "telegram.progress_interval": _number(0, 3600, lo_open=True),
     "aria2.rpc_url": _url(("http", "https", "ws", "wss")),
     "aria2.rpc_secret": _single_token,
@@ -1365,6 +1403,27 @@ def _check_telegram(values: dict[str, Any], sources: dict[str, str], default_sou
             key=f"telegram.{missing}",
             source=source,
         )
+    if values["worker_bot_tokens"]:
+        source = sources.get("telegram.worker_bot_tokens", default_source)
+        if not present:
+            raise ConfigError(
+                "needs the main bot (telegram.api_id, telegram.api_hash, telegram.bot_token)",
+                key="telegram.worker_bot_tokens",
+                source=source,
+            )
+        if values["bot_token"] in values["worker_bot_tokens"]:
+            raise ConfigError(
+                "must not list the main bot's token (telegram.bot_token)",
+                key="telegram.worker_bot_tokens",
+                source=source,
+            )
+        if not values["storage_channel"]:
+            raise ConfigError(
+                "must be set when telegram.worker_bot_tokens is set: the channel (-100…) where "
+                "the main bot forwards files and every worker bot is a member",
+                key="telegram.storage_channel",
+                source=sources.get("telegram.storage_channel", source),
+            )
 
 
 def _follow_sqlite_url(values: dict[str, Any]) -> None:
@@ -1467,6 +1526,7 @@ def log_secrets(config: Config, secrets: Secrets) -> list[str]:
         secrets.aria2_secret,
         secrets.link_key.hex(),
         config.telegram.bot_token,
+        *config.telegram.worker_bot_tokens,
         config.telegram.api_hash,
     ]
     if config.database.backend == "postgresql":

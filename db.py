@@ -566,13 +566,21 @@ async def _schema_5(sql: _Statements, dialect: Dialect) -> None:
 
 
 # Schema 6: the rows an import took from another store (`app.py import-upstream`), by their
-# origin there, so that importing the same database again adds only what is new.
+# origin there, so that importing the same database again adds only what is new; and where the
+# main bot forwarded a Telegram file for the worker bots (its copy in the storage channel), so
+# that it is forwarded once per file and channel.
 _SCHEMA_6 = """
 CREATE TABLE imported_rows (
     origin      TEXT PRIMARY KEY,
     entity      TEXT NOT NULL CHECK (entity IN ('download', 'upload')),
     local_id    INTEGER NOT NULL,
     imported_at TEXT NOT NULL
+);
+CREATE TABLE tg_storage_messages (
+    file_unique_id TEXT PRIMARY KEY REFERENCES tg_media(file_unique_id) ON DELETE CASCADE,
+    chat_id        INTEGER NOT NULL,
+    message_id     INTEGER NOT NULL,
+    created_at     TEXT NOT NULL
 )
 """
 
@@ -594,6 +602,7 @@ _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
 # filling them: a copy of the store into another database goes in this order.
 _STORE_TABLES: dict[str, str] = {
     "tg_media": "file_unique_id",
+    "tg_storage_messages": "file_unique_id",
     "downloads": "id",
     "download_gids": "id",
     "uploads": "id",
@@ -1111,6 +1120,10 @@ class Store(Protocol):
     async def save_tg_media(self, media: TgMediaRecord) -> str: ...
     async def get_tg_media(self, file_unique_id: str) -> TgMediaRecord | None: ...
     async def update_tg_media_file_id(self, file_unique_id: str, file_id: str) -> None: ...
+    async def get_tg_storage_message(self, file_unique_id: str, chat_id: int) -> int | None: ...
+    async def save_tg_storage_message(
+        self, file_unique_id: str, chat_id: int, message_id: int
+    ) -> None: ...
 
     # downloads: written
     async def create_download(
@@ -1446,6 +1459,27 @@ class Database:
             await tx.execute(
                 "UPDATE tg_media SET file_id = ?, updated_at = ? WHERE file_unique_id = ?",
                 (file_id, utc_now(), file_unique_id),
+            )
+
+    async def get_tg_storage_message(self, file_unique_id: str, chat_id: int) -> int | None:
+        """The id of the file's copy in the storage channel `chat_id`, if forwarded there."""
+        row = await self._read_one(
+            "SELECT message_id FROM tg_storage_messages WHERE file_unique_id = ? AND chat_id = ?",
+            (file_unique_id, chat_id),
+        )
+        return int(row["message_id"]) if row is not None else None
+
+    async def save_tg_storage_message(
+        self, file_unique_id: str, chat_id: int, message_id: int
+    ) -> None:
+        """Record the file's copy in a storage channel (replacing one in another channel)."""
+        async with self._write() as tx:
+            await tx.execute(
+                "INSERT INTO tg_storage_messages (file_unique_id, chat_id, message_id, created_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (file_unique_id) DO UPDATE SET"
+                " chat_id = excluded.chat_id, message_id = excluded.message_id,"
+                " created_at = excluded.created_at",
+                (file_unique_id, chat_id, message_id, utc_now()),
             )
 
     # --- downloads (seed 001 §2.2) --------------------------------------------------------------

@@ -31,10 +31,12 @@ from pyrogram.types import InlineKeyboardMarkup, LinkPreviewOptions, ReplyParame
 
 from bot.tg_source import (
     FileIdRefresher,
+    RangeReader,
     TelegramByteSource,
     TelegramStreamer,
     refresh_from_message,
 )
+from bot.workers import WorkerClientFactory, WorkerPool
 from configer import TelegramConfig
 from db import Store
 from records import DownloadRow, TgMediaRecord
@@ -67,7 +69,8 @@ class TelegramSession:
     """Owns the Pyrogram client (built here, in the running loop) and the media streamer.
 
     `client_factory` replaces the client built from `telegram` (tests pass one wired to an
-    offline Telegram). `store` gives the recorded Telegram media behind a download.
+    offline Telegram), and `worker_client_factory` those of the worker bots (from a token).
+    `store` gives the recorded Telegram media behind a download.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class TelegramSession:
         store: Store,
         client_factory: Callable[[], Client] | None = None,
         on_flood_wait: Callable[[float], None] | None = None,
+        worker_client_factory: WorkerClientFactory | None = None,
     ) -> None:
         self._store = store
         self._client = (
@@ -86,9 +90,22 @@ class TelegramSession:
         self._streamer = TelegramStreamer(
             self._client, parts_in_flight=telegram.parts_in_flight, on_flood_wait=on_flood_wait
         )
+        # Worker bots read the parts of Telegram files with the main bot (none: it reads alone).
+        self.workers = (
+            WorkerPool(
+                self._streamer,
+                telegram,
+                workdir=workdir,
+                store=store,
+                client_factory=worker_client_factory,
+            )
+            if telegram.worker_bot_tokens
+            else None
+        )
         self.logged_in = asyncio.Event()
         # The background login after a failed first attempt; None while none runs.
         self._retry: asyncio.Task[None] | None = None
+        self._workers_start: asyncio.Task[None] | None = None
 
     @property
     def client(self) -> Client | None:
@@ -141,6 +158,11 @@ class TelegramSession:
         me = self._client.me
         logger.info("Telegram bot @{} is running", (me.username if me else None) or "?")
         self.logged_in.set()
+        if self.workers is not None:
+            # The main bot reads alone until the workers are in.
+            self._workers_start = asyncio.create_task(
+                self.workers.start(), name="telegram-workers-start"
+            )
 
     async def _keep_trying(self) -> None:
         attempt = 0
@@ -166,6 +188,13 @@ class TelegramSession:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retry
         self.logged_in.clear()
+        if self._workers_start is not None:
+            self._workers_start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._workers_start
+            self._workers_start = None
+        if self.workers is not None:
+            await self.workers.stop()
         try:
             await asyncio.wait_for(self._streamer.close(), timeout=_STOP_TIMEOUT)
         except Exception as exc:
@@ -235,8 +264,11 @@ class TelegramSession:
         media = await self._store.get_tg_media(row.file_unique_id)
         if media is None or not media.file_size:
             return None
+        reader: RangeReader = self._streamer
+        if self.workers is not None and self.workers.workers:
+            reader = self.workers.reader(media)
         return TelegramByteSource.for_media(
-            self._streamer, media, refresh=self._refresher(media, row.id), name=row.file_name
+            reader, media, refresh=self._refresher(media, row.id), name=row.file_name
         )
 
     def _refresher(self, media: TgMediaRecord, download_id: int) -> FileIdRefresher:

@@ -5,18 +5,20 @@ Telegram serves a file through ``upload.GetFile`` parts whose offset and limit f
 for whole 1 MiB parts aligned to 1 MiB satisfies all of them. A stream keeps up to
 ``parts_in_flight`` parts requested at once on one media session per data centre and hands them
 out in order, trimmed to the asked range, so one stream moves about ``parts_in_flight`` parts
-per round trip instead of one.
+per round trip instead of one. ``iter_parts`` is that ordered window over any part fetcher: the
+pool of worker bots (``bot/workers.py``) spreads the same window over several sessions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyrogram
 from loguru import logger
@@ -42,6 +44,7 @@ PART_SIZE = 1024 * 1024
 """Bytes per ``upload.GetFile`` part: the largest limit Telegram accepts, aligned to itself."""
 
 FileIdRefresher = Callable[[], Awaitable[str]]
+PartFetcher = Callable[[int], Awaitable[bytes]]
 
 _CANCEL_ROUNDS = 5
 _CANCEL_ROUND_SECONDS = 1.0
@@ -66,7 +69,7 @@ class TelegramFileRef:
 
 
 @dataclass
-class _FileLocation:
+class FileLocation:
     """The decoded file id of one stream, replaced (once for all its parts) on refresh."""
 
     ref: TelegramFileRef
@@ -163,7 +166,7 @@ class TelegramStreamer:
         self.retry_backoff = retry_backoff
         self.max_flood_wait = max_flood_wait
         self.max_refreshes = max_refreshes
-        self._on_flood_wait = on_flood_wait  # told the seconds each FloodWait asks for
+        self.on_flood_wait = on_flood_wait  # told the seconds each FloodWait asks for
         self._sessions: dict[int, Session] = {}
         self._session_lock = asyncio.Lock()
         self._closed = False
@@ -202,6 +205,10 @@ class TelegramStreamer:
             except Exception as error:
                 logger.bind(dc=dc_id).warning("Stopping a Telegram media session failed: {}", error)
 
+    def locate(self, ref: TelegramFileRef) -> FileLocation:
+        """The decoded location of one stream of ``ref`` (refreshed once for all its parts)."""
+        return FileLocation(ref, max_refreshes=self.max_refreshes)
+
     async def iter_range(
         self, location: TelegramFileRef, start: int, end: int
     ) -> AsyncGenerator[bytes, None]:
@@ -210,46 +217,31 @@ class TelegramStreamer:
         Stopping early (``aclose()`` or cancelling the consumer) cancels every part still being
         fetched before this generator finishes.
         """
-        if location.size <= 0:
-            raise ValueError("the file size must be known and positive")
-        if not 0 <= start <= end < location.size:
-            raise ValueError(f"range {start}-{end} outside a file of {location.size} bytes")
-
-        file = _FileLocation(location, max_refreshes=self.max_refreshes)
+        check_range(location, start, end)
+        file = self.locate(location)
         session = await self.media_session(file.dc_id)
-        first_part = start // PART_SIZE
-        last_part = end // PART_SIZE
-        next_part = first_part
-        in_flight: deque[tuple[int, asyncio.Task[bytes]]] = deque()
         log = logger.bind(dc=file.dc_id, media_id=file.file_id.media_id)
+        parts = iter_parts(
+            lambda part: self._fetch_part(session, file, part),
+            start,
+            end,
+            window=self.parts_in_flight,
+            log=log,
+        )
+        async with contextlib.aclosing(parts):
+            async for chunk in parts:
+                yield chunk
 
-        def fill() -> None:
-            nonlocal next_part
-            while next_part <= last_part and len(in_flight) < self.parts_in_flight:
-                task = asyncio.create_task(self._fetch_part(session, file, next_part))
-                in_flight.append((next_part, task))
-                next_part += 1
+    async def fetch_part(
+        self, session: Session, file: FileLocation, part: int, *, sleep_flood: bool = True
+    ) -> bytes:
+        """One part of the file; a flood wait is slept through within ``max_flood_wait`` (or,
+        without ``sleep_flood``, raised at once for the caller to move the part elsewhere)."""
+        return await self._fetch_part(session, file, part, sleep_flood=sleep_flood)
 
-        try:
-            fill()
-            while in_flight:
-                part, task = in_flight[0]
-                # Waiting through asyncio.wait keeps a cancelled consumer cancelled: awaiting the
-                # task itself would hand the cancellation to the part, and Python 3.11's wait_for
-                # inside Pyrogram's invoke can swallow it there.
-                if not task.done():
-                    await asyncio.wait((task,))
-                data = task.result()
-                in_flight.popleft()
-                fill()
-                part_start = part * PART_SIZE
-                low = start - part_start if part == first_part else 0
-                high = end - part_start + 1 if part == last_part else len(data)
-                yield data[low:high]
-        finally:
-            await _cancel_all([task for _, task in in_flight], log)
-
-    async def _fetch_part(self, session: Session, file: _FileLocation, part: int) -> bytes:
+    async def _fetch_part(
+        self, session: Session, file: FileLocation, part: int, *, sleep_flood: bool = True
+    ) -> bytes:
         offset = part * PART_SIZE
         expected = min(PART_SIZE, file.ref.size - offset)
         flood_waited = 0.0
@@ -267,9 +259,9 @@ class TelegramStreamer:
                 )
             except (FloodWait, FloodPremiumWait) as error:
                 wait = float(error.value) if isinstance(error.value, int) else 0.0
-                if self._on_flood_wait is not None:
-                    self._on_flood_wait(wait)
-                if flood_waited + wait > self.max_flood_wait:
+                if self.on_flood_wait is not None:
+                    self.on_flood_wait(wait)
+                if not sleep_flood or flood_waited + wait > self.max_flood_wait:
                     raise
                 flood_waited += wait
                 log.info("Telegram asks to wait {} s before the next part", wait)
@@ -300,6 +292,51 @@ class TelegramStreamer:
                     f"Telegram returned {len(data)} bytes at offset {offset}, expected {expected}"
                 )
             return data
+
+
+def check_range(location: TelegramFileRef, start: int, end: int) -> None:
+    """Refuse a range outside the file, or a file of unknown size."""
+    if location.size <= 0:
+        raise ValueError("the file size must be known and positive")
+    if not 0 <= start <= end < location.size:
+        raise ValueError(f"range {start}-{end} outside a file of {location.size} bytes")
+
+
+async def iter_parts(
+    fetch: PartFetcher, start: int, end: int, *, window: int, log: Logger
+) -> AsyncGenerator[bytes, None]:
+    """Bytes ``start..end`` in order, from ``fetch(part)`` of 1 MiB parts, ``window`` parts
+    requested ahead. Stopping early cancels every part still being fetched before it ends."""
+    first_part = start // PART_SIZE
+    last_part = end // PART_SIZE
+    next_part = first_part
+    in_flight: deque[tuple[int, asyncio.Task[bytes]]] = deque()
+
+    def fill() -> None:
+        nonlocal next_part
+        while next_part <= last_part and len(in_flight) < window:
+            task = asyncio.ensure_future(fetch(next_part))
+            in_flight.append((next_part, task))
+            next_part += 1
+
+    try:
+        fill()
+        while in_flight:
+            part, task = in_flight[0]
+            # Waiting through asyncio.wait keeps a cancelled consumer cancelled: awaiting the
+            # task itself would hand the cancellation to the part, and Python 3.11's wait_for
+            # inside Pyrogram's invoke can swallow it there.
+            if not task.done():
+                await asyncio.wait((task,))
+            data = task.result()
+            in_flight.popleft()
+            fill()
+            part_start = part * PART_SIZE
+            low = start - part_start if part == first_part else 0
+            high = end - part_start + 1 if part == last_part else len(data)
+            yield data[low:high]
+    finally:
+        await _cancel_all([task for _, task in in_flight], log)
 
 
 async def _cancel_all(tasks: list[asyncio.Task[bytes]], log: Logger) -> None:
@@ -354,11 +391,19 @@ def _sent_at(message_date: str | None) -> datetime | None:
         return None
 
 
+class RangeReader(Protocol):
+    """Reads byte ranges of Telegram files: one bot's streamer, or the pool of worker bots."""
+
+    def iter_range(
+        self, location: TelegramFileRef, start: int, end: int
+    ) -> AsyncGenerator[bytes, None]: ...
+
+
 @dataclass
 class TelegramByteSource:
     """A Telegram file as the web layer's byte source (its ``ByteSource`` protocol)."""
 
-    streamer: TelegramStreamer
+    streamer: RangeReader
     location: TelegramFileRef
     name: str
     mime: str
@@ -382,7 +427,7 @@ class TelegramByteSource:
     @classmethod
     def for_media(
         cls,
-        streamer: TelegramStreamer,
+        streamer: RangeReader,
         media: TgMediaRecord,
         *,
         refresh: FileIdRefresher | None = None,

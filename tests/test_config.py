@@ -432,6 +432,8 @@ def test_masked_settings_hide_secrets(tmp_path: Path) -> None:
         "MISTRELAY_WEB_METRICS_TOKEN": SECRET + "m",
         "MISTRELAY_ARIA2_OPTIONS": json.dumps({"http-passwd": SECRET, "split": "4"}),
         "MISTRELAY_TELEGRAM_ADMINS": "5,6",
+        "MISTRELAY_TELEGRAM_WORKER_BOT_TOKENS": f"11:{SECRET}x,12:{SECRET}y",
+        "MISTRELAY_TELEGRAM_STORAGE_CHANNEL": "-1001234567890",
     }
     settings = masked_settings(load_config(write(tmp_path / "c.yaml", ""), env=env))
     assert set(settings) == set(KNOWN_KEYS)
@@ -444,6 +446,48 @@ def test_masked_settings_hide_secrets(tmp_path: Path) -> None:
     empty = masked_settings(default_config(tmp_path))
     assert {empty[key] for key in SECRET_KEYS} == {""}
     assert json.loads(empty["upload.targets"]) == []
+
+
+def test_worker_bots_need_a_storage_channel_and_valid_tokens(tmp_path: Path) -> None:
+    bot = "telegram:\n  api_id: 1\n  api_hash: h\n  bot_token: '10:main'\n"
+    tokens = f"  worker_bot_tokens: ['11:{SECRET}a', '12:{SECRET}b']\n"
+    config = load_config(
+        write(tmp_path / "ok.yaml", bot + tokens + "  storage_channel: -1001234567890\n"), env={}
+    )
+    assert config.telegram.worker_bot_tokens == (f"11:{SECRET}a", f"12:{SECRET}b")
+    assert config.telegram.storage_channel == -1001234567890
+    assert SECRET not in repr(config.telegram)
+    hidden = log_secrets(config, ensure_secrets(config))
+    assert set(config.telegram.worker_bot_tokens) <= set(hidden)
+    cases = {
+        "no channel": (bot + tokens, "telegram.storage_channel", "must be set"),
+        "a group id": (
+            bot + tokens + "  storage_channel: -12345\n",
+            "telegram.storage_channel",
+            "channel's chat id",
+        ),
+        "a bad token": (
+            bot + f"  worker_bot_tokens: ['{SECRET}']\n  storage_channel: -1001234567890\n",
+            "telegram.worker_bot_tokens[0]",
+            "<bot id>:<secret>",
+        ),
+        "the main token": (
+            bot + "  worker_bot_tokens: ['10:main']\n  storage_channel: -1001234567890\n",
+            "telegram.worker_bot_tokens",
+            "main bot",
+        ),
+        "no main bot": (
+            "telegram:\n" + tokens + "  storage_channel: -1001234567890\n",
+            "telegram.worker_bot_tokens",
+            "needs the main bot",
+        ),
+    }
+    for name, (text, key, problem) in cases.items():
+        with pytest.raises(ConfigError) as caught:
+            load_config(write(tmp_path / "bad.yaml", text), env={})
+        assert caught.value.key == key, name
+        assert problem in str(caught.value), name
+        assert SECRET not in str(caught.value), name
 
 
 # --- database.url --------------------------------------------------------------------------------

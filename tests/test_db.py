@@ -591,6 +591,20 @@ async def test_save_tg_media_inserts_then_updates(db: Database, peek: Peek) -> N
     assert await db.get_tg_media("nope") is None
 
 
+async def test_a_files_copy_in_a_storage_channel_is_kept_per_channel(
+    db: Database, peek: Peek
+) -> None:
+    await db.save_tg_media(media("U1"))
+    assert await db.get_tg_storage_message("U1", -1001) is None
+    await db.save_tg_storage_message("U1", -1001, 7)
+    assert await db.get_tg_storage_message("U1", -1001) == 7
+    assert await db.get_tg_storage_message("U1", -1002) is None  # another channel: no copy there
+    await db.save_tg_storage_message("U1", -1002, 9)  # the channel changed: the new copy counts
+    assert await db.get_tg_storage_message("U1", -1002) == 9
+    assert await db.get_tg_storage_message("U1", -1001) is None
+    assert peek.count("tg_storage_messages") == 1
+
+
 async def test_create_download_records_pending_row_history_and_event(
     db: Database, hub: EventHub
 ) -> None:

@@ -11,12 +11,15 @@ import pyrogram
 import pytest
 from pyrogram import enums, filters, raw
 from pyrogram.errors import (
+    ChannelPrivate,
     FileReferenceExpired,
+    FileReferenceInvalid,
     FloodWait,
     LimitInvalid,
     MessageNotModified,
     OffsetInvalid,
 )
+from pyrogram.file_id import FileId
 from pyrogram.types import (
     CallbackQuery,
     InlineKeyboardButton,
@@ -370,3 +373,48 @@ async def test_expired_reference_fails_until_the_message_is_read_again(
     assert again.document.file_id != message.document.file_id
     assert file.file_reference != old_reference
     assert await _get_file(tg_client, file, 0, 4096) == data[:4096]
+
+
+async def test_each_bot_gets_its_own_reference_through_the_storage_channel(
+    fake_telegram: FakeTelegram, tg_client: pyrogram.Client
+) -> None:
+    fake = fake_telegram
+    member_token, outsider_token = fake.add_bot(), fake.add_bot()
+    channel = fake.add_channel([fake.bot_user.id, fake.bot_id_of(member_token)])
+    data = _payload(2 * MIB, seed=9)
+    file = fake.add_file(data, kind="video", file_name="v.mp4")
+    update = fake.message_update(text="a caption", file=file)
+    copy = await tg_client.forward_messages(
+        channel.peer_id, fake.default_user.id, update.message.id, hide_captions=True
+    )
+    assert isinstance(copy, Message) and copy.video is not None and not copy.caption
+    member = fake.make_client("member", bot_token=member_token)
+    outsider = fake.make_client("outsider", bot_token=outsider_token)
+    await member.start()
+    await outsider.start()
+    try:
+        assert member.me is not None and member.me.id == fake.bot_id_of(member_token)
+        with pytest.raises(FileReferenceInvalid):  # the main bot's reference is not the member's
+            await _get_file(member, file, 0, 4096)
+        seen = await member.get_messages(channel.peer_id, copy.id)
+        assert isinstance(seen, Message) and seen.video is not None
+        assert seen.video.file_unique_id == file.file_unique_id
+        own = FileId.decode(seen.video.file_id).file_reference
+        assert own != file.file_reference
+        assert await _get_file(member, file, 0, 4096, reference=own) == data[:4096]
+        with pytest.raises(ChannelPrivate):
+            await outsider.get_messages(channel.peer_id, copy.id)
+
+        # Over its limit of parts in flight, a bot is told to wait.
+        fake.part_limit_per_bot, fake.part_limit_mode = 1, "flood"
+        fake.part_limit_flood_wait, fake.delay_get_file = 100, 0.05
+        mark = fake.mark()
+        first = asyncio.create_task(_get_file(member, file, 0, 4096, reference=own))
+        await fake.wait_for_requests(1, of_type=raw.functions.upload.GetFile, after=mark)
+        with pytest.raises(FloodWait):
+            await _get_file(member, file, MIB, 4096, reference=own)
+        assert await first == data[:4096]
+        assert await _get_file(tg_client, file, MIB, 4096) == data[MIB : MIB + 4096]
+    finally:
+        await member.stop()
+        await outsider.stop()

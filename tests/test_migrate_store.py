@@ -123,6 +123,7 @@ async def fill_store(db: Database, config: Config) -> Filled:
         ),
         media,
     )
+    await db.save_tg_storage_message("AgADq1", -1009876543210, 7)
     await db.mark_download_queued_by_id(telegram, "gid-tg-1", "downloading")
     await db.mark_download_completed("gid-tg-1", "/data/downloads/1/clip.mp4", 5_000_000_000)
     await db.set_media_info(telegram, {"duration": 61.5, "streams": [{"codec": "h264"}]})
@@ -289,6 +290,7 @@ async def test_the_copy_knows_every_table_in_an_order_its_foreign_keys_allow(
         ("bot_notices", "downloads"),
         ("download_gids", "downloads"),
         ("downloads", "tg_media"),
+        ("tg_storage_messages", "tg_media"),
         ("uploads", "downloads"),
     ]
     for table, referenced in references:

@@ -16,6 +16,14 @@ what lets ``messages.GetMessages`` name a message without its chat), files with 
 file references that can expire, ``upload.GetFile`` with Telegram's offset/limit rules, uploads
 in parts (``upload.SaveFilePart`` / ``SaveBigFilePart``) with their size and MD5 checks.
 
+Several bots: ``add_bot()`` registers another bot and returns its token; each auth key belongs to
+the bot that authorized it, and each bot gets its own file reference for a file (one bot's
+reference is refused to another). ``add_channel()`` makes a channel with bot members: the main bot
+forwards a message there (``messages.ForwardMessages``), and a member reads it with
+``channels.GetMessages`` to get its own reference; a bot that is no member is refused.
+``part_limit_per_bot`` throttles each bot's ``upload.GetFile`` parts in flight (waiting for a free
+slot, or answering FLOOD_WAIT when ``part_limit_mode`` is "flood").
+
 Updates come in through ``feed()``, which passes a raw ``Updates`` to ``client.handle_updates``
 exactly as the real session does with what it reads from the socket: peers are stored and every
 update lands on ``client.dispatcher.updates_queue`` as ``(update, users, chats)``.
@@ -79,6 +87,10 @@ _NO_AUTH_NEEDED: tuple[type[TLObject], ...] = (
     raw.functions.auth.ImportBotAuthorization,
     raw.functions.auth.ImportAuthorization,
 )
+
+
+# The file locations upload.GetFile serves.
+_SERVED_LOCATIONS = (raw.types.InputDocumentFileLocation, raw.types.InputPhotoFileLocation)
 
 
 class FakeTelegramUnsupported(NotImplementedError):
@@ -204,6 +216,7 @@ class FakeFile:
     performer: str | None = None
     reference_valid: bool = True
     past_references: set[bytes] = field(default_factory=set)
+    bot_references: dict[int, bytes] = field(default_factory=dict)  # other bots' references
 
     @property
     def size(self) -> int:
@@ -259,6 +272,23 @@ class FakeMessage:
     reply_to_message_id: int | None = None
     edit_date: int | None = None
     deleted: bool = False
+    channel_id: int | None = None  # set for a channel post (chat_id is then the channel's peer id)
+
+
+@dataclass
+class FakeChannel:
+    """A channel whose members are bots; its posts have their own id sequence."""
+
+    id: int
+    access_hash: int
+    title: str
+    members: set[int]
+    messages: dict[int, FakeMessage] = field(default_factory=dict)
+    last_message_id: int = 0
+
+    @property
+    def peer_id(self) -> int:
+        return utils.get_channel_id(self.id)
 
 
 @dataclass
@@ -273,6 +303,7 @@ class _Injection:
     target: str
     error: BaseException | type[BaseException]
     remaining: int
+    bot_id: int | None = None
 
 
 @dataclass
@@ -447,6 +478,9 @@ class FakeTelegram:
             bot_info_version=1,
         )
         self.users: dict[int, raw.types.User] = {bot_id: self.bot_user}
+        self.bots: dict[int, raw.types.User] = {bot_id: self.bot_user}
+        self.revoked_bots: set[int] = set()
+        self.channels: dict[int, FakeChannel] = {}
         self._default_user: raw.types.User | None = None
 
         self.requests: list[TLObject] = []
@@ -458,19 +492,28 @@ class FakeTelegram:
         self.get_file_in_flight = 0
         self.get_file_max_concurrency = 0
         self.media_sessions_opened: Counter[int] = Counter()
+        self.part_limit_per_bot: int | None = None
+        self.part_limit_mode = "delay"  # or "flood": FLOOD_WAIT_<part_limit_flood_wait>
+        self.part_limit_flood_wait = 1
+        self.get_file_calls_by_bot: Counter[int] = Counter()
+        self.get_file_max_in_flight_by_bot: Counter[int] = Counter()
+        self._bot_parts_in_flight: Counter[int] = Counter()
+        self._bot_slot_freed: asyncio.Event | None = None
         self.sessions_opened: Counter[tuple[int, bool]] = Counter()
         self.open_sessions: set[FakeSession] = set()
         self._injections: list[_Injection] = []
 
         self._auth_keys: dict[bytes, int] = {}
         self._authorized_keys: set[bytes] = set()
-        self._exported: dict[int, tuple[int, bytes]] = {}
+        self._key_owner: dict[bytes, int] = {}  # auth key -> the bot it authorized
+        self._exported: dict[int, tuple[int, bytes, int]] = {}
 
         self.files: dict[int, FakeFile] = {}
         self.messages: dict[int, FakeMessage] = {}
         self._last_message_id = 0
         self._pts = 1
         self._uploads: dict[int, _Upload] = {}
+        self._part_wire: dict[tuple[int, int, int], bytes] = {}  # upload.File parts, written
         self._callback_queries: dict[int, bool] = {}
 
         self._sent_messages: list[SentMessage] = []
@@ -496,6 +539,8 @@ class FakeTelegram:
             raw.functions.messages.SendMultiMedia: self._on_send_multi_media,
             raw.functions.messages.GetMessages: self._on_get_messages,
             raw.functions.channels.GetMessages: self._on_channels_get_messages,
+            raw.functions.channels.GetChannels: self._on_get_channels,
+            raw.functions.messages.ForwardMessages: self._on_forward_messages,
             raw.functions.messages.DeleteMessages: self._on_delete_messages,
             raw.functions.messages.SetBotCallbackAnswer: self._on_set_bot_callback_answer,
             raw.functions.messages.SetTyping: self._on_true,
@@ -551,6 +596,34 @@ class FakeTelegram:
         if self._default_user is None:
             self._default_user = self.make_user(user_id=424_242, username="ada")
         return self._default_user
+
+    def add_bot(self, username: str | None = None) -> str:
+        """Register another bot; its token (``<bot id>:<secret>``)."""
+        bot_id = 7_100_001 + len(self.bots)
+        self.bots[bot_id] = raw.types.User(
+            id=bot_id,
+            is_self=True,
+            bot=True,
+            access_hash=self._random.getrandbits(63),
+            first_name="Worker",
+            username=username or f"mistrelay_worker_{bot_id}_bot",
+            bot_info_version=1,
+        )
+        return f"{bot_id}:worker-secret-{bot_id}"
+
+    def add_channel(self, members: Iterable[int], *, title: str = "storage") -> FakeChannel:
+        """A channel with these bots (ids) as members; ``peer_id`` is its Bot API chat id."""
+        channel = FakeChannel(
+            id=1_500_000_000 + len(self.channels),
+            access_hash=self._random.getrandbits(63),
+            title=title,
+            members=set(members),
+        )
+        self.channels[channel.id] = channel
+        return channel
+
+    def bot_id_of(self, token: str) -> int:
+        return int(token.partition(":")[0])
 
     def add_file(
         self,
@@ -759,12 +832,14 @@ class FakeTelegram:
         target: str | type[TLObject],
         error: BaseException | type[BaseException],
         times: int = 1,
+        *,
+        bot_id: int | None = None,
     ) -> None:
         """Answer the next ``times`` requests of ``target`` (a raw function class or a name such
         as "upload.GetFile" or "GetFile") with ``error``: Telegram RPC errors (FloodWait(value=3),
         FileReferenceExpired(), ...) travel as RPC errors; others (TimeoutError, OSError) are
-        raised by the transport."""
-        self._injections.append(_Injection(_qualname(target), error, times))
+        raised by the transport. With ``bot_id``, only that bot's requests are answered so."""
+        self._injections.append(_Injection(_qualname(target), error, times, bot_id))
 
     # ---- server internals ---------------------------------------------------------------------
 
@@ -812,11 +887,12 @@ class FakeTelegram:
         self._record(session, query)
         if isinstance(query, raw.functions.upload.GetFile):
             self.get_file_calls += 1
+            self.get_file_calls_by_bot[self._owner(session)] += 1
         if not wait_response:
             return None
         failure: _RpcFailure | None = None
         try:
-            self._raise_injected(query)
+            self._raise_injected(query, self._owner(session))
             result = await self._answer(_Call(session, query, timeout))
         except _RpcFailure as error:
             failure = error
@@ -825,11 +901,32 @@ class FakeTelegram:
                 raw.types.RpcError(error_code=failure.code, error_message=failure.message),
                 type(query),
             )
+        if (
+            self.wire_check
+            and isinstance(query, raw.functions.upload.GetFile)
+            and isinstance(query.location, _SERVED_LOCATIONS)
+            and isinstance(result, raw.types.upload.File)
+        ):
+            # The client parses every part from the wire; the server writes each part once (its
+            # writing is Telegram's work, not the client's, and would cost this loop ~1 ms a part).
+            key = (query.location.id, query.offset, len(result.bytes))
+            wire = self._part_wire.get(key)
+            if wire is None:
+                wire = self._part_wire[key] = result.write()
+            return TLObject.read(BytesIO(wire))
         return _roundtrip(result) if self.wire_check else result
 
-    def _raise_injected(self, query: TLObject) -> None:
+    def _owner(self, session: FakeSession) -> int:
+        """The bot whose authorization the session's auth key carries (the main bot if none)."""
+        return self._key_owner.get(session.auth_key, self.bot_user.id)
+
+    def _raise_injected(self, query: TLObject, bot_id: int) -> None:
         for injection in self._injections:
-            if injection.remaining > 0 and _matches(query, injection.target):
+            if (
+                injection.remaining > 0
+                and _matches(query, injection.target)
+                and injection.bot_id in (None, bot_id)
+            ):
                 injection.remaining -= 1
                 error = injection.error
                 if isinstance(error, type):
@@ -913,8 +1010,13 @@ class FakeTelegram:
             raise _RpcFailure.of(errors.AccessTokenInvalid)
         if call.session.dc_id != self.main_dc:
             raise _RpcFailure.of(errors.UserMigrate, self.main_dc)
+        # Tokens of unregistered bot ids stand for the main bot.
+        bot = self.bots.get(int(bot_id), self.bot_user)
+        if bot.id in self.revoked_bots:
+            raise _RpcFailure.of(errors.AccessTokenExpired)
         self._authorized_keys.add(call.session.auth_key)
-        return raw.types.auth.Authorization(user=self.bot_user)
+        self._key_owner[call.session.auth_key] = bot.id
+        return raw.types.auth.Authorization(user=bot)
 
     async def _on_export_authorization(self, call: _Call) -> raw.types.auth.ExportedAuthorization:
         dc_id = call.query.dc_id
@@ -922,20 +1024,21 @@ class FakeTelegram:
             raise _RpcFailure.of(errors.DcIdInvalid)
         export_id = self._random.getrandbits(63)
         token = self._random.randbytes(32)
-        self._exported[export_id] = (dc_id, token)
+        self._exported[export_id] = (dc_id, token, self._owner(call.session))
         return raw.types.auth.ExportedAuthorization(id=export_id, bytes=token)
 
     async def _on_import_authorization(self, call: _Call) -> raw.types.auth.Authorization:
         exported = self._exported.pop(call.query.id, None)
-        if exported is None or exported != (call.session.dc_id, call.query.bytes):
+        if exported is None or exported[:2] != (call.session.dc_id, call.query.bytes):
             raise _RpcFailure.of(errors.AuthBytesInvalid)
         self._authorized_keys.add(call.session.auth_key)
-        return raw.types.auth.Authorization(user=self.bot_user)
+        self._key_owner[call.session.auth_key] = exported[2]
+        return raw.types.auth.Authorization(user=self.bots[exported[2]])
 
     # ---- users and state ----------------------------------------------------------------------
 
     async def _on_get_full_user(self, call: _Call) -> raw.types.users.UserFull:
-        user = self._input_user(call.query.id)
+        user = self._input_user(call.query.id, self._owner(call.session))
         return raw.types.users.UserFull(
             full_user=raw.types.UserFull(
                 id=user.id,
@@ -951,14 +1054,14 @@ class FakeTelegram:
         found = []
         for input_user in call.query.id:
             try:
-                found.append(self._input_user(input_user))
+                found.append(self._input_user(input_user, self._owner(call.session)))
             except _RpcFailure:
                 continue
         return found
 
-    def _input_user(self, input_user: raw.base.InputUser) -> raw.types.User:
+    def _input_user(self, input_user: raw.base.InputUser, me: int) -> raw.types.User:
         if isinstance(input_user, raw.types.InputUserSelf):
-            return self.bot_user
+            return self.bots[me]
         if isinstance(input_user, raw.types.InputUser):
             user = self.users.get(input_user.user_id)
             # A bot may name a user it has seen with access_hash 0.
@@ -1013,16 +1116,19 @@ class FakeTelegram:
         self.messages[message.id] = message
         return message
 
-    def _issue(self, file: FakeFile) -> bytes:
-        """The reference handed out with the file now: a fresh one if the last one expired."""
+    def _issue(self, file: FakeFile, bot_id: int | None = None) -> bytes:
+        """The reference handed out with the file now (to ``bot_id``, the main bot by default): a
+        fresh one if the last one expired."""
+        if bot_id not in (None, self.bot_user.id):
+            return file.bot_references.setdefault(bot_id, self._new_reference())
         if not file.reference_valid:
             file.past_references.add(file.file_reference)
             file.file_reference = self._new_reference()
             file.reference_valid = True
         return file.file_reference
 
-    def _raw_media(self, file: FakeFile) -> raw.base.MessageMedia:
-        reference = self._issue(file)
+    def _raw_media(self, file: FakeFile, bot_id: int | None = None) -> raw.base.MessageMedia:
+        reference = self._issue(file, bot_id)
         if file.kind == "photo":
             return raw.types.MessageMediaPhoto(
                 photo=raw.types.Photo(
@@ -1056,9 +1162,18 @@ class FakeTelegram:
             voice=True if file.kind == "voice" else None,
         )
 
-    def _raw_message(self, message: FakeMessage) -> raw.base.Message:
+    def _raw_message(self, message: FakeMessage, bot_id: int | None = None) -> raw.base.Message:
         if message.deleted:
             return raw.types.MessageEmpty(id=message.id)
+        if message.channel_id is not None:
+            return raw.types.Message(
+                id=message.id,
+                peer_id=raw.types.PeerChannel(channel_id=message.channel_id),
+                date=message.date,
+                message=message.text,
+                post=True,
+                media=self._raw_media(message.file, bot_id) if message.file is not None else None,
+            )
         return raw.types.Message(
             id=message.id,
             peer_id=raw.types.PeerUser(user_id=message.chat_id),
@@ -1371,9 +1486,91 @@ class FakeTelegram:
         users += [self.users[i] for i in sorted(chat_ids) if i in self.users]
         return raw.types.messages.Messages(messages=found, topics=[], chats=[], users=users)
 
-    async def _on_channels_get_messages(self, call: _Call) -> Any:
-        # The fake models private chats only.
+    def _member_channel(self, input_channel: Any, bot_id: int) -> FakeChannel:
+        """The channel named, if this bot is a member (access hash 0 stands for a known one)."""
+        if isinstance(input_channel, raw.types.InputPeerChannel | raw.types.InputChannel):
+            channel = self.channels.get(input_channel.channel_id)
+            if channel is None or input_channel.access_hash not in (0, channel.access_hash):
+                raise _RpcFailure.of(errors.ChannelInvalid)
+            if bot_id not in channel.members:
+                raise _RpcFailure.of(errors.ChannelPrivate)
+            return channel
         raise _RpcFailure.of(errors.ChannelInvalid)
+
+    def _raw_channel(self, channel: FakeChannel) -> raw.types.Channel:
+        return raw.types.Channel(
+            id=channel.id,
+            title=channel.title,
+            photo=raw.types.ChatPhotoEmpty(),
+            date=0,
+            broadcast=True,
+            access_hash=channel.access_hash,
+        )
+
+    async def _on_get_channels(self, call: _Call) -> raw.types.messages.Chats:
+        bot_id = self._owner(call.session)
+        found = [self._member_channel(item, bot_id) for item in call.query.id]
+        return raw.types.messages.Chats(chats=[self._raw_channel(c) for c in found])
+
+    async def _on_channels_get_messages(self, call: _Call) -> raw.types.messages.ChannelMessages:
+        bot_id = self._owner(call.session)
+        channel = self._member_channel(call.query.channel, bot_id)
+        found: list[raw.base.Message] = []
+        for input_message in call.query.id:
+            if not isinstance(input_message, raw.types.InputMessageID):
+                raise FakeTelegramUnsupported(
+                    f"the fake does not resolve {_qualname(type(input_message))} in channels"
+                )
+            message = channel.messages.get(input_message.id)
+            found.append(
+                self._raw_message(message, bot_id)
+                if message is not None
+                else raw.types.MessageEmpty(id=input_message.id)
+            )
+        return raw.types.messages.ChannelMessages(
+            pts=self._pts,
+            count=len(found),
+            messages=found,
+            topics=[],
+            chats=[self._raw_channel(channel)],
+            users=[],
+        )
+
+    async def _on_forward_messages(self, call: _Call) -> raw.types.Updates:
+        query = call.query
+        bot_id = self._owner(call.session)
+        from_chat = self._chat_of(query.from_peer)
+        channel = self._member_channel(query.to_peer, bot_id)
+        updates: list[raw.base.Update] = []
+        for message_id in query.id:
+            source = self.messages.get(message_id)
+            if source is None or source.deleted or source.chat_id != from_chat:
+                raise _RpcFailure.of(errors.MessageIdInvalid)
+            channel.last_message_id += 1
+            post = FakeMessage(
+                id=channel.last_message_id,
+                chat_id=channel.peer_id,
+                sender_id=bot_id,
+                out=True,
+                date=int(time.time()),
+                text="" if query.drop_media_captions and source.file else source.text,
+                entities=None if query.drop_media_captions and source.file else source.entities,
+                file=source.file,
+                channel_id=channel.id,
+            )
+            channel.messages[post.id] = post
+            updates.append(
+                raw.types.UpdateNewChannelMessage(
+                    message=self._raw_message(post, bot_id), pts=self._next_pts(), pts_count=1
+                )
+            )
+        return raw.types.Updates(
+            updates=updates,
+            users=[self.bots[bot_id]],
+            chats=[self._raw_channel(channel)],
+            date=int(time.time()),
+            seq=0,
+        )
 
     async def _on_delete_messages(self, call: _Call) -> raw.types.messages.AffectedMessages:
         count = 0
@@ -1425,7 +1622,36 @@ class FakeTelegram:
         upload.parts[query.file_part] = query.bytes
         return True
 
+    async def _bot_part_slot(self, bot_id: int) -> None:
+        """Take one of the bot's part slots (``part_limit_per_bot``): wait for a free one, or
+        answer FLOOD_WAIT in "flood" mode."""
+        limit = self.part_limit_per_bot
+        while limit is not None and self._bot_parts_in_flight[bot_id] >= limit:
+            if self.part_limit_mode == "flood":
+                raise _RpcFailure.of(errors.FloodWait, self.part_limit_flood_wait)
+            if self._bot_slot_freed is None:
+                self._bot_slot_freed = asyncio.Event()
+            await self._bot_slot_freed.wait()
+        self._bot_parts_in_flight[bot_id] += 1
+        self.get_file_max_in_flight_by_bot[bot_id] = max(
+            self.get_file_max_in_flight_by_bot[bot_id], self._bot_parts_in_flight[bot_id]
+        )
+
+    def _free_bot_part_slot(self, bot_id: int) -> None:
+        self._bot_parts_in_flight[bot_id] -= 1
+        freed, self._bot_slot_freed = self._bot_slot_freed, None
+        if freed is not None:
+            freed.set()
+
     async def _on_get_file(self, call: _Call) -> raw.types.upload.File:
+        bot_id = self._owner(call.session)
+        await self._bot_part_slot(bot_id)
+        try:
+            return await self._get_file_in_slot(call)
+        finally:
+            self._free_bot_part_slot(bot_id)
+
+    async def _get_file_in_slot(self, call: _Call) -> raw.types.upload.File:
         self.get_file_in_flight += 1
         self.get_file_max_concurrency = max(self.get_file_max_concurrency, self.get_file_in_flight)
         try:
@@ -1458,7 +1684,12 @@ class FakeTelegram:
         if call.session.dc_id != file.dc_id:
             raise _RpcFailure.of(errors.FileMigrate, file.dc_id)
         reference = location.file_reference
-        if reference != file.file_reference or not file.reference_valid:
+        bot_id = self._owner(call.session)
+        if bot_id != self.bot_user.id:
+            # Another bot's reference (or none issued to this bot) is refused.
+            if reference != file.bot_references.get(bot_id):
+                raise _RpcFailure.of(errors.FileReferenceInvalid)
+        elif reference != file.file_reference or not file.reference_valid:
             if reference == file.file_reference or reference in file.past_references:
                 raise _RpcFailure.of(errors.FileReferenceExpired)
             raise _RpcFailure.of(errors.FileReferenceInvalid)
