@@ -3358,14 +3358,18 @@ class _Tx:
             chunk = batch[first : first + _PROGRESS_CHUNK]
             polled, params = _polled(self.dialect, chunk)
             # The CTE's names differ from the table's so RETURNING reads the updated row.
+            # aria2 says 0 bytes in all until it has learnt the size: a size known before
+            # (a Telegram file's, a torrent's) is kept meanwhile.
             rows = await self.fetch_all(
                 f"WITH polled(p_gid, p_completed, p_total, p_speed) AS ({polled})"
                 " UPDATE downloads SET completed_length = p_completed,"
-                " total_length = p_total, download_speed = p_speed, updated_at = ?"
+                " total_length = CASE WHEN p_total > 0 THEN p_total"
+                " ELSE downloads.total_length END,"
+                " download_speed = p_speed, updated_at = ?"
                 " FROM polled WHERE downloads.gid = p_gid"
                 " AND downloads.status IN ('waiting', 'downloading', 'paused')"
                 " AND (downloads.completed_length != p_completed"
-                " OR downloads.total_length != p_total"
+                " OR (p_total > 0 AND downloads.total_length != p_total)"
                 " OR downloads.download_speed != p_speed)"
                 f" RETURNING {_DOWNLOAD_COLUMNS}",
                 (*params, now),

@@ -883,6 +883,22 @@ async def test_update_download_progress_single_row(db: Database) -> None:
     await db.update_download_progress("unknown", 1, 1, 1)  # ignored, no error
 
 
+async def test_a_known_size_is_kept_while_aria2_has_not_learnt_it(db: Database) -> None:
+    """aria2 reports 0 bytes in all before it knows the size: the size a Telegram file or a
+    torrent came with stays, and aria2's own figure replaces it once it has one."""
+    download_id = await db.create_download(NewDownload("http", "http://h/sized", total_length=500))
+    await db.mark_download_queued_by_id(download_id, "g-sized", "downloading")
+    await db.update_download_progress("g-sized", 0, 0, 0)
+    row = await db.get_download_by_id(download_id)
+    assert row is not None and row.total_length == 500
+    await db.update_download_progress("g-sized", 20, 0, 7)  # progress still counts
+    row = await db.get_download_by_id(download_id)
+    assert row is not None and (row.completed_length, row.total_length) == (20, 500)
+    await db.update_download_progress("g-sized", 40, 480, 7)
+    row = await db.get_download_by_id(download_id)
+    assert row is not None and (row.completed_length, row.total_length) == (40, 480)
+
+
 # --- download transitions ----------------------------------------------------------------------
 
 
