@@ -1,0 +1,267 @@
+"""`app.py add` and `app.py list` as real processes against a real service process (its own
+aria2c and SQLite file) and a local HTTP file server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pty
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.http_files import FileServer
+from tests.support.service_process import (
+    APP_SCRIPT,
+    PROJECT_ROOT,
+    ServiceProcess,
+    ServiceProcessFactory,
+    clean_environment,
+)
+from tests.support.torrents import make_torrent
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+async def cli(config: Path, *args: str, timeout: float = 60) -> Run:
+    """Run `app.py --config CONFIG ARGS…` to its end, stdout and stderr piped."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(APP_SCRIPT),
+        "--config",
+        str(config),
+        *args,
+        cwd=PROJECT_ROOT,
+        env=clean_environment(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return Run(int(proc.returncode or 0), out.decode(), err.decode())
+
+
+def read_all(fd: int) -> bytes:
+    """Everything from a pty's master side until the other side is closed."""
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed its terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def cli_on_terminal(config: Path, *args: str, timeout: float = 60) -> Run:
+    """Run the command line with its stdout on a pseudo-terminal (stderr piped)."""
+    master, slave = pty.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(APP_SCRIPT),
+            "--config",
+            str(config),
+            *args,
+            cwd=PROJECT_ROOT,
+            env=clean_environment({"COLUMNS": "120"}),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=slave,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        os.close(slave)
+        slave = -1
+        reader = asyncio.create_task(asyncio.to_thread(read_all, master))
+        try:
+            err = await asyncio.wait_for(
+                proc.stderr.read() if proc.stderr else asyncio.sleep(0), timeout
+            )
+            await asyncio.wait_for(proc.wait(), timeout)
+            out = await asyncio.wait_for(reader, timeout)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    return Run(int(proc.returncode or 0), out.decode(errors="replace"), (err or b"").decode())
+
+
+def added_ids(out: str) -> list[int]:
+    return [int(line.split("\t")[0][1:]) for line in out.splitlines() if "\tadded\t" in line]
+
+
+async def started(service_process: ServiceProcessFactory) -> ServiceProcess:
+    svc = service_process()
+    await svc.start()
+    return svc
+
+
+async def test_add_wait_and_list(
+    service_process: ServiceProcessFactory, file_server: FileServer
+) -> None:
+    svc = await started(service_process)
+    first = file_server.add_file("first.bin", size=300_000, seed=1)
+    second = file_server.add_file("second.bin", size=200_000, seed=2)
+    url_1 = file_server.url("first.bin", route="slow", rate=400_000)
+    url_2 = file_server.url("second.bin")
+
+    run = await cli(svc.config_path, "add", url_1, "not-a-link", url_2, "--wait")
+
+    # One bad link does not hold back the good ones: both added, the bad one refused with the
+    # server's reason, and the exit code says something was refused.
+    assert run.code == 1, run
+    ids = added_ids(run.out)
+    assert len(ids) == 2, run.out
+    assert "refused\tnot-a-link: " in run.err
+    refusal = run.err.split("refused\tnot-a-link: ")[1].splitlines()[0]
+    assert refusal.strip(), run.err
+    # Not a terminal: plain lines, no escape sequences, and one final line per job.
+    assert "\x1b[" not in run.out
+    assert f"#{ids[0]}\tcompleted\t" in run.out and f"#{ids[1]}\tcompleted\t" in run.out
+    assert (svc.download_dir / str(ids[0]) / "first.bin").read_bytes() == first
+    assert (svc.download_dir / str(ids[1]) / "second.bin").read_bytes() == second
+
+    # Its own status and the service agree.
+    for download_id in ids:
+        assert (await svc.download(download_id))["status"] == "completed"
+
+    failing = file_server.status_url(404)
+    run = await cli(svc.config_path, "add", failing, "--wait")
+    assert run.code == 1, run
+    (failed_id,) = added_ids(run.out)
+    assert f"#{failed_id}\tfailed\t" in run.out
+
+    run = await cli(svc.config_path, "list")
+    assert run.code == 0, run
+    lines = run.out.splitlines()
+    assert lines[0].split() == ["ID", "STATUS", "PROGRESS", "NAME"]
+    listed = {int(line.split()[0]): line.split()[1:3] for line in lines[1:]}
+    assert listed[ids[0]] == ["completed", "100.0%"]
+    assert listed[ids[1]] == ["completed", "100.0%"]
+    assert listed[failed_id][0] == "failed"
+
+    run = await cli(svc.config_path, "list", "--status", "failed", "--json")
+    assert run.code == 0, run
+    rows = json.loads(run.out)
+    assert [row["id"] for row in rows] == [failed_id]
+    assert rows[0]["status"] == "failed"
+
+    run = await cli(svc.config_path, "list", "--status", "nonsense")
+    assert run.code == 2 and "invalid choice" in run.err
+
+
+async def test_add_wait_on_a_terminal_draws_bars_and_ctrl_c_leaves_the_job(
+    service_process: ServiceProcessFactory, file_server: FileServer
+) -> None:
+    svc = await started(service_process)
+    file_server.add_file("bar.bin", size=400_000, seed=3)
+    run = await cli_on_terminal(
+        svc.config_path, "add", file_server.url("bar.bin", route="slow", rate=300_000), "--wait"
+    )
+    assert run.code == 0, run
+    assert "\x1b[2K#" in run.out  # lines redrawn in place
+    assert "[" + "#" * 24 + "] 100.0%" in run.out
+    assert "\tcompleted\tbar.bin" in run.out
+
+    # Ctrl-C while waiting: the command stops, the job goes on in the service.
+    file_server.add_file("held.bin", size=500_000, seed=4)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(APP_SCRIPT),
+        "--config",
+        str(svc.config_path),
+        "add",
+        file_server.url("held.bin", route="hold"),
+        "--wait",
+        cwd=PROJECT_ROOT,
+        env=clean_environment(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), 60)
+        download_id = int(first.decode().split("\t")[0][1:])
+        await file_server.wait_held("held.bin", within_s=30)
+        proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), 30)
+        err = (await proc.stderr.read()).decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == 130, err
+    assert f"stopped waiting; the jobs go on in the service: #{download_id}" in err
+    assert (await svc.download(download_id))["status"] in ("waiting", "downloading")
+    file_server.release("held.bin")
+    await svc.wait_download(download_id, ["completed"])
+
+
+async def test_torrent_files_wrong_token_and_service_down(
+    service_process: ServiceProcessFactory, tmp_path: Path
+) -> None:
+    svc = await started(service_process)
+    info = make_torrent(
+        b"torrent payload " * 1000, tmp_path / "seed", "http://127.0.0.1:9/a", "t.bin"
+    )
+    torrent = info.torrent_path
+    broken = tmp_path / "broken.torrent"
+    broken.write_bytes(b"d4:infoi3ee")
+    missing = tmp_path / "missing.torrent"
+
+    run = await cli(svc.config_path, "add", str(torrent), str(broken), str(missing))
+    assert run.code == 1, run
+    (torrent_id,) = added_ids(run.out)
+    assert run.out.strip().endswith("\tt.bin"), run.out
+    row = await svc.download(torrent_id)
+    assert row["source_type"] == "torrent" and row["info_hash"] == info.info_hash
+    assert f"refused\t{broken}: " in run.err and "(HTTP 400)" in run.err
+    assert f"refused\t{missing}: cannot read the file: No such file or directory" in run.err
+
+    # A wrong token: one clear line, exit 2, and the token itself is never shown.
+    wrong = "w" * 32
+    document = yaml.safe_load(svc.config_path.read_text())
+    document["web"]["token"] = wrong
+    wrong_config = tmp_path / "wrong.yaml"
+    wrong_config.write_text(yaml.safe_dump(document))
+    run = await cli(wrong_config, "list")
+    assert run.code == 2, run
+    assert run.err.strip().splitlines() == [
+        f"error: the service at {svc.base_url} refused the token (from web.token): "
+        + run.err.split("(from web.token): ")[1].strip()
+    ]
+    assert wrong not in run.err + run.out and svc.token not in run.err + run.out
+
+    await svc.stop()
+    run = await cli(svc.config_path, "add", "https://example.invalid/file.bin")
+    assert run.code == 2, run
+    lines = run.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: the service at {svc.base_url} is not reachable: "
+    ), run.err
+    with contextlib.suppress(FileNotFoundError):
+        assert svc.token not in run.err
