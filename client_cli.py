@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -117,6 +118,9 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
     except ServiceUnreachable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except KeyboardInterrupt:  # Ctrl-C before `add --wait` follows: what was sent stays sent
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 # --- talking to the service ---------------------------------------------------------------------
@@ -245,18 +249,36 @@ async def add_command(
         for item in items:
             if is_torrent_file(item):
                 await add_torrent_file(api, item, outcome)
-        for row in outcome.added:
-            print(f"#{row['id']}\tadded\t{display_name(row)}", file=out, flush=True)
-        for item, reason in outcome.refused:
-            print(f"refused\t{mask_url_passwords(item)}: {reason}", file=sys.stderr, flush=True)
         code = EXIT_REFUSED if outcome.refused else EXIT_OK
-        if wait and outcome.added:
-            waited = await follow(api, [int(row["id"]) for row in outcome.added], out)
-            code = waited if waited == EXIT_INTERRUPTED else max(code, waited)
-    return code
+        if not (wait and outcome.added):
+            print_outcome(outcome, out)
+            return code
+        with ctrl_c_sets() as stop:  # from the first id shown, Ctrl-C stops only the waiting
+            print_outcome(outcome, out)
+            waited = await follow(api, [int(row["id"]) for row in outcome.added], out, stop)
+    return waited if waited == EXIT_INTERRUPTED else max(code, waited)
+
+
+def print_outcome(outcome: Outcome, out: TextIO) -> None:
+    for row in outcome.added:
+        print(f"#{row['id']}\tadded\t{display_name(row)}", file=out, flush=True)
+    for item, reason in outcome.refused:
+        print(f"refused\t{mask_url_passwords(item)}: {reason}", file=sys.stderr, flush=True)
 
 
 # --- add --wait ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def ctrl_c_sets() -> Iterator[asyncio.Event]:
+    """While the block runs, Ctrl-C (SIGINT) sets the event instead of interrupting."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    try:
+        yield stop
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def percent(row: dict[str, Any]) -> float | None:
@@ -323,41 +345,35 @@ class Progress:
         self.out.flush()
 
 
-async def follow(api: Api, ids: list[int], out: TextIO) -> int:
-    """Poll the jobs until each is completed, failed, cancelled or deleted; Ctrl-C (SIGINT) stops
-    the waiting, never the jobs. Returns 0 all completed, 1 one did not, 130 interrupted."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+async def follow(api: Api, ids: list[int], out: TextIO, stop: asyncio.Event) -> int:
+    """Poll the jobs until each is completed, failed, cancelled or deleted, or until `stop` is
+    set (the jobs go on). Returns 0 all completed, 1 one did not, 130 stopped."""
     progress = Progress(out)
     rows: dict[int, dict[str, Any]] = {}
-    try:
-        while True:
-            for download_id in ids:
-                status, body = await api.call("GET", f"/api/downloads/{download_id}")
-                if status == 404:
-                    body = {**rows.get(download_id, {"id": download_id}), "status": "deleted"}
-                elif status != 200:
-                    raise ServiceUnreachable(
-                        f"the service answered HTTP {status} for #{download_id}: {reason_of(body)}"
-                    )
-                rows[download_id] = body
-            current = [rows[i] for i in ids]
-            progress.show(current)
-            if all(row["status"] in (*FINAL_DOWNLOAD_STATUSES, "deleted") for row in current):
-                break
-            try:
-                await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
-            except TimeoutError:
-                continue
-            print(
-                f"stopped waiting; the jobs go on in the service: {' '.join(f'#{i}' for i in ids)}",
-                file=sys.stderr,
-                flush=True,
-            )
-            return EXIT_INTERRUPTED
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
+    while True:
+        for download_id in ids:
+            status, body = await api.call("GET", f"/api/downloads/{download_id}")
+            if status == 404:
+                body = {**rows.get(download_id, {"id": download_id}), "status": "deleted"}
+            elif status != 200:
+                raise ServiceUnreachable(
+                    f"the service answered HTTP {status} for #{download_id}: {reason_of(body)}"
+                )
+            rows[download_id] = body
+        current = [rows[i] for i in ids]
+        progress.show(current)
+        if all(row["status"] in (*FINAL_DOWNLOAD_STATUSES, "deleted") for row in current):
+            break
+        try:
+            await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
+        except TimeoutError:
+            continue
+        print(
+            f"stopped waiting; the jobs go on in the service: {' '.join(f'#{i}' for i in ids)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_INTERRUPTED
     for row in current:
         print(final_line(row), file=out, flush=True)
     return EXIT_OK if all(row["status"] == "completed" for row in current) else EXIT_REFUSED

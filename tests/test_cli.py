@@ -16,7 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app import parse_args
+from client_cli import run_command
+from configer import load_config
 from tests.support.http_files import FileServer
+from tests.support.service import service_config
 from tests.support.service_process import (
     APP_SCRIPT,
     PROJECT_ROOT,
@@ -26,7 +30,38 @@ from tests.support.service_process import (
 )
 from tests.support.torrents import make_torrent
 
-pytestmark = pytest.mark.slow
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["list", "--status", "nonsense"], "invalid choice: 'nonsense'"),
+        (["list", "--limit", "0"], "not a whole number from 1 to 1000: '0'"),
+        (["list", "--limit", "1001"], "not a whole number from 1 to 1000: '1001'"),
+        (["add", "x", "--url", "ftp://127.0.0.1:8080"], "not an http:// or https:// address"),
+        (["add"], "the following arguments are required: URL|MAGNET|FILE.torrent"),
+    ],
+)
+def test_arguments_are_checked(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(argv)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_token_to_read_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = load_config(service_config(tmp_path))
+    code = run_command(config, parse_args(["list"]))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: no web token: {config.data_dir / 'web_token'} does not exist "
+        "(start the service once, or set web.token)\n"
+    )
+    assert not (config.data_dir / "web_token").exists()  # a client never creates it
 
 
 @dataclass
@@ -119,6 +154,7 @@ async def started(service_process: ServiceProcessFactory) -> ServiceProcess:
     return svc
 
 
+@pytest.mark.slow
 async def test_add_wait_and_list(
     service_process: ServiceProcessFactory, file_server: FileServer
 ) -> None:
@@ -169,10 +205,8 @@ async def test_add_wait_and_list(
     assert [row["id"] for row in rows] == [failed_id]
     assert rows[0]["status"] == "failed"
 
-    run = await cli(svc.config_path, "list", "--status", "nonsense")
-    assert run.code == 2 and "invalid choice" in run.err
 
-
+@pytest.mark.slow
 async def test_add_wait_on_a_terminal_draws_bars_and_ctrl_c_leaves_the_job(
     service_process: ServiceProcessFactory, file_server: FileServer
 ) -> None:
@@ -221,6 +255,7 @@ async def test_add_wait_on_a_terminal_draws_bars_and_ctrl_c_leaves_the_job(
     await svc.wait_download(download_id, ["completed"])
 
 
+@pytest.mark.slow
 async def test_torrent_files_wrong_token_and_service_down(
     service_process: ServiceProcessFactory, tmp_path: Path
 ) -> None:
