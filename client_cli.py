@@ -152,7 +152,12 @@ class Api:
         try:
             body: Any = json.loads(text)
         except ValueError:
-            body = text
+            body = None
+        if not isinstance(body, dict):  # the service answers every request with a JSON object
+            raise ServiceUnreachable(
+                f"{self.address.url} is not the service: {method} {path} answered HTTP {status} "
+                "without a JSON object"
+            )
         if status in (401, 403):
             raise ServiceUnreachable(
                 f"the service at {self.address.url} refused the token "
@@ -161,10 +166,8 @@ class Api:
         return status, body
 
 
-def reason_of(body: Any) -> str:
+def reason_of(body: dict[str, Any]) -> str:
     """The server's reason in an error answer ({"error": code, "detail": …})."""
-    if not isinstance(body, dict):
-        return str(body)[:300] or "no reason given"
     detail = body.get("detail")
     if isinstance(detail, dict):
         if "existing_id" in detail:
@@ -182,7 +185,8 @@ class Outcome:
 
 
 def is_torrent_file(item: str) -> bool:
-    return item.lower().endswith(".torrent") and "://" not in item
+    lowered = item.lower()
+    return lowered.endswith(".torrent") and "://" not in item and not lowered.startswith("magnet:")
 
 
 async def add_links(api: Api, links: list[str], outcome: Outcome) -> None:
@@ -230,9 +234,15 @@ async def add_torrent_file(api: Api, item: str, outcome: Outcome) -> None:
         outcome.refused.append((item, f"{reason_of(body)} (HTTP {status})"))
 
 
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: control characters (escape sequences in a hostile file
+    name, line breaks) become "?"."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def display_name(row: dict[str, Any]) -> str:
     name = row.get("file_name") or row.get("source_url") or row.get("source_key") or ""
-    return mask_url_passwords(str(name)).replace("\n", " ")
+    return printable(mask_url_passwords(str(name)))
 
 
 async def add_command(
@@ -263,7 +273,8 @@ def print_outcome(outcome: Outcome, out: TextIO) -> None:
     for row in outcome.added:
         print(f"#{row['id']}\tadded\t{display_name(row)}", file=out, flush=True)
     for item, reason in outcome.refused:
-        print(f"refused\t{mask_url_passwords(item)}: {reason}", file=sys.stderr, flush=True)
+        shown = printable(mask_url_passwords(item))
+        print(f"refused\t{shown}: {printable(reason)}", file=sys.stderr, flush=True)
 
 
 # --- add --wait ---------------------------------------------------------------------------------
@@ -289,12 +300,14 @@ def percent(row: dict[str, Any]) -> float | None:
 
 
 def human_rate(rate: int) -> str:
-    value = float(rate)
-    for unit in ("B/s", "KiB/s", "MiB/s", "GiB/s"):
-        if value < 1024 or unit == "GiB/s":
-            return f"{value:.0f} {unit}" if unit == "B/s" else f"{value:.1f} {unit}"
+    if rate < 1024:
+        return f"{rate} B/s"
+    value = rate / 1024
+    for unit in ("KiB/s", "MiB/s"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
         value /= 1024
-    raise AssertionError("unreachable")
+    return f"{value:.1f} GiB/s"
 
 
 def bar_line(row: dict[str, Any]) -> str:
@@ -312,7 +325,7 @@ def bar_line(row: dict[str, Any]) -> str:
 def final_line(row: dict[str, Any]) -> str:
     line = f"#{row['id']}\t{row['status']}\t{display_name(row)}"
     if row["status"] != "completed" and row.get("error_message"):
-        line += f": {row['error_message']}"
+        line += f": {printable(str(row['error_message']))}"
     return line
 
 
@@ -327,8 +340,9 @@ class Progress:
         self.last: dict[int, tuple[str, int]] = {}
 
     def show(self, rows: list[dict[str, Any]]) -> None:
-        if self.tty:
-            width = max(20, shutil.get_terminal_size().columns - 1)
+        size = shutil.get_terminal_size()
+        if self.tty and len(rows) < size.lines:  # a block taller than the screen: plain lines
+            width = max(20, size.columns - 1)
             up = f"\x1b[{self.drawn}F" if self.drawn else ""
             lines = "".join(f"\x1b[2K{bar_line(row)[:width]}\n" for row in rows)
             self.out.write(up + lines)

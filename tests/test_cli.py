@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from app import parse_args
-from client_cli import run_command
+from client_cli import display_name, final_line, is_torrent_file, run_command
 from configer import load_config
 from tests.support.http_files import FileServer
 from tests.support.service import service_config
@@ -48,6 +48,15 @@ def test_arguments_are_checked(
         parse_args(argv)
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_names_from_the_service_cannot_drive_the_terminal() -> None:
+    row = {"id": 7, "status": "failed", "file_name": "a\x1b[2J\nb", "error_message": "x\x07y"}
+    assert display_name(row) == "a?[2J?b"
+    assert final_line(row) == "#7\tfailed\ta?[2J?b: x?y"
+    assert is_torrent_file("some/file.TORRENT")
+    assert not is_torrent_file("magnet:?xt=urn:btih:0123&dn=file.torrent")
+    assert not is_torrent_file("https://example.org/file.torrent")
 
 
 def test_no_token_to_read_is_one_line_and_exit_2(
@@ -257,7 +266,7 @@ async def test_add_wait_on_a_terminal_draws_bars_and_ctrl_c_leaves_the_job(
 
 @pytest.mark.slow
 async def test_torrent_files_wrong_token_and_service_down(
-    service_process: ServiceProcessFactory, tmp_path: Path
+    service_process: ServiceProcessFactory, file_server: FileServer, tmp_path: Path
 ) -> None:
     svc = await started(service_process)
     info = make_torrent(
@@ -290,6 +299,14 @@ async def test_torrent_files_wrong_token_and_service_down(
         + run.err.split("(from web.token): ")[1].strip()
     ]
     assert wrong not in run.err + run.out and svc.token not in run.err + run.out
+
+    # Another program at the address: named as such, exit 2.
+    run = await cli(svc.config_path, "list", "--url", file_server.base_url)
+    assert run.code == 2, run
+    assert run.err == (
+        f"error: {file_server.base_url} is not the service: GET /api/downloads answered "
+        "HTTP 404 without a JSON object\n"
+    )
 
     await svc.stop()
     run = await cli(svc.config_path, "add", "https://example.invalid/file.bin")
