@@ -20,19 +20,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import aiohttp
 from loguru import logger
 
 from configer import WEB_TOKEN_FILE, Config, mask_url_passwords
 from db import DOWNLOAD_STATUSES, FINAL_DOWNLOAD_STATUSES
+from webstreamer.context import MAX_LIST_LIMIT
+from webstreamer.routes.api import MAX_URLS_PER_REQUEST
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 2
 EXIT_INTERRUPTED = 130
-MAX_URLS_PER_REQUEST = 500  # what one POST /api/downloads takes
-LIST_LIMIT_MAX = 1000  # what one GET /api/downloads may ask for
 POLL_INTERVAL = 0.5  # seconds between two looks at the followed jobs
 BAR_WIDTH = 24
 PLAIN_STEP = 10  # percent: a line per step when the output is not a terminal
@@ -72,15 +73,16 @@ def service_address(config: Config, url: str | None) -> ServiceAddress:
 
 def check_url(text: str) -> str:
     """argparse type of `--url`: an http(s) address."""
-    if not text.startswith(("http://", "https://")) or len(text) < 10:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
         raise argparse.ArgumentTypeError(f"not an http:// or https:// address: {text!r}")
     return text
 
 
 def list_limit(text: str) -> int:
-    """argparse type of `--limit`: a whole number from 1 to LIST_LIMIT_MAX."""
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= LIST_LIMIT_MAX:
-        raise argparse.ArgumentTypeError(f"not a whole number from 1 to {LIST_LIMIT_MAX}: {text!r}")
+    """argparse type of `--limit`: a whole number from 1 to MAX_LIST_LIMIT."""
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIST_LIMIT:
+        raise argparse.ArgumentTypeError(f"not a whole number from 1 to {MAX_LIST_LIMIT}: {text!r}")
     return int(text)
 
 
@@ -99,7 +101,7 @@ def add_parsers(sub: Any) -> None:
         "--limit",
         type=list_limit,
         default=50,
-        metavar=f"1-{LIST_LIMIT_MAX}",
+        metavar=f"1-{MAX_LIST_LIMIT}",
         help="how many of the newest downloads (default 50)",
     )
     listing.add_argument("--json", action="store_true", help="the downloads as JSON, for scripts")
