@@ -136,7 +136,7 @@ class Api:
         self.address = address
         self.session = session
 
-    async def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    async def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
         url = self.address.url + path
         headers = {"Authorization": f"Bearer {self.address.token}"}
         logger.bind(method=method, url=url).debug("API call")
@@ -198,7 +198,7 @@ async def add_links(api: Api, links: list[str], outcome: Outcome) -> None:
         batch = links[start : start + MAX_URLS_PER_REQUEST]
         while batch:
             status, body = await api.call("POST", "/api/downloads", json={"urls": batch})
-            if status == 400 and isinstance(body, dict) and body.get("error") == "invalid_urls":
+            if status == 400 and body.get("error") == "invalid_urls":
                 bad = {int(entry["index"]): str(entry["reason"]) for entry in body["detail"]}
                 outcome.refused.extend((batch[i], reason) for i, reason in sorted(bad.items()))
                 batch = [url for i, url in enumerate(batch) if i not in bad]
@@ -208,7 +208,7 @@ async def add_links(api: Api, links: list[str], outcome: Outcome) -> None:
                 outcome.refused.extend(
                     (d["url"], f"already added as #{d['existing_id']}") for d in body["duplicates"]
                 )
-            elif status == 409 and isinstance(body, dict) and body.get("error") == "duplicate":
+            elif status == 409 and body.get("error") == "duplicate":
                 detail = body["detail"]
                 for entry in detail if isinstance(detail, list) else [detail]:
                     outcome.refused.append(
@@ -250,7 +250,7 @@ def display_name(row: dict[str, Any]) -> str:
 async def add_command(
     address: ServiceAddress, items: Sequence[str], *, wait: bool, out: TextIO = sys.stdout
 ) -> int:
-    """Add every item (in the order given: links in batches, .torrent files one by one); print
+    """Add every item (the links first, in batches; then the .torrent files, one by one); print
     each created id and name on stdout and each refusal with its reason on stderr."""
     outcome = Outcome()
     async with aiohttp.ClientSession() as session:
