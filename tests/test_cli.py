@@ -260,6 +260,13 @@ async def test_add_wait_on_a_terminal_draws_bars_and_ctrl_c_leaves_the_job(
     assert code == 130, err
     assert f"stopped waiting; the jobs go on in the service: #{download_id}" in err
     assert (await svc.download(download_id))["status"] in ("waiting", "downloading")
+
+    # The same link while it is still active: refused, naming the job that has it.
+    held_url = file_server.url("held.bin", route="hold")
+    run = await cli(svc.config_path, "add", held_url)
+    assert run.code == 1, run
+    assert run.out == ""
+    assert run.err == f"refused\t{held_url}: already added as #{download_id}\n"
     file_server.release("held.bin")
     await svc.wait_download(download_id, ["completed"])
 
