@@ -4,7 +4,6 @@ aria2c and SQLite file) and a local HTTP file server."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import pty
@@ -80,20 +79,27 @@ class Run:
     err: str
 
 
-async def cli(config: Path, *args: str, timeout: float = 60) -> Run:
-    """Run `app.py --config CONFIG ARGS…` to its end, stdout and stderr piped."""
-    proc = await asyncio.create_subprocess_exec(
+async def spawn(
+    config: Path, *args: str, stdout: int = asyncio.subprocess.PIPE
+) -> asyncio.subprocess.Process:
+    """Start `app.py --config CONFIG ARGS…` (stderr piped, a terminal 120 columns wide)."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         str(APP_SCRIPT),
         "--config",
         str(config),
         *args,
         cwd=PROJECT_ROOT,
-        env=clean_environment(),
+        env=clean_environment({"COLUMNS": "120"}),
         stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def cli(config: Path, *args: str, timeout: float = 60) -> Run:
+    """Run `app.py --config CONFIG ARGS…` to its end, stdout and stderr piped."""
+    proc = await spawn(config, *args)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     finally:
@@ -121,25 +127,13 @@ async def cli_on_terminal(config: Path, *args: str, timeout: float = 60) -> Run:
     """Run the command line with its stdout on a pseudo-terminal (stderr piped)."""
     master, slave = pty.openpty()
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(APP_SCRIPT),
-            "--config",
-            str(config),
-            *args,
-            cwd=PROJECT_ROOT,
-            env=clean_environment({"COLUMNS": "120"}),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=slave,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        proc = await spawn(config, *args, stdout=slave)
         os.close(slave)
         slave = -1
         reader = asyncio.create_task(asyncio.to_thread(read_all, master))
         try:
-            err = await asyncio.wait_for(
-                proc.stderr.read() if proc.stderr else asyncio.sleep(0), timeout
-            )
+            assert proc.stderr is not None
+            err = await asyncio.wait_for(proc.stderr.read(), timeout)
             await asyncio.wait_for(proc.wait(), timeout)
             out = await asyncio.wait_for(reader, timeout)
         finally:
@@ -150,7 +144,7 @@ async def cli_on_terminal(config: Path, *args: str, timeout: float = 60) -> Run:
         if slave >= 0:
             os.close(slave)
         os.close(master)
-    return Run(int(proc.returncode or 0), out.decode(errors="replace"), (err or b"").decode())
+    return Run(int(proc.returncode or 0), out.decode(errors="replace"), err.decode())
 
 
 def added_ids(out: str) -> list[int]:
@@ -231,20 +225,7 @@ async def test_add_wait_on_a_terminal_draws_bars_and_ctrl_c_leaves_the_job(
 
     # Ctrl-C while waiting: the command stops, the job goes on in the service.
     file_server.add_file("held.bin", size=500_000, seed=4)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(APP_SCRIPT),
-        "--config",
-        str(svc.config_path),
-        "add",
-        file_server.url("held.bin", route="hold"),
-        "--wait",
-        cwd=PROJECT_ROOT,
-        env=clean_environment(),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await spawn(svc.config_path, "add", file_server.url("held.bin", route="hold"), "--wait")
     try:
         assert proc.stdout is not None and proc.stderr is not None
         first = await asyncio.wait_for(proc.stdout.readline(), 60)
@@ -322,5 +303,4 @@ async def test_torrent_files_wrong_token_and_service_down(
     assert len(lines) == 1 and lines[0].startswith(
         f"error: the service at {svc.base_url} is not reachable: "
     ), run.err
-    with contextlib.suppress(FileNotFoundError):
-        assert svc.token not in run.err
+    assert svc.token not in run.err
