@@ -6,6 +6,10 @@ python app.py [--config PATH] backup F   consistent online copy of the database
 python app.py [--config PATH] restore F  restore a backup (service stopped)
 python app.py [--config PATH] migrate-store --to URL [--apply]
                                          copy the SQLite store into an empty PostgreSQL database
+python app.py [--config PATH] add URL|MAGNET|FILE.torrent… [--wait]
+                                         add jobs to the running service (client_cli.py)
+python app.py [--config PATH] list [--status S] [--json]
+                                         list the running service's downloads
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+import client_cli
 from aria2_client.consistency import ConsistencyChecker, check, repair
 from aria2_client.download_handler import Placement
 from aria2_client.engine import Engine
@@ -595,6 +600,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     mode = upstream.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dry-run", action="store_true", help="report only; write nothing")
     mode.add_argument("--apply", action="store_true", help="import (the service stopped)")
+    client_cli.add_parsers(sub)
     return parser.parse_args(argv)
 
 
@@ -890,6 +896,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "import-upstream":
         configure_logging(replace(config.logging, level="WARNING"))
         return asyncio.run(import_upstream_command(config, args.path, args.files, apply=args.apply))
+    if command in ("add", "list"):
+        configure_logging(replace(config.logging, level="WARNING"))
+        return client_cli.run_command(config, args)
     if command == "migrate-store":
         configure_logging(replace(config.logging, level="WARNING"))
         return asyncio.run(migrate_store_command(config, args.to, apply=args.apply))
