@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Literal, NamedTuple
 
 from loguru import logger
@@ -108,6 +108,7 @@ class EventHub:
 
     def __init__(self, statistics_interval: float = 0.5) -> None:
         self._subscribers: list[Subscription] = []
+        self._watchers: list[Callable[[Sequence[Event]], None]] = []
         self._statistics_interval = statistics_interval
         self._statistics_source: Callable[[], Awaitable[Statistics]] | None = None
         self._statistics_dirty = asyncio.Event()
@@ -125,6 +126,18 @@ class EventHub:
         if subscription.dropped:
             logger.warning("event subscriber {} fell behind and was dropped", subscription.name)
 
+    def watch(self, callback: Callable[[Sequence[Event]], None]) -> Callable[[], None]:
+        """Call `callback` with each published batch, inside `publish`, before any subscriber
+        hears of it: for caches that must never answer with a committed change's old state. It
+        must be quick and must not block. Returns what stops the calls."""
+        self._watchers.append(callback)
+
+        def unwatch() -> None:
+            with contextlib.suppress(ValueError):
+                self._watchers.remove(callback)
+
+        return unwatch
+
     @property
     def subscriber_count(self) -> int:
         return len(self._subscribers)
@@ -138,6 +151,11 @@ class EventHub:
         if not events:
             return
         self.published += len(events)
+        for watcher in list(self._watchers):
+            try:
+                watcher(events)
+            except Exception:
+                logger.exception("an event watcher failed")
         for subscription in list(self._subscribers):
             subscription.offer_many(events)
         if any(event.kind != "statistics" for event in events):

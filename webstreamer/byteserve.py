@@ -122,13 +122,24 @@ class LocalFileSource:
     ) -> LocalFileSource:
         """Stat ``path`` (blocking: call it in a thread, or use ``open``)."""
         file_path = Path(path)
-        st = file_path.stat()
+        return cls.from_stat(file_path, file_path.stat(), name=name, mime=mime)
+
+    @classmethod
+    def from_stat(
+        cls,
+        path: Path,
+        st: os.stat_result,
+        *,
+        name: str | None = None,
+        mime: str | None = None,
+    ) -> LocalFileSource:
+        """Describe ``path`` by a status already taken (of the path, or of a file open on it)."""
         if not stat.S_ISREG(st.st_mode):
-            raise IsADirectoryError(f"not a regular file: {file_path.name}")
-        display_name = name if name is not None else file_path.name
+            raise IsADirectoryError(f"not a regular file: {path.name}")
+        display_name = name if name is not None else path.name
         identity = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_dev}".encode()
         return cls(
-            path=file_path,
+            path=path,
             size=st.st_size,
             name=display_name,
             mime=mime or guess_mime(display_name),
@@ -234,8 +245,12 @@ async def serve_bytes(
     *,
     extra_headers: Mapping[str, str] | None = None,
     allow_sendfile: bool = True,
+    open_file: IO[bytes] | None = None,
 ) -> web.StreamResponse:
     """Answer a GET or HEAD for ``source`` per RFC 9110 and return the (finished) response.
+
+    ``open_file`` is ``source.path`` already open (binary, unbuffered or not): the body is sent
+    from it without opening the path again, and it is left open.
 
     Range is honoured for GET only (RFC 9110 §14.2: a HEAD gets the headers of the full GET),
     and only when If-Range, if present, holds. ``?download=1`` forces an attachment.
@@ -300,6 +315,8 @@ async def serve_bytes(
         await response.write_eof()
         return response
     log = logger.bind(source=source.name, start=start, end=end, size=size)
+    if allow_sendfile and open_file is not None:
+        return await _send_open_file(request, response, open_file, start, length, log)
     if allow_sendfile and source.path is not None:
         return await _send_local_file(request, response, source.path, start, length, log)
     return await _stream_source(request, response, source, start, end, log)
@@ -328,41 +345,54 @@ async def _send_local_file(
         log.warning("cannot open file to serve: {}", type(error).__name__)
         return _json_error(500, "read_failed", type(error).__name__)
     try:
-        try:
-            await response.prepare(request)
-        except ConnectionError:
-            log.debug("client left before the headers were sent")
-            return response
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            log.debug("client left before the body was sent")
-            return response
-        loop = asyncio.get_running_loop()
-        try:
-            sent = await loop.sendfile(transport, file, start, length, fallback=False)
-        except RuntimeError:
-            # asyncio raises this (or its SendfileNotAvailableError subclass) before sending
-            # anything: an SSL transport, a platform without sendfile, or a closing transport.
-            if transport.is_closing():
-                log.debug("client left before the body was sent")
-                return response
-            chunks = _read_file_range(file, start, start + length - 1, CHUNK_SIZE)
-            try:
-                return await _write_chunks(request, response, chunks, length, log)
-            finally:
-                await _close_iterator(chunks, log)
-        except OSError as error:
-            log.debug("client left during sendfile: {}", type(error).__name__)
-            _abort(request)
-            return response
-        if sent != length:
-            log.warning("file shrank while being sent: {} of {} bytes", sent, length)
-            _abort(request)
-            return response
-        await response.write_eof()
-        return response
+        return await _send_open_file(request, response, file, start, length, log)
     finally:
         file.close()
+
+
+async def _send_open_file(
+    request: web.Request,
+    response: web.StreamResponse,
+    file: IO[bytes],
+    start: int,
+    length: int,
+    log: Any,
+) -> web.StreamResponse:
+    """Send bytes start.. of an open file with sendfile (positioned reads: the file may be shared
+    by concurrent responses), or chunk by chunk where sendfile is not available."""
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        log.debug("client left before the headers were sent")
+        return response
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        log.debug("client left before the body was sent")
+        return response
+    loop = asyncio.get_running_loop()
+    try:
+        sent = await loop.sendfile(transport, file, start, length, fallback=False)
+    except RuntimeError:
+        # asyncio raises this (or its SendfileNotAvailableError subclass) before sending
+        # anything: an SSL transport, a platform without sendfile, or a closing transport.
+        if transport.is_closing():
+            log.debug("client left before the body was sent")
+            return response
+        chunks = _read_file_range(file, start, start + length - 1, CHUNK_SIZE)
+        try:
+            return await _write_chunks(request, response, chunks, length, log)
+        finally:
+            await _close_iterator(chunks, log)
+    except OSError as error:
+        log.debug("client left during sendfile: {}", type(error).__name__)
+        _abort(request)
+        return response
+    if sent != length:
+        log.warning("file shrank while being sent: {} of {} bytes", sent, length)
+        _abort(request)
+        return response
+    await response.write_eof()
+    return response
 
 
 async def _stream_source(

@@ -9,7 +9,7 @@ import hmac
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 SESSION_COOKIE = "mistrelay_session"
@@ -28,10 +28,16 @@ class LinkSigner:
 
     key: bytes
     default_lifetime: int = 0  # seconds; 0 = links never expire
+    # The HMAC with the key already absorbed; each link's MAC starts from a copy of it.
+    _keyed: hmac.HMAC = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_keyed", hmac.new(self.key, digestmod=hashlib.sha256))
 
     def _mac(self, scope: str, download_id: int, index: int, expires: int) -> str:
-        message = f"{scope}:{download_id}:{index}:{expires}".encode()
-        return _b64(hmac.new(self.key, message, hashlib.sha256).digest())
+        mac = self._keyed.copy()
+        mac.update(f"{scope}:{download_id}:{index}:{expires}".encode())
+        return _b64(mac.digest())
 
     def query(
         self,
