@@ -9,6 +9,7 @@ client sees a transfer shorter than its Content-Length instead of a body that lo
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import stat
@@ -215,27 +216,40 @@ def _json_error(
     return web.json_response({"error": error, "detail": detail}, status=status, headers=merged)
 
 
+@functools.lru_cache(maxsize=1024)
+def _representation_headers(
+    name: str, mime: str, etag: str, last_modified: datetime | None, download: bool
+) -> tuple[tuple[str, str], ...]:
+    """The headers that describe a representation: a pure function of it, so that repeated
+    requests for the same file (a player's ranges) reuse them instead of building them again."""
+    mime = _clean_mime(mime)
+    inline = is_inline_safe(mime) and not download
+    headers = _security_headers()
+    if inline and mime.startswith(("video/", "audio/", "image/")):
+        headers["Content-Security-Policy"] = MEDIA_CONTENT_SECURITY_POLICY
+    headers["Accept-Ranges"] = "bytes"
+    headers["ETag"] = etag
+    headers["Content-Type"] = f"{mime}; charset=utf-8" if mime == "text/plain" else mime
+    headers["Content-Disposition"] = content_disposition(name, inline=inline)
+    if last_modified is not None:
+        headers["Last-Modified"] = http_date(last_modified)
+    return tuple(headers.items())
+
+
 def _response_headers(
     request: web.Request,
     source: ByteSource,
     last_modified: datetime | None,
     extra_headers: Mapping[str, str] | None,
 ) -> CIMultiDict[str]:
-    mime = _clean_mime(source.mime)
-    inline = is_inline_safe(mime) and request.query.get("download", "").lower() not in _DOWNLOAD
-    headers = CIMultiDict(_security_headers())
-    if inline and mime.startswith(("video/", "audio/", "image/")):
-        headers["Content-Security-Policy"] = MEDIA_CONTENT_SECURITY_POLICY
+    download = request.query.get("download", "").lower() in _DOWNLOAD
+    headers = CIMultiDict(
+        _representation_headers(source.name, source.mime, source.etag, last_modified, download)
+    )
     for name, value in (extra_headers or {}).items():
         if name.lower() in PROTECTED_HEADERS:
             raise ValueError(f"extra_headers may not set {name}")
         headers[name] = value
-    headers["Accept-Ranges"] = "bytes"
-    headers["ETag"] = source.etag
-    headers["Content-Type"] = f"{mime}; charset=utf-8" if mime == "text/plain" else mime
-    headers["Content-Disposition"] = content_disposition(source.name, inline=inline)
-    if last_modified is not None:
-        headers["Last-Modified"] = http_date(last_modified)
     return headers
 
 
@@ -350,6 +364,30 @@ async def _send_local_file(
         file.close()
 
 
+def _sendfile_at_once(
+    transport: asyncio.BaseTransport, file: IO[bytes], start: int, length: int
+) -> int:
+    """Bytes sent by one non-blocking sendfile straight to the connection's socket, when the
+    transport has nothing buffered (so the bytes follow the headers in order) and is a plain TCP
+    one; 0 when it may not, or the socket takes nothing now. A small range usually goes out
+    whole here, without the event loop's sendfile machinery (a wait for the buffer to drain, a
+    writer registered, a loop turn more)."""
+    sock = transport.get_extra_info("socket")
+    if (
+        sock is None
+        or transport.get_extra_info("sslcontext") is not None
+        or not isinstance(transport, asyncio.WriteTransport)
+        or transport.get_write_buffer_size()
+    ):
+        return 0
+    try:
+        return os.sendfile(sock.fileno(), file.fileno(), start, length)
+    except ConnectionError:
+        raise
+    except OSError:  # would block, or sendfile refuses this file: the loop's sendfile decides
+        return 0
+
+
 async def _send_open_file(
     request: web.Request,
     response: web.StreamResponse,
@@ -371,7 +409,11 @@ async def _send_open_file(
         return response
     loop = asyncio.get_running_loop()
     try:
-        sent = await loop.sendfile(transport, file, start, length, fallback=False)
+        sent = _sendfile_at_once(transport, file, start, length)
+        if sent < length:
+            sent += await loop.sendfile(
+                transport, file, start + sent, length - sent, fallback=False
+            )
     except RuntimeError:
         # asyncio raises this (or its SendfileNotAvailableError subclass) before sending
         # anything: an SSL transport, a platform without sendfile, or a closing transport.
