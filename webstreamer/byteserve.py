@@ -365,7 +365,7 @@ async def _send_local_file(
 
 
 def _sendfile_at_once(
-    transport: asyncio.BaseTransport, file: IO[bytes], start: int, length: int
+    transport: asyncio.Transport, file: IO[bytes], start: int, length: int
 ) -> int:
     """Bytes sent by one non-blocking sendfile straight to the connection's socket, when the
     transport has nothing buffered (so the bytes follow the headers in order) and is a plain TCP
@@ -376,7 +376,6 @@ def _sendfile_at_once(
     if (
         sock is None
         or transport.get_extra_info("sslcontext") is not None
-        or not isinstance(transport, asyncio.WriteTransport)
         or transport.get_write_buffer_size()
     ):
         return 0

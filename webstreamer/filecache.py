@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -114,17 +115,18 @@ def _open_whole(files: DownloadFiles, row: DownloadRow, index: int | None) -> Op
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-    file = os.fdopen(fd, "rb", buffering=0)
     try:
         st = os.fstat(fd)
-        source = LocalFileSource.from_stat(path, st, name=name)
-    except OSError:  # IsADirectoryError too: not a regular file
-        file.close()
-        return None
-    if source.size != expected:
-        file.close()
-        return None
-    return OpenFile((row.id, index), file, source, _identity(st))
+        if not stat.S_ISREG(st.st_mode) or st.st_size != expected:
+            os.close(fd)
+            return None
+    except OSError:
+        os.close(fd)
+        raise
+    file = os.fdopen(fd, "rb", buffering=0)
+    return OpenFile(
+        (row.id, index), file, LocalFileSource.from_stat(path, st, name=name), _identity(st)
+    )
 
 
 @dataclass(eq=False)
@@ -134,6 +136,7 @@ class FileCache:
     files: DownloadFiles
     capacity: int = 256
     _entries: OrderedDict[Key, OpenFile] = field(default_factory=OrderedDict)
+    _keys: dict[int, set[Key]] = field(default_factory=dict)  # by download id
     _loads: dict[int, list[_Load]] = field(default_factory=dict)
     _unwatch: Callable[[], None] | None = None
     _sweeper: asyncio.TimerHandle | None = None
@@ -178,10 +181,11 @@ class FileCache:
         if load.spoiled or self.capacity <= 0:
             entry.dropped = True
             return entry
-        old = self._entries.pop(entry.key, None)
+        old = self._entries.get(entry.key)
         if old is not None:
             self._drop(old)
         self._entries[entry.key] = entry
+        self._keys.setdefault(entry.key[0], set()).add(entry.key)
         while len(self._entries) > self.capacity:
             self._drop(next(iter(self._entries.values())))
         self._start_sweeping()
@@ -197,7 +201,8 @@ class FileCache:
 
     def forget(self, download_id: int | None) -> None:
         """Drop the entries of one download (None: of every download), and spoil its look-ups."""
-        for key in [k for k in self._entries if download_id is None or k[0] == download_id]:
+        keys = self._entries if download_id is None else self._keys.get(download_id, ())
+        for key in list(keys):
             self._drop(self._entries[key])
         for loads in (
             self._loads.values() if download_id is None else [self._loads.get(download_id, [])]
@@ -219,6 +224,10 @@ class FileCache:
     def _drop(self, entry: OpenFile) -> None:
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
+            keys = self._keys[entry.key[0]]
+            keys.discard(entry.key)
+            if not keys:
+                del self._keys[entry.key[0]]
         entry.dropped = True
         entry.close_if_unused()
 
