@@ -134,7 +134,7 @@ class FileCache:
     """The open files, least recently used first; `watch(hub)` keeps them fresh."""
 
     files: DownloadFiles
-    capacity: int = 256
+    capacity: int = 64  # open files at most (each holds a descriptor)
     _entries: OrderedDict[Key, OpenFile] = field(default_factory=OrderedDict)
     _keys: dict[int, set[Key]] = field(default_factory=dict)  # by download id
     _loads: dict[int, list[_Load]] = field(default_factory=dict)
