@@ -407,6 +407,7 @@ async def _send_open_file(
         log.debug("client left before the body was sent")
         return response
     loop = asyncio.get_running_loop()
+    sent = 0
     try:
         sent = _sendfile_at_once(transport, file, start, length)
         if sent < length:
@@ -419,9 +420,9 @@ async def _send_open_file(
         if transport.is_closing():
             log.debug("client left before the body was sent")
             return response
-        chunks = _read_file_range(file, start, start + length - 1, CHUNK_SIZE)
+        chunks = _read_file_range(file, start + sent, start + length - 1, CHUNK_SIZE)
         try:
-            return await _write_chunks(request, response, chunks, length, log)
+            return await _write_chunks(request, response, chunks, length - sent, log)
         finally:
             await _close_iterator(chunks, log)
     except OSError as error:
