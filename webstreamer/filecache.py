@@ -42,7 +42,7 @@ SWEEP_SECONDS = 10.0  # how often idle and deleted files are looked for
 Key = tuple[int, int | None]  # (download id, file index; None = the whole download)
 
 
-def whole_file_of(
+def _whole_file_of(
     files: DownloadFiles, row: DownloadRow, index: int | None
 ) -> tuple[Path, int, str] | None:
     """(path, recorded size, display name) of a completed download's file (or of one file of a
@@ -106,7 +106,7 @@ class _Load:
 def _open_whole(files: DownloadFiles, row: DownloadRow, index: int | None) -> OpenFile | None:
     """Open the whole file (blocking). None when it is missing, not a regular file, or not of
     the recorded size (aria2 preallocates: only a file of exactly that size is whole)."""
-    found = whole_file_of(files, row, index)
+    found = _whole_file_of(files, row, index)
     if found is None:
         return None
     path, expected, name = found
