@@ -20,6 +20,7 @@ from events import EventHub
 from files import DownloadFiles
 from records import DownloadRemoved, DownloadRow
 from tests.support.http_files import FileServer
+from tests.support.records import download_row
 from tests.support.service import ServiceFactory
 from tests.test_web_page import Site, serve_site
 from webstreamer.filecache import FileCache, OpenFile
@@ -146,33 +147,13 @@ async def test_a_changed_row_is_served_as_changed(site: Site, file_server: FileS
 
 
 def _row(download_id: int, path: Path, size: int) -> DownloadRow:
-    return DownloadRow(
+    return download_row(
         id=download_id,
-        gid=None,
-        source_type="http",
-        source_key=f"key-{download_id}",
-        source_url=None,
         status="completed",
         file_name=path.name,
         local_path=str(path),
         total_length=size,
         completed_length=size,
-        download_speed=0,
-        error_message=None,
-        error_code=None,
-        file_unique_id=None,
-        owner_id=None,
-        chat_id=None,
-        message_id=None,
-        group_key="",
-        progress_message_id=None,
-        info_hash=None,
-        files=(),
-        media_info=None,
-        created_at="",
-        started_at=None,
-        completed_at=None,
-        updated_at="",
     )
 
 
