@@ -23,6 +23,7 @@ from tests.support.http_files import FileServer
 from tests.support.records import download_row
 from tests.support.service import ServiceFactory
 from tests.test_web_page import Site, serve_site
+from webstreamer.byteserve import OWN_FILE_FROM, _open_again
 from webstreamer.filecache import FileCache, OpenFile
 from webstreamer.routes.stream import FILE_CACHE
 from webstreamer.signing import LinkSigner
@@ -141,6 +142,51 @@ async def test_a_changed_row_is_served_as_changed(site: Site, file_server: FileS
     assert (status, body) == (200, other_data)
     assert "second.mkv" in response.headers["Content-Disposition"]
     assert entry.file.closed
+
+
+async def test_long_transfers_and_short_ranges_of_one_file_at_once(
+    site: Site, file_server: FileServer
+) -> None:
+    """Long transfers go out from a file opened for each, short ranges from the shared one."""
+    data = file_server.add_file("long.mkv", size=OWN_FILE_FROM + 12_345, seed=5)
+    download = await site.add_and_complete(file_server.url("long.mkv"))
+    path = "/" + download["stream_url"].split("://", 1)[1].split("/", 1)[1]
+
+    async def whole() -> bytes:
+        status, body, _ = await site.request("GET", path, auth=False)
+        assert status == 200
+        return bytes(body)
+
+    async def tail() -> bytes:
+        status, body, _ = await _range(site, path, 7, len(data) - 1)
+        assert status == 206
+        return bytes(body)
+
+    async def short(first: int) -> bytes:
+        status, body, _ = await _range(site, path, first, first + 65_535)
+        assert status == 206
+        return bytes(body)
+
+    firsts = [0, 1_000_000, OWN_FILE_FROM - 10, len(data) - 65_536]
+    results = await asyncio.gather(whole(), tail(), whole(), *(short(f) for f in firsts))
+    assert results[:3] == [data, data[7:], data]
+    assert results[3:] == [data[f : f + 65_536] for f in firsts]
+    assert _cache(site).get((download["id"], None)) is not None
+
+
+def test_a_file_is_opened_again_only_while_it_is_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"x" * 10)
+    with path.open("rb") as shared:
+        again = _open_again(path, shared)
+        assert again is not None
+        again.close()
+        staged = tmp_path / "staged"
+        staged.write_bytes(b"y" * 10)
+        os.replace(staged, path)  # another file under the same name
+        assert _open_again(path, shared) is None
+        path.unlink()
+        assert _open_again(path, shared) is None
 
 
 # --- the cache's own rules, on real files and a real hub ------------------------------------------

@@ -47,6 +47,11 @@ __all__ = [
 ]
 
 CHUNK_SIZE = 1024 * 1024
+# A transfer at least this long is sent from a file opened for it alone, not from a shared open
+# file: the kernel keeps read-ahead state per open file, and concurrent long reads at different
+# places of one open file spoil it for each other; the thread hop to open it is nothing next to
+# such a transfer.
+OWN_FILE_FROM = 4 * 1024 * 1024
 # Signed links are per user: no shared cache may keep them; browsers revalidate with the ETag.
 CACHE_CONTROL = "private, no-cache"
 # Nothing served here may run script or load anything, even if a browser renders it.
@@ -263,8 +268,10 @@ async def serve_bytes(
 ) -> web.StreamResponse:
     """Answer a GET or HEAD for ``source`` per RFC 9110 and return the (finished) response.
 
-    ``open_file`` is ``source.path`` already open (binary, unbuffered or not): the body is sent
-    from it without opening the path again, and it is left open.
+    ``open_file`` is ``source.path`` already open (binary, unbuffered or not), possibly shared
+    by concurrent responses: a body shorter than ``OWN_FILE_FROM`` is sent from it without
+    opening the path again; a longer one from the path opened anew while it is still the same
+    file. ``open_file`` is left open.
 
     Range is honoured for GET only (RFC 9110 §14.2: a HEAD gets the headers of the full GET),
     and only when If-Range, if present, holds. ``?download=1`` forces an attachment.
@@ -330,7 +337,15 @@ async def serve_bytes(
         return response
     log = logger.bind(source=source.name, start=start, end=end, size=size)
     if allow_sendfile and open_file is not None:
-        return await _send_open_file(request, response, open_file, start, length, log)
+        own = None
+        if length >= OWN_FILE_FROM and source.path is not None:
+            own = await asyncio.to_thread(_open_again, source.path, open_file)
+        if own is None:
+            return await _send_open_file(request, response, open_file, start, length, log)
+        try:
+            return await _send_open_file(request, response, own, start, length, log)
+        finally:
+            own.close()
     if allow_sendfile and source.path is not None:
         return await _send_local_file(request, response, source.path, start, length, log)
     return await _stream_source(request, response, source, start, end, log)
@@ -362,6 +377,24 @@ async def _send_local_file(
         return await _send_open_file(request, response, file, start, length, log)
     finally:
         file.close()
+
+
+def _open_again(path: Path, shared: IO[bytes]) -> IO[bytes] | None:
+    """``path`` opened anew if it still names the file ``shared`` is open on, else None
+    (blocking). Non-blocking open: a FIFO put in its place must not hold the thread."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        own, expected = os.fstat(fd), os.fstat(shared.fileno())
+    except OSError:
+        os.close(fd)
+        return None
+    if (own.st_dev, own.st_ino) != (expected.st_dev, expected.st_ino):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb", buffering=0)
 
 
 def _sendfile_at_once(
