@@ -108,11 +108,11 @@ class EventHub:
 
     def __init__(self, statistics_interval: float = 0.5) -> None:
         self._subscribers: list[Subscription] = []
+        self._watchers: list[Callable[[Sequence[Event]], None]] = []
         self._statistics_interval = statistics_interval
         self._statistics_source: Callable[[], Awaitable[Statistics]] | None = None
         self._statistics_dirty = asyncio.Event()
         self._statistics_task: asyncio.Task[None] | None = None
-        self._observers: list[Callable[[Sequence[Event]], None]] = []
         self.published = 0
 
     def subscribe(self, name: str, maxsize: int = 1000) -> Subscription:
@@ -126,10 +126,17 @@ class EventHub:
         if subscription.dropped:
             logger.warning("event subscriber {} fell behind and was dropped", subscription.name)
 
-    def observe(self, observer: Callable[[Sequence[Event]], None]) -> None:
-        """Hand every published batch to `observer` as it is published, before any subscriber
-        sees it: it sees every event, none coalesced, so it must be quick and must not raise."""
-        self._observers.append(observer)
+    def watch(self, callback: Callable[[Sequence[Event]], None]) -> Callable[[], None]:
+        """Call `callback` with each published batch, inside `publish`, before any subscriber
+        hears of it: for caches that must never answer with a committed change's old state. It
+        must be quick and must not block. Returns what stops the calls."""
+        self._watchers.append(callback)
+
+        def unwatch() -> None:
+            with contextlib.suppress(ValueError):
+                self._watchers.remove(callback)
+
+        return unwatch
 
     @property
     def subscriber_count(self) -> int:
@@ -144,8 +151,11 @@ class EventHub:
         if not events:
             return
         self.published += len(events)
-        for observer in self._observers:
-            observer(events)
+        for watcher in list(self._watchers):
+            try:
+                watcher(events)
+            except Exception:
+                logger.exception("an event watcher failed")
         for subscription in list(self._subscribers):
             subscription.offer_many(events)
         if any(event.kind != "statistics" for event in events):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from loguru import logger
@@ -153,6 +153,7 @@ class Metrics:
         self._uploads: dict[int, _Seen] = {}
         self._foreign: set[int] = set()  # downloads another node of the cluster holds
         self._probe: asyncio.Task[None] | None = None
+        self._unwatch: Callable[[], None] | None = None
         self._downloaded = self._uploaded = 0  # bytes of the batch being counted
 
     # --- hooks the parts call ---------------------------------------------------------------
@@ -183,10 +184,13 @@ class Metrics:
         row changed before it is not counted as finishing now."""
         self._node = node
         self._started = since
-        hub.observe(self._observe)
+        self._unwatch = hub.watch(self._observe)
         self._probe = asyncio.create_task(self._probe_loop(), name="metrics-loop-lag")
 
     async def stop(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if self._probe is not None:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -9,8 +9,9 @@ asks for random 64 KiB ranges over 50 connections.
     .venv/bin/python bench/bench_stream.py               # 1 GiB file
     .venv/bin/python bench/bench_stream.py --size-mb 256 # smaller and quicker
 
-Prints the figures and the ratios MistRelay / nginx (the full-GET target is >= 0.95), taken on
-the best of the alternating rounds: other load on the machine only ever slows a round down.
+Prints the figures and the ratios MistRelay / nginx (targets: full GETs >= 0.95, 64 KiB ranges
+>= 0.25), taken on the best of the alternating rounds: other load on the machine only ever slows
+a round down.
 """
 
 from __future__ import annotations
@@ -314,16 +315,17 @@ def main() -> int:
                         f" in {result.seconds:6.2f} s = {human(result.throughput)}",
                         flush=True,
                     )
-            ranges: dict[str, float] = {}
-            for name, url in servers.items():
-                ranges[name] = wrk_ranges(
-                    url, script, size, args.range_connections, args.range_seconds
-                )
-                print(
-                    f"{name:>9}: {ranges[name]:,.0f} requests/s for random 64 KiB ranges"
-                    f" ({args.range_connections} connections, {args.range_seconds} s)",
-                    flush=True,
-                )
+            ranges: dict[str, list[float]] = {name: [] for name in servers}
+            for round_number in range(1, args.rounds + 1):
+                for name, url in servers.items():
+                    rate = wrk_ranges(url, script, size, args.range_connections, args.range_seconds)
+                    ranges[name].append(rate)
+                    print(
+                        f"round {round_number} {name:>9}: {rate:,.0f} requests/s for random"
+                        f" 64 KiB ranges ({args.range_connections} connections,"
+                        f" {args.range_seconds} s)",
+                        flush=True,
+                    )
 
     # Other work on the machine can only slow a round down: the best round is the fairest figure.
     ours, theirs = max(full["MistRelay"]), max(full["nginx"])
@@ -333,10 +335,12 @@ def main() -> int:
     print(f"  MistRelay {human(ours)}  (median {human(statistics.median(full['MistRelay']))})")
     verdict = "meets" if ours / theirs >= 0.95 else "misses"
     print(f"  ratio MistRelay/nginx = {ours / theirs:.2f}  ({verdict} the 0.95 target)")
-    print(f"64 KiB ranges ({args.range_connections} connections):")
-    print(f"  nginx     {ranges['nginx']:,.0f} req/s")
-    print(f"  MistRelay {ranges['MistRelay']:,.0f} req/s")
-    print(f"  ratio MistRelay/nginx = {ranges['MistRelay'] / ranges['nginx']:.2f}")
+    ours, theirs = max(ranges["MistRelay"]), max(ranges["nginx"])
+    print(f"64 KiB ranges ({args.range_connections} connections, best of {args.rounds} rounds):")
+    print(f"  nginx     {theirs:,.0f} req/s  (median {statistics.median(ranges['nginx']):,.0f})")
+    print(f"  MistRelay {ours:,.0f} req/s  (median {statistics.median(ranges['MistRelay']):,.0f})")
+    verdict = "meets" if ours / theirs >= 0.25 else "misses"
+    print(f"  ratio MistRelay/nginx = {ours / theirs:.2f}  ({verdict} the 0.25 target)")
     return 0
 
 

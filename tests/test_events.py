@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
@@ -105,6 +105,24 @@ async def test_events_reach_every_subscriber_in_order(hub: EventHub) -> None:
         assert [e.kind for e in events[-3:]] == ["download", "upload", "cleanup"]
         assert len(subscription) == 0
     assert hub.published == 52
+
+
+async def test_watchers_see_each_batch_before_publish_returns(hub: EventHub) -> None:
+    seen: list[list[tuple[str, int | None]]] = []
+
+    def failing(events: Sequence[Event]) -> None:
+        raise RuntimeError("a broken watcher")
+
+    stop_failing = hub.watch(failing)
+    stop = hub.watch(lambda events: seen.append([(e.kind, e.item_id) for e in events]))
+    subscription = hub.subscribe("after")
+    hub.publish_many([("download", snapshot(1), 1), ("cleanup", upload(7, 2), 7)])
+    assert seen == [[("download", 1), ("cleanup", 7)]]  # at once, despite the broken watcher
+    assert [e.item_id for e in await take(subscription, 2)] == [1, 7]
+    stop()
+    stop_failing()
+    hub.publish("download", DownloadRemoved(None), None)
+    assert len(seen) == 1
 
 
 async def test_subscriber_waiting_in_get_is_woken(hub: EventHub) -> None:

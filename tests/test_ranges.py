@@ -262,6 +262,23 @@ def test_parse_range_matches_rfc_by_counting_bytes(case: tuple[int, list[Spec], 
         assert set(range(got.start, got.end + 1)) == wanted
 
 
+@settings(max_examples=300)
+@given(
+    st.integers(0, 5 * MIB), st.integers(0, 6 * MIB), st.one_of(st.none(), st.integers(0, 6 * MIB))
+)
+def test_one_plain_range_reads_as_its_spaced_form(size: int, first: int, last: int | None) -> None:
+    """ "bytes=a-b", read on a short path, means what " bytes= a-b " means on the full one."""
+    plain = f"bytes={first}-{'' if last is None else last}"
+    spaced = f" bytes= {plain[6:]} "
+    outcomes: list[ByteRange | str | None] = []
+    for header in (plain, spaced):
+        try:
+            outcomes.append(parse_range(header, size))
+        except RangeNotSatisfiable:
+            outcomes.append(UNSATISFIABLE)
+    assert outcomes[0] == outcomes[1]
+
+
 def valid_or_raise(header: str, size: int) -> None:
     try:
         got = parse_range(header, size)

@@ -9,6 +9,7 @@ client sees a transfer shorter than its Content-Length instead of a body that lo
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import stat
@@ -46,6 +47,11 @@ __all__ = [
 ]
 
 CHUNK_SIZE = 1024 * 1024
+# A transfer at least this long is sent from a file opened for it alone, not from a shared open
+# file: the kernel keeps read-ahead state per open file, and concurrent long reads at different
+# places of one open file spoil it for each other; the thread hop to open it is nothing next to
+# such a transfer.
+OWN_FILE_FROM = 4 * 1024 * 1024
 # Signed links are per user: no shared cache may keep them; browsers revalidate with the ETag.
 CACHE_CONTROL = "private, no-cache"
 # Nothing served here may run script or load anything, even if a browser renders it.
@@ -122,13 +128,24 @@ class LocalFileSource:
     ) -> LocalFileSource:
         """Stat ``path`` (blocking: call it in a thread, or use ``open``)."""
         file_path = Path(path)
-        st = file_path.stat()
+        return cls.from_stat(file_path, file_path.stat(), name=name, mime=mime)
+
+    @classmethod
+    def from_stat(
+        cls,
+        path: Path,
+        st: os.stat_result,
+        *,
+        name: str | None = None,
+        mime: str | None = None,
+    ) -> LocalFileSource:
+        """Describe ``path`` by a status already taken (of the path, or of a file open on it)."""
         if not stat.S_ISREG(st.st_mode):
-            raise IsADirectoryError(f"not a regular file: {file_path.name}")
-        display_name = name if name is not None else file_path.name
+            raise IsADirectoryError(f"not a regular file: {path.name}")
+        display_name = name if name is not None else path.name
         identity = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_dev}".encode()
         return cls(
-            path=file_path,
+            path=path,
             size=st.st_size,
             name=display_name,
             mime=mime or guess_mime(display_name),
@@ -204,27 +221,40 @@ def _json_error(
     return web.json_response({"error": error, "detail": detail}, status=status, headers=merged)
 
 
+@functools.lru_cache(maxsize=1024)
+def _representation_headers(
+    name: str, mime: str, etag: str, last_modified: datetime | None, download: bool
+) -> tuple[tuple[str, str], ...]:
+    """The headers that describe a representation: a pure function of it, so that repeated
+    requests for the same file (a player's ranges) reuse them instead of building them again."""
+    mime = _clean_mime(mime)
+    inline = is_inline_safe(mime) and not download
+    headers = _security_headers()
+    if inline and mime.startswith(("video/", "audio/", "image/")):
+        headers["Content-Security-Policy"] = MEDIA_CONTENT_SECURITY_POLICY
+    headers["Accept-Ranges"] = "bytes"
+    headers["ETag"] = etag
+    headers["Content-Type"] = f"{mime}; charset=utf-8" if mime == "text/plain" else mime
+    headers["Content-Disposition"] = content_disposition(name, inline=inline)
+    if last_modified is not None:
+        headers["Last-Modified"] = http_date(last_modified)
+    return tuple(headers.items())
+
+
 def _response_headers(
     request: web.Request,
     source: ByteSource,
     last_modified: datetime | None,
     extra_headers: Mapping[str, str] | None,
 ) -> CIMultiDict[str]:
-    mime = _clean_mime(source.mime)
-    inline = is_inline_safe(mime) and request.query.get("download", "").lower() not in _DOWNLOAD
-    headers = CIMultiDict(_security_headers())
-    if inline and mime.startswith(("video/", "audio/", "image/")):
-        headers["Content-Security-Policy"] = MEDIA_CONTENT_SECURITY_POLICY
+    download = request.query.get("download", "").lower() in _DOWNLOAD
+    headers = CIMultiDict(
+        _representation_headers(source.name, source.mime, source.etag, last_modified, download)
+    )
     for name, value in (extra_headers or {}).items():
         if name.lower() in PROTECTED_HEADERS:
             raise ValueError(f"extra_headers may not set {name}")
         headers[name] = value
-    headers["Accept-Ranges"] = "bytes"
-    headers["ETag"] = source.etag
-    headers["Content-Type"] = f"{mime}; charset=utf-8" if mime == "text/plain" else mime
-    headers["Content-Disposition"] = content_disposition(source.name, inline=inline)
-    if last_modified is not None:
-        headers["Last-Modified"] = http_date(last_modified)
     return headers
 
 
@@ -234,8 +264,14 @@ async def serve_bytes(
     *,
     extra_headers: Mapping[str, str] | None = None,
     allow_sendfile: bool = True,
+    open_file: IO[bytes] | None = None,
 ) -> web.StreamResponse:
     """Answer a GET or HEAD for ``source`` per RFC 9110 and return the (finished) response.
+
+    ``open_file`` is ``source.path`` already open (binary, unbuffered or not), possibly shared
+    by concurrent responses: a body shorter than ``OWN_FILE_FROM`` is sent from it without
+    opening the path again; a longer one from the path opened anew while it is still the same
+    file. ``open_file`` is left open.
 
     Range is honoured for GET only (RFC 9110 §14.2: a HEAD gets the headers of the full GET),
     and only when If-Range, if present, holds. ``?download=1`` forces an attachment.
@@ -300,6 +336,16 @@ async def serve_bytes(
         await response.write_eof()
         return response
     log = logger.bind(source=source.name, start=start, end=end, size=size)
+    if allow_sendfile and open_file is not None:
+        own = None
+        if length >= OWN_FILE_FROM and source.path is not None:
+            own = await asyncio.to_thread(_open_again, source.path, open_file)
+        if own is None:
+            return await _send_open_file(request, response, open_file, start, length, log)
+        try:
+            return await _send_open_file(request, response, own, start, length, log)
+        finally:
+            own.close()
     if allow_sendfile and source.path is not None:
         return await _send_local_file(request, response, source.path, start, length, log)
     return await _stream_source(request, response, source, start, end, log)
@@ -328,41 +374,100 @@ async def _send_local_file(
         log.warning("cannot open file to serve: {}", type(error).__name__)
         return _json_error(500, "read_failed", type(error).__name__)
     try:
-        try:
-            await response.prepare(request)
-        except ConnectionError:
-            log.debug("client left before the headers were sent")
-            return response
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            log.debug("client left before the body was sent")
-            return response
-        loop = asyncio.get_running_loop()
-        try:
-            sent = await loop.sendfile(transport, file, start, length, fallback=False)
-        except RuntimeError:
-            # asyncio raises this (or its SendfileNotAvailableError subclass) before sending
-            # anything: an SSL transport, a platform without sendfile, or a closing transport.
-            if transport.is_closing():
-                log.debug("client left before the body was sent")
-                return response
-            chunks = _read_file_range(file, start, start + length - 1, CHUNK_SIZE)
-            try:
-                return await _write_chunks(request, response, chunks, length, log)
-            finally:
-                await _close_iterator(chunks, log)
-        except OSError as error:
-            log.debug("client left during sendfile: {}", type(error).__name__)
-            _abort(request)
-            return response
-        if sent != length:
-            log.warning("file shrank while being sent: {} of {} bytes", sent, length)
-            _abort(request)
-            return response
-        await response.write_eof()
-        return response
+        return await _send_open_file(request, response, file, start, length, log)
     finally:
         file.close()
+
+
+def _open_again(path: Path, shared: IO[bytes]) -> IO[bytes] | None:
+    """``path`` opened anew if it still names the file ``shared`` is open on, else None
+    (blocking). Non-blocking open: a FIFO put in its place must not hold the thread."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        own, expected = os.fstat(fd), os.fstat(shared.fileno())
+    except OSError:
+        os.close(fd)
+        return None
+    if (own.st_dev, own.st_ino) != (expected.st_dev, expected.st_ino):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb", buffering=0)
+
+
+def _sendfile_at_once(
+    transport: asyncio.Transport, file: IO[bytes], start: int, length: int
+) -> int:
+    """Bytes sent by one non-blocking sendfile straight to the connection's socket, when the
+    transport has nothing buffered (so the bytes follow the headers in order) and is a plain TCP
+    one; 0 when it may not, or the socket takes nothing now. A small range usually goes out
+    whole here, without the event loop's sendfile machinery (a wait for the buffer to drain, a
+    writer registered, a loop turn more)."""
+    sock = transport.get_extra_info("socket")
+    if (
+        sock is None
+        or transport.get_extra_info("sslcontext") is not None
+        or transport.get_write_buffer_size()
+    ):
+        return 0
+    try:
+        return os.sendfile(sock.fileno(), file.fileno(), start, length)
+    except ConnectionError:
+        raise
+    except OSError:  # would block, or sendfile refuses this file: the loop's sendfile decides
+        return 0
+
+
+async def _send_open_file(
+    request: web.Request,
+    response: web.StreamResponse,
+    file: IO[bytes],
+    start: int,
+    length: int,
+    log: Any,
+) -> web.StreamResponse:
+    """Send bytes start.. of an open file with sendfile (positioned reads: the file may be shared
+    by concurrent responses), or chunk by chunk where sendfile is not available."""
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        log.debug("client left before the headers were sent")
+        return response
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        log.debug("client left before the body was sent")
+        return response
+    loop = asyncio.get_running_loop()
+    sent = 0
+    try:
+        sent = _sendfile_at_once(transport, file, start, length)
+        if sent < length:
+            sent += await loop.sendfile(
+                transport, file, start + sent, length - sent, fallback=False
+            )
+    except RuntimeError:
+        # asyncio raises this (or its SendfileNotAvailableError subclass) before sending
+        # anything: an SSL transport, a platform without sendfile, or a closing transport.
+        if transport.is_closing():
+            log.debug("client left before the body was sent")
+            return response
+        chunks = _read_file_range(file, start + sent, start + length - 1, CHUNK_SIZE)
+        try:
+            return await _write_chunks(request, response, chunks, length - sent, log)
+        finally:
+            await _close_iterator(chunks, log)
+    except OSError as error:
+        log.debug("client left during sendfile: {}", type(error).__name__)
+        _abort(request)
+        return response
+    if sent != length:
+        log.warning("file shrank while being sent: {} of {} bytes", sent, length)
+        _abort(request)
+        return response
+    await response.write_eof()
+    return response
 
 
 async def _stream_source(

@@ -236,6 +236,15 @@ def query_choice(request: web.Request, name: str, choices: Sequence[str]) -> str
 
 
 @dataclass(frozen=True)
+class SignedLink:
+    """What a /stream or /watch link names, once its signature held."""
+
+    download_id: int
+    index: int | None  # a torrent's file (aria2's 1-based index); None = the whole download
+    expires: int  # the link's own expiry (0 = never), for links derived from it
+
+
+@dataclass(frozen=True)
 class SignedRequest:
     """What a /stream or /watch link points at, once its signature held."""
 
@@ -244,24 +253,34 @@ class SignedRequest:
     expires: int  # the link's own expiry (0 = never), for links derived from it
 
 
-async def signed_request(request: web.Request, what: str) -> SignedRequest | web.Response:
-    """The row a signed link names, or the answer that refuses it (404 unknown, 403 forged)."""
-    ctx = context_of(request)
+def signed_link(request: web.Request, what: str) -> SignedLink | web.Response:
+    """What a signed link names, or the answer that refuses it (404 malformed, 403 forged);
+    no store read."""
     download_id = parse_id(request.match_info["id"])
     index_text = request.match_info.get("index")
     index = parse_id(index_text)
     if download_id is None or (index_text is not None and index is None):
         return json_error(404, "not_found", f"no such {what}")
-    problem = ctx.links.signer.verify(
-        download_id, index or 0, request.query.get("sig"), request.query.get("exp")
+    query = request.query
+    exp = query.get("exp")
+    problem = context_of(request).links.signer.verify(
+        download_id, index or 0, query.get("sig"), exp
     )
     if problem is not None:
         return json_error(403, "forbidden", problem)
-    row = await ctx.store.get_download_by_id(download_id)
-    if row is None:
-        return json_error(404, "not_found", f"no download {download_id}")
     # Well-formed: the signature check has read it.
-    return SignedRequest(row, index, int(request.query.get("exp") or 0))
+    return SignedLink(download_id, index, int(exp or 0))
+
+
+async def signed_request(request: web.Request, what: str) -> SignedRequest | web.Response:
+    """The row a signed link names, or the answer that refuses it (404 unknown, 403 forged)."""
+    link = signed_link(request, what)
+    if isinstance(link, web.Response):
+        return link
+    row = await context_of(request).store.get_download_by_id(link.download_id)
+    if row is None:
+        return json_error(404, "not_found", f"no download {link.download_id}")
+    return SignedRequest(row, link.index, link.expires)
 
 
 def redirect_to_node(request: web.Request, origin: str) -> web.Response:

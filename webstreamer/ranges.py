@@ -57,6 +57,8 @@ _OWS = " \t"
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _INT_RANGE_RE = re.compile(r"([0-9]+)-([0-9]*)")
 _SUFFIX_RANGE_RE = re.compile(r"-([0-9]+)")
+# The form players and download tools send nearly always: one int-range, no spaces.
+_SIMPLE_RANGE_RE = re.compile(r"bytes=([0-9]+)-([0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,15 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
         raise ValueError("size must not be negative")
     if header is None or len(header) > MAX_RANGE_HEADER_LENGTH:
         return None
+    simple = _SIMPLE_RANGE_RE.fullmatch(header)
+    if simple is not None:
+        first = int(simple.group(1))
+        last = int(simple.group(2)) if simple.group(2) else None
+        if last is not None and last < first:
+            return None
+        if first >= size:
+            raise RangeNotSatisfiable(size)
+        return ByteRange(first, size - 1 if last is None else min(last, size - 1))
     unit, equals, range_set = header.strip(_OWS).partition("=")
     if not equals or not _TOKEN_RE.fullmatch(unit) or unit.lower() != "bytes":
         return None

@@ -1,79 +1,63 @@
 """/stream: a download's bytes behind a signed link — from local disk once the file is whole,
-else from another byte source (Telegram) registered on the application context."""
+else from another byte source (Telegram) registered on the application context.
+
+A whole local file is served from the application's `FileCache`: once opened, a request for it
+is answered without a store read or a thread hop (see webstreamer/filecache.py for how the
+cache stays fresh)."""
 
 from __future__ import annotations
-
-import asyncio
-import os
 
 from aiohttp import web
 from loguru import logger
 
-from files import DownloadFiles
-from records import DownloadRow
-from webstreamer.byteserve import ByteSource, LocalFileSource, serve_bytes
-from webstreamer.context import context_of, json_error, redirect_to_node, signed_request
-from webstreamer.links import file_name_of
+from webstreamer.byteserve import ByteSource, serve_bytes
+from webstreamer.context import CONTEXT, context_of, json_error, redirect_to_node, signed_link
+from webstreamer.filecache import FileCache, OpenFile
+
+FILE_CACHE: web.AppKey[FileCache] = web.AppKey("file_cache", FileCache)
 
 
-def _whole_local_file(
-    files: DownloadFiles, row: DownloadRow, index: int | None
-) -> tuple[str, int, str] | None:
-    """(path, expected size, display name) of the completed bytes on disk, if they are whole."""
-    if row.status != "completed" or not row.local_path:
-        return None
-    if index is None:
-        if row.files and len(row.files) > 1:
-            return None
-        candidate, expected, name = row.local_path, row.total_length, file_name_of(row)
-    else:
-        entry = next((f for f in row.files if f.index == index), None)
-        if entry is None:
-            return None
-        base = os.path.dirname(row.local_path) if len(row.files) > 1 else None
-        candidate = row.local_path if base is None else os.path.join(base, entry.path)
-        expected, name = entry.length, os.path.basename(entry.path)
-    path = files.confined(candidate)
-    if path is None:
-        return None
-    return str(path), expected, name
-
-
-async def _local_source(
-    files: DownloadFiles, row: DownloadRow, index: int | None
-) -> ByteSource | None:
-    found = await asyncio.to_thread(_whole_local_file, files, row, index)
-    if found is None:
-        return None
-    path, expected, name = found
+async def _serve_open(
+    request: web.Request, cache: FileCache, entry: OpenFile
+) -> web.StreamResponse:
+    cache.acquire(entry)
     try:
-        source = await LocalFileSource.open(path, name=name)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        return None
-    # aria2 preallocates: only a file of exactly the recorded size counts as whole.
-    return source if source.size == expected else None
+        return await serve_bytes(request, entry.source, open_file=entry.file)
+    finally:
+        cache.release(entry)
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
     """The bytes from here when this node has them whole (or a byte source does); else a 307 to
     the node that holds the completed file, or, for a Telegram file, to the node running the
     bot; else 409."""
+    link = signed_link(request, "stream")
+    if isinstance(link, web.Response):
+        return link
+    download_id, index = link.download_id, link.index
+    cache = request.app[FILE_CACHE]
+    entry = cache.get((download_id, index))
+    if entry is not None:
+        return await _serve_open(request, cache, entry)
+
     ctx = context_of(request)
-    signed = await signed_request(request, "stream")
-    if isinstance(signed, web.Response):
-        return signed
-    row, index = signed.row, signed.index
-    download_id = row.id
+    with cache.loading(download_id) as load:
+        row = await ctx.store.get_download_by_id(download_id)
+        if row is None:
+            return json_error(404, "not_found", f"no download {download_id}")
+        entry = await cache.open(load, row, index)
+    if entry is not None:
+        return await _serve_open(request, cache, entry)
     log = logger.bind(job=download_id)
-    source = await _local_source(ctx.files, row, index)
-    if source is None and row.status == "completed":
+    if row.status == "completed":
         holder = ctx.cluster.origin_of(row.node)
         if holder is not None:
             log.debug(
                 "{} sent to node {} at {}, which holds the file", request.method, row.node, holder
             )
             return redirect_to_node(request, holder)
-    if source is None and index is None:
+    source: ByteSource | None = None
+    if index is None:
         for provider in ctx.byte_sources:
             source = await provider(row, index)
             if source is not None:
@@ -90,6 +74,19 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 
 def setup(app: web.Application) -> None:
+    """The routes, and the application's file cache: watching the hub from startup to cleanup."""
+    ctx = app[CONTEXT]
+    cache = FileCache(ctx.files)
+    app[FILE_CACHE] = cache
+
+    async def watch(app: web.Application) -> None:
+        cache.watch(ctx.hub)
+
+    async def close(app: web.Application) -> None:
+        cache.close()
+
+    app.on_startup.append(watch)
+    app.on_cleanup.append(close)
     for route in ("/stream/{id}/{name}", "/stream/{id}/{index}/{name}"):
         app.router.add_route("GET", route, stream)
         app.router.add_route("HEAD", route, stream)
