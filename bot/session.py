@@ -14,9 +14,11 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import cast
 
 from loguru import logger
 from pyrogram import Client, enums
+from pyrogram.connection.proxy import ProxyDict
 from pyrogram.errors import (
     AccessTokenExpired,
     AccessTokenInvalid,
@@ -35,7 +37,7 @@ from bot.tg_source import (
     TelegramStreamer,
     refresh_from_message,
 )
-from configer import TelegramConfig
+from configer import TelegramConfig, proxy_parts
 from db import Store
 from records import DownloadRow, TgMediaRecord
 
@@ -48,6 +50,17 @@ _REFUSED_CREDENTIALS = (AccessTokenInvalid, AccessTokenExpired, ApiIdInvalid, Un
 _REPLY_GONE = ("REPLY", "MESSAGE_ID")
 
 
+def client_proxy(telegram: TelegramConfig) -> ProxyDict | None:
+    """`telegram.proxy` in the form the Pyrogram client takes (None: connect directly)."""
+    if not telegram.proxy:
+        return None
+    parts = proxy_parts(telegram.proxy)
+    proxy = {"scheme": parts.scheme, "hostname": parts.host, "port": parts.port}
+    if parts.username:
+        proxy.update(username=parts.username, password=parts.password)
+    return cast(ProxyDict, proxy)
+
+
 def _new_client(telegram: TelegramConfig, workdir: Path) -> Client:
     return Client(
         name="mistrelay",
@@ -55,6 +68,7 @@ def _new_client(telegram: TelegramConfig, workdir: Path) -> Client:
         api_hash=telegram.api_hash,
         bot_token=telegram.bot_token,
         workdir=str(workdir),
+        proxy=client_proxy(telegram),
         parse_mode=enums.ParseMode.DISABLED,
         fetch_replies=False,
         fetch_topics=False,
