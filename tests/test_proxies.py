@@ -250,21 +250,30 @@ async def test_ftp_downloads_with_user_and_password_end_to_end(
 ) -> None:
     data = deterministic_bytes(400_000, seed=15)
     lines: list[str] = []
-    sink = logger.add(lambda message: lines.append(str(message)), level="DEBUG")
-    try:
-        async with running_ftp_account_server(tmp_path / "ftp") as ftp:
-            (ftp.root / "pub").mkdir()
-            (ftp.root / "pub" / "film.bin").write_bytes(data)
-            svc = await settled(await service_factory())
+    async with running_ftp_account_server(tmp_path / "ftp") as ftp:
+        (ftp.root / "pub").mkdir()
+        (ftp.root / "pub" / "film.bin").write_bytes(data)
+        (ftp.root / "pub" / "other.bin").write_bytes(data)
+        svc = await settled(await service_factory())
+        sink = logger.add(lambda message: lines.append(str(message)), level="DEBUG")
+        try:
             status, answer = await svc.api(
                 "POST", "/api/downloads", json={"url": ftp.url("pub/film.bin")}
             )
             assert status == 201, answer
             good = answer["downloads"][0]["id"]
-            status, answer = await svc.api(
+            # The same file with another password is the same job; the answer masks it.
+            status, duplicate = await svc.api(
                 "POST",
                 "/api/downloads",
                 json={"url": ftp.url("pub/film.bin", password="not-the-password")},
+            )
+            assert status == 409, duplicate
+            assert duplicate["detail"]["url"].startswith(f"ftp://{ftp.user}:***@"), duplicate
+            status, answer = await svc.api(
+                "POST",
+                "/api/downloads",
+                json={"url": ftp.url("pub/other.bin", password="not-the-password")},
             )
             assert status == 201, answer
             bad = answer["downloads"][0]["id"]
@@ -272,13 +281,13 @@ async def test_ftp_downloads_with_user_and_password_end_to_end(
             failed = await svc.wait_download(bad, FINAL, timeout=WAIT)
             status, listing = await svc.api("GET", "/api/downloads")
             assert status == 200
-    finally:
-        logger.remove(sink)
+        finally:
+            logger.remove(sink)
     assert done["status"] == "completed", done
     assert await asyncio.to_thread(Path(done["local_path"]).read_bytes) == data
     assert done["source_url"] == f"ftp://{ftp.user}:***@127.0.0.1:{ftp.port}/pub/film.bin"
     assert failed["status"] == "failed", failed
-    assert "authorization failed" in failed["error_message"].lower(), failed
-    shown = json.dumps([done, failed, listing]) + "\n".join(lines)
+    assert failed["error_message"].startswith("the FTP server refused the user or password"), failed
+    shown = json.dumps([done, failed, listing, duplicate]) + "\n".join(lines)
     for secret in (ftp.password, "s3cret%3A%2F%40pass", "not-the-password"):
         assert secret not in shown
