@@ -167,7 +167,7 @@ async def test_an_admins_http_and_ftp_jobs_go_through_aria2_proxy(
         assert status == 201, answer
         ftp_job = answer["downloads"][0]["id"]
         assert await option(svc, ftp_job, "proxy-method") == "tunnel"
-        assert await option(svc, http_job, "all-proxy") == f"http://127.0.0.1:{proxy.port}"
+        assert await option(svc, http_job, "all-proxy") == f"http://127.0.0.1:{proxy.port}/"
         for job in (http_job, ftp_job):
             done = await svc.wait_download(job, FINAL, timeout=WAIT)
             assert done["status"] == "completed", done
@@ -191,7 +191,7 @@ async def test_a_users_jobs_leave_the_egress_proxy_through_aria2_proxy(
         svc = await settled(await service_factory({"aria2": aria2}))
         job = await as_user(svc, file_server.url("user.bin"))
         egress = svc.service.parts.engine.egress
-        assert await option(svc, job, "all-proxy") == f"http://127.0.0.1:{egress.port}"
+        assert await option(svc, job, "all-proxy") == f"http://127.0.0.1:{egress.port}/"
         done = await svc.wait_download(job, FINAL, timeout=WAIT)
         assert done["status"] == "completed", done
         assert await asyncio.to_thread(Path(done["local_path"]).read_bytes) == data

@@ -116,6 +116,7 @@ class CountingProxy:
             self.passed.append(("connect", host, int(port_text)))
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             await writer.drain()
+            await self._client_first(reader, up_writer)
             await self._relay(reader, writer, up_reader, up_writer)
             return
         url = urlsplit(target)
@@ -133,6 +134,14 @@ class CountingProxy:
         up_writer.write((request + "\r\n\r\n").encode("latin-1"))
         # A request with a body (a WebDAV upload) sends it after the head: pass it on too.
         await self._relay(reader, writer, up_reader, up_writer)
+
+    @staticmethod
+    async def _client_first(reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
+        """Hold the server's first bytes until the client spoke, or 0.25 s: aria2 drops what
+        arrives in the same read as the 200 (an FTP server's greeting), as a proxy across a
+        network seldom sends it that soon."""
+        with contextlib.suppress(TimeoutError):
+            up_writer.write(await asyncio.wait_for(reader.read(_CHUNK), 0.25))
 
     # --- SOCKS5 (RFC 1928, user/password: RFC 1929) -------------------------------------------
 
