@@ -277,6 +277,11 @@ async def test_ftp_downloads_with_user_and_password_end_to_end(
             )
             assert status == 201, answer
             bad = answer["downloads"][0]["id"]
+            status, answer = await svc.api(
+                "POST", "/api/downloads", json={"url": ftp.url("pub/missing.bin")}
+            )
+            assert status == 201, answer
+            missing = await svc.wait_download(answer["downloads"][0]["id"], FINAL, timeout=WAIT)
             done = await svc.wait_download(good, FINAL, timeout=WAIT)
             failed = await svc.wait_download(bad, FINAL, timeout=WAIT)
             status, listing = await svc.api("GET", "/api/downloads")
@@ -288,6 +293,8 @@ async def test_ftp_downloads_with_user_and_password_end_to_end(
     assert done["source_url"] == f"ftp://{ftp.user}:***@127.0.0.1:{ftp.port}/pub/film.bin"
     assert failed["status"] == "failed", failed
     assert failed["error_message"].startswith("the FTP server refused the user or password"), failed
+    assert missing["status"] == "failed", missing
+    assert missing["error_message"].startswith("not found on the FTP server"), missing
     shown = json.dumps([done, failed, listing, duplicate]) + "\n".join(lines)
     for secret in (ftp.password, "s3cret%3A%2F%40pass", "not-the-password"):
         assert secret not in shown
