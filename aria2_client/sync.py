@@ -249,7 +249,6 @@ FTP_REPLIES = {
     "421": "the FTP server refused the connection (too many users?)",
     "430": "the FTP server refused the user or password",
     "530": "the FTP server refused the user or password",
-    "550": "not found on the FTP server, or not readable there",
 }
 _REPLY_STATUS = re.compile(r"status=(\d{3})\b")
 

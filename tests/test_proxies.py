@@ -294,7 +294,7 @@ async def test_ftp_downloads_with_user_and_password_end_to_end(
     assert failed["status"] == "failed", failed
     assert failed["error_message"].startswith("the FTP server refused the user or password"), failed
     assert missing["status"] == "failed", missing
-    assert missing["error_message"].startswith("not found on the FTP server"), missing
+    assert missing["error_message"].startswith("not found on the server"), missing
     shown = json.dumps([done, failed, listing, duplicate]) + "\n".join(lines)
     for secret in (ftp.password, "s3cret%3A%2F%40pass", "not-the-password"):
         assert secret not in shown
