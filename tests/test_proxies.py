@@ -25,9 +25,12 @@ from tests.support.http_files import FileServer, deterministic_bytes
 from tests.support.proxies import running_proxy
 from tests.support.rclone_cloud import RcloneCloud, add_remote
 from tests.support.service import ServiceFactory, service_config
+from tests.test_bot import RelayFactory, relay_factory
 from tests.test_engine_api import FINAL, settled
 from tests.test_ssrf import BLOCKED, as_user, option
 from uploads.rclone import Rclone, RcloneError
+
+__all__ = ["relay_factory"]  # the bot's fixture
 
 PROXY_USER = "relay"
 PROXY_PASSWORD = "pr0xy-PASS"
@@ -298,3 +301,23 @@ async def test_ftp_downloads_with_user_and_password_end_to_end(
     shown = json.dumps([done, failed, listing, duplicate]) + "\n".join(lines)
     for secret in (ftp.password, "s3cret%3A%2F%40pass", "not-the-password"):
         assert secret not in shown
+
+
+@pytest.mark.slow
+async def test_an_ftp_link_with_a_password_through_the_bot(
+    relay_factory: RelayFactory, tmp_path: Path
+) -> None:
+    """Through the real dispatcher: the job completes, and no message of the bot shows the
+    password (the job's progress and completion name its file; the link is masked)."""
+    relay = await relay_factory()
+    data = deterministic_bytes(250_000, seed=16)
+    async with running_ftp_account_server(tmp_path / "ftp") as ftp:
+        (ftp.root / "film.mkv").write_bytes(data)
+        [ack] = await relay.chat().say(ftp.url("film.mkv"))
+        [row] = await relay.jobs(1)
+        await relay.wait_status(row.id, "completed")
+    done = await relay.db.get_download_by_id(row.id)
+    assert await asyncio.to_thread(Path(done.local_path).read_bytes) == data
+    texts = [m.text for m in relay.fake.sent_messages()] + [e.text for e in relay.fake.edits()]
+    assert ack.text and len(texts) >= 2
+    assert not [text for text in texts if "s3cret" in text or "%40pass" in text], texts
