@@ -26,6 +26,7 @@ from tests.support.proxies import running_proxy
 from tests.support.rclone_cloud import RcloneCloud, add_remote
 from tests.support.service import ServiceFactory, service_config
 from tests.test_bot import RelayFactory, relay_factory
+from tests.test_browser import CHROMIUM, chromium
 from tests.test_engine_api import FINAL, settled
 from tests.test_ssrf import BLOCKED, as_user, option
 from uploads.rclone import Rclone, RcloneError
@@ -321,3 +322,54 @@ async def test_an_ftp_link_with_a_password_through_the_bot(
     texts = [m.text for m in relay.fake.sent_messages()] + [e.text for e in relay.fake.edits()]
     assert ack.text and len(texts) >= 2
     assert not [text for text in texts if "s3cret" in text or "%40pass" in text], texts
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+async def test_the_page_shows_an_ftp_job_without_its_password(
+    service_factory: ServiceFactory, tmp_path: Path
+) -> None:
+    """In Chromium: a link with a password typed into the add box becomes a completed row,
+    and nothing on the page (nor any WebSocket message it got) holds the password."""
+    data = deterministic_bytes(120_000, seed=17)
+    frames: list[str] = []
+    async with running_ftp_account_server(tmp_path / "ftp") as ftp:
+        (ftp.root / "clip.mp4").write_bytes(data)
+        running = await settled(await service_factory())
+        async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
+            page.on_event(
+                lambda method, params: (
+                    frames.append(params["response"]["payloadData"])
+                    if method == "Network.webSocketFrameReceived"
+                    else None
+                )
+            )
+            for domain in ("Runtime", "Page", "Network"):
+                await page.send(f"{domain}.enable")
+            await page.send("Page.navigate", {"url": running.base_url + "/"})
+            await page.wait_for(
+                "!document.getElementById('login-view').hidden"
+                " && !document.documentElement.classList.contains('boot')",
+                20,
+                "the sign-in form",
+            )
+            await page.evaluate("document.getElementById('token').focus()")
+            await page.send("Input.insertText", {"text": running.token})
+            await page.evaluate("document.getElementById('login-submit').click()")
+            await page.wait_for(
+                "document.getElementById('conn').dataset.state === 'live'", 20, "the dashboard"
+            )
+            await page.evaluate("document.getElementById('add-links').focus()")
+            await page.send("Input.insertText", {"text": ftp.url("clip.mp4")})
+            await page.evaluate("document.getElementById('add-submit').click()")
+            row = "document.querySelector('article.item')"
+            await page.wait_for(
+                f"{row} && {row}.dataset.status === 'completed'", 60, "the completed row"
+            )
+            name = await page.evaluate(f"{row}.querySelector('.name').textContent")
+            html = await page.evaluate("document.documentElement.outerHTML")
+    assert name == "clip.mp4"
+    assert frames, "the page got no WebSocket message"
+    for text in (html, *frames):
+        assert ftp.password not in text and "s3cret%3A" not in text
