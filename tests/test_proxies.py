@@ -17,8 +17,17 @@ from loguru import logger
 from pyrogram.connection.proxy import SOCKS5Proxy
 from pyrogram.connection.transport.tcp import TCP
 
+from aria2_client.egress import EgressProxy
+from aria2_client.sources import AddressPolicy
 from bot.session import TelegramSession
-from configer import ConfigError, Secrets, load_config, log_secrets, masked_settings
+from configer import (
+    ConfigError,
+    Secrets,
+    load_config,
+    log_secrets,
+    masked_settings,
+    proxy_parts,
+)
 from db import open_store
 from tests.support.ftp_accounts import running_ftp_account_server
 from tests.support.http_files import FileServer, deterministic_bytes
@@ -28,10 +37,20 @@ from tests.support.service import ServiceFactory, service_config
 from tests.test_bot import RelayFactory, relay_factory
 from tests.test_browser import CHROMIUM, chromium
 from tests.test_engine_api import FINAL, settled
-from tests.test_ssrf import BLOCKED, as_user, option
+from tests.test_ssrf import (
+    BLOCKED,
+    PRIVATE_HOST,
+    Resolutions,
+    Site,
+    as_user,
+    credentials,
+    exchange,
+    option,
+    sites,
+)
 from uploads.rclone import Rclone, RcloneError
 
-__all__ = ["relay_factory"]  # the bot's fixture
+__all__ = ["relay_factory", "sites"]  # fixtures of other test modules
 
 PROXY_USER = "relay"
 PROXY_PASSWORD = "pr0xy-PASS"
@@ -373,3 +392,47 @@ async def test_the_page_shows_an_ftp_job_without_its_password(
     assert frames, "the page got no WebSocket message"
     for text in (html, *frames):
         assert ftp.password not in text and "s3cret%3A" not in text
+
+
+async def test_the_egress_proxy_asks_its_upstream_for_the_checked_address(
+    sites: tuple[Site, Site],
+) -> None:
+    """A name the egress proxy resolved itself goes upstream as the address it checked; an
+    upstream that refuses the credentials is answered 502 naming it; a blocked name never
+    reaches the upstream."""
+    public, _ = sites
+    resolve = Resolutions({"files.example": [["127.0.0.1"]], "inside.example": [[PRIVATE_HOST]]})
+    async with running_proxy(PROXY_USER, PROXY_PASSWORD) as upstream:
+        for password, expected in ((PROXY_PASSWORD, b" 200 "), ("wrong", b" 502 ")):
+            egress = EgressProxy(
+                lambda: AddressPolicy([f"{PRIVATE_HOST}/32"]),
+                b"test key",
+                on_refused=_no_refusal,
+                resolve=resolve,
+                upstream=proxy_parts(upstream.url(password=password)),
+            )
+            await egress.start()
+            try:
+                target = f"files.example:{public.port}"
+                answer, rest = await exchange(
+                    egress,
+                    f"GET http://{target}/file HTTP/1.1\r\nHost: {target}\r\n"
+                    f"Proxy-Authorization: {credentials(egress, 7)}\r\n\r\n",
+                )
+                blocked, _ = await exchange(
+                    egress,
+                    f"CONNECT inside.example:443 HTTP/1.1\r\n"
+                    f"Proxy-Authorization: {credentials(egress, 7)}\r\n\r\n",
+                )
+            finally:
+                await egress.stop()
+            assert expected in answer.split(b"\r\n")[0], answer
+            assert blocked.startswith(b"HTTP/1.1 403"), blocked
+        assert rest.startswith(b"the upstream proxy refused the tunnel: HTTP/1.1 407"), rest
+    assert upstream.passed == [("connect", "127.0.0.1", public.port)]
+    assert upstream.refused == 1
+    assert public.hits == ["/file"]
+
+
+async def _no_refusal(download_id: int, reason: str) -> None:
+    return None
