@@ -718,8 +718,8 @@ class DownloadManager:
 
 def proxy_options(proxy: ProxyParts, *, tunnel: bool) -> dict[str, str]:
     """aria2's per-job options that send a job through the HTTP proxy `proxy` (`aria2.proxy`),
-    its user and password as options of their own (aria2 writes the proxy URL into its log).
-    `tunnel` (FTP) sends every connection as CONNECT."""
+    its user and password as options of their own, never inside a URL. `tunnel` (FTP) sends
+    every connection as CONNECT."""
     host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
     options = {
         "all-proxy": f"http://{host}:{proxy.port}",
