@@ -4,11 +4,11 @@ child process (known by its PID, stopped by it) on 127.0.0.1, serving a folder r
 The minimal hand-written server in `ftp_server.py` accepts any login and serves one file under
 every path; this one refuses a wrong password (530) and a missing file (550), as FTP servers do.
 
-Its `226 Transfer complete` comes 0.1 s after the data connection closes. aria2 1.36 stalls at
-100 % when that reply reaches it in the same read as the `125` that opened the transfer (it
-waits for the control connection to become readable again, which never happens): on loopback,
-with a file sent in a millisecond, that happens in about a third of the downloads. Servers across
-a real network answer later than the data's last byte; the delay gives loopback the same order.
+Its `226 Transfer complete` comes 0.1 s after the data connection closes. aria2 1.36 sits at
+100 % until its `timeout` (60 s by default), then completes, when that reply reaches it in the
+same read as the `125` that opened the transfer: on loopback, with a file sent in a millisecond,
+that happens in about a third of the downloads. Servers across a real network answer later than
+the data's last byte; the delay gives loopback the same order.
 """
 
 from __future__ import annotations
