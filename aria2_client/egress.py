@@ -322,9 +322,16 @@ class EgressProxy:
         upstream: ProxyParts, address: str, port: int
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection to `address` through the upstream HTTP proxy (a CONNECT tunnel)."""
-        reader, writer = await asyncio.open_connection(
-            upstream.host, upstream.port, limit=HEAD_LIMIT
-        )
+        try:
+            reader, writer = await asyncio.open_connection(
+                upstream.host, upstream.port, limit=HEAD_LIMIT
+            )
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise _Refusal(
+                502,
+                f"cannot reach the upstream proxy {upstream.host} port {upstream.port}: {reason}",
+            ) from None
         try:
             authority = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
             lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]

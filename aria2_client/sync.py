@@ -259,8 +259,11 @@ def describe_aria2_error(code: str | None, message: str | None, *, ftp: bool = F
     detail = (message or "").strip()
     if "No space left" in detail or "ENOSPC" in detail:
         code = "9"
-    reply = _REPLY_STATUS.search(detail) if ftp else None
-    meaning = FTP_REPLIES.get(reply.group(1)) if reply else None
+    reply = _REPLY_STATUS.search(detail)
+    if reply and reply.group(1) == "407":
+        meaning: str | None = "a proxy refused the credentials it was given (see aria2.proxy)"
+    else:
+        meaning = FTP_REPLIES.get(reply.group(1)) if reply and ftp else None
     meaning = meaning or ARIA2_ERRORS.get(code or "")
     if meaning and detail:
         return f"{meaning} ({detail})"

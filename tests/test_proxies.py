@@ -202,6 +202,24 @@ async def test_an_admins_http_and_ftp_jobs_go_through_aria2_proxy(
 
 
 @pytest.mark.slow
+async def test_a_wrong_aria2_proxy_password_fails_the_job_saying_so(
+    service_factory: ServiceFactory, file_server: FileServer
+) -> None:
+    file_server.add_file("refused.bin", size=10_000)
+    async with running_proxy(PROXY_USER, PROXY_PASSWORD) as proxy:
+        aria2 = {"proxy": proxy.url(password="wrong"), "options": {"max-tries": "1"}}
+        svc = await settled(await service_factory({"aria2": aria2}))
+        url = file_server.url("refused.bin").replace("127.0.0.1", "files.test")
+        status, answer = await svc.api("POST", "/api/downloads", json={"url": url})
+        assert status == 201, answer
+        failed = await svc.wait_download(answer["downloads"][0]["id"], FINAL, timeout=WAIT)
+    assert failed["status"] == "failed", failed
+    assert failed["error_message"].startswith("a proxy refused the credentials"), failed
+    assert proxy.refused >= 1 and proxy.passed == []
+    assert file_server.requests == []
+
+
+@pytest.mark.slow
 async def test_a_users_jobs_leave_the_egress_proxy_through_aria2_proxy(
     service_factory: ServiceFactory, file_server: FileServer
 ) -> None:
