@@ -55,6 +55,7 @@ __all__ = [
     "DatabaseConfig",
     "LoggingConfig",
     "MaintenanceConfig",
+    "ProxyParts",
     "Secrets",
     "TelegramConfig",
     "UploadConfig",
@@ -71,6 +72,7 @@ __all__ = [
     "masked_settings",
     "parse_database_url",
     "parse_size",
+    "proxy_parts",
     "set_value_in_file",
 ]
 
@@ -90,7 +92,13 @@ SECRET_KEYS: frozenset[str] = frozenset(
     }
 )
 # Keys whose values may hold a password: an error names the problem, never the value.
-_UNSHOWN_KEYS: frozenset[str] = SECRET_KEYS | {"aria2.options", "database.url"}
+_UNSHOWN_KEYS: frozenset[str] = SECRET_KEYS | {
+    "aria2.options",
+    "database.url",
+    "telegram.proxy",
+    "aria2.proxy",
+    "upload.proxy",
+}
 
 # Keys a running service can take over without a restart (SIGHUP / POST /api/config/reload).
 LIVE_KEYS: frozenset[str] = frozenset(
@@ -175,6 +183,7 @@ class TelegramConfig:
     worker_bot_tokens: tuple[str, ...] = field(default=(), repr=False)
     storage_channel: int = 0  # the channel where the main bot forwards files for the workers
     progress_interval: float = 3.0  # seconds between edits of one chat's progress messages
+    proxy: str = field(default="", repr=False)  # socks5/socks4/http URL; may carry a password
 
     @property
     def enabled(self) -> bool:
@@ -198,6 +207,7 @@ class Aria2Config:
     rpc_port: int = 0  # 0 = a free port
     options: dict[str, str] = field(default_factory=dict)
     enable_dht: bool = True
+    proxy: str = field(default="", repr=False)  # http URL (aria2's all-proxy); may carry a password
 
     @property
     def embedded(self) -> bool:
@@ -249,6 +259,7 @@ class UploadConfig:
     retry_backoff: float = 5.0  # seconds; base of the exponential backoff
     rclone_config: str = ""  # empty = rclone's own default config file
     rclone_executable: str = "rclone"
+    proxy: str = field(default="", repr=False)  # http/https/socks5 URL for rclone's connections
 
     def target(self, name: str) -> UploadTarget | None:
         return next((t for t in self.targets if t.name == name), None)
@@ -638,6 +649,67 @@ def _url(schemes: tuple[str, ...]) -> Callable[[Any, _Context], str]:
 
 
 _http_url = _url(("http", "https"))
+
+# The proxy schemes each consumer dials itself: Pyrogram (through python-socks), aria2 (an HTTP
+# proxy only) and rclone (Go's HTTP client: http, https and socks5 proxies).
+TELEGRAM_PROXY_SCHEMES = ("socks5", "socks4", "http")
+ARIA2_PROXY_SCHEMES = ("http",)
+UPLOAD_PROXY_SCHEMES = ("http", "https", "socks5")
+
+
+@dataclass(frozen=True)
+class ProxyParts:
+    """A proxy URL taken apart; user and password unquoted (empty when absent)."""
+
+    scheme: str
+    host: str
+    port: int
+    username: str = ""
+    password: str = field(default="", repr=False)
+
+
+def proxy_parts(url: str) -> ProxyParts:
+    """The parts of a proxy URL the loader has checked (see `_proxy_url`)."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None, "a checked proxy URL"
+    return ProxyParts(
+        scheme=parts.scheme.lower(),
+        host=parts.hostname,
+        port=parts.port,
+        username=unquote(parts.username or ""),
+        password=unquote(parts.password or ""),
+    )
+
+
+def _proxy_url(schemes: tuple[str, ...]) -> _Parser:
+    """Empty, or scheme://[user[:password]@]host:port with one of `schemes`, and nothing after
+    the port. Errors never show the value: it may hold a password."""
+    shape = "must be empty or " + " or ".join(f"{s}://" for s in schemes)
+    shape += "[user[:password]@]host:port"
+
+    def parse(value: Any, ctx: _Context) -> str:
+        text = _text(value, ctx)
+        if not text:
+            return ""
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError as exc:
+            raise _Invalid(f"{shape} ({exc})") from None
+        scheme = parts.scheme.lower()
+        if scheme not in schemes:
+            raise _Invalid(f"{shape}; no other scheme is supported here")
+        if not parts.hostname or any(ch.isspace() for ch in text):
+            raise _Invalid(f"{shape}; no host name")
+        if port is None or port == 0:
+            raise _Invalid(f"{shape}; the port is missing")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise _Invalid(f"{shape}; nothing may follow the port")
+        if parts.password is not None and not parts.username:
+            raise _Invalid(f"{shape}; a password needs a user")
+        return text
+
+    return parse
 
 
 def _public_url(value: Any, ctx: _Context) -> str:
@@ -1153,6 +1225,7 @@ _PARSERS: dict[str, _Parser] = {
     "telegram.worker_bot_tokens": _bot_tokens,
     "telegram.storage_channel": _channel_id,
     "telegram.progress_interval": _number(0, 3600, lo_open=True),
+    "telegram.proxy": _proxy_url(TELEGRAM_PROXY_SCHEMES),
     "aria2.rpc_url": _url(("http", "https", "ws", "wss")),
     "aria2.rpc_secret": _single_token,
     "aria2.download_dir": _path,
@@ -1167,6 +1240,7 @@ _PARSERS: dict[str, _Parser] = {
     "aria2.rpc_port": _integer(0, 65535, " (0 = a free port)"),
     "aria2.options": _aria2_options,
     "aria2.enable_dht": _boolean,
+    "aria2.proxy": _proxy_url(ARIA2_PROXY_SCHEMES),
     "upload.targets": _targets,
     "upload.auto_delete": _boolean,
     "upload.max_retries": _integer(0, 100),
@@ -1174,6 +1248,7 @@ _PARSERS: dict[str, _Parser] = {
     "upload.retry_backoff": _number(0, 86400),
     "upload.rclone_config": _optional_path_text,
     "upload.rclone_executable": _executable,
+    "upload.proxy": _proxy_url(UPLOAD_PROXY_SCHEMES),
     "web.host": _host,
     "web.port": _integer(1, 65535),
     "web.public_url": _public_url,
@@ -1532,6 +1607,9 @@ def log_secrets(config: Config, secrets: Secrets) -> list[str]:
     if config.database.backend == "postgresql":
         password = _postgres_url(config.database.url).password
         values += [password, quote(password, safe="")]  # as it is and as it stands in the URL
+    for proxy in (config.telegram.proxy, config.aria2.proxy, config.upload.proxy):
+        if proxy:
+            values += [proxy_parts(proxy).password, urlsplit(proxy).password or ""]
     return [value for value in dict.fromkeys(values) if value]
 
 

@@ -37,7 +37,7 @@ from aria2_client.sources import (
 )
 from aria2_client.sync import Oversized, RowDetails, plan, store_change, too_large_message
 from aria2_client.transport import Aria2RpcError, Aria2Unavailable
-from configer import DEFAULT_BLOCKED_NETWORKS
+from configer import DEFAULT_BLOCKED_NETWORKS, ProxyParts
 from db import (
     ACTIVE_DOWNLOAD_STATUSES,
     STORE_ERRORS,
@@ -106,6 +106,7 @@ class DownloadManager:
         blocked_networks: Sequence[str] = DEFAULT_BLOCKED_NETWORKS,
         admins: Callable[[], Collection[int]] = tuple,
         egress: EgressProxy | None = None,
+        proxy: ProxyParts | None = None,
         telegram_link: TelegramLinkMaker | None = None,
         on_completed: Sequence[DownloadListener] = (),
         on_removed: Sequence[DownloadListener] = (),
@@ -123,6 +124,7 @@ class DownloadManager:
         self.policy = AddressPolicy(blocked_networks)
         self.admins = admins
         self.egress = egress
+        self.proxy = proxy
         self.telegram_link = telegram_link
         self._on_completed = tuple(on_completed)
         self._on_removed = tuple(on_removed)
@@ -242,6 +244,8 @@ class DownloadManager:
             if self.egress is None:
                 raise SourceError("downloads of users who are not admins need the egress proxy")
             options.update(self.egress.options(row.id, tunnel=row.source_type == "ftp"))
+        elif row.source_type != "telegram" and self.proxy is not None:
+            options.update(proxy_options(self.proxy, tunnel=row.source_type == "ftp"))
         if row.source_type == "torrent":
             data = await self.store.get_torrent_data(row.id)
             if data is None:
@@ -710,6 +714,21 @@ class DownloadManager:
                 await listener(row)
             except Exception:
                 logger.bind(job=row.id).exception("completion listener failed")
+
+
+def proxy_options(proxy: ProxyParts, *, tunnel: bool) -> dict[str, str]:
+    """aria2's per-job options that send a job through the HTTP proxy `proxy` (`aria2.proxy`),
+    its user and password as options of their own, never inside a URL. `tunnel` (FTP) sends
+    every connection as CONNECT."""
+    host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
+    options = {
+        "all-proxy": f"http://{host}:{proxy.port}",
+        "proxy-method": "tunnel" if tunnel else "get",
+    }
+    if proxy.username:
+        options["all-proxy-user"] = proxy.username
+        options["all-proxy-passwd"] = proxy.password
+    return options
 
 
 def _credentials_to_options(url: str, options: dict[str, str]) -> str:

@@ -8,6 +8,11 @@ between a check and the connection cannot lead anywhere else. Plain HTTP arrives
 absolute-form request and goes on as one request with `Connection: close`; https (and anything
 aria2 tunnels) arrives as CONNECT. A refusal answers 403 with the reason and is reported to
 `on_refused` with the job's id.
+
+With `aria2.proxy` set, the proxy is this one's upstream: after the check, each connection is a
+CONNECT to the checked address (never the name, which the upstream would resolve again) through
+the upstream proxy, so the jobs of users who are not admins reach the network the way every
+other job does.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from aria2_client.sources import (
     allowed_addresses,
     resolve_host,
 )
+from configer import ProxyParts
 
 RefusalListener = Callable[[int, str], Awaitable[None]]
 
@@ -129,8 +135,10 @@ class EgressProxy:
         head_timeout: float = 30.0,
         connect_timeout: float = 30.0,
         server_first_delay: float = 0.25,
+        upstream: ProxyParts | None = None,
     ) -> None:
         self._policy = policy
+        self._upstream = upstream
         self._key = key
         self._on_refused = on_refused
         self._resolve = resolve
@@ -302,10 +310,48 @@ class EgressProxy:
         for address in addresses:
             try:
                 async with asyncio.timeout(self.connect_timeout):
+                    if self._upstream is not None:
+                        return await self._tunnel(self._upstream, address, port)
                     return await asyncio.open_connection(address, port, limit=HEAD_LIMIT)
             except (OSError, TimeoutError) as exc:
                 failure = getattr(exc, "strerror", None) or type(exc).__name__
         raise _Refusal(502, f"cannot connect to {host} port {port}: {failure}")
+
+    @staticmethod
+    async def _tunnel(
+        upstream: ProxyParts, address: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to `address` through the upstream HTTP proxy (a CONNECT tunnel)."""
+        try:
+            reader, writer = await asyncio.open_connection(
+                upstream.host, upstream.port, limit=HEAD_LIMIT
+            )
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise _Refusal(
+                502,
+                f"cannot reach the upstream proxy {upstream.host} port {upstream.port}: {reason}",
+            ) from None
+        try:
+            authority = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+            lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+            if upstream.username:
+                pair = f"{upstream.username}:{upstream.password}".encode()
+                lines.append(f"Proxy-Authorization: Basic {base64.b64encode(pair).decode()}")
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            await writer.drain()
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                raise _Refusal(502, "the upstream proxy gave no answer to CONNECT") from None
+            status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = status_line.split(" ", 2)
+            if len(parts) < 2 or not parts[1].startswith("2"):
+                raise _Refusal(502, f"the upstream proxy refused the tunnel: {status_line[:100]}")
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer
 
     async def _client_first(
         self, reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter

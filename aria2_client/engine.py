@@ -25,7 +25,7 @@ from aria2_client.poller import Poller
 from aria2_client.process import EmbeddedAria2
 from aria2_client.sources import AddressPolicy
 from aria2_client.transport import Aria2Transport
-from configer import Aria2Config
+from configer import Aria2Config, proxy_parts
 from db import Store
 from events import EventHub, Subscription
 from files import DownloadFiles
@@ -86,6 +86,8 @@ class Engine:
             self.rpc_url, secret, on_reply=metrics.rpc_call if metrics is not None else None
         )
         self.aria2 = Aria2Client(self.transport)
+        # aria2.proxy: the way out of admin jobs, and the egress proxy's upstream.
+        proxy = proxy_parts(config.proxy) if config.proxy else None
         self.egress = EgressProxy(
             lambda: self.downloads.policy,
             # Job credentials that stay valid across restarts, as the jobs aria2 keeps do.
@@ -93,6 +95,7 @@ class Engine:
             on_refused=lambda download_id, reason: self.downloads.egress_refused(
                 download_id, reason
             ),
+            upstream=proxy,
         )
         self.downloads = DownloadManager(
             store,
@@ -104,6 +107,7 @@ class Engine:
             blocked_networks=config.blocked_networks,
             admins=admins,
             egress=self.egress,
+            proxy=proxy,
             telegram_link=telegram_link,
             on_completed=on_completed,
             on_removed=on_removed,

@@ -7,6 +7,7 @@ and the consistency check compares with it and turns it into a repair.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -91,7 +92,9 @@ def plan(row: DownloadRow, status: Aria2Status, max_download_size: int = 0) -> R
             return RowSync(details=details)
         return RowSync(Complete(local_path(status), status.total_length), details)
     if status.status == "error":
-        message = describe_aria2_error(status.error_code, status.error_message)
+        message = describe_aria2_error(
+            status.error_code, status.error_message, ftp=row.source_type == "ftp"
+        )
         return RowSync(Fail(message, status.error_code), details)
     if status.status == "removed":
         return RowSync(Move("cancelled"), details)
@@ -241,12 +244,27 @@ ARIA2_ERRORS = {
 }
 
 
-def describe_aria2_error(code: str | None, message: str | None) -> str:
-    """A readable failure reason: what the code means, then aria2's own words."""
+# FTP replies aria2 reports only as "status=N" (under its catch-all code 1).
+FTP_REPLIES = {
+    "421": "the FTP server refused the connection (too many users?)",
+    "430": "the FTP server refused the user or password",
+    "530": "the FTP server refused the user or password",
+}
+_REPLY_STATUS = re.compile(r"status=(\d{3})\b")
+
+
+def describe_aria2_error(code: str | None, message: str | None, *, ftp: bool = False) -> str:
+    """A readable failure reason: what the code means, then aria2's own words. `ftp`: the job
+    is an FTP download, whose server's refusals aria2 gives as bare reply codes."""
     detail = (message or "").strip()
     if "No space left" in detail or "ENOSPC" in detail:
         code = "9"
-    meaning = ARIA2_ERRORS.get(code or "")
+    reply = _REPLY_STATUS.search(detail)
+    if reply and reply.group(1) == "407":
+        meaning: str | None = "a proxy refused the credentials it was given (see aria2.proxy)"
+    else:
+        meaning = FTP_REPLIES.get(reply.group(1)) if reply and ftp else None
+    meaning = meaning or ARIA2_ERRORS.get(code or "")
     if meaning and detail:
         return f"{meaning} ({detail})"
     return meaning or detail or f"aria2 error {code}"

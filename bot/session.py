@@ -36,7 +36,7 @@ from bot.tg_source import (
     TelegramStreamer,
     refresh_from_message,
 )
-from bot.workers import WorkerClientFactory, WorkerPool
+from bot.workers import WorkerClientFactory, WorkerPool, client_proxy
 from configer import TelegramConfig
 from db import Store
 from records import DownloadRow, TgMediaRecord
@@ -57,6 +57,7 @@ def _new_client(telegram: TelegramConfig, workdir: Path) -> Client:
         api_hash=telegram.api_hash,
         bot_token=telegram.bot_token,
         workdir=str(workdir),
+        proxy=client_proxy(telegram),
         parse_mode=enums.ParseMode.DISABLED,
         fetch_replies=False,
         fetch_topics=False,

@@ -19,10 +19,11 @@ import contextlib
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from loguru import logger
 from pyrogram import Client, enums
+from pyrogram.connection.proxy import ProxyDict
 from pyrogram.errors import (
     AccessTokenExpired,
     AccessTokenInvalid,
@@ -47,7 +48,7 @@ from bot.tg_source import (
     iter_parts,
     refresh_from_message,
 )
-from configer import TelegramConfig
+from configer import TelegramConfig, proxy_parts
 from db import Store
 from records import TgMediaRecord
 
@@ -76,6 +77,17 @@ def _reason(error: BaseException) -> str:
     return (error.ID if isinstance(error, RPCError) else None) or type(error).__name__
 
 
+def client_proxy(telegram: TelegramConfig) -> ProxyDict | None:
+    """`telegram.proxy` in the form the Pyrogram client takes (None: connect directly)."""
+    if not telegram.proxy:
+        return None
+    parts = proxy_parts(telegram.proxy)
+    proxy = {"scheme": parts.scheme, "hostname": parts.host, "port": parts.port}
+    if parts.username:
+        proxy.update(username=parts.username, password=parts.password)
+    return cast(ProxyDict, proxy)
+
+
 def _worker_client(telegram: TelegramConfig, token: str, workdir: Path) -> Client:
     return Client(
         name=f"mistrelay-worker-{_bot_id(token)}",
@@ -83,6 +95,7 @@ def _worker_client(telegram: TelegramConfig, token: str, workdir: Path) -> Clien
         api_hash=telegram.api_hash,
         bot_token=token,
         workdir=str(workdir),
+        proxy=client_proxy(telegram),
         no_updates=True,
         parse_mode=enums.ParseMode.DISABLED,
         fetch_replies=False,

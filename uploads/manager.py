@@ -262,6 +262,7 @@ class UploadManager:
             config_path=Path(config.rclone_config) if config.rclone_config else None,
             pid_dir=self.pid_dir,
             extra_args=[*default_rclone_args(), *rclone_args],
+            proxy=config.proxy,
         )
         self.missing_remotes: dict[str, str] = {}  # target name → its unconfigured remote
         self._attempts: dict[int, _Attempt] = {}

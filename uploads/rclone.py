@@ -33,10 +33,11 @@ pins its singleton to this instance's executable and config. Listings with sizes
 
 Every child gets the environment of this process without ``AWS_CA_BUNDLE`` (rclone's S3 backend
 fails when it is set) and, when a config path is given, with ``RCLONE_CONFIG`` and ``--config``
-pointing at it; ``--ask-password=false`` and a closed stdin keep an encrypted config from waiting
-for a password that never comes. rclone output can name URLs, so every message kept in an error
-or a log line passes through :func:`redact` first; command lines are never logged with
-``extra_args`` (they may carry secrets).
+pointing at it, and with ``proxy`` (``upload.proxy``) as ``HTTP_PROXY`` and ``HTTPS_PROXY``,
+which rclone's HTTP-based backends follow; ``--ask-password=false`` and a closed stdin keep an
+encrypted config from waiting for a password that never comes. rclone output can name URLs,
+so every message kept in an error or a log line passes through :func:`redact` first; command
+lines are never logged with ``extra_args`` (they may carry secrets).
 """
 
 from __future__ import annotations
@@ -339,11 +340,14 @@ def _remote_name(remote_path: str) -> str:
     return name
 
 
-def _child_env(config_path: Path | None) -> dict[str, str]:
+def _child_env(config_path: Path | None, proxy: str = "") -> dict[str, str]:
     env = child_environment()
     env.pop("AWS_CA_BUNDLE", None)
     if config_path is not None:
         env["RCLONE_CONFIG"] = str(config_path)
+    if proxy:
+        # The upper-case names win over lower-case ones left in this process's environment.
+        env.update({"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy})
     return env
 
 
@@ -485,13 +489,14 @@ class Rclone:
         pid_dir: Path,
         extra_args: Sequence[str] = (),
         command_timeout: float = 120.0,
+        proxy: str = "",
     ) -> None:
         self.executable = executable
         self.config_path = config_path
         self.pid_dir = pid_dir
         self.extra_args = tuple(extra_args)
         self.command_timeout = command_timeout
-        self._env = _child_env(config_path)
+        self._env = _child_env(config_path, proxy)
         self._jobs: dict[str, _RunningJob] = {}
         self._hash_types: dict[str, tuple[str, ...]] = {}
         pid_dir.mkdir(parents=True, exist_ok=True)

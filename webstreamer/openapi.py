@@ -206,7 +206,12 @@ SCHEMAS: dict[str, Schema] = {
             "downloads": {"type": "array", "items": ref("Download")},
             "duplicates": {
                 "type": "array",
-                "items": _obj({"url": STR, "existing_id": ROW_ID}),
+                "items": _obj(
+                    {
+                        "url": {"type": "string", "description": "passwords shown as ***"},
+                        "existing_id": ROW_ID,
+                    }
+                ),
             },
         }
     ),

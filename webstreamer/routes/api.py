@@ -8,7 +8,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from aria2_client.sources import SourceError, parse_link
-from configer import ConfigError, masked_settings
+from configer import ConfigError, mask_url_passwords, masked_settings
 from db import DOWNLOAD_STATUSES, DuplicateDownload
 from records import DownloadRow
 from webstreamer.context import (
@@ -59,7 +59,8 @@ async def add_downloads(request: web.Request) -> web.Response:
         try:
             parse_link(url)
         except SourceError as exc:
-            bad.append({"index": position, "url": url[:200], "reason": str(exc)})
+            shown = mask_url_passwords(url)[:200]
+            bad.append({"index": position, "url": shown, "reason": mask_url_passwords(str(exc))})
     if bad:
         return json_error(400, "invalid_urls", bad)
     added: list[DownloadRow] = []
@@ -68,7 +69,10 @@ async def add_downloads(request: web.Request) -> web.Response:
         try:
             added.append(await ctx.downloads.add_link(url))
         except DuplicateDownload as exc:
-            duplicates.append({"url": url[:200], "existing_id": exc.existing_id})
+            # The answer names the link as the page shows it: its password masked.
+            duplicates.append(
+                {"url": mask_url_passwords(url)[:200], "existing_id": exc.existing_id}
+            )
     if not added and duplicates:
         return json_error(409, "duplicate", duplicates if len(duplicates) > 1 else duplicates[0])
     return web.json_response(
