@@ -70,7 +70,7 @@ from records import (
     WebSession,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
 
 SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
@@ -559,12 +559,156 @@ async def _schema_5(sql: _Statements, dialect: Dialect) -> None:
     await _run_schema(sql, dialect, _SCHEMA_5)
 
 
+# Schema 6: statistics kept as running totals. `store_totals` holds, per entity, upload target
+# ('' for downloads) and status, the number of rows and the sums the statistics show. Triggers
+# keep it in the transaction of every insert, status change, size or speed change and delete,
+# whatever statement makes it (a cascade too), so the statistics read a few rows instead of
+# grouping every download and upload. Speeds are summed as whole bytes/s so that the sums stay
+# exact. And an index on (status, id) walks one status newest first (the page's filtered list).
+_SCHEMA_6 = """
+CREATE TABLE store_totals (
+    entity  TEXT NOT NULL CHECK (entity IN ('download', 'upload')),
+    target  TEXT NOT NULL,
+    status  TEXT NOT NULL,
+    items   INTEGER NOT NULL DEFAULT 0,
+    bytes   INTEGER NOT NULL DEFAULT 0,
+    speed   INTEGER NOT NULL DEFAULT 0,
+    cleaned INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (entity, target, status)
+);
+DROP INDEX downloads_by_status;
+CREATE INDEX downloads_by_status ON downloads(status, id)
+"""
+
+
+@dataclass(frozen=True)
+class _Totalled:
+    """A table whose rows `store_totals` sums, and what one row (`{r}`) adds to its total."""
+
+    table: str
+    entity: str
+    target: str
+    bytes: str
+    speed: str
+    cleaned: str
+
+    def values(self, r: str, sign: str = "") -> str:
+        """One row's part of the totals, as `_TOTALS_COLUMNS`; `sign` '-' takes it away."""
+        sums = (self.bytes, self.speed, self.cleaned)
+        return ", ".join(
+            (
+                f"'{self.entity}'",
+                self.target.format(r=r),
+                f"{r}.status",
+                f"{sign}1",
+                *(f"{sign}({term.format(r=r)})" for term in sums),
+            )
+        )
+
+    def recount(self) -> str:
+        """The totals counted from every row of the table (what the running totals must be)."""
+        sums = ", ".join(
+            f"COALESCE(SUM({t.format(r='r')}), 0)" for t in (self.bytes, self.speed, self.cleaned)
+        )
+        target = self.target.format(r="r")
+        return (
+            f"SELECT '{self.entity}', {target}, r.status, COUNT(*), {sums}"
+            f" FROM {self.table} AS r GROUP BY 2, 3"
+        )
+
+
+_TOTALLED = (
+    _Totalled("downloads", "download", "''", "{r}.total_length", "{r}.download_speed", "0"),
+    _Totalled(
+        "uploads",
+        "upload",
+        "{r}.upload_target",
+        "{r}.total_size",
+        "CAST(ROUND({r}.upload_speed) AS BIGINT)",
+        "CASE WHEN {r}.cleaned_at IS NULL THEN 0 ELSE 1 END",
+    ),
+)
+_TOTALS_COLUMNS = "entity, target, status, items, bytes, speed, cleaned"
+_TOTALS_NOW = f"SELECT {_TOTALS_COLUMNS} FROM store_totals"
+_TOTALS_ADD = (
+    " ON CONFLICT (entity, target, status) DO UPDATE SET"
+    " items = store_totals.items + excluded.items, bytes = store_totals.bytes + excluded.bytes,"
+    " speed = store_totals.speed + excluded.speed,"
+    " cleaned = store_totals.cleaned + excluded.cleaned"
+)
+
+
+def _sqlite_totals_triggers(t: _Totalled) -> list[str]:
+    """Row triggers: SQLite has no statement triggers. The update trigger fires only when a
+    summed column or the status really changed."""
+    insert = f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) VALUES"
+    changed = " OR ".join(
+        f"({term.format(r='OLD')}) IS NOT ({term.format(r='NEW')})"
+        for term in ("{r}.status", t.target, t.bytes, t.speed, t.cleaned)
+        if term != "''"
+    )
+    return [
+        f"CREATE TRIGGER {t.table}_totals_insert AFTER INSERT ON {t.table} BEGIN"
+        f" {insert} ({t.values('NEW')}){_TOTALS_ADD}; END",
+        f"CREATE TRIGGER {t.table}_totals_delete AFTER DELETE ON {t.table} BEGIN"
+        f" {insert} ({t.values('OLD', '-')}){_TOTALS_ADD}; END",
+        f"CREATE TRIGGER {t.table}_totals_update AFTER UPDATE ON {t.table} WHEN {changed} BEGIN"
+        f" {insert} ({t.values('OLD', '-')}){_TOTALS_ADD};"
+        f" {insert} ({t.values('NEW')}){_TOTALS_ADD}; END",
+    ]
+
+
+def _postgres_totals_triggers(t: _Totalled) -> list[str]:
+    """Statement triggers over the transition tables: one upsert per statement, whatever the
+    number of rows it wrote (a poll cycle's progress is one UPDATE of many rows). The groups
+    are upserted in key order, so that two writers lock the same totals in the same order."""
+    parts = {
+        "INSERT": [f"SELECT {t.values('n')} FROM new_rows AS n"],
+        "DELETE": [f"SELECT {t.values('o', '-')} FROM old_rows AS o"],
+    }
+    parts["UPDATE"] = parts["INSERT"] + parts["DELETE"]
+    statements = []
+    for operation, selects in parts.items():
+        name = f"{t.table}_totals_{operation.lower()}"
+        union = " UNION ALL ".join(selects)
+        tables = {
+            "INSERT": "NEW TABLE AS new_rows",
+            "DELETE": "OLD TABLE AS old_rows",
+            "UPDATE": "OLD TABLE AS old_rows NEW TABLE AS new_rows",
+        }[operation]
+        statements += [
+            f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            f" INSERT INTO store_totals ({_TOTALS_COLUMNS})"
+            f" SELECT entity, target, status, SUM(items), SUM(bytes), SUM(speed), SUM(cleaned)"
+            f" FROM ({union}) AS d ({_TOTALS_COLUMNS}) GROUP BY entity, target, status"
+            " HAVING SUM(items) <> 0 OR SUM(bytes) <> 0 OR SUM(speed) <> 0 OR SUM(cleaned) <> 0"
+            f" ORDER BY entity, target, status{_TOTALS_ADD}; RETURN NULL; END $$",
+            f"CREATE TRIGGER {name} AFTER {operation} ON {t.table} REFERENCING {tables}"
+            f" FOR EACH STATEMENT EXECUTE FUNCTION {name}()",
+        ]
+    return statements
+
+
+async def _schema_6(sql: _Statements, dialect: Dialect) -> None:
+    await _run_schema(sql, dialect, _SCHEMA_6)
+    for totalled in _TOTALLED:
+        triggers = (
+            _sqlite_totals_triggers(totalled)
+            if dialect == "sqlite"
+            else _postgres_totals_triggers(totalled)
+        )
+        for statement in triggers:
+            await sql.execute(statement)
+        await sql.execute(f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) {totalled.recount()}")
+
+
 _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     1: _schema_1,
     2: _schema_2,
     3: _schema_3,
     4: _schema_4,
     5: _schema_5,
+    6: _schema_6,
 }
 
 # The tables the steps above make, each with its key, in an order their foreign keys allow
@@ -581,6 +725,9 @@ _STORE_TABLES: dict[str, str] = {
     "web_sessions": "token_hash",
     "bot_notices": "id",
 }
+# Tables the store keeps from the others' rows (by triggers): never copied, rebuilt by the
+# target's own triggers as the rows above go in.
+_DERIVED_TABLES = frozenset({"store_totals"})
 
 
 # --- the two backends --------------------------------------------------------------------------
@@ -975,6 +1122,71 @@ class _PostgresBackend:
         )
 
 
+@dataclass(frozen=True)
+class _Total:
+    """One row of `store_totals`."""
+
+    entity: str
+    target: str
+    status: str
+    items: int
+    bytes: int
+    speed: int
+    cleaned: int
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.entity, self.target, self.status)
+
+    def describe(self) -> str:
+        where = f" to {self.target}" if self.target else ""
+        return f"{self.entity}s{where} in {self.status}"
+
+    def sums(self) -> str:
+        return f"{self.items} rows, {self.bytes} bytes, {self.speed} B/s" + (
+            f", {self.cleaned} cleaned" if self.entity == "upload" else ""
+        )
+
+
+async def _all_totals(sql: _Statements, query: str) -> list[_Total]:
+    return [
+        _Total(str(r[0]), str(r[1]), str(r[2]), *(int(r[i]) for i in range(3, 7)))
+        for r in await sql.fetch_all(query)
+    ]
+
+
+def _download_statistics(totals: Sequence[_Total]) -> DownloadStatistics:
+    by_status = {status: 0 for status in DOWNLOAD_STATUSES}
+    mine = [t for t in totals if t.entity == "download"]
+    for total in mine:
+        by_status[total.status] += total.items
+    return {
+        "total": sum(by_status.values()),
+        "by_status": by_status,
+        "total_bytes": sum(t.bytes for t in mine),
+        "completed_bytes": sum(t.bytes for t in mine if t.status == "completed"),
+        "download_speed": sum(t.speed for t in mine),
+    }
+
+
+def _upload_statistics(totals: Sequence[_Total]) -> UploadStatistics:
+    by_status = {status: 0 for status in UPLOAD_STATUSES}
+    by_target: dict[str, dict[str, int]] = {}
+    mine = [t for t in totals if t.entity == "upload"]
+    for total in mine:
+        by_status[total.status] += total.items
+        if total.items:
+            by_target.setdefault(total.target, {})[total.status] = total.items
+    return {
+        "total": sum(by_status.values()),
+        "by_status": by_status,
+        "by_target": by_target,
+        "total_bytes": sum(t.bytes for t in mine),
+        "upload_speed": float(sum(t.speed for t in mine)),
+        "cleaned": sum(t.cleaned for t in mine),
+    }
+
+
 _DOWNLOAD_COLUMNS = (
     "id, gid, source_type, source_key, source_url, status, file_name, local_path, total_length, "
     "completed_length, download_speed, error_message, error_code, file_unique_id, owner_id, "
@@ -988,6 +1200,7 @@ _SESSION_TOUCH = timedelta(minutes=1)  # how often a session's last use is writt
 _SLOT_STATUSES = "('pending', 'waiting', 'downloading')"  # the jobs that take a node's slot
 _DOWNLOAD_STAMPS = {"downloading": "started_at", "completed": "completed_at"}
 _PROGRESS_CHUNK = 2000  # rows per statement: 4 parameters each, under both backends' limits
+_LOOKUP_CHUNK = 500  # ids or keys per IN (…) list
 _UPLOAD_EXTRA_COLUMNS = frozenset(
     {
         "remote_path",
@@ -1092,6 +1305,9 @@ class Store(Protocol):
     async def create_download(
         self, new: NewDownload, media: TgMediaRecord | None = None
     ) -> int: ...
+    async def create_downloads(
+        self, jobs: Sequence[tuple[NewDownload, TgMediaRecord | None]]
+    ) -> list[int | DuplicateDownload]: ...
     async def mark_download_queued_by_id(
         self, download_id: int, gid: str, status: str = "waiting"
     ) -> None: ...
@@ -1147,7 +1363,7 @@ class Store(Protocol):
         self, statuses: Sequence[str], *, node: str | None = None
     ) -> list[DownloadRow]: ...
     async def fetch_downloads_grouped(
-        self, limit: int = 50, *, status: str | None = None
+        self, limit: int = 50, *, status: str | None = None, before: int | None = None
     ) -> list[DownloadGroup]: ...
     async def get_download_statistics(self) -> DownloadStatistics: ...
 
@@ -1217,6 +1433,7 @@ class Store(Protocol):
 
     # statistics, history, configuration
     async def get_statistics(self) -> Statistics: ...
+    async def recount_totals(self, *, repair: bool) -> list[str]: ...
     async def get_status_history(self, entity: str, entity_id: int) -> list[HistoryEntry]: ...
     async def init_config_from_yaml(self, settings: Mapping[str, str]) -> None: ...
     async def get_config(self, key: str) -> str | None: ...
@@ -1423,48 +1640,47 @@ class Database:
         Telegram media gets its `tg_media` row in the same transaction. A source that is already
         pending, waiting, downloading or paused raises :class:`DuplicateDownload`.
         """
-        if new.source_type not in SOURCE_TYPES:
-            raise StoreError(f"unknown source type {new.source_type!r}")
+        [created] = await self.create_downloads([(new, media)])
+        if isinstance(created, DuplicateDownload):
+            raise created
+        return created
+
+    async def create_downloads(
+        self, jobs: Sequence[tuple[NewDownload, TgMediaRecord | None]]
+    ) -> list[int | DuplicateDownload]:
+        """Record many jobs (with their Telegram media rows) in ONE transaction, published as
+        one batch of events; for each job, in order, its id, or the DuplicateDownload it is (a
+        source already pending, waiting, downloading or paused, or earlier in `jobs`).
+
+        All or nothing: any other error (an unknown source type, a refused statement) leaves
+        no row of any job.
+        """
+        unknown = sorted({new.source_type for new, _ in jobs} - set(SOURCE_TYPES))
+        if unknown:
+            raise StoreError(f"unknown source type {', '.join(map(repr, unknown))}")
         now = utc_now()
+        answers: list[int | DuplicateDownload] = []
         try:
             async with self._write() as tx:
-                if media is not None:
+                for media in {m.file_unique_id: m for _, m in jobs if m is not None}.values():
                     await tx.upsert_media(media)
-                created = await tx.fetch_one(
-                    "INSERT INTO downloads (source_type, source_key, source_url, file_name,"
-                    " total_length, file_unique_id, owner_id, chat_id, message_id, group_key,"
-                    " torrent_data, info_hash, status, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?) RETURNING id",
-                    (
-                        new.source_type,
-                        new.source_key,
-                        new.source_url,
-                        new.file_name,
-                        new.total_length,
-                        new.file_unique_id,
-                        new.owner_id,
-                        new.chat_id,
-                        new.message_id,
-                        new.group_key or f"job:{new.source_key}",
-                        new.torrent_data,
-                        new.info_hash,
-                        now,
-                        now,
-                    ),
-                )
-                assert created is not None
-                download_id = int(created["id"])
-                if new.group_key is None:
-                    await tx.execute(
-                        "UPDATE downloads SET group_key = ? WHERE id = ?",
-                        (f"download:{download_id}", download_id),
-                    )
-                await tx.history("download", download_id, None, "pending", "created", now)
-                await tx.emit_download(download_id)
+                active = await tx.active_sources([new.source_key for new, _ in jobs])
+                for new, _ in jobs:
+                    existing = active.get(new.source_key)
+                    if existing is not None:
+                        answers.append(DuplicateDownload(existing, new.source_key))
+                        continue
+                    download_id = await tx.insert_download(new, now)
+                    active[new.source_key] = download_id
+                    answers.append(download_id)
+                created = [a for a in answers if isinstance(a, int)]
+                await tx.history_many("download", created, None, "pending", "created", now)
+                await tx.emit_downloads(created)
         except Exception as exc:
-            await self._raise_if_duplicate(new.source_key, exc)
+            if len(jobs) == 1:  # raced by another process between the look-up and the insert
+                await self._raise_if_duplicate(jobs[0][0].source_key, exc)
             raise
-        return download_id
+        return answers
 
     async def _raise_if_duplicate(self, source_key: str, exc: Exception) -> None:
         """DuplicateDownload if `exc` is the one-active-job-per-source index's refusal."""
@@ -1706,16 +1922,20 @@ class Database:
         return await self._fetch_in_states(_DOWNLOADS, statuses, "node = ?", node)
 
     async def fetch_downloads_grouped(
-        self, limit: int = 50, *, status: str | None = None
+        self, limit: int = 50, *, status: str | None = None, before: int | None = None
     ) -> list[DownloadGroup]:
         """The `limit` most recent groups (a negative limit: all), newest first.
 
-        A Telegram album or message is one group; every other job is a group of its own.
+        A Telegram album or message is one group; every other job is a group of its own. A
+        group's place is its newest download (in `status`). With `before`, the groups whose
+        newest download is older than that id: the next page after a page whose last group's
+        newest download was `before` (keyset pagination: rows that arrive meanwhile, with
+        higher ids, neither shift nor repeat the pages after the first).
         """
         filters: list[str] = []
         params: list[object] = []
-        if limit >= 0:
-            keys = await self._newest_group_keys(limit, status)
+        if limit >= 0 or before is not None:
+            keys = await self._newest_group_keys(limit, status, before)
             if not keys:
                 return []
             filters.append(f"group_key IN ({', '.join('?' for _ in keys)})")
@@ -1724,8 +1944,11 @@ class Database:
             filters.append("status = ?")
             params.append(status)
         where = f"WHERE {' AND '.join(filters)}" if filters else ""
-        rows = await self._read_all(
-            f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads {where} ORDER BY id", params
+        # Sorted here: ORDER BY id would let the planner walk the whole table along its key
+        # instead of looking the groups up in downloads_by_group.
+        rows = sorted(
+            await self._read_all(f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads {where}", params),
+            key=lambda row: int(row["id"]),
         )
         groups: dict[str, DownloadGroup] = {}
         media_groups = await self._media_group_ids([r["file_unique_id"] for r in rows])
@@ -1741,26 +1964,41 @@ class Database:
             group.downloads.append(download)
         return sorted(groups.values(), key=lambda g: max(d.id for d in g.downloads), reverse=True)
 
-    async def _newest_group_keys(self, limit: int, status: str | None) -> list[str]:
-        """The keys of the `limit` groups with the newest downloads (in `status`), newest first.
+    async def _newest_group_keys(
+        self, limit: int, status: str | None, before: int | None
+    ) -> list[str]:
+        """The keys of the `limit` groups (a negative limit: all) with the newest downloads (in
+        `status`) below the id `before`, newest first.
 
-        Downloads are read from the newest down, `limit` at a time, until that many groups are
-        seen: a few reads along the primary key instead of grouping every download (at 100k
-        downloads that grouping took 25 ms on SQLite and 57 ms on PostgreSQL).
+        Downloads are read from the newest down, a batch at a time along the primary key (or
+        downloads_by_status), until that many groups are seen: a few reads, whatever the size of
+        the table. Below `before`, a group is new only if none of its downloads is at or above
+        `before` (those were on an earlier page): one look-up in downloads_by_group.
         """
         only, status_params = (" AND status = ?", (status,)) if status else ("", ())
+        batch = limit if limit > 0 else 500
         keys: dict[str, None] = {}
-        below = 2**63 - 1
-        while len(keys) < limit:
+        below = before if before is not None else 2**63 - 1
+        while limit < 0 or len(keys) < limit:
             rows = await self._read_all(
                 f"SELECT id, group_key FROM downloads WHERE id < ?{only} ORDER BY id DESC LIMIT ?",
-                (below, *status_params, limit),
+                (below, *status_params, batch),
             )
-            keys.update((str(row["group_key"]), None) for row in rows)
-            if len(rows) < limit:
+            found = [str(row["group_key"]) for row in rows if str(row["group_key"]) not in keys]
+            if before is not None and found:
+                marks = ", ".join("?" for _ in found)
+                shown = await self._read_all(
+                    f"SELECT DISTINCT group_key FROM downloads WHERE group_key IN ({marks})"
+                    f" AND id >= ?{only}",
+                    (*found, before, *status_params),
+                )
+                earlier = {str(row["group_key"]) for row in shown}
+                found = [key for key in found if key not in earlier]
+            keys.update((key, None) for key in found)
+            if len(rows) < batch:
                 break
             below = int(rows[-1]["id"])
-        return list(keys)[:limit]
+        return list(keys)[:limit] if limit >= 0 else list(keys)
 
     async def _media_group_ids(self, unique_ids: Sequence[str | None]) -> dict[str, str | None]:
         wanted = sorted({u for u in unique_ids if u})
@@ -1799,26 +2037,7 @@ class Database:
         return [_download_from_row(r) for r in rows]
 
     async def get_download_statistics(self) -> DownloadStatistics:
-        rows = await self._read_all(
-            "SELECT status, COUNT(*) AS n, COALESCE(SUM(total_length), 0) AS bytes,"
-            " COALESCE(SUM(download_speed), 0) AS speed FROM downloads GROUP BY status"
-        )
-        by_status = {status: 0 for status in DOWNLOAD_STATUSES}
-        total_bytes = speed = 0
-        for row in rows:
-            by_status[row["status"]] = int(row["n"])
-            total_bytes += int(row["bytes"])
-            speed += int(row["speed"])
-        completed_bytes = await self._read_one(
-            "SELECT COALESCE(SUM(total_length), 0) FROM downloads WHERE status = 'completed'"
-        )
-        return {
-            "total": sum(by_status.values()),
-            "by_status": by_status,
-            "total_bytes": total_bytes,
-            "completed_bytes": int(completed_bytes[0]) if completed_bytes else 0,
-            "download_speed": speed,
-        }
+        return _download_statistics(await self._totals())
 
     # --- uploads (seed 001 §2.3) ----------------------------------------------------------------
 
@@ -2191,41 +2410,49 @@ class Database:
         return [u for u in uploads if upload_target is None or u.upload_target == upload_target]
 
     async def get_upload_statistics(self) -> UploadStatistics:
-        rows = await self._read_all(
-            "SELECT status, COUNT(*) AS n, COALESCE(SUM(total_size), 0) AS bytes,"
-            " COALESCE(SUM(upload_speed), 0) AS speed,"
-            " COUNT(cleaned_at) AS cleaned FROM uploads GROUP BY status"
-        )
-        by_status = {status: 0 for status in UPLOAD_STATUSES}
-        total_bytes = cleaned = 0
-        speed = 0.0
-        for row in rows:
-            by_status[row["status"]] = int(row["n"])
-            total_bytes += int(row["bytes"])
-            speed += float(row["speed"])
-            cleaned += int(row["cleaned"])
-        targets = await self._read_all(
-            "SELECT upload_target, status, COUNT(*) AS n FROM uploads"
-            " GROUP BY upload_target, status"
-        )
-        by_target: dict[str, dict[str, int]] = {}
-        for row in targets:
-            by_target.setdefault(row["upload_target"], {})[row["status"]] = int(row["n"])
-        return {
-            "total": sum(by_status.values()),
-            "by_status": by_status,
-            "by_target": by_target,
-            "total_bytes": total_bytes,
-            "upload_speed": speed,
-            "cleaned": cleaned,
-        }
+        return _upload_statistics(await self._totals())
 
     async def get_statistics(self) -> Statistics:
         """Both statistics, the payload of a `statistics` event."""
-        return {
-            "downloads": await self.get_download_statistics(),
-            "uploads": await self.get_upload_statistics(),
-        }
+        totals = await self._totals()
+        return {"downloads": _download_statistics(totals), "uploads": _upload_statistics(totals)}
+
+    async def _totals(self) -> list[_Total]:
+        """The running totals (schema 6): a few rows, whatever the size of the tables."""
+        return await _all_totals(self._backend.reads(), _TOTALS_NOW)
+
+    async def recount_totals(self, *, repair: bool) -> list[str]:
+        """Compare the running totals with a count of every row; each difference, described.
+        With `repair`, the totals are replaced by the count, in the same transaction."""
+        async with self._write() as tx:
+            kept = {t.key: t for t in await _all_totals(tx.sql, _TOTALS_NOW)}
+            counted = {
+                t.key: t
+                for totalled in _TOTALLED
+                for t in await _all_totals(tx.sql, totalled.recount())
+            }
+            drift = []
+            for key in sorted(set(kept) | set(counted)):
+                have = kept.get(key, _Total(*key, 0, 0, 0, 0))
+                want = counted.get(key, _Total(*key, 0, 0, 0, 0))
+                if have != want:
+                    drift.append(
+                        f"statistics of {have.describe()}: kept {have.sums()},"
+                        f" counted {want.sums()}"
+                    )
+            if drift and repair:
+                await tx.execute("DELETE FROM store_totals")
+                for totalled in _TOTALLED:
+                    await tx.execute(
+                        f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) {totalled.recount()}"
+                    )
+        if drift:
+            logger.bind(where=self._backend.where).warning(
+                "running totals differed from a recount in {} place(s){}",
+                len(drift),
+                "; replaced by the recount" if repair else "",
+            )
+        return drift
 
     # --- history and configuration --------------------------------------------------------------
 
@@ -2561,7 +2788,7 @@ class Database:
             await _refuse_unless_empty(target._backend, copy.sql)
             version = await self._backend.locked_version(read.sql)
             tables = await self._backend.tables(read.sql)
-            if version != SCHEMA_VERSION or tables != set(_STORE_TABLES):
+            if version != SCHEMA_VERSION or tables != set(_STORE_TABLES) | _DERIVED_TABLES:
                 raise StoreError(
                     f"{self._backend.where}: schema version {version} with the tables "
                     f"{', '.join(sorted(tables))}: not the store this MistRelay copies"
@@ -2731,7 +2958,7 @@ async def _count(backend: _Backend, sql: _Statements, table: str) -> TableCount:
 async def _refuse_unless_empty(backend: _Backend, sql: _Statements) -> None:
     """StoreNotEmpty when the database holds tables that are not the store's, or rows."""
     tables = await backend.tables(sql)
-    foreign = sorted(tables - set(_STORE_TABLES))
+    foreign = sorted(tables - set(_STORE_TABLES) - _DERIVED_TABLES)
     if foreign:
         raise StoreNotEmpty(
             f"{backend.where}: holds tables that are not MistRelay's ({', '.join(foreign)}); "
@@ -3060,6 +3287,70 @@ class _Tx:
             )
         return True
 
+    async def history_many(
+        self,
+        entity: str,
+        entity_ids: Sequence[int],
+        source: str | None,
+        target: str,
+        reason: str | None,
+        at: str,
+    ) -> None:
+        await self.sql.executemany(
+            "INSERT INTO status_history (entity, entity_id, from_status, to_status, reason, at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(entity, entity_id, source, target, reason, at) for entity_id in entity_ids],
+        )
+
+    async def active_sources(self, source_keys: Sequence[str]) -> dict[str, int]:
+        """The id of the pending, waiting, downloading or paused job of each of these sources
+        that has one (downloads_one_active_per_source)."""
+        found: dict[str, int] = {}
+        wanted = sorted(set(source_keys))
+        for first in range(0, len(wanted), _LOOKUP_CHUNK):
+            chunk = wanted[first : first + _LOOKUP_CHUNK]
+            rows = await self.fetch_all(
+                f"SELECT id, source_key FROM downloads WHERE source_key IN"
+                f" ({', '.join('?' for _ in chunk)}) AND status IN"
+                " ('pending', 'waiting', 'downloading', 'paused')",
+                chunk,
+            )
+            found.update((str(row["source_key"]), int(row["id"])) for row in rows)
+        return found
+
+    async def insert_download(self, new: NewDownload, now: str) -> int:
+        """A `pending` row for `new`; its id. A job of no group is a group of its own."""
+        created = await self.fetch_one(
+            "INSERT INTO downloads (source_type, source_key, source_url, file_name,"
+            " total_length, file_unique_id, owner_id, chat_id, message_id, group_key,"
+            " torrent_data, info_hash, status, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?) RETURNING id",
+            (
+                new.source_type,
+                new.source_key,
+                new.source_url,
+                new.file_name,
+                new.total_length,
+                new.file_unique_id,
+                new.owner_id,
+                new.chat_id,
+                new.message_id,
+                new.group_key or f"job:{new.source_key}",
+                new.torrent_data,
+                new.info_hash,
+                now,
+                now,
+            ),
+        )
+        assert created is not None
+        download_id = int(created["id"])
+        if new.group_key is None:
+            await self.execute(
+                "UPDATE downloads SET group_key = ? WHERE id = ?",
+                (f"download:{download_id}", download_id),
+            )
+        return download_id
+
     async def serialize(self, lock: int) -> None:
         """One transaction taking `lock` at a time among the processes on the store, until it
         ends (PostgreSQL; SQLite has one writer anyway)."""
@@ -3154,11 +3445,18 @@ class _Tx:
             self.events.append(("download", download.id, snapshot))
 
     async def emit_download(self, download_id: int) -> None:
-        row = await self.fetch_one(
-            f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE id = ?", (download_id,)
-        )
-        if row is not None:
-            await self._snapshots([_download_from_row(row)])
+        await self.emit_downloads([download_id])
+
+    async def emit_downloads(self, download_ids: Sequence[int]) -> None:
+        """A `download` event for each of these rows, read a chunk at a time."""
+        for first in range(0, len(download_ids), _LOOKUP_CHUNK):
+            chunk = download_ids[first : first + _LOOKUP_CHUNK]
+            rows = await self.fetch_all(
+                f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads"
+                f" WHERE id IN ({', '.join('?' for _ in chunk)}) ORDER BY id",
+                chunk,
+            )
+            await self._snapshots([_download_from_row(row) for row in rows])
 
     def emit_removed(self, download_id: int | None) -> None:
         self.events.append(("download", download_id, DownloadRemoved(download_id)))

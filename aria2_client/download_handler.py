@@ -41,6 +41,7 @@ from configer import DEFAULT_BLOCKED_NETWORKS
 from db import (
     ACTIVE_DOWNLOAD_STATUSES,
     STORE_ERRORS,
+    DuplicateDownload,
     NotFound,
     Store,
     StoreError,
@@ -142,11 +143,42 @@ class DownloadManager:
 
         Raises SourceError (bad or refused link) or DuplicateDownload.
         """
+        [added] = await self.add_links([url], requester)
+        if isinstance(added, Exception):
+            raise added
+        return added
+
+    async def add_links(
+        self, urls: Sequence[str], requester: Requester | None = None
+    ) -> list[DownloadRow | SourceError | DuplicateDownload]:
+        """Many links that came together (one message, one API call): the rows of all that are
+        accepted committed in ONE transaction (one batch of events), then each handed to aria2.
+        For each link, in order: its row, or the SourceError (bad or refused link) or
+        DuplicateDownload it is."""
         requester = requester or Requester()
-        link = parse_link(url)
-        if self._restricted(requester.owner_id):
-            await ensure_public_host(link, self.policy)
-        return await self._create_and_submit(self._new_from_link(link, requester))
+        restricted = self._restricted(requester.owner_id)
+        answers: list[DownloadRow | SourceError | DuplicateDownload | None] = []
+        accepted: list[tuple[int, NewDownload]] = []
+        for url in urls:
+            try:
+                link = parse_link(url)
+                if restricted:
+                    await ensure_public_host(link, self.policy)
+            except SourceError as exc:
+                answers.append(exc)
+                continue
+            accepted.append((len(answers), self._new_from_link(link, requester)))
+            answers.append(None)
+        created = await self.store.create_downloads([(new, None) for _, new in accepted])
+        for (position, _), outcome in zip(accepted, created, strict=True):
+            if isinstance(outcome, DuplicateDownload):
+                answers[position] = outcome
+                continue
+            await self.submit(outcome)
+            answers[position] = await self._row(outcome)
+        done = [answer for answer in answers if answer is not None]
+        assert len(done) == len(urls)  # every link answered, in its place
+        return done
 
     def _restricted(self, owner_id: int | None) -> bool:
         """Whether a job of this owner may reach only addresses outside `aria2.blocked_networks`:
