@@ -1311,6 +1311,7 @@ class Store(Protocol):
     async def mark_download_queued_by_id(
         self, download_id: int, gid: str, status: str = "waiting"
     ) -> None: ...
+    async def mark_downloads_queued(self, queued: Sequence[tuple[int, str]]) -> list[int]: ...
     async def follow_gid(self, old_gid: str, new_gid: str) -> int | None: ...
     async def mark_download_started(self, gid: str) -> int | None: ...
     async def mark_download_completed(
@@ -1655,27 +1656,32 @@ class Database:
         All or nothing: any other error (an unknown source type, a refused statement) leaves
         no row of any job.
         """
-        unknown = sorted({new.source_type for new, _ in jobs} - set(SOURCE_TYPES))
+        unknown = [new.source_type for new, _ in jobs if new.source_type not in SOURCE_TYPES]
         if unknown:
-            raise StoreError(f"unknown source type {', '.join(map(repr, unknown))}")
+            raise StoreError(f"unknown source type {unknown[0]!r}")
         now = utc_now()
         answers: list[int | DuplicateDownload] = []
         try:
             async with self._write() as tx:
-                for media in {m.file_unique_id: m for _, m in jobs if m is not None}.values():
-                    await tx.upsert_media(media)
-                active = await tx.active_sources([new.source_key for new, _ in jobs])
-                for new, _ in jobs:
+                # A duplicate leaves its media row as it was: those jobs are found first.
+                active = await tx.active_sources([n.source_key for n, m in jobs if m is not None])
+                created: list[DownloadRow] = []
+                for new, media in jobs:
                     existing = active.get(new.source_key)
-                    if existing is not None:
+                    if existing is None and media is not None:
+                        await tx.upsert_media(media)
+                    row = None if existing is not None else await tx.insert_download(new, now)
+                    if row is None:
+                        if existing is None:
+                            existing = (await tx.active_sources([new.source_key]))[new.source_key]
                         answers.append(DuplicateDownload(existing, new.source_key))
                         continue
-                    download_id = await tx.insert_download(new, now)
-                    active[new.source_key] = download_id
-                    answers.append(download_id)
-                created = [a for a in answers if isinstance(a, int)]
-                await tx.history_many("download", created, None, "pending", "created", now)
-                await tx.emit_downloads(created)
+                    active[new.source_key] = row.id
+                    created.append(row)
+                    answers.append(row.id)
+                ids = [row.id for row in created]
+                await tx.history_many("download", ids, None, "pending", "created", now)
+                tx.emit_new(created)
         except Exception as exc:
             if len(jobs) == 1:  # raced by another process between the look-up and the insert
                 await self._raise_if_duplicate(jobs[0][0].source_key, exc)
@@ -1698,9 +1704,24 @@ class Database:
     ) -> None:
         """aria2 accepted the job: remember its gid (and every earlier one) and leave `pending`."""
         async with self._write() as tx:
-            await tx.set_gid(download_id, gid, "added")
-            await tx.transition("download", download_id, status, "queued in aria2")
+            await tx.queue(download_id, gid, status)
             await tx.emit_download(download_id)
+
+    async def mark_downloads_queued(self, queued: Sequence[tuple[int, str]]) -> list[int]:
+        """aria2 accepted these jobs (id, gid), handed to it together: each one's gid
+        remembered and `waiting`, in ONE transaction and one batch of events. A job that left
+        `pending` meanwhile (cancelled) keeps its gid and its status; the ids queued."""
+        done: list[int] = []
+        async with self._write() as tx:
+            for download_id, gid in queued:
+                try:
+                    await tx.queue(download_id, gid, "waiting")
+                except TransitionError as exc:
+                    logger.bind(job=download_id, gid=gid).info("not queued: {}", exc)
+                    continue
+                done.append(download_id)
+            await tx.emit_downloads([download_id for download_id, _ in queued])
+        return done
 
     async def follow_gid(self, old_gid: str, new_gid: str) -> int | None:
         """aria2 replaced `old_gid` by `new_gid` (a magnet's metadata gid is followed by its real
@@ -3318,13 +3339,15 @@ class _Tx:
             found.update((str(row["source_key"]), int(row["id"])) for row in rows)
         return found
 
-    async def insert_download(self, new: NewDownload, now: str) -> int:
-        """A `pending` row for `new`; its id. A job of no group is a group of its own."""
+    async def insert_download(self, new: NewDownload, now: str) -> DownloadRow | None:
+        """A `pending` row for `new`, or None if its source already has an active job
+        (downloads_one_active_per_source). A job of no group is a group of its own."""
         created = await self.fetch_one(
             "INSERT INTO downloads (source_type, source_key, source_url, file_name,"
             " total_length, file_unique_id, owner_id, chat_id, message_id, group_key,"
             " torrent_data, info_hash, status, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?) RETURNING id",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)"
+            f" ON CONFLICT DO NOTHING RETURNING {_DOWNLOAD_COLUMNS}",
             (
                 new.source_type,
                 new.source_key,
@@ -3342,14 +3365,21 @@ class _Tx:
                 now,
             ),
         )
-        assert created is not None
+        if created is None or new.group_key is not None:
+            return None if created is None else _download_from_row(created)
         download_id = int(created["id"])
-        if new.group_key is None:
-            await self.execute(
-                "UPDATE downloads SET group_key = ? WHERE id = ?",
-                (f"download:{download_id}", download_id),
-            )
-        return download_id
+        grouped = await self.fetch_one(
+            f"UPDATE downloads SET group_key = ? WHERE id = ? RETURNING {_DOWNLOAD_COLUMNS}",
+            (f"download:{download_id}", download_id),
+        )
+        assert grouped is not None
+        return _download_from_row(grouped)
+
+    async def queue(self, download_id: int, gid: str, status: str) -> None:
+        """aria2 took the job as `gid`: the gid remembered, then `pending` left for `status`
+        (TransitionError, with nothing more written, if the job left `pending` meanwhile)."""
+        await self.set_gid(download_id, gid, "added")
+        await self.transition("download", download_id, status, "queued in aria2")
 
     async def serialize(self, lock: int) -> None:
         """One transaction taking `lock` at a time among the processes on the store, until it
@@ -3446,6 +3476,10 @@ class _Tx:
 
     async def emit_download(self, download_id: int) -> None:
         await self.emit_downloads([download_id])
+
+    def emit_new(self, downloads: Sequence[DownloadRow]) -> None:
+        """A `download` event for each new row (it has no uploads yet)."""
+        self.events += [("download", d.id, DownloadSnapshot(d, ())) for d in downloads]
 
     async def emit_downloads(self, download_ids: Sequence[int]) -> None:
         """A `download` event for each of these rows, read a chunk at a time."""

@@ -457,3 +457,30 @@ async def test_a_failing_batch_leaves_no_row(store_backend: StoreBackend, peek: 
             await db.create_downloads([(gopher, None)])
         assert (await db.get_statistics())["downloads"]["total"] == 0
         assert await db.recount_totals(repair=False) == []
+
+
+async def test_jobs_handed_over_together_are_queued_in_one_transaction(
+    store_backend: StoreBackend, peek: Peek
+) -> None:
+    hub = EventHub()
+    subscription = hub.subscribe("test", maxsize=100)
+    async with store_backend.database(hub) as db:
+        jobs: list[tuple[NewDownload, TgMediaRecord | None]] = [
+            (NewDownload("http", f"http://h/{n}"), None) for n in range(3)
+        ]
+        ids = [i for i in await db.create_downloads(jobs) if isinstance(i, int)]
+        await db.mark_download_cancelled_by_id(ids[1], "cancelled before aria2 answered")
+        while len(subscription):
+            await subscription.get()
+        queued = await db.mark_downloads_queued([(i, f"gid-{i}") for i in ids])
+        assert queued == [ids[0], ids[2]]
+        rows = [await db.get_download_by_id(i) for i in ids]
+        assert [(r.status, r.gid) for r in rows if r] == [
+            ("waiting", f"gid-{ids[0]}"),
+            ("cancelled", f"gid-{ids[1]}"),  # its gid kept: aria2 has the job
+            ("waiting", f"gid-{ids[2]}"),
+        ]
+        events = [await subscription.get() for _ in range(len(subscription))]
+        assert [e.item_id for e in events if e.kind == "download"] == ids
+        assert (await db.get_statistics())["downloads"]["by_status"]["waiting"] == 2
+        assert await db.recount_totals(repair=False) == []
