@@ -560,11 +560,14 @@ async def _schema_5(sql: _Statements, dialect: Dialect) -> None:
 
 
 # Schema 6: statistics kept as running totals. `store_totals` holds, per entity, upload target
-# ('' for downloads) and status, the number of rows and the sums the statistics show. Triggers
-# keep it in the transaction of every insert, status change, size or speed change and delete,
-# whatever statement makes it (a cascade too), so the statistics read a few rows instead of
-# grouping every download and upload. Speeds are summed as whole bytes/s so that the sums stay
-# exact. And an index on (status, id) walks one status newest first (the page's filtered list).
+# ('' for downloads) and final status (completed, failed, cancelled: where nearly every row of a
+# large store is), the number of rows and the sums the statistics show. Triggers keep it in the
+# transaction of every insert, change and delete that involves a final status, whatever
+# statement makes it (a cascade too). The few rows still active (pending to paused, bounded by
+# aria2's queue, not by the table) are counted when read, so a poll cycle's progress, which
+# only touches active rows, writes no total (row triggers on it doubled the batch's time on
+# SQLite). Speeds are summed as whole bytes/s so that the sums stay exact. And an index on
+# (status, id) walks one status newest first (the page's filtered list, the live count).
 _SCHEMA_6 = """
 CREATE TABLE store_totals (
     entity  TEXT NOT NULL CHECK (entity IN ('download', 'upload')),
@@ -579,6 +582,7 @@ CREATE TABLE store_totals (
 DROP INDEX downloads_by_status;
 CREATE INDEX downloads_by_status ON downloads(status, id)
 """
+_KEPT_STATUSES = "('completed', 'failed', 'cancelled')"  # final: totals kept by triggers
 
 
 @dataclass(frozen=True)
@@ -587,6 +591,7 @@ class _Totalled:
 
     table: str
     entity: str
+    live: str  # the statuses that are not final
     target: str
     bytes: str
     speed: str
@@ -605,23 +610,33 @@ class _Totalled:
             )
         )
 
-    def recount(self) -> str:
-        """The totals counted from every row of the table (what the running totals must be)."""
+    def count(self, kept: bool) -> str:
+        """The totals counted from the rows: in a final status (what `store_totals` must
+        hold), or in the others (counted at each read)."""
         sums = ", ".join(
             f"COALESCE(SUM({t.format(r='r')}), 0)" for t in (self.bytes, self.speed, self.cleaned)
         )
-        target = self.target.format(r="r")
         return (
-            f"SELECT '{self.entity}', {target}, r.status, COUNT(*), {sums}"
-            f" FROM {self.table} AS r GROUP BY 2, 3"
+            f"SELECT '{self.entity}', {self.target.format(r='r')}, r.status, COUNT(*), {sums}"
+            f" FROM {self.table} AS r WHERE r.status IN {_KEPT_STATUSES if kept else self.live}"
+            " GROUP BY 2, 3"
         )
 
 
 _TOTALLED = (
-    _Totalled("downloads", "download", "''", "{r}.total_length", "{r}.download_speed", "0"),
+    _Totalled(
+        "downloads",
+        "download",
+        "('pending', 'waiting', 'downloading', 'paused')",
+        "''",
+        "{r}.total_length",
+        "{r}.download_speed",
+        "0",
+    ),
     _Totalled(
         "uploads",
         "upload",
+        "('pending', 'waiting_download', 'uploading', 'paused')",
         "{r}.upload_target",
         "{r}.total_size",
         "CAST(ROUND({r}.upload_speed) AS BIGINT)",
@@ -639,48 +654,51 @@ _TOTALS_ADD = (
 
 
 def _sqlite_totals_triggers(t: _Totalled) -> list[str]:
-    """Row triggers: SQLite has no statement triggers. The update trigger fires only when a
-    summed column or the status really changed."""
-    insert = f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) VALUES"
+    """Row triggers (SQLite has no statement triggers), firing only when a final status is
+    involved and the status or a summed column really changed."""
+    insert = f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) SELECT"
     changed = " OR ".join(
         f"({term.format(r='OLD')}) IS NOT ({term.format(r='NEW')})"
         for term in ("{r}.status", t.target, t.bytes, t.speed, t.cleaned)
         if term != "''"
     )
+    kept = f"(OLD.status IN {_KEPT_STATUSES} OR NEW.status IN {_KEPT_STATUSES})"
     return [
-        f"CREATE TRIGGER {t.table}_totals_insert AFTER INSERT ON {t.table} BEGIN"
-        f" {insert} ({t.values('NEW')}){_TOTALS_ADD}; END",
-        f"CREATE TRIGGER {t.table}_totals_delete AFTER DELETE ON {t.table} BEGIN"
-        f" {insert} ({t.values('OLD', '-')}){_TOTALS_ADD}; END",
-        f"CREATE TRIGGER {t.table}_totals_update AFTER UPDATE ON {t.table} WHEN {changed} BEGIN"
-        f" {insert} ({t.values('OLD', '-')}){_TOTALS_ADD};"
-        f" {insert} ({t.values('NEW')}){_TOTALS_ADD}; END",
+        f"CREATE TRIGGER {t.table}_totals_insert AFTER INSERT ON {t.table}"
+        f" WHEN NEW.status IN {_KEPT_STATUSES} BEGIN"
+        f" {insert} {t.values('NEW')} WHERE true{_TOTALS_ADD}; END",
+        f"CREATE TRIGGER {t.table}_totals_delete AFTER DELETE ON {t.table}"
+        f" WHEN OLD.status IN {_KEPT_STATUSES} BEGIN"
+        f" {insert} {t.values('OLD', '-')} WHERE true{_TOTALS_ADD}; END",
+        f"CREATE TRIGGER {t.table}_totals_update AFTER UPDATE ON {t.table}"
+        f" WHEN {kept} AND ({changed}) BEGIN"
+        f" {insert} {t.values('OLD', '-')} WHERE OLD.status IN {_KEPT_STATUSES}{_TOTALS_ADD};"
+        f" {insert} {t.values('NEW')} WHERE NEW.status IN {_KEPT_STATUSES}{_TOTALS_ADD}; END",
     ]
 
 
 def _postgres_totals_triggers(t: _Totalled) -> list[str]:
     """Statement triggers over the transition tables: one upsert per statement, whatever the
-    number of rows it wrote (a poll cycle's progress is one UPDATE of many rows). The groups
-    are upserted in key order, so that two writers lock the same totals in the same order."""
+    number of rows it wrote. The groups are upserted in key order, so that two writers lock
+    the same totals in the same order."""
+    new_rows = f"SELECT {t.values('n')} FROM new_rows AS n WHERE n.status IN {_KEPT_STATUSES}"
+    old_rows = f"SELECT {t.values('o', '-')} FROM old_rows AS o WHERE o.status IN {_KEPT_STATUSES}"
     parts = {
-        "INSERT": [f"SELECT {t.values('n')} FROM new_rows AS n"],
-        "DELETE": [f"SELECT {t.values('o', '-')} FROM old_rows AS o"],
+        "INSERT": ("NEW TABLE AS new_rows", new_rows),
+        "DELETE": ("OLD TABLE AS old_rows", old_rows),
+        "UPDATE": (
+            "OLD TABLE AS old_rows NEW TABLE AS new_rows",
+            f"{new_rows} UNION ALL {old_rows}",
+        ),
     }
-    parts["UPDATE"] = parts["INSERT"] + parts["DELETE"]
     statements = []
-    for operation, selects in parts.items():
+    for operation, (tables, rows) in parts.items():
         name = f"{t.table}_totals_{operation.lower()}"
-        union = " UNION ALL ".join(selects)
-        tables = {
-            "INSERT": "NEW TABLE AS new_rows",
-            "DELETE": "OLD TABLE AS old_rows",
-            "UPDATE": "OLD TABLE AS old_rows NEW TABLE AS new_rows",
-        }[operation]
         statements += [
             f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
             f" INSERT INTO store_totals ({_TOTALS_COLUMNS})"
             f" SELECT entity, target, status, SUM(items), SUM(bytes), SUM(speed), SUM(cleaned)"
-            f" FROM ({union}) AS d ({_TOTALS_COLUMNS}) GROUP BY entity, target, status"
+            f" FROM ({rows}) AS d ({_TOTALS_COLUMNS}) GROUP BY entity, target, status"
             " HAVING SUM(items) <> 0 OR SUM(bytes) <> 0 OR SUM(speed) <> 0 OR SUM(cleaned) <> 0"
             f" ORDER BY entity, target, status{_TOTALS_ADD}; RETURN NULL; END $$",
             f"CREATE TRIGGER {name} AFTER {operation} ON {t.table} REFERENCING {tables}"
@@ -699,7 +717,7 @@ async def _schema_6(sql: _Statements, dialect: Dialect) -> None:
         )
         for statement in triggers:
             await sql.execute(statement)
-        await sql.execute(f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) {totalled.recount()}")
+        await sql.execute(f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) {totalled.count(True)}")
 
 
 _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
@@ -1661,31 +1679,26 @@ class Database:
             raise StoreError(f"unknown source type {unknown[0]!r}")
         now = utc_now()
         answers: list[int | DuplicateDownload] = []
-        try:
-            async with self._write() as tx:
-                # A duplicate leaves its media row as it was: those jobs are found first.
-                active = await tx.active_sources([n.source_key for n, m in jobs if m is not None])
-                created: list[DownloadRow] = []
-                for new, media in jobs:
-                    existing = active.get(new.source_key)
-                    if existing is None and media is not None:
-                        await tx.upsert_media(media)
-                    row = None if existing is not None else await tx.insert_download(new, now)
-                    if row is None:
-                        if existing is None:
-                            existing = (await tx.active_sources([new.source_key]))[new.source_key]
-                        answers.append(DuplicateDownload(existing, new.source_key))
-                        continue
-                    active[new.source_key] = row.id
-                    created.append(row)
-                    answers.append(row.id)
-                ids = [row.id for row in created]
-                await tx.history_many("download", ids, None, "pending", "created", now)
-                tx.emit_new(created)
-        except Exception as exc:
-            if len(jobs) == 1:  # raced by another process between the look-up and the insert
-                await self._raise_if_duplicate(jobs[0][0].source_key, exc)
-            raise
+        async with self._write() as tx:
+            # A duplicate leaves its media row as it was: those jobs are looked up first.
+            active = await tx.active_sources([n.source_key for n, m in jobs if m is not None])
+            created: list[DownloadRow] = []
+            for new, media in jobs:
+                existing = active.get(new.source_key)
+                if existing is None and media is not None:
+                    await tx.upsert_media(media)
+                row = None if existing is not None else await tx.insert_download(new, now)
+                if row is None:  # (another process's job, if it came in meanwhile)
+                    if existing is None:
+                        existing = (await tx.active_sources([new.source_key]))[new.source_key]
+                    answers.append(DuplicateDownload(existing, new.source_key))
+                    continue
+                active[new.source_key] = row.id
+                created.append(row)
+                answers.append(row.id)
+            ids = [row.id for row in created]
+            await tx.history_many("download", ids, None, "pending", "created", now)
+            tx.emit_new(created)
         return answers
 
     async def _raise_if_duplicate(self, source_key: str, exc: Exception) -> None:
@@ -1965,11 +1978,8 @@ class Database:
             filters.append("status = ?")
             params.append(status)
         where = f"WHERE {' AND '.join(filters)}" if filters else ""
-        # Sorted here: ORDER BY id would let the planner walk the whole table along its key
-        # instead of looking the groups up in downloads_by_group.
-        rows = sorted(
-            await self._read_all(f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads {where}", params),
-            key=lambda row: int(row["id"]),
+        rows = await self._read_all(
+            f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads {where} ORDER BY id", params
         )
         groups: dict[str, DownloadGroup] = {}
         media_groups = await self._media_group_ids([r["file_unique_id"] for r in rows])
@@ -2439,18 +2449,25 @@ class Database:
         return {"downloads": _download_statistics(totals), "uploads": _upload_statistics(totals)}
 
     async def _totals(self) -> list[_Total]:
-        """The running totals (schema 6): a few rows, whatever the size of the tables."""
-        return await _all_totals(self._backend.reads(), _TOTALS_NOW)
+        """The totals kept (schema 6) and those of the active rows, counted: a few rows read,
+        and the active ones along downloads_by_status and uploads_by_status, whatever the
+        size of the tables."""
+        sql = self._backend.reads()
+        totals = await _all_totals(sql, _TOTALS_NOW)
+        for totalled in _TOTALLED:
+            totals += await _all_totals(sql, totalled.count(False))
+        return totals
 
     async def recount_totals(self, *, repair: bool) -> list[str]:
-        """Compare the running totals with a count of every row; each difference, described.
-        With `repair`, the totals are replaced by the count, in the same transaction."""
+        """Compare the running totals with a count of the rows in final statuses; each
+        difference, described. With `repair`, the totals are replaced by the count, in the same
+        transaction."""
         async with self._write() as tx:
             kept = {t.key: t for t in await _all_totals(tx.sql, _TOTALS_NOW)}
             counted = {
                 t.key: t
                 for totalled in _TOTALLED
-                for t in await _all_totals(tx.sql, totalled.recount())
+                for t in await _all_totals(tx.sql, totalled.count(True))
             }
             drift = []
             for key in sorted(set(kept) | set(counted)):
@@ -2465,7 +2482,7 @@ class Database:
                 await tx.execute("DELETE FROM store_totals")
                 for totalled in _TOTALLED:
                     await tx.execute(
-                        f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) {totalled.recount()}"
+                        f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) {totalled.count(True)}"
                     )
         if drift:
             logger.bind(where=self._backend.where).warning(
@@ -3257,11 +3274,7 @@ class _Tx:
         reason: str | None,
         at: str,
     ) -> None:
-        await self.sql.execute(
-            "INSERT INTO status_history (entity, entity_id, from_status, to_status, reason, at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (entity, entity_id, source, target, reason, at),
-        )
+        await self.history_many(entity, [entity_id], source, target, reason, at)
 
     async def transition(
         self, entity: str, item_id: int, target: str, reason: str | None, **columns: Any

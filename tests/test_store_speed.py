@@ -7,6 +7,7 @@ transaction, all or nothing.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 from collections.abc import Iterator
@@ -20,7 +21,15 @@ from hypothesis import strategies as st
 
 from app import check_command
 from configer import Config, DatabaseConfig
-from db import Database, DuplicateDownload, StoreError
+from db import (
+    _KEPT_STATUSES,
+    _TOTALLED,
+    DOWNLOAD_STATUSES,
+    UPLOAD_STATUSES,
+    Database,
+    DuplicateDownload,
+    StoreError,
+)
 from events import EventHub
 from records import DownloadGroup, NewDownload, ProgressUpdate, Statistics, TgMediaRecord
 from tests.support.http_files import FileServer
@@ -127,6 +136,7 @@ class Harness:
         elif name == "upload_progress":
             await db.update_upload_progress(upload, args[1], args[2], args[3])
         elif name == "upload_done":
+            await db.record_upload_verified(upload, 1, None)
             await db.mark_upload_completed(upload, "remote")
         elif name == "upload_fail":
             await db.mark_upload_failed(upload, "network", "property step")
@@ -226,35 +236,45 @@ def test_running_totals_equal_a_count_of_every_row_after_any_mix_of_writes(
 
 
 def test_the_recount_finds_and_repairs_drift(harness: Harness) -> None:
-    harness.run([("create", 3, 1000, False), ("queue", 0), ("upload", 0, "cloud", True)])
-    harness.run([("upload_start", 0, 1000), ("upload_progress", 0, 10, 1000, 12.7)])
-    harness.run([("complete", 0, 2000)])
+    harness.run([("create", 3, 1000, False), ("queue", 0), ("start", 0), ("complete", 0, 2000)])
+    harness.run([("upload", 0, "cloud", True), ("upload_start", 0, 1000), ("upload_done", 0)])
+    harness.run([("clean", 0), ("queue", 1), ("progress", 1, 10, 1000, 5)])
     right = harness.statistics()
+    assert right["downloads"]["by_status"]["completed"] == 1
+    assert right["downloads"]["download_speed"] == 5  # the live part: counted at the read
+    assert right["uploads"]["cleaned"] == 1
     # Totals changed behind the store's back (as a hand edit or a bug would leave them).
     harness.peek.execute(
         "UPDATE store_totals SET items = items + 5, bytes = bytes - 7"
-        " WHERE entity = 'download' AND status = 'pending'"
+        " WHERE entity = 'download' AND status = 'completed'"
     )
     harness.peek.execute("DELETE FROM store_totals WHERE entity = 'upload'")
     harness.peek.execute(
         "INSERT INTO store_totals (entity, target, status, items, bytes, speed, cleaned)"
-        " VALUES ('download', '', 'paused', 1, 0, 0, 0)"
+        " VALUES ('download', '', 'failed', 1, 0, 0, 0)"
     )
     assert harness.statistics() != right
     drift = harness.recount(repair=False)
     assert drift == [
-        "statistics of downloads in paused: kept 1 rows, 0 bytes, 0 B/s, counted 0 rows,"
-        " 0 bytes, 0 B/s",
-        "statistics of downloads in pending: kept 7 rows, 1993 bytes, 0 B/s, counted 2 rows,"
+        "statistics of downloads in completed: kept 6 rows, 1993 bytes, 0 B/s, counted 1 rows,"
         " 2000 bytes, 0 B/s",
-        "statistics of uploads to cloud in uploading: kept 0 rows, 0 bytes, 0 B/s, 0 cleaned,"
-        " counted 1 rows, 1000 bytes, 13 B/s, 0 cleaned",
+        "statistics of downloads in failed: kept 1 rows, 0 bytes, 0 B/s, counted 0 rows,"
+        " 0 bytes, 0 B/s",
+        "statistics of uploads to cloud in completed: kept 0 rows, 0 bytes, 0 B/s, 0 cleaned,"
+        " counted 1 rows, 1000 bytes, 0 B/s, 1 cleaned",
     ]
     assert harness.recount(repair=False) == drift  # a dry run changes nothing
     assert harness.recount(repair=True) == drift
     assert harness.recount(repair=False) == []
     assert harness.statistics() == right
     assert_statistics_counted(right, harness.peek)
+
+
+def test_every_status_is_either_kept_or_counted_live() -> None:
+    for totalled, statuses in zip(_TOTALLED, (DOWNLOAD_STATUSES, UPLOAD_STATUSES), strict=True):
+        live = set(ast.literal_eval(totalled.live))
+        kept = set(ast.literal_eval(_KEPT_STATUSES))
+        assert live | kept == set(statuses) and not live & kept, totalled.table
 
 
 async def test_check_command_reports_and_repairs_drift_of_the_statistics(
@@ -267,12 +287,15 @@ async def test_check_command_reports_and_repairs_drift_of_the_statistics(
         aria2=replace(base.aria2, download_dir=tmp_path / "downloads"),
     )
     async with Database(config.database.path) as db:
-        await db.create_downloads([(NewDownload("http", f"http://h/{i}"), None) for i in range(4)])
+        jobs = [(NewDownload("http", f"http://h/{i}"), None) for i in range(4)]
+        for download_id in await db.create_downloads(jobs):
+            assert isinstance(download_id, int)
+            await db.mark_download_failed_by_id(download_id, "test")
     async with Database(config.database.path) as db, db._write() as tx:
-        await tx.execute("UPDATE store_totals SET items = 9 WHERE status = 'pending'")
+        await tx.execute("UPDATE store_totals SET items = 9 WHERE status = 'failed'")
     assert await check_command(config, fix=False) == 1
     printed = capsys.readouterr().out
-    assert "statistics of downloads in pending: kept 9 rows" in printed
+    assert "statistics of downloads in failed: kept 9 rows" in printed
     assert "counted 4 rows" in printed
     assert "Dry run: nothing was changed" in printed
     assert "  statistics: replaced by a recount of every row" in printed
