@@ -33,7 +33,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, Self, TypeVar, get_args
@@ -433,6 +433,9 @@ _POSTGRES_TYPES = (
     ("REAL", "DOUBLE PRECISION"),
     ("BLOB", "BYTEA"),
 )
+
+
+_POSTGRES_TYPE = {"INTEGER": "BIGINT", "BLOB": "BYTEA"}  # of one parameter
 
 
 async def _run_script(sql: _Statements, script: str) -> None:
@@ -1219,6 +1222,15 @@ _SLOT_STATUSES = "('pending', 'waiting', 'downloading')"  # the jobs that take a
 _DOWNLOAD_STAMPS = {"downloading": "started_at", "completed": "completed_at"}
 _PROGRESS_CHUNK = 2000  # rows per statement: 4 parameters each, under both backends' limits
 _LOOKUP_CHUNK = 500  # ids or keys per IN (…) list
+_INSERT_CHUNK = 1000  # new downloads per INSERT: 15 parameters each, under SQLite's limit
+_NEW_DOWNLOAD_COLUMNS = (
+    "source_type, source_key, source_url, file_name, total_length, file_unique_id, owner_id,"
+    " chat_id, message_id, group_key, torrent_data, info_hash, status, created_at, updated_at"
+)
+_NEW_DOWNLOAD_TYPES = (
+    "TEXT", "TEXT", "TEXT", "TEXT", "INTEGER", "TEXT", "INTEGER", "INTEGER", "INTEGER", "TEXT",
+    "BLOB", "TEXT", "TEXT", "TEXT", "TEXT",
+)  # fmt: skip
 _UPLOAD_EXTRA_COLUMNS = frozenset(
     {
         "remote_path",
@@ -1247,29 +1259,34 @@ def _limit(limit: int) -> tuple[str, tuple[int, ...]]:
     return ("LIMIT ?", (limit,)) if limit >= 0 else ("", ())
 
 
-def _polled(dialect: Dialect, chunk: Sequence[ProgressUpdate]) -> tuple[str, list[object]]:
-    """A poll cycle's rows (gid, completed, total, speed) as a query, and its parameters.
+def _rows(
+    dialect: Dialect, types: Sequence[str], rows: Sequence[Sequence[object]]
+) -> tuple[str, list[object]]:
+    """Many rows of parameters (of SQLite's column `types`) as a query, and its parameters.
 
-    SQLite: a VALUES list, its first row saying the types. PostgreSQL: the four columns as four
-    arrays, unnested — binding 4000 parameters cost it 5 ms more per 1000 rows (13 ms instead of
-    8, measured at 10k downloads), a quarter of a poll cycle's budget.
+    SQLite: a VALUES list, its first row saying the types. PostgreSQL: each column as an array,
+    unnested — binding 4000 parameters cost it 5 ms more per 1000 rows of progress (13 ms
+    instead of 8, measured at 10k downloads), a quarter of a poll cycle's budget.
     """
     if dialect == "postgresql":
-        return (
-            "SELECT * FROM unnest(CAST(? AS TEXT[]), CAST(? AS BIGINT[]),"
-            " CAST(? AS BIGINT[]), CAST(? AS BIGINT[]))",
-            [
-                [u.gid for u in chunk],
-                [u.completed_length for u in chunk],
-                [u.total_length for u in chunk],
-                [u.download_speed for u in chunk],
-            ],
-        )
-    typed = "(?, CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT))"
-    params: list[object] = []
-    for u in chunk:
-        params += [u.gid, u.completed_length, u.total_length, u.download_speed]
-    return "VALUES " + ", ".join([typed, *("(?, ?, ?, ?)" for _ in chunk[1:])]), params
+        arrays = ", ".join(f"CAST(? AS {_POSTGRES_TYPE.get(t, t)}[])" for t in types)
+        return f"SELECT * FROM unnest({arrays})", [
+            [row[i] for row in rows] for i in range(len(types))
+        ]
+    typed = "(" + ", ".join(f"CAST(? AS {t})" for t in types) + ")"
+    plain = "(" + ", ".join("?" for _ in types) + ")"
+    return "VALUES " + ", ".join([typed, *(plain for _ in rows[1:])]), [
+        value for row in rows for value in row
+    ]
+
+
+def _polled(dialect: Dialect, chunk: Sequence[ProgressUpdate]) -> tuple[str, list[object]]:
+    """A poll cycle's rows (gid, completed, total, speed) as a query, and its parameters."""
+    return _rows(
+        dialect,
+        ("TEXT", "INTEGER", "INTEGER", "INTEGER"),
+        [(u.gid, u.completed_length, u.total_length, u.download_speed) for u in chunk],
+    )
 
 
 def _download_from_row(row: _Row) -> DownloadRow:
@@ -1631,7 +1648,7 @@ class Database:
 
     async def save_tg_media(self, media: TgMediaRecord) -> str:
         async with self._write() as tx:
-            await tx.upsert_media(media)
+            await tx.upsert_media([media])
         return media.file_unique_id
 
     async def get_tg_media(self, file_unique_id: str) -> TgMediaRecord | None:
@@ -1678,27 +1695,30 @@ class Database:
         if unknown:
             raise StoreError(f"unknown source type {unknown[0]!r}")
         now = utc_now()
-        answers: list[int | DuplicateDownload] = []
         async with self._write() as tx:
-            # A duplicate leaves its media row as it was: those jobs are looked up first.
-            active = await tx.active_sources([n.source_key for n, m in jobs if m is not None])
-            created: list[DownloadRow] = []
+            active = await tx.active_sources([new.source_key for new, _ in jobs])
+            fresh: dict[str, tuple[NewDownload, TgMediaRecord | None]] = {}
             for new, media in jobs:
-                existing = active.get(new.source_key)
-                if existing is None and media is not None:
-                    await tx.upsert_media(media)
-                row = None if existing is not None else await tx.insert_download(new, now)
-                if row is None:  # (another process's job, if it came in meanwhile)
-                    if existing is None:
-                        existing = (await tx.active_sources([new.source_key]))[new.source_key]
-                    answers.append(DuplicateDownload(existing, new.source_key))
-                    continue
-                active[new.source_key] = row.id
-                created.append(row)
-                answers.append(row.id)
-            ids = [row.id for row in created]
+                if new.source_key not in active:
+                    fresh.setdefault(new.source_key, (new, media))
+            # A duplicate leaves its media row as it was: only the new jobs' rows are written.
+            await tx.upsert_media([media for _, media in fresh.values() if media is not None])
+            created = await tx.insert_downloads([new for new, _ in fresh.values()], now)
+            missing = [key for key in fresh if key not in created]  # another process's, meanwhile
+            active.update(await tx.active_sources(missing) if missing else {})
+            ids = [row.id for row in created.values()]
             await tx.history_many("download", ids, None, "pending", "created", now)
-            tx.emit_new(created)
+            tx.emit_new(list(created.values()))
+        answers: list[int | DuplicateDownload] = []
+        given: set[int] = set()
+        for new, _ in jobs:
+            row = created.get(new.source_key)
+            if row is not None and row.id not in given:
+                given.add(row.id)
+                answers.append(row.id)
+            else:
+                existing = row.id if row is not None else active[new.source_key]
+                answers.append(DuplicateDownload(existing, new.source_key))
         return answers
 
     async def _raise_if_duplicate(self, source_key: str, exc: Exception) -> None:
@@ -1717,24 +1737,18 @@ class Database:
     ) -> None:
         """aria2 accepted the job: remember its gid (and every earlier one) and leave `pending`."""
         async with self._write() as tx:
-            await tx.queue(download_id, gid, status)
+            await tx.set_gid(download_id, gid, "added")
+            await tx.transition("download", download_id, status, "queued in aria2")
             await tx.emit_download(download_id)
 
     async def mark_downloads_queued(self, queued: Sequence[tuple[int, str]]) -> list[int]:
         """aria2 accepted these jobs (id, gid), handed to it together: each one's gid
         remembered and `waiting`, in ONE transaction and one batch of events. A job that left
         `pending` meanwhile (cancelled) keeps its gid and its status; the ids queued."""
-        done: list[int] = []
         async with self._write() as tx:
-            for download_id, gid in queued:
-                try:
-                    await tx.queue(download_id, gid, "waiting")
-                except TransitionError as exc:
-                    logger.bind(job=download_id, gid=gid).info("not queued: {}", exc)
-                    continue
-                done.append(download_id)
+            moved = await tx.queue(queued)
             await tx.emit_downloads([download_id for download_id, _ in queued])
-        return done
+        return [row.id for row in moved]
 
     async def follow_gid(self, old_gid: str, new_gid: str) -> int | None:
         """aria2 replaced `old_gid` by `new_gid` (a magnet's metadata gid is followed by its real
@@ -3352,47 +3366,88 @@ class _Tx:
             found.update((str(row["source_key"]), int(row["id"])) for row in rows)
         return found
 
-    async def insert_download(self, new: NewDownload, now: str) -> DownloadRow | None:
-        """A `pending` row for `new`, or None if its source already has an active job
-        (downloads_one_active_per_source). A job of no group is a group of its own."""
-        created = await self.fetch_one(
-            "INSERT INTO downloads (source_type, source_key, source_url, file_name,"
-            " total_length, file_unique_id, owner_id, chat_id, message_id, group_key,"
-            " torrent_data, info_hash, status, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)"
-            f" ON CONFLICT DO NOTHING RETURNING {_DOWNLOAD_COLUMNS}",
-            (
-                new.source_type,
-                new.source_key,
-                new.source_url,
-                new.file_name,
-                new.total_length,
-                new.file_unique_id,
-                new.owner_id,
-                new.chat_id,
-                new.message_id,
-                new.group_key or f"job:{new.source_key}",
-                new.torrent_data,
-                new.info_hash,
-                now,
-                now,
-            ),
-        )
-        if created is None or new.group_key is not None:
-            return None if created is None else _download_from_row(created)
-        download_id = int(created["id"])
-        grouped = await self.fetch_one(
-            f"UPDATE downloads SET group_key = ? WHERE id = ? RETURNING {_DOWNLOAD_COLUMNS}",
-            (f"download:{download_id}", download_id),
-        )
-        assert grouped is not None
-        return _download_from_row(grouped)
+    async def insert_downloads(
+        self, news: Sequence[NewDownload], now: str
+    ) -> dict[str, DownloadRow]:
+        """`pending` rows for `news` (each of its own source), a chunk per statement; the rows
+        made, by source. A source that has an active job meanwhile (another process's) gets
+        none (downloads_one_active_per_source). A job of no group is a group of its own."""
+        made: dict[str, DownloadRow] = {}
+        for first in range(0, len(news), _INSERT_CHUNK):
+            chunk = news[first : first + _INSERT_CHUNK]
+            rows, params = _rows(
+                self.dialect,
+                _NEW_DOWNLOAD_TYPES,
+                [
+                    (
+                        n.source_type, n.source_key, n.source_url, n.file_name, n.total_length,
+                        n.file_unique_id, n.owner_id, n.chat_id, n.message_id,
+                        n.group_key or f"job:{n.source_key}", n.torrent_data, n.info_hash,
+                        "pending", now, now,
+                    )
+                    for n in chunk
+                ],
+            )  # fmt: skip
+            inserted = await self.fetch_all(
+                f"INSERT INTO downloads ({_NEW_DOWNLOAD_COLUMNS}) {rows}"
+                f" ON CONFLICT DO NOTHING RETURNING {_DOWNLOAD_COLUMNS}",
+                params,
+            )
+            ungrouped = {n.source_key for n in chunk if n.group_key is None}
+            alone = [int(r["id"]) for r in inserted if r["source_key"] in ungrouped]
+            grouped: Sequence[_Row] = ()
+            if alone:
+                grouped = await self.fetch_all(
+                    "UPDATE downloads SET group_key = 'download:' || id"
+                    f" WHERE id IN ({', '.join('?' for _ in alone)}) RETURNING {_DOWNLOAD_COLUMNS}",
+                    alone,
+                )
+            for row in [*inserted, *grouped]:
+                made[str(row["source_key"])] = _download_from_row(row)
+        return dict(sorted(made.items(), key=lambda item: item[1].id))
 
-    async def queue(self, download_id: int, gid: str, status: str) -> None:
-        """aria2 took the job as `gid`: the gid remembered, then `pending` left for `status`
-        (TransitionError, with nothing more written, if the job left `pending` meanwhile)."""
-        await self.set_gid(download_id, gid, "added")
-        await self.transition("download", download_id, status, "queued in aria2")
+    async def queue(self, queued: Sequence[tuple[int, str]]) -> list[DownloadRow]:
+        """aria2 took these new jobs (id, gid): every gid remembered on its job, and the jobs
+        still `pending` moved to `waiting` as `transition` would (a compare-and-set on
+        `pending`, a history row each), a chunk per statement; the rows moved. StoreError if a
+        gid belongs to another job."""
+        now = utc_now()
+        await self.executemany(
+            "INSERT INTO download_gids (gid, download_id, reason, created_at)"
+            " VALUES (?, ?, 'added', ?) ON CONFLICT (gid) DO NOTHING",
+            [(gid, download_id, now) for download_id, gid in queued],
+        )
+        moved: list[DownloadRow] = []
+        for first in range(0, len(queued), _LOOKUP_CHUNK):
+            chunk = queued[first : first + _LOOKUP_CHUNK]
+            owners = await self.fetch_all(
+                "SELECT gid, download_id FROM download_gids"
+                f" WHERE gid IN ({', '.join('?' for _ in chunk)})",
+                [gid for _, gid in chunk],
+            )
+            owner = {str(r["gid"]): int(r["download_id"]) for r in owners}
+            for download_id, gid in chunk:
+                if owner[gid] != download_id:
+                    raise StoreError(f"gid {gid} already belongs to download {owner[gid]}")
+            pairs, params = _rows(self.dialect, ("INTEGER", "TEXT"), chunk)
+            rows = await self.fetch_all(
+                f"WITH queued(q_id, q_gid) AS ({pairs}) UPDATE downloads SET gid = q_gid,"
+                " status = 'waiting', updated_at = ? FROM queued"
+                " WHERE downloads.id = q_id AND downloads.status = 'pending'"
+                f" RETURNING {_DOWNLOAD_COLUMNS}",
+                (*params, now),
+            )
+            moved += [_download_from_row(row) for row in rows]
+        done = {row.id for row in moved}
+        left = [(gid, now, download_id) for download_id, gid in queued if download_id not in done]
+        if left:  # moved on meanwhile (cancelled): aria2 has the job all the same
+            await self.executemany(
+                "UPDATE downloads SET gid = ?, updated_at = ? WHERE id = ?", left
+            )
+        await self.history_many(
+            "download", [row.id for row in moved], "pending", "waiting", "queued in aria2", now
+        )
+        return sorted(moved, key=lambda row: row.id)
 
     async def serialize(self, lock: int) -> None:
         """One transaction taking `lock` at a time among the processes on the store, until it
@@ -3420,17 +3475,18 @@ class _Tx:
         if changed != 1:
             raise NotFound(table.rstrip("s"), item_id)
 
-    async def upsert_media(self, media: TgMediaRecord) -> None:
+    async def upsert_media(self, records: Sequence[TgMediaRecord]) -> None:
+        if not records:
+            return
         now = utc_now()
-        data = asdict(media)
-        names = ", ".join(data)
-        marks = ", ".join("?" for _ in data)
-        updates = ", ".join(f"{k} = excluded.{k}" for k in data if k != "file_unique_id")
-        await self.sql.execute(
-            f"INSERT INTO tg_media ({names}, created_at, updated_at) VALUES ({marks}, ?, ?)"
-            " ON CONFLICT (file_unique_id) DO UPDATE SET"
+        names = [f.name for f in fields(TgMediaRecord)]
+        marks = ", ".join("?" for _ in names)
+        updates = ", ".join(f"{k} = excluded.{k}" for k in names if k != "file_unique_id")
+        await self.sql.executemany(
+            f"INSERT INTO tg_media ({', '.join(names)}, created_at, updated_at)"
+            f" VALUES ({marks}, ?, ?) ON CONFLICT (file_unique_id) DO UPDATE SET"
             f" {updates}, updated_at = excluded.updated_at",
-            (*data.values(), now, now),
+            [(*astuple(media), now, now) for media in records],
         )
 
     async def download_id_by_gid(self, gid: str) -> int | None:
