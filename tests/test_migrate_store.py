@@ -259,7 +259,10 @@ async def test_the_copy_knows_every_table_in_an_order_its_foreign_keys_allow(
 ) -> None:
     async with store_backend.database():
         pass
-    assert peek.tables() - {"mistrelay_schema", "sqlite_sequence"} == set(_STORE_TABLES) | _DERIVED_TABLES
+    assert (
+        peek.tables() - {"mistrelay_schema", "sqlite_sequence"}
+        == set(_STORE_TABLES) | _DERIVED_TABLES
+    )
     if store_backend.name == "sqlite":
         references = [
             (table, str(row[0]))
