@@ -33,7 +33,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import asdict, astuple, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, Self, TypeVar, get_args
@@ -563,14 +563,11 @@ async def _schema_5(sql: _Statements, dialect: Dialect) -> None:
 
 
 # Schema 6: statistics kept as running totals. `store_totals` holds, per entity, upload target
-# ('' for downloads) and final status (completed, failed, cancelled: where nearly every row of a
-# large store is), the number of rows and the sums the statistics show. Triggers keep it in the
-# transaction of every insert, change and delete that involves a final status, whatever
-# statement makes it (a cascade too). The few rows still active (pending to paused, bounded by
-# aria2's queue, not by the table) are counted when read, so a poll cycle's progress, which
-# only touches active rows, writes no total (row triggers on it doubled the batch's time on
-# SQLite). Speeds are summed as whole bytes/s so that the sums stay exact. And an index on
-# (status, id) walks one status newest first (the page's filtered list, the live count).
+# ('' for downloads) and status, the number of rows and the sums the statistics show. Triggers
+# keep it in the transaction of every insert, change and delete, whatever statement makes it (a
+# cascade too), so the statistics read a few rows instead of grouping every download and
+# upload. Speeds are summed as whole bytes/s so that the sums stay exact. And an index on
+# (status, id) walks one status newest first (the page's filtered list).
 _SCHEMA_6 = """
 CREATE TABLE store_totals (
     entity  TEXT NOT NULL CHECK (entity IN ('download', 'upload')),
@@ -585,7 +582,6 @@ CREATE TABLE store_totals (
 DROP INDEX downloads_by_status;
 CREATE INDEX downloads_by_status ON downloads(status, id)
 """
-_KEPT_STATUSES = "('completed', 'failed', 'cancelled')"  # final: totals kept by triggers
 
 
 @dataclass(frozen=True)
@@ -594,52 +590,41 @@ class _Totalled:
 
     table: str
     entity: str
-    live: str  # the statuses that are not final
     target: str
     bytes: str
     speed: str
     cleaned: str
 
+    @property
+    def sums(self) -> tuple[str, str, str]:
+        return (self.bytes, self.speed, self.cleaned)
+
     def values(self, r: str, sign: str = "") -> str:
         """One row's part of the totals, as `_TOTALS_COLUMNS`; `sign` '-' takes it away."""
-        sums = (self.bytes, self.speed, self.cleaned)
         return ", ".join(
             (
                 f"'{self.entity}'",
                 self.target.format(r=r),
                 f"{r}.status",
                 f"{sign}1",
-                *(f"{sign}({term.format(r=r)})" for term in sums),
+                *(f"{sign}({term.format(r=r)})" for term in self.sums),
             )
         )
 
-    def count(self, kept: bool) -> str:
-        """The totals counted from the rows: in a final status (what `store_totals` must
-        hold), or in the others (counted at each read)."""
-        sums = ", ".join(
-            f"COALESCE(SUM({t.format(r='r')}), 0)" for t in (self.bytes, self.speed, self.cleaned)
-        )
+    def recount(self) -> str:
+        """The totals counted from every row of the table (what `store_totals` must hold)."""
+        sums = ", ".join(f"COALESCE(SUM({t.format(r='r')}), 0)" for t in self.sums)
         return (
             f"SELECT '{self.entity}', {self.target.format(r='r')}, r.status, COUNT(*), {sums}"
-            f" FROM {self.table} AS r WHERE r.status IN {_KEPT_STATUSES if kept else self.live}"
-            " GROUP BY 2, 3"
+            f" FROM {self.table} AS r GROUP BY 2, 3"
         )
 
 
 _TOTALLED = (
-    _Totalled(
-        "downloads",
-        "download",
-        "('pending', 'waiting', 'downloading', 'paused')",
-        "''",
-        "{r}.total_length",
-        "{r}.download_speed",
-        "0",
-    ),
+    _Totalled("downloads", "download", "''", "{r}.total_length", "{r}.download_speed", "0"),
     _Totalled(
         "uploads",
         "upload",
-        "('pending', 'waiting_download', 'uploading', 'paused')",
         "{r}.upload_target",
         "{r}.total_size",
         "CAST(ROUND({r}.upload_speed) AS BIGINT)",
@@ -657,26 +642,28 @@ _TOTALS_ADD = (
 
 
 def _sqlite_totals_triggers(t: _Totalled) -> list[str]:
-    """Row triggers (SQLite has no statement triggers), firing only when a final status is
-    involved and the status or a summed column really changed."""
-    insert = f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) SELECT"
-    changed = " OR ".join(
-        f"({term.format(r='OLD')}) IS NOT ({term.format(r='NEW')})"
-        for term in ("{r}.status", t.target, t.bytes, t.speed, t.cleaned)
-        if term != "''"
-    )
-    kept = f"(OLD.status IN {_KEPT_STATUSES} OR NEW.status IN {_KEPT_STATUSES})"
+    """Row triggers (SQLite has no statement triggers). A row that keeps its status and target
+    (a poll cycle's progress: a thousand rows a batch) adds its change in one upsert; a row that
+    moves takes itself from one total and adds itself to another."""
+    insert = f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) VALUES"
+
+    def differ(term: str) -> str:
+        return f"({term.format(r='OLD')}) IS NOT ({term.format(r='NEW')})"
+
+    moved = " OR ".join(differ(term) for term in ("{r}.status", t.target) if term != "''")
+    changed = " OR ".join(differ(term) for term in t.sums if term != "0")
+    deltas = ", ".join(f"({term.format(r='NEW')}) - ({term.format(r='OLD')})" for term in t.sums)
+    same = f"'{t.entity}', {t.target.format(r='NEW')}, NEW.status, 0, {deltas}"
     return [
-        f"CREATE TRIGGER {t.table}_totals_insert AFTER INSERT ON {t.table}"
-        f" WHEN NEW.status IN {_KEPT_STATUSES} BEGIN"
-        f" {insert} {t.values('NEW')} WHERE true{_TOTALS_ADD}; END",
-        f"CREATE TRIGGER {t.table}_totals_delete AFTER DELETE ON {t.table}"
-        f" WHEN OLD.status IN {_KEPT_STATUSES} BEGIN"
-        f" {insert} {t.values('OLD', '-')} WHERE true{_TOTALS_ADD}; END",
-        f"CREATE TRIGGER {t.table}_totals_update AFTER UPDATE ON {t.table}"
-        f" WHEN {kept} AND ({changed}) BEGIN"
-        f" {insert} {t.values('OLD', '-')} WHERE OLD.status IN {_KEPT_STATUSES}{_TOTALS_ADD};"
-        f" {insert} {t.values('NEW')} WHERE NEW.status IN {_KEPT_STATUSES}{_TOTALS_ADD}; END",
+        f"CREATE TRIGGER {t.table}_totals_insert AFTER INSERT ON {t.table} BEGIN"
+        f" {insert} ({t.values('NEW')}){_TOTALS_ADD}; END",
+        f"CREATE TRIGGER {t.table}_totals_delete AFTER DELETE ON {t.table} BEGIN"
+        f" {insert} ({t.values('OLD', '-')}){_TOTALS_ADD}; END",
+        f"CREATE TRIGGER {t.table}_totals_move AFTER UPDATE ON {t.table} WHEN {moved} BEGIN"
+        f" {insert} ({t.values('OLD', '-')}){_TOTALS_ADD};"
+        f" {insert} ({t.values('NEW')}){_TOTALS_ADD}; END",
+        f"CREATE TRIGGER {t.table}_totals_change AFTER UPDATE ON {t.table}"
+        f" WHEN NOT ({moved}) AND ({changed}) BEGIN {insert} ({same}){_TOTALS_ADD}; END",
     ]
 
 
@@ -684,8 +671,8 @@ def _postgres_totals_triggers(t: _Totalled) -> list[str]:
     """Statement triggers over the transition tables: one upsert per statement, whatever the
     number of rows it wrote. The groups are upserted in key order, so that two writers lock
     the same totals in the same order."""
-    new_rows = f"SELECT {t.values('n')} FROM new_rows AS n WHERE n.status IN {_KEPT_STATUSES}"
-    old_rows = f"SELECT {t.values('o', '-')} FROM old_rows AS o WHERE o.status IN {_KEPT_STATUSES}"
+    new_rows = f"SELECT {t.values('n')} FROM new_rows AS n"
+    old_rows = f"SELECT {t.values('o', '-')} FROM old_rows AS o"
     parts = {
         "INSERT": ("NEW TABLE AS new_rows", new_rows),
         "DELETE": ("OLD TABLE AS old_rows", old_rows),
@@ -720,7 +707,7 @@ async def _schema_6(sql: _Statements, dialect: Dialect) -> None:
         )
         for statement in triggers:
             await sql.execute(statement)
-        await sql.execute(f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) {totalled.count(True)}")
+        await sql.execute(f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) {totalled.recount()}")
 
 
 _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
@@ -2463,25 +2450,18 @@ class Database:
         return {"downloads": _download_statistics(totals), "uploads": _upload_statistics(totals)}
 
     async def _totals(self) -> list[_Total]:
-        """The totals kept (schema 6) and those of the active rows, counted: a few rows read,
-        and the active ones along downloads_by_status and uploads_by_status, whatever the
-        size of the tables."""
-        sql = self._backend.reads()
-        totals = await _all_totals(sql, _TOTALS_NOW)
-        for totalled in _TOTALLED:
-            totals += await _all_totals(sql, totalled.count(False))
-        return totals
+        """The running totals (schema 6): a few rows, whatever the size of the tables."""
+        return await _all_totals(self._backend.reads(), _TOTALS_NOW)
 
     async def recount_totals(self, *, repair: bool) -> list[str]:
-        """Compare the running totals with a count of the rows in final statuses; each
-        difference, described. With `repair`, the totals are replaced by the count, in the same
-        transaction."""
+        """Compare the running totals with a count of every row; each difference, described.
+        With `repair`, the totals are replaced by the count, in the same transaction."""
         async with self._write() as tx:
             kept = {t.key: t for t in await _all_totals(tx.sql, _TOTALS_NOW)}
             counted = {
                 t.key: t
                 for totalled in _TOTALLED
-                for t in await _all_totals(tx.sql, totalled.count(True))
+                for t in await _all_totals(tx.sql, totalled.recount())
             }
             drift = []
             for key in sorted(set(kept) | set(counted)):
@@ -2496,7 +2476,7 @@ class Database:
                 await tx.execute("DELETE FROM store_totals")
                 for totalled in _TOTALLED:
                     await tx.execute(
-                        f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) {totalled.count(True)}"
+                        f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) {totalled.recount()}"
                     )
         if drift:
             logger.bind(where=self._backend.where).warning(
@@ -3486,7 +3466,7 @@ class _Tx:
             f"INSERT INTO tg_media ({', '.join(names)}, created_at, updated_at)"
             f" VALUES ({marks}, ?, ?) ON CONFLICT (file_unique_id) DO UPDATE SET"
             f" {updates}, updated_at = excluded.updated_at",
-            [(*astuple(media), now, now) for media in records],
+            [(*(getattr(media, name) for name in names), now, now) for media in records],
         )
 
     async def download_id_by_gid(self, gid: str) -> int | None:

@@ -7,7 +7,6 @@ transaction, all or nothing.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import contextlib
 from collections.abc import Iterator
@@ -21,15 +20,7 @@ from hypothesis import strategies as st
 
 from app import check_command
 from configer import Config, DatabaseConfig
-from db import (
-    _KEPT_STATUSES,
-    _TOTALLED,
-    DOWNLOAD_STATUSES,
-    UPLOAD_STATUSES,
-    Database,
-    DuplicateDownload,
-    StoreError,
-)
+from db import Database, DuplicateDownload, StoreError
 from events import EventHub
 from records import DownloadGroup, NewDownload, ProgressUpdate, Statistics, TgMediaRecord
 from tests.support.http_files import FileServer
@@ -241,7 +232,7 @@ def test_the_recount_finds_and_repairs_drift(harness: Harness) -> None:
     harness.run([("clean", 0), ("queue", 1), ("progress", 1, 10, 1000, 5)])
     right = harness.statistics()
     assert right["downloads"]["by_status"]["completed"] == 1
-    assert right["downloads"]["download_speed"] == 5  # the live part: counted at the read
+    assert right["downloads"]["download_speed"] == 5
     assert right["uploads"]["cleaned"] == 1
     # Totals changed behind the store's back (as a hand edit or a bug would leave them).
     harness.peek.execute(
@@ -268,13 +259,6 @@ def test_the_recount_finds_and_repairs_drift(harness: Harness) -> None:
     assert harness.recount(repair=False) == []
     assert harness.statistics() == right
     assert_statistics_counted(right, harness.peek)
-
-
-def test_every_status_is_either_kept_or_counted_live() -> None:
-    for totalled, statuses in zip(_TOTALLED, (DOWNLOAD_STATUSES, UPLOAD_STATUSES), strict=True):
-        live = set(ast.literal_eval(totalled.live))
-        kept = set(ast.literal_eval(_KEPT_STATUSES))
-        assert live | kept == set(statuses) and not live & kept, totalled.table
 
 
 async def test_check_command_reports_and_repairs_drift_of_the_statistics(
