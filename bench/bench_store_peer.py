@@ -3,14 +3,14 @@
 Run from the project root: .venv/bin/python bench/bench_store_peer.py [--rows 10000 100000]
     [--rounds 21] [--jobs 300]
 
-The peer is a plain synchronous `sqlite3` store written here the way the core spec lists its
-functions: one commit per call (saving a Telegram media row; creating a download with its gid;
-reading the grouped list; reading the statistics), with the queries such a store makes (the
-grouped list groups every row by album, then reads the rows of the newest groups; the
-statistics group every download and every upload by status). Both get the same file settings
-(WAL, synchronous=NORMAL) and, for each table size, the same rows (bench_store's workload: a
-quarter Telegram jobs in albums of four with their media rows, the rest links; most completed
-with an upload each, 1000 downloading). Then, side by side:
+The peer is a plain synchronous `sqlite3` store written here the way the original design (seed
+001 §2) lists its functions: one commit per call (saving a Telegram media row; creating a
+download with its gid; reading the grouped list; reading the statistics), with the queries such
+a store makes (the grouped list groups every row by album, then reads the rows of the newest
+groups; the statistics group every download and every upload by status). Both get the same file
+settings (WAL, synchronous=NORMAL) and, for each table size, the same rows (bench_store's
+workload: a quarter Telegram jobs in albums of four with their media rows, the rest links; most
+completed with an upload each, 1000 downloading). Then, side by side:
 
 - job creation, each job a Telegram media row + its download + queued (its gid recorded):
   the peer one call after another (two commits a job); ours one job at a time

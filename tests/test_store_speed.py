@@ -26,6 +26,7 @@ from records import DownloadGroup, NewDownload, ProgressUpdate, Statistics, TgMe
 from tests.support.http_files import FileServer
 from tests.support.service import ServiceFactory
 from tests.support.stores import Peek, StoreBackend
+from tests.test_db import make_old_database
 
 TARGETS = ("cloud", "backup")
 Op = tuple[Any, ...]
@@ -490,4 +491,23 @@ async def test_jobs_handed_over_together_are_queued_in_one_transaction(
         events = [await subscription.get() for _ in range(len(subscription))]
         assert [e.item_id for e in events if e.kind == "download"] == ids
         assert (await db.get_statistics())["downloads"]["by_status"]["waiting"] == 2
+        assert await db.recount_totals(repair=False) == []
+
+
+async def test_schema_5_is_migrated_with_its_totals_counted(
+    store_backend: StoreBackend, peek: Peek
+) -> None:
+    await make_old_database(store_backend, 5)
+    async with store_backend.database() as db:
+        assert await db.schema_version() == 6
+        assert await db.recount_totals(repair=False) == []
+        statistics = await db.get_statistics()
+        assert statistics["downloads"]["by_status"]["completed"] == 1
+        assert statistics["uploads"]["by_target"] == {
+            "waits": {"pending": 1},
+            "final": {"failed": 1},
+            "runs": {"uploading": 1},
+        }
+        assert_statistics_counted(statistics, peek)
+        await db.mark_upload_failed(3, "network", "after the migration")
         assert await db.recount_totals(repair=False) == []
