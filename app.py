@@ -648,20 +648,26 @@ async def check_command(config: Config, *, fix: bool) -> int:
                 print(f"aria2: not reachable: {where}; compared with the disk only")
             for mismatch in result.mismatches:
                 print(mismatch.line())
+            # The statistics' running totals against a count of every row.
+            drift = await db.recount_totals(repair=fix)
+            for line in drift:
+                print(line)
+            recounted = ["statistics: replaced by a recount of every row"] if drift else []
             found = result.mismatches
-            if not found:
+            if not found and not drift:
                 print(
                     "No mismatches: the database agrees with the disk"
                     + (" and aria2." if result.aria2_compared else ".")
                 )
                 return 0
             if not fix:
-                print(f"{len(found)} mismatch(es). Dry run: nothing was changed. With --fix:")
-                for mismatch in found:
-                    print(f"  {mismatch.subject}: {mismatch.fix}")
+                count = len(found) + len(drift)
+                print(f"{count} mismatch(es). Dry run: nothing was changed. With --fix:")
+                for text in [f"{m.subject}: {m.fix}" for m in found] + recounted:
+                    print(f"  {text}")
                 return 1
-            changes = await repair(db, aria2, found)
-        print(f"{len(found)} mismatch(es). Changed:")
+            changes = [*await repair(db, aria2, found), *recounted]
+        print(f"{len(found) + len(drift)} mismatch(es). Changed:")
         for line in changes:
             print(f"  {line}")
         print("Exit code 1: mismatches were found (and fixed as above).")

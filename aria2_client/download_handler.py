@@ -41,6 +41,7 @@ from configer import DEFAULT_BLOCKED_NETWORKS, ProxyParts
 from db import (
     ACTIVE_DOWNLOAD_STATUSES,
     STORE_ERRORS,
+    DuplicateDownload,
     NotFound,
     Store,
     StoreError,
@@ -144,11 +145,41 @@ class DownloadManager:
 
         Raises SourceError (bad or refused link) or DuplicateDownload.
         """
+        [added] = await self.add_links([url], requester)
+        if isinstance(added, Exception):
+            raise added
+        return added
+
+    async def add_links(
+        self, urls: Sequence[str], requester: Requester | None = None
+    ) -> list[DownloadRow | SourceError | DuplicateDownload]:
+        """Many links that came together (one message, one API call): the rows of all that are
+        accepted committed in ONE transaction (one batch of events), then each handed to aria2.
+        For each link, in order: its row, or the SourceError (bad or refused link) or
+        DuplicateDownload it is."""
         requester = requester or Requester()
-        link = parse_link(url)
-        if self._restricted(requester.owner_id):
-            await ensure_public_host(link, self.policy)
-        return await self._create_and_submit(self._new_from_link(link, requester))
+        restricted = self._restricted(requester.owner_id)
+        answers: list[DownloadRow | SourceError | DuplicateDownload | None] = []
+        accepted: list[tuple[int, NewDownload]] = []
+        for url in urls:
+            try:
+                link = parse_link(url)
+                if restricted:
+                    await ensure_public_host(link, self.policy)
+            except SourceError as exc:
+                answers.append(exc)
+                continue
+            accepted.append((len(answers), self._new_from_link(link, requester)))
+            answers.append(None)
+        created = await self.store.create_downloads([(new, None) for _, new in accepted])
+        await self.submit_many([outcome for outcome in created if isinstance(outcome, int)])
+        for (position, _), outcome in zip(accepted, created, strict=True):
+            answers[position] = (
+                outcome if isinstance(outcome, DuplicateDownload) else await self._row(outcome)
+            )
+        done = [answer for answer in answers if answer is not None]
+        assert len(done) == len(urls)  # every link answered, in its place
+        return done
 
     def _restricted(self, owner_id: int | None) -> bool:
         """Whether a job of this owner may reach only addresses outside `aria2.blocked_networks`:
@@ -364,25 +395,56 @@ class DownloadManager:
         return self.placement.slots() - held
 
     async def _submit_pending(self, download_id: int, paused: bool) -> None:
-        row = await self.store.get_download_by_id(download_id)
-        if row is None or row.status != "pending":
-            return
-        log = logger.bind(job=download_id)
         with self._handing_off(download_id):
-            try:
-                gid = await self._hand_to_aria2(row, paused=paused)
-            except Aria2Unavailable:
-                log.warning("aria2 is unavailable; download {} stays pending", download_id)
-                return
-            except (Aria2RpcError, SourceError) as exc:
-                message = exc.message if isinstance(exc, Aria2RpcError) else str(exc)
-                log.warning("aria2 refused download {}: {}", download_id, message)
-                await self.store.mark_download_failed_by_id(download_id, message, "refused")
+            gid = await self._hand_over(download_id, paused)
+            if gid is None:
                 return
             await self.store.mark_download_queued_by_id(
                 download_id, gid, status="paused" if paused else "waiting"
             )
-        log.bind(gid=gid).info("download {} queued in aria2 as {}", download_id, gid)
+        logger.bind(job=download_id, gid=gid).info(
+            "download {} queued in aria2 as {}", download_id, gid
+        )
+
+    async def submit_many(self, download_ids: Sequence[int]) -> None:
+        """Hand new `pending` rows that came together to aria2 (one call each) and record them
+        all queued in ONE transaction; as :meth:`submit` for each otherwise."""
+        handed: list[tuple[int, str]] = []
+        with contextlib.ExitStack() as stack:
+            for download_id in download_ids:
+                if download_id in self._submitting:
+                    continue
+                self._submitting.add(download_id)
+                stack.callback(self._submitting.discard, download_id)
+                if not await self._claim(download_id):
+                    continue
+                stack.enter_context(self._handing_off(download_id))
+                gid = await self._hand_over(download_id, paused=False)
+                if gid is not None:
+                    handed.append((download_id, gid))
+            queued = set(await self.store.mark_downloads_queued(handed)) if handed else set()
+        for download_id, gid in handed:
+            if download_id in queued:
+                logger.bind(job=download_id, gid=gid).info(
+                    "download {} queued in aria2 as {}", download_id, gid
+                )
+
+    async def _hand_over(self, download_id: int, paused: bool) -> str | None:
+        """Add a `pending` row's job to aria2; its gid, or None when it is not pending, aria2
+        is unavailable (the row stays pending) or aria2 refused it (the row failed)."""
+        row = await self.store.get_download_by_id(download_id)
+        if row is None or row.status != "pending":
+            return None
+        log = logger.bind(job=download_id)
+        try:
+            return await self._hand_to_aria2(row, paused=paused)
+        except Aria2Unavailable:
+            log.warning("aria2 is unavailable; download {} stays pending", download_id)
+        except (Aria2RpcError, SourceError) as exc:
+            message = exc.message if isinstance(exc, Aria2RpcError) else str(exc)
+            log.warning("aria2 refused download {}: {}", download_id, message)
+            await self.store.mark_download_failed_by_id(download_id, message, "refused")
+        return None
 
     async def reconcile_pending(self) -> int:
         """Submit every row that never reached aria2 (e.g. the service stopped in between); in a

@@ -269,18 +269,19 @@ class JobHandlers:
         requester = requester_of(message, caller)
         added = 0
         async with self.context.chat_locks(chat_id_of(message)):
-            for link in links:
+            outcomes = await self.context.downloads.add_links(
+                [link.url for link in links], requester
+            )
+            for link, row in zip(links, outcomes, strict=True):
                 shown = _shorten(link.url, 80)
-                try:
-                    row = await self.context.downloads.add_link(link.url, requester)
-                except DuplicateDownload as exc:
+                if isinstance(row, DuplicateDownload):
                     problems.append(
-                        translate(caller.lang, "bot.link_duplicate", link=shown, id=exc.existing_id)
+                        translate(caller.lang, "bot.link_duplicate", link=shown, id=row.existing_id)
                     )
                     continue
-                except SourceError as exc:
+                if isinstance(row, SourceError):
                     problems.append(
-                        translate(caller.lang, "bot.link_refused", link=shown, reason=exc)
+                        translate(caller.lang, "bot.link_refused", link=shown, reason=row)
                     )
                     continue
                 added += 1

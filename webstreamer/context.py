@@ -4,9 +4,11 @@ signature check and the dashboard's HTML shell. Routes import this module, never
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import json
 import math
+import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -17,8 +19,9 @@ from typing import Any, Protocol
 from aiohttp import web
 from loguru import logger
 
+from aria2_client.sources import SourceError
 from configer import Config, ConfigDiff, Secrets
-from db import Store
+from db import DuplicateDownload, Store
 from events import EventHub
 from files import DownloadFiles
 from metrics import Metrics
@@ -44,7 +47,9 @@ ByteSourceProvider = Callable[[DownloadRow, int | None], Awaitable[ByteSource | 
 class DownloadActions(Protocol):
     """What the API asks of the download engine."""
 
-    async def add_link(self, url: str) -> DownloadRow: ...
+    async def add_links(
+        self, urls: Sequence[str]
+    ) -> list[DownloadRow | SourceError | DuplicateDownload]: ...
     async def add_torrent(self, data: bytes) -> DownloadRow: ...
     async def pause(self, download_id: int) -> DownloadRow: ...
     async def resume(self, download_id: int) -> DownloadRow: ...
@@ -233,6 +238,38 @@ def query_choice(request: web.Request, name: str, choices: Sequence[str]) -> str
     if text is not None and text not in choices:
         raise web.HTTPBadRequest(text=f"{name} must be one of {', '.join(choices)}")
     return text
+
+
+_CURSOR = re.compile(r"g1\.([a-z_]*)\.([1-9][0-9]{0,17})")
+
+
+def list_cursor(status: str | None, before: int) -> str:
+    """The opaque `next_cursor` of a grouped list page: the id the next page starts below,
+    bound to the list's status filter."""
+    text = f"g1.{status or ''}.{before}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def query_cursor(request: web.Request, status: str | None) -> int | None:
+    """The `cursor` a grouped list page gave (None: the first page); 400 naming it otherwise."""
+    text = request.query.get("cursor") or None
+    if text is None:
+        return None
+    shown = text[:40]
+    try:
+        if len(text) > 64:
+            raise ValueError(text)
+        decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise web.HTTPBadRequest(text=f"cursor {shown!r} is not one this list gave") from None
+    found = _CURSOR.fullmatch(decoded)
+    if found is None:
+        raise web.HTTPBadRequest(text=f"cursor {shown!r} is not one this list gave")
+    if (found[1] or None) != status:
+        raise web.HTTPBadRequest(
+            text=f"cursor {shown!r} belongs to the list of status {found[1] or 'any'}"
+        )
+    return int(found[2])
 
 
 @dataclass(frozen=True)

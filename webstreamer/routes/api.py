@@ -15,9 +15,11 @@ from webstreamer.context import (
     MAX_LIST_LIMIT,
     context_of,
     json_error,
+    list_cursor,
     path_id,
     query_bool,
     query_choice,
+    query_cursor,
     query_int,
     read_json_object,
 )
@@ -65,14 +67,16 @@ async def add_downloads(request: web.Request) -> web.Response:
         return json_error(400, "invalid_urls", bad)
     added: list[DownloadRow] = []
     duplicates: list[dict[str, Any]] = []
-    for url in urls:
-        try:
-            added.append(await ctx.downloads.add_link(url))
-        except DuplicateDownload as exc:
+    for url, outcome in zip(urls, await ctx.downloads.add_links(urls), strict=True):
+        if isinstance(outcome, DuplicateDownload):
             # The answer names the link as the page shows it: its password masked.
             duplicates.append(
-                {"url": mask_url_passwords(url)[:200], "existing_id": exc.existing_id}
+                {"url": mask_url_passwords(url)[:200], "existing_id": outcome.existing_id}
             )
+        elif isinstance(outcome, SourceError):
+            raise outcome  # checked above: only a refusal of this server's policy is left
+        else:
+            added.append(outcome)
     if not added and duplicates:
         return json_error(409, "duplicate", duplicates if len(duplicates) > 1 else duplicates[0])
     return web.json_response(
@@ -108,11 +112,15 @@ async def list_downloads(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
     status = query_choice(request, "status", DOWNLOAD_STATUSES)
     if query_bool(request, "grouped"):
-        groups = await ctx.store.fetch_downloads_grouped(limit, status=status)
+        before = query_cursor(request, status)
+        groups = await ctx.store.fetch_downloads_grouped(limit, status=status, before=before)
         ids = [d.id for g in groups for d in g.downloads]
         uploads = await ctx.store.get_uploads_for_downloads(ids)
+        # A full page may have a next one: it starts below this page's last group's newest.
+        last = max(d.id for d in groups[-1].downloads) if len(groups) == limit else None
         return web.json_response(
             {
+                "next_cursor": None if last is None else list_cursor(status, last),
                 "groups": [
                     {
                         "group_key": g.group_key,
@@ -123,7 +131,7 @@ async def list_downloads(request: web.Request) -> web.Response:
                         ],
                     }
                     for g in groups
-                ]
+                ],
             }
         )
     rows = await ctx.store.fetch_recent_downloads(limit, status=status)
