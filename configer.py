@@ -53,6 +53,7 @@ __all__ = [
     "ConfigError",
     "DatabaseBackend",
     "DatabaseConfig",
+    "LimitsConfig",
     "LoggingConfig",
     "MaintenanceConfig",
     "Secrets",
@@ -65,13 +66,16 @@ __all__ = [
     "default_config",
     "diff_config",
     "ensure_secrets",
+    "live_settings",
     "load_config",
     "log_secrets",
     "mask_url_passwords",
     "masked_settings",
     "parse_database_url",
+    "parse_setting",
     "parse_size",
     "set_value_in_file",
+    "set_values_in_file",
 ]
 
 ENV_PREFIX = "MISTRELAY_"
@@ -119,6 +123,8 @@ LIVE_KEYS: frozenset[str] = frozenset(
         "logging.file",
         "logging.rotation",
         "logging.retention",
+        "limits.download",  # via aria2.changeGlobalOption
+        "limits.upload",  # rclone's --bwlimit of the uploads that start after the change
     }
 )
 
@@ -389,6 +395,12 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    download: int = 0  # bytes a second over all downloads; 0 = no limit
+    upload: int = 0  # bytes a second of each rclone upload; 0 = no limit
+
+
+@dataclass(frozen=True)
 class Config:
     telegram: TelegramConfig = field(default_factory=TelegramConfig)
     aria2: Aria2Config = field(default_factory=Aria2Config)
@@ -398,6 +410,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     config_path: Path | None = None
 
     @property
@@ -415,6 +428,7 @@ _SECTIONS: dict[str, type] = {
     "cluster": ClusterConfig,
     "maintenance": MaintenanceConfig,
     "logging": LoggingConfig,
+    "limits": LimitsConfig,
 }
 _SECTION_KEYS: dict[str, tuple[str, ...]] = {
     name: tuple(f.name for f in dataclasses.fields(cls)) for name, cls in _SECTIONS.items()
@@ -1165,6 +1179,8 @@ _PARSERS: dict[str, _Parser] = {
         log_retention,
         "must be a number of files like 10 or an age like 14 days; empty = keep all",
     ),
+    "limits.download": _size(0, " a second (0 = no limit)"),
+    "limits.upload": _size(0, " a second (0 = no limit)"),
 }
 assert set(_PARSERS) == set(KNOWN_KEYS), "every configuration key needs exactly one parser"
 
@@ -1438,6 +1454,22 @@ def masked_settings(config: Config) -> dict[str, str]:
         else:
             settings[dotted] = mask_url_passwords(_as_text(value))
     return settings
+
+
+def live_settings(config: Config) -> dict[str, Any]:
+    """Every key that may change live with its value as JSON data (a secret as ``***`` when
+    set); URL passwords in text masked as in :func:`masked_settings`."""
+    shown: dict[str, Any] = {}
+    flat = _flatten(config)
+    for dotted in sorted(LIVE_KEYS):
+        value = flat[dotted]
+        if dotted in SECRET_KEYS:
+            shown[dotted] = "***" if value else ""
+        elif isinstance(value, str):
+            shown[dotted] = mask_url_passwords(value)
+        else:
+            shown[dotted] = _plain(value, compact=False)
+    return shown
 
 
 @dataclass(frozen=True)
@@ -1728,17 +1760,35 @@ def _key_lines(indent: str, key: str, inline: str, block: list[str], comment: st
     return [f"{indent}{key}: {inline}{suffix}"]
 
 
+def parse_setting(dotted_key: str, value: Any, base_dir: Path) -> Any:
+    """`value` (as YAML would hold it) checked and converted as the file's `dotted_key` is;
+    ConfigError naming the key if it is unknown or the value is not valid."""
+    if dotted_key not in KNOWN_KEYS:
+        hint = _suggest(dotted_key, list(KNOWN_KEYS))
+        raise ConfigError(f"unknown key{hint}", key=dotted_key)
+    try:
+        return _PARSERS[dotted_key](value, _Context(base_dir, from_env=False))
+    except _Invalid as exc:
+        raise _to_error(exc, dotted_key, "") from None
+
+
 def set_value_in_file(path: Path | str, dotted_key: str, value: Any) -> None:
     """Write one setting into the YAML file, keeping its comments and other lines.
 
     The edited text must load (with no environment applied) and yield the value, or the old file
     stays as it was. The replacement is atomic. Synchronous: call it in a thread from async code.
     """
+    set_values_in_file(path, {dotted_key: value})
+
+
+def set_values_in_file(path: Path | str, values: Mapping[str, Any]) -> None:
+    """Write several settings into the YAML file in one atomic replacement: all or none, as
+    :func:`set_value_in_file` writes one."""
     path = Path(path)
-    if dotted_key not in KNOWN_KEYS:
-        hint = _suggest(dotted_key, list(KNOWN_KEYS))
-        raise ConfigError(f"unknown key{hint}", key=dotted_key, source=str(path))
-    section, key = dotted_key.split(".")
+    for dotted_key in values:
+        if dotted_key not in KNOWN_KEYS:
+            hint = _suggest(dotted_key, list(KNOWN_KEYS))
+            raise ConfigError(f"unknown key{hint}", key=dotted_key, source=str(path))
     try:
         old_text = path.read_bytes().decode("utf-8") if path.exists() else ""
         mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o600
@@ -1746,21 +1796,30 @@ def set_value_in_file(path: Path | str, dotted_key: str, value: Any) -> None:
         raise ConfigError(f"cannot read config file: {exc}", source=str(path)) from None
     lines = old_text.splitlines(keepends=True)
     newline = "\r\n" if lines and lines[0].endswith("\r\n") else "\n"
-    try:
-        new_text = "".join(_edit_lines(lines, section, key, value, newline))
-    except ConfigError as exc:
-        raise ConfigError(exc.problem, key=exc.key or dotted_key, source=str(path)) from None
-    except yaml.YAMLError:
-        raise ConfigError("cannot be written as YAML", key=dotted_key, source=str(path)) from None
-    source = f"{path} (after setting {dotted_key})"
+    for dotted_key, value in values.items():
+        section, key = dotted_key.split(".")
+        try:
+            lines = _edit_lines(lines, section, key, value, newline)
+        except ConfigError as exc:
+            raise ConfigError(exc.problem, key=exc.key or dotted_key, source=str(path)) from None
+        except yaml.YAMLError:
+            raise ConfigError(
+                "cannot be written as YAML", key=dotted_key, source=str(path)
+            ) from None
+    new_text = "".join(lines)
+    source = f"{path} (after setting {', '.join(values)})"
     base_dir = path.resolve().parent
     _build(new_text, source, base_dir, {}, None)  # raises ConfigError: the old file stays
-    written = (_parse_yaml(new_text, source) or {}).get(section) or {}
-    if key not in written or written[key] != yaml.safe_load(yaml.safe_dump(_plain(value))):
-        raise ConfigError(
-            "the edit did not land where expected; edit it by hand",
-            key=dotted_key,
-            source=str(path),
-        )
+    document = _parse_yaml(new_text, source) or {}
+    for dotted_key, value in values.items():
+        section, key = dotted_key.split(".")
+        written = document.get(section) or {}
+        if key not in written or written[key] != yaml.safe_load(yaml.safe_dump(_plain(value))):
+            raise ConfigError(
+                "the edit did not land where expected; edit it by hand",
+                key=dotted_key,
+                source=str(path),
+            )
     _write_atomically(path, new_text, mode=mode)
-    logger.bind(key=dotted_key, path=str(path)).info("Wrote {} to {}", dotted_key, path)
+    keys = ", ".join(values)
+    logger.bind(keys=keys, path=str(path)).info("Wrote {} to {}", keys, path)

@@ -64,8 +64,10 @@ class Engine:
         hub: EventHub | None = None,
         admins: Callable[[], Collection[int]] = tuple,
         metrics: Metrics | None = None,
+        download_limit: int = 0,
     ) -> None:
         self._config = config
+        self._download_limit = download_limit  # bytes a second over all downloads; 0 = none
         self._metrics = metrics
         self._egress_port_file = data_dir / EGRESS_PORT_FILE
         # In a cluster, a job queued on any node wakes the poller, which claims it if it can.
@@ -189,6 +191,20 @@ class Engine:
                 {"max-concurrent-downloads": str(config.max_concurrent_downloads)}
             )
 
+    async def set_download_limit(self, bytes_per_second: int) -> None:
+        """Limit all downloads together (0 = no limit); kept across reconnects and restarts."""
+        self._download_limit = bytes_per_second
+        if self.connected:
+            await self._apply_download_limit()
+
+    async def _apply_download_limit(self) -> None:
+        await self.aria2.change_global_option(
+            {"max-overall-download-limit": str(self._download_limit)}
+        )
+        logger.bind(limit=self._download_limit).info(
+            "download limit: {}", f"{self._download_limit} B/s" if self._download_limit else "none"
+        )
+
     async def _watch_queue(self, events: Subscription) -> None:
         async for event in events:
             row = event.data.row if isinstance(event.data, DownloadSnapshot) else None
@@ -209,6 +225,10 @@ class Engine:
             logger.warning("lost the connection to aria2; reconnecting")
 
     async def _after_reconnect(self) -> None:
+        try:
+            await self._apply_download_limit()
+        except Exception:  # the jobs must still be submitted
+            logger.exception("setting the download limit failed")
         try:
             await self.downloads.reconcile_pending()
         except Exception:  # the poller must still be woken, whatever one job did

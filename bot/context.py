@@ -21,6 +21,7 @@ from bot.text import Language, language_of
 from configer import Config
 from db import Store
 from events import EventHub
+from settings_editor import SettingsEditor
 from uploads.manager import UploadManager
 from webstreamer.links import StreamLinks
 
@@ -99,5 +100,6 @@ class BotContext:
     edit: Edit
     config: Callable[[], Config]
     gatekeeper: Gatekeeper
+    settings: SettingsEditor
     chat_locks: ChatLocks = field(default_factory=ChatLocks)
     languages: Languages = field(default_factory=Languages)
