@@ -24,7 +24,7 @@ import secrets
 import socket
 import stat
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
@@ -66,7 +66,6 @@ __all__ = [
     "default_config",
     "diff_config",
     "ensure_secrets",
-    "live_settings",
     "load_config",
     "log_secrets",
     "mask_url_passwords",
@@ -76,6 +75,7 @@ __all__ = [
     "parse_size",
     "set_value_in_file",
     "set_values_in_file",
+    "shown_values",
 ]
 
 ENV_PREFIX = "MISTRELAY_"
@@ -1456,12 +1456,12 @@ def masked_settings(config: Config) -> dict[str, str]:
     return settings
 
 
-def live_settings(config: Config) -> dict[str, Any]:
-    """Every key that may change live with its value as JSON data (a secret as ``***`` when
-    set); URL passwords in text masked as in :func:`masked_settings`."""
+def shown_values(config: Config, keys: Iterable[str]) -> dict[str, Any]:
+    """The dotted `keys` with their values as JSON data (a secret as ``***`` when set); URL
+    passwords in text masked as in :func:`masked_settings`."""
     shown: dict[str, Any] = {}
     flat = _flatten(config)
-    for dotted in sorted(LIVE_KEYS):
+    for dotted in keys:
         value = flat[dotted]
         if dotted in SECRET_KEYS:
             shown[dotted] = "***" if value else ""

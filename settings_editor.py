@@ -1,10 +1,11 @@
 """Live settings changed while the service runs (the page, ``PATCH /api/settings``, the bot).
 
-A change names dotted keys of config.yaml that may change live. Every value is checked as the
-file's key is; then all of them are written to config.yaml in one atomic replacement that keeps
-its comments, the running service takes them over through the same path as a reload (SIGHUP),
-and each key that changed is recorded: who, when, old → new (secrets as ``***``). Nothing is
-written or applied unless every value is valid.
+A change names dotted keys of config.yaml among :data:`SETTINGS_KEYS`, the ones an admin tunes
+while jobs run (the other live keys change by editing config.yaml and reloading). Every value is
+checked as the file's key is; then all of them are written to config.yaml in one atomic
+replacement that keeps its comments, the running service takes them over through the same path
+as a reload (SIGHUP), and each key that changed is recorded: who, when, old → new (secrets as
+``***``). Nothing is written or applied unless every value is valid.
 """
 
 from __future__ import annotations
@@ -19,19 +20,30 @@ from loguru import logger
 
 from configer import (
     ENV_VARS,
+    KNOWN_KEYS,
     LIVE_KEYS,
     Config,
     ConfigDiff,
     ConfigError,
-    live_settings,
     masked_settings,
     parse_setting,
     set_values_in_file,
+    shown_values,
 )
 from db import Store
 from records import SettingsChange
 
-MAX_KEYS_PER_CHANGE = 64  # far more than there are live keys
+# What the page, the API and the bot change, in the order the page shows them.
+SETTINGS_KEYS: tuple[str, ...] = (
+    "limits.download",
+    "limits.upload",
+    "aria2.max_concurrent_downloads",
+    "upload.max_concurrent",
+    "telegram.progress_interval",
+    "upload.auto_delete",
+    "upload.targets",
+)
+assert set(SETTINGS_KEYS) <= LIVE_KEYS, "only keys a running service takes over"
 
 
 class SettingsEditor:
@@ -56,27 +68,25 @@ class SettingsEditor:
         self._lock = asyncio.Lock()  # one change at a time: each reads the file the last wrote
 
     def current(self) -> dict[str, Any]:
-        """Every live key with its value in force (secrets as ``***``)."""
-        return live_settings(self._config())
+        """Every key of SETTINGS_KEYS with its value in force (secrets as ``***``)."""
+        return shown_values(self._config(), SETTINGS_KEYS)
 
     async def history(self, limit: int = 100) -> list[SettingsChange]:
         """The latest recorded changes, newest first."""
         return await self._store.list_settings_changes(limit)
 
-    def check(self, values: Mapping[str, Any]) -> dict[str, Any]:
+    def check(self, values: Mapping[str, Any]) -> None:
         """Each value checked as config.yaml's key; ConfigError naming the first bad key."""
         if not values:
             raise ConfigError("give at least one setting")
-        if len(values) > MAX_KEYS_PER_CHANGE:
-            raise ConfigError(f"at most {MAX_KEYS_PER_CHANGE} settings at once")
         config = self._config()
         base_dir = config.config_path.resolve().parent if config.config_path else None
         env_names = {dotted: name for name, dotted in ENV_VARS.items()}
-        parsed: dict[str, Any] = {}
         for key, value in values.items():
-            parsed[key] = parse_setting(key, value, base_dir or Path.cwd())
-            if key not in LIVE_KEYS:
-                raise ConfigError("takes effect only after a restart; edit config.yaml", key=key)
+            if key in KNOWN_KEYS and key not in SETTINGS_KEYS:
+                how = "reload" if key in LIVE_KEYS else "restart"
+                raise ConfigError(f"is not changed here; edit config.yaml and {how}", key=key)
+            parse_setting(key, value, base_dir or Path.cwd())
             if env_names[key] in self._env:
                 raise ConfigError(
                     f"is set by the environment variable {env_names[key]}, which wins over"
@@ -85,7 +95,6 @@ class SettingsEditor:
                 )
         if base_dir is None:
             raise ConfigError("the service runs without a config file to write to")
-        return parsed
 
     async def change(self, values: Mapping[str, Any], who: str) -> list[SettingsChange]:
         """Check every value, write them all to config.yaml, apply them live, record each that
@@ -109,4 +118,4 @@ class SettingsEditor:
         return recorded
 
 
-__all__ = ["MAX_KEYS_PER_CHANGE", "SettingsEditor"]
+__all__ = ["SETTINGS_KEYS", "SettingsEditor"]

@@ -460,7 +460,10 @@ class DownloadManager:
             raise TransitionError("download", download_id, row.status, f"limited on {row.node}")
         if row.status not in ("waiting", "downloading", "paused") or row.gid is None:
             raise TransitionError("download", download_id, row.status, "limited")
-        await self.aria2.change_option(row.gid, {"max-download-limit": str(bytes_per_second)})
+        try:
+            await self.aria2.change_option(row.gid, {"max-download-limit": str(bytes_per_second)})
+        except Aria2RpcError as exc:  # the job left aria2 since the row was read
+            raise StoreError(f"aria2 did not take the limit: {exc.message}") from None
         logger.bind(job=download_id, gid=row.gid, limit=bytes_per_second).info(
             "download limit of the job: {} B/s", bytes_per_second
         )

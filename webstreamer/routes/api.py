@@ -193,9 +193,7 @@ async def change_download(request: web.Request) -> web.Response:
     except ConfigError as exc:
         return json_error(400, "bad_limit", f"max_download_limit {exc.problem}")
     row = await ctx.downloads.set_download_limit(download_id, limit)
-    uploads = await ctx.store.get_uploads_by_download(download_id)
-    body = download_json(ctx.links, row, uploads)
-    return web.json_response({**body, "max_download_limit": limit})
+    return web.json_response({"id": row.id, "max_download_limit": limit})
 
 
 async def delete_download(request: web.Request) -> web.Response:
