@@ -15,6 +15,7 @@ import pytest
 from settings_editor import SETTINGS_KEYS
 from tests.support.http_files import MIB, FileServer
 from tests.support.service import RunningService, ServiceFactory, service_config
+from tests.support.stores import StoreBackend
 from tests.test_bot import USER, Relay, RelayFactory, relay_factory  # noqa: F401 (a fixture)
 
 COMMENTED_LIMITS = """
@@ -44,6 +45,28 @@ async def completed_bytes(svc: RunningService, download_id: int) -> int:
     status, body = await svc.api("GET", f"/api/downloads/{download_id}")
     assert status == 200, body
     return int(body["completed_length"])
+
+
+# --- the record of changes, on both backends -----------------------------------------------------
+
+
+async def test_changes_are_recorded_in_one_write_and_listed_newest_first(
+    store_backend: StoreBackend,
+) -> None:
+    async with store_backend.database() as db:
+        first = await db.record_settings_changes("api-token", [("limits.download", "0", "5")])
+        both = await db.record_settings_changes(
+            "telegram:7", [("limits.upload", "0", "1"), ("upload.auto_delete", "false", "true")]
+        )
+        assert [c.id for c in both] == [first[0].id + 1, first[0].id + 2]
+        listed = await db.list_settings_changes()
+        assert listed == [*reversed(both), *first]
+        assert (listed[0].changed_by, listed[0].old_value, listed[0].new_value) == (
+            "telegram:7",
+            "false",
+            "true",
+        )
+        assert await db.list_settings_changes(limit=1) == [both[1]]
 
 
 # --- the settings API ----------------------------------------------------------------------------
