@@ -17,6 +17,7 @@ from tests.support.http_files import MIB, FileServer
 from tests.support.service import RunningService, ServiceFactory, service_config
 from tests.support.stores import StoreBackend
 from tests.test_bot import USER, Relay, RelayFactory, relay_factory  # noqa: F401 (a fixture)
+from tests.test_browser import CHROMIUM, chromium, sign_in
 
 COMMENTED_LIMITS = """
 # Speed limits, edited live.
@@ -276,3 +277,75 @@ async def test_bot_limit_and_settings_for_an_admin_only(bot: Relay) -> None:
     [refused] = await user.say("/settings")
     assert "Only admins" in refused.text
     assert relay.running.config.limits.download == 3 * MIB
+
+
+# --- the page in Chromium ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)"
+)
+async def test_the_page_sets_limits_and_settings_and_shows_the_changes(
+    svc: RunningService, tmp_path: Path
+) -> None:
+    async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
+        await sign_in(page, svc.base_url, svc.token)
+        await page.wait_for(
+            "document.getElementById('limit-download').value === '0'"
+            " && document.getElementById('changes-empty').hidden === false",
+            20,
+            "the settings card",
+        )
+        assert await page.evaluate(
+            "document.getElementById('limit-download-shown').textContent"
+        ) == ("no limit")
+
+        await page.evaluate(
+            "document.getElementById('limit-download').value = '2MiB';"
+            "document.getElementById('limits-save').click()"
+        )
+        await page.wait_for(
+            "!!document.querySelector('#changes-body tr[data-key=\"limits.download\"]')",
+            20,
+            "the change in the table",
+        )
+        row = await page.evaluate(
+            "Array.from(document.querySelectorAll('#changes-body tr td'), td => td.textContent)"
+        )
+        assert row[1].startswith("web:") and row[2] == "limits.download"
+        assert row[3] == f"0 → {2 * MIB}"
+        assert svc.config.limits.download == 2 * MIB
+        assert "download: 2MiB" in svc.config_path.read_text()
+        shown = await page.evaluate("document.getElementById('limit-download-shown').textContent")
+        assert "MiB/s" in shown
+
+        # A refused value: the server's message, naming the key, and nothing changed.
+        await page.evaluate(
+            "document.getElementById('limit-upload').value = 'lots';"
+            "document.getElementById('limits-save').click()"
+        )
+        refusal = await page.wait_for(
+            "document.querySelector('#settings-result.bad')?.textContent",
+            20,
+            "the refusal",
+        )
+        assert "limits.upload" in refusal
+        assert svc.config.limits.upload == 0
+
+        # The other settings: a checkbox and a number, saved together.
+        await page.evaluate(
+            "document.getElementById('setting-upload-auto-delete').click();"
+            "document.getElementById('setting-aria2-max-concurrent-downloads').value = '3';"
+            "document.getElementById('settings-save').click()"
+        )
+        await page.wait_for(
+            "document.querySelectorAll('#changes-body tr').length === 3",
+            20,
+            "two more changes",
+        )
+        assert svc.config.upload.auto_delete is True
+        assert svc.config.aria2.max_concurrent_downloads == 3
+        options = await svc.service.parts.engine.transport.call("aria2.getGlobalOption")
+        assert options["max-concurrent-downloads"] == "3"
