@@ -102,6 +102,7 @@ LIVE_KEYS: frozenset[str] = frozenset(
         "telegram.allowed_users",
         "aria2.poll_interval",
         "telegram.progress_interval",
+        "telegram.language",
         "aria2.idle_poll_interval",
         "aria2.max_download_size",
         "aria2.max_torrent_files",
@@ -133,6 +134,7 @@ TARGET_TYPES: tuple[str, ...] = get_args(TargetType)
 SOURCE_TYPES: tuple[str, ...] = ("telegram", "http", "ftp", "magnet", "torrent")
 LOG_LEVELS: tuple[str, ...] = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
+BOT_LANGUAGES: tuple[str, ...] = ("auto", "en", "zh")  # auto: each user's Telegram language
 
 WEB_TOKEN_FILE = "web_token"
 LINK_KEY_FILE = "link_key"
@@ -177,6 +179,7 @@ class TelegramConfig:
     allowed_users: tuple[int, ...] = ()
     parts_in_flight: int = 4  # upload.GetFile parts fetched ahead while streaming
     progress_interval: float = 3.0  # seconds between edits of one chat's progress messages
+    language: str = "auto"  # the bot's replies: auto (each user's Telegram language) | en | zh
 
     @property
     def enabled(self) -> bool:
@@ -801,6 +804,13 @@ def _log_level(value: Any, ctx: _Context) -> str:
     return level
 
 
+def _bot_language(value: Any, ctx: _Context) -> str:
+    text = _text(value, ctx).strip().lower()
+    if text not in BOT_LANGUAGES:
+        raise _Invalid(f"must be one of {', '.join(BOT_LANGUAGES)}", value)
+    return text
+
+
 def _log_format(value: Any, ctx: _Context) -> str:
     text = _text(value, ctx).lower()
     if text not in LOG_FORMATS:
@@ -1129,6 +1139,7 @@ _PARSERS: dict[str, _Parser] = {
     "telegram.allowed_users": _id_list,
     "telegram.parts_in_flight": _integer(1, 64),
     "telegram.progress_interval": _number(0, 3600, lo_open=True),
+    "telegram.language": _bot_language,
     "aria2.rpc_url": _url(("http", "https", "ws", "wss")),
     "aria2.rpc_secret": _single_token,
     "aria2.download_dir": _path,

@@ -40,6 +40,7 @@ SETTINGS_KEYS: tuple[str, ...] = (
     "aria2.max_concurrent_downloads",
     "upload.max_concurrent",
     "telegram.progress_interval",
+    "telegram.language",
     "upload.auto_delete",
     "upload.targets",
 )

@@ -18,7 +18,7 @@ from aria2_client.download_handler import DownloadManager
 from bot import render
 from bot.auth import NO_ONE_SERVED, Gatekeeper
 from bot.commands import COMMANDS, Commands
-from bot.context import BotContext
+from bot.context import BotContext, Languages
 from bot.handlers import JobHandlers
 from bot.progress import ProgressNotifier
 from bot.session import TelegramSession
@@ -65,6 +65,7 @@ class TelegramBot:
             config=config,
             gatekeeper=Gatekeeper(lambda: config().telegram),
             settings=settings,
+            languages=Languages(lambda: config().telegram.language),
         )
         self.progress = ProgressNotifier(self.context)
         commands = Commands(self.context)

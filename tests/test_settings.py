@@ -269,6 +269,16 @@ async def test_bot_limit_and_settings_for_an_admin_only(bot: Relay) -> None:
     assert {c["changed_by"] for c in body["changes"]} == {f"telegram:{admin.user.id}"}
     assert [c["key"] for c in body["changes"]] == ["upload.auto_delete", "limits.download"]
 
+    # One language for everyone's replies, then each user's own again.
+    [done] = await admin.say("/settings telegram.language zh")
+    assert "telegram.language" in done.text
+    [help_reply] = await admin.say("/help")
+    assert "命令" in help_reply.text
+    [done] = await admin.say("/settings telegram.language auto")
+    assert "→ auto" in done.text
+    [help_reply] = await admin.say("/help")
+    assert help_reply.text.startswith("Commands:")
+
     user = relay.chat(USER)
     [shown] = await user.say("/limit")
     assert "3.0 MiB/s" in shown.text

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from configer import BOT_LANGUAGES
 from db import DOWNLOAD_STATUSES, SOURCE_TYPES, UPLOAD_STATUSES
 from webstreamer.context import (
     MAX_LIST_LIMIT,
@@ -298,6 +299,7 @@ SCHEMAS: dict[str, Schema] = {
             "aria2.max_concurrent_downloads": INT,
             "upload.max_concurrent": INT,
             "telegram.progress_interval": {"type": "number"},
+            "telegram.language": {"enum": list(BOT_LANGUAGES)},
             "upload.auto_delete": BOOL,
             "upload.targets": {"type": "array", "items": {"type": "object"}},
         }
@@ -666,6 +668,7 @@ OPERATIONS: tuple[Operation, ...] = (
                     "aria2.max_concurrent_downloads": {"type": "integer", "minimum": 1},
                     "upload.max_concurrent": {"type": "integer", "minimum": 1},
                     "telegram.progress_interval": {"type": "number", "exclusiveMinimum": 0},
+                    "telegram.language": {"enum": list(BOT_LANGUAGES)},
                     "upload.auto_delete": BOOL,
                     "upload.targets": {"type": "array", "items": {"type": "object"}},
                 },

@@ -25,8 +25,9 @@ function fieldFor(key, value) {
   if (typeof value === "boolean") {
     input = h("input", { id, type: "checkbox", dataset: { key, kind: "boolean" } });
     input.checked = value;
-  } else if (typeof value === "number") {
-    input = h("input", { id, type: "text", spellcheck: "false", dataset: { key, kind: "number" } });
+  } else if (typeof value === "number" || typeof value === "string") {
+    const kind = typeof value === "number" ? "number" : "text";
+    input = h("input", { id, type: "text", spellcheck: "false", dataset: { key, kind } });
     input.value = String(value);
   } else {
     input = h("textarea", { id, rows: "3", spellcheck: "false", dataset: { key, kind: "json" } });
@@ -120,6 +121,7 @@ export async function onSettingsSubmit(event) {
     let value;
     if (input.dataset.kind === "boolean") value = input.checked;
     else if (input.dataset.kind === "number") value = typed(input.value);
+    else if (input.dataset.kind === "text") value = input.value.trim();
     else {
       try {
         value = JSON.parse(input.value);
