@@ -24,7 +24,7 @@ from aria2_client.egress import EgressProxy
 from aria2_client.poller import Poller
 from aria2_client.process import EmbeddedAria2
 from aria2_client.sources import AddressPolicy
-from aria2_client.transport import Aria2Transport
+from aria2_client.transport import Aria2RpcError, Aria2Transport, Aria2Unavailable
 from configer import Aria2Config
 from db import Store
 from events import EventHub, Subscription
@@ -194,8 +194,12 @@ class Engine:
     async def set_download_limit(self, bytes_per_second: int) -> None:
         """Limit all downloads together (0 = no limit); kept across reconnects and restarts."""
         self._download_limit = bytes_per_second
-        if self.connected:
+        if not self.connected:
+            return  # set when aria2 is back
+        try:
             await self._apply_download_limit()
+        except (Aria2Unavailable, Aria2RpcError) as exc:  # set again when aria2 reconnects
+            logger.bind(limit=bytes_per_second).warning("download limit not set yet: {}", exc)
 
     async def _apply_download_limit(self) -> None:
         await self.aria2.change_global_option(

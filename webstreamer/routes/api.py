@@ -10,7 +10,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aria2_client.sources import SourceError, parse_link
 from configer import ConfigError, masked_settings, parse_setting
 from db import DOWNLOAD_STATUSES, DuplicateDownload
-from records import DownloadRow, SettingsChange
+from records import DownloadRow
 from webstreamer.context import (
     MAX_LIST_LIMIT,
     SESSION,
@@ -235,10 +235,6 @@ async def get_config(request: web.Request) -> web.Response:
     return web.json_response({"settings": masked_settings(context_of(request).live_config())})
 
 
-def _change_json(change: SettingsChange) -> dict[str, Any]:
-    return change._asdict()
-
-
 def _who(request: web.Request) -> str:
     """Who a change is recorded for: a dashboard session (by the start of its id) or the token."""
     session = request.get(SESSION)
@@ -260,7 +256,7 @@ async def change_settings(request: web.Request) -> web.Response:
     except ConfigError as exc:
         return json_error(400, "bad_setting", {"key": exc.key, "message": str(exc)})
     return web.json_response(
-        {"settings": ctx.settings.current(), "changes": [_change_json(c) for c in changes]}
+        {"settings": ctx.settings.current(), "changes": [c._asdict() for c in changes]}
     )
 
 
@@ -268,7 +264,7 @@ async def settings_changes(request: web.Request) -> web.Response:
     """The latest recorded setting changes, newest first."""
     limit = query_int(request, "limit", 100, 1, MAX_LIST_LIMIT)
     changes = await context_of(request).settings.history(limit)
-    return web.json_response({"changes": [_change_json(c) for c in changes]})
+    return web.json_response({"changes": [c._asdict() for c in changes]})
 
 
 def setup(app: web.Application) -> None:
