@@ -1,7 +1,7 @@
 """Live settings and speed limits: the settings API (checked, all or nothing, written back to
 config.yaml with its comments, applied live, recorded), the per-job download limit on a real
-aria2c, the global download limit timed on a real download, and the bot's /limit and /settings
-through the real dispatcher."""
+aria2c, the global download limit timed on a real download, the upload limit on a real rclone,
+the bot's /limit and /settings through the real dispatcher, and the page in Chromium."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 from settings_editor import SETTINGS_KEYS
 from tests.support.http_files import MIB, FileServer
+from tests.support.rclone_cloud import add_remote
 from tests.support.service import RunningService, ServiceFactory, service_config
 from tests.support.stores import StoreBackend
 from tests.test_bot import USER, Relay, RelayFactory, relay_factory  # noqa: F401 (a fixture)
@@ -230,6 +231,38 @@ async def test_the_download_limit_holds_a_download_and_lifting_it_speeds_it_up(
     assert after_lift < at_the_limit * 0.6, (after_lift, at_the_limit)
     [change] = body["changes"]
     assert (change["old_value"], change["new_value"]) == (str(limit), "0")
+
+
+@pytest.mark.slow
+async def test_the_upload_limit_reaches_rclone(
+    service_factory: ServiceFactory,
+    file_server: FileServer,
+    rclone_config: Path,
+    tmp_path: Path,
+) -> None:
+    cloud = tmp_path / "cloud"
+    cloud.mkdir()
+    add_remote(rclone_config, "localdisk", {"type": "local"})
+    target = {"name": "disk", "type": "rclone", "remote": "localdisk", "path": str(cloud)}
+    svc = await service_factory(
+        {"upload": {"targets": [target], "rclone_config": str(rclone_config)}}
+    )
+    status, body = await svc.api("PATCH", "/api/settings", json={"limits.upload": "1MiB"})
+    assert status == 200, body
+    file_server.add_file("up.bin", size=3 * MIB)
+    row = await add_link(svc, file_server.url("up.bin"))
+    await svc.wait_download(row["id"], {"completed"}, timeout=30)
+    downloaded = time.monotonic()
+    deadline = downloaded + 60
+    while True:
+        status, body = await svc.api("GET", f"/api/downloads/{row['id']}")
+        if body["uploads"] and body["uploads"][0]["status"] == "completed":
+            break
+        assert time.monotonic() < deadline, body["uploads"]
+        await asyncio.sleep(0.1)
+    # 3 MiB at 1 MiB/s: about 3 s (a copy on the same disk takes a fraction of one unlimited).
+    assert time.monotonic() - downloaded >= 1.5
+    assert (cloud / "up.bin").stat().st_size == 3 * MIB
 
 
 # --- the bot -------------------------------------------------------------------------------------
