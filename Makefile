@@ -38,7 +38,7 @@ test: system-test $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy app.py client_cli.py cluster.py configer.py db.py events.py files.py importer.py metrics.py records.py aria2_client uploads webstreamer bot
+	$(VENV)/bin/mypy app.py client_cli.py cluster.py configer.py db.py events.py files.py importer.py metrics.py records.py settings_editor.py aria2_client uploads webstreamer bot
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

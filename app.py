@@ -73,6 +73,7 @@ from events import EventHub
 from files import DownloadFiles
 from importer import FileIndex, UpstreamError, files_root, plan_import, read_upstream
 from metrics import Metrics
+from settings_editor import SettingsEditor
 from uploads.manager import UploadManager
 from uploads.media import MediaProber
 from webstreamer.context import AppContext
@@ -342,6 +343,7 @@ class Service:
             node=node,
             ask_holder=cluster.ask_holder if node is not None else None,
         )
+        uploads.set_upload_limit(config.limits.upload)
         await uploads.start()
         stack.push_async_callback(uploads.stop)
 
@@ -366,7 +368,9 @@ class Service:
             ),
             hub=hub,
             metrics=metrics,
+            download_limit=config.limits.download,
         )
+        settings = SettingsEditor(lambda: self.config, self.reload, store)
         web = WebServer(
             AppContext(
                 live_config=lambda: self.config,
@@ -380,6 +384,7 @@ class Service:
                 byte_sources=[telegram.byte_source] if telegram is not None else [],
                 aria2_connected=lambda: engine.connected,
                 reload_config=self.reload,
+                settings=settings,
                 cluster=cluster,
                 metrics=metrics,
             ),
@@ -420,6 +425,7 @@ class Service:
                 links=links,
                 hub=hub,
                 config=lambda: self.config,
+                settings=settings,
             )
         # One node of a cluster runs the bot (Telegram gives updates to one consumer): the
         # leader. A lone node leads at once.
@@ -500,6 +506,8 @@ class Service:
         parts.links.reconfigure(link_expiry=live.web.link_expiry, base_url=live.web.base_url)
         parts.uploads.apply_config(live.upload)
         await parts.engine.apply_config(live.aria2)
+        await parts.engine.set_download_limit(live.limits.download)
+        parts.uploads.set_upload_limit(live.limits.upload)
         await parts.store.init_config_from_yaml(masked_settings(live))
         configure_logging(live.logging, self._log_secrets)
         logger.info(

@@ -24,7 +24,7 @@ import secrets
 import socket
 import stat
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
@@ -53,6 +53,7 @@ __all__ = [
     "ConfigError",
     "DatabaseBackend",
     "DatabaseConfig",
+    "LimitsConfig",
     "LoggingConfig",
     "MaintenanceConfig",
     "ProxyParts",
@@ -71,9 +72,12 @@ __all__ = [
     "mask_url_passwords",
     "masked_settings",
     "parse_database_url",
+    "parse_setting",
     "parse_size",
     "proxy_parts",
     "set_value_in_file",
+    "set_values_in_file",
+    "shown_values",
 ]
 
 ENV_PREFIX = "MISTRELAY_"
@@ -107,6 +111,7 @@ LIVE_KEYS: frozenset[str] = frozenset(
         "telegram.allowed_users",
         "aria2.poll_interval",
         "telegram.progress_interval",
+        "telegram.language",
         "aria2.idle_poll_interval",
         "aria2.max_download_size",
         "aria2.max_torrent_files",
@@ -128,6 +133,8 @@ LIVE_KEYS: frozenset[str] = frozenset(
         "logging.file",
         "logging.rotation",
         "logging.retention",
+        "limits.download",  # via aria2.changeGlobalOption
+        "limits.upload",  # rclone's --bwlimit of the uploads that start after the change
     }
 )
 
@@ -136,6 +143,7 @@ TARGET_TYPES: tuple[str, ...] = get_args(TargetType)
 SOURCE_TYPES: tuple[str, ...] = ("telegram", "http", "ftp", "magnet", "torrent")
 LOG_LEVELS: tuple[str, ...] = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
+BOT_LANGUAGES: tuple[str, ...] = ("auto", "en", "zh")  # auto: each user's Telegram language
 
 WEB_TOKEN_FILE = "web_token"
 LINK_KEY_FILE = "link_key"
@@ -184,6 +192,7 @@ class TelegramConfig:
     storage_channel: int = 0  # the channel where the main bot forwards files for the workers
     progress_interval: float = 3.0  # seconds between edits of one chat's progress messages
     proxy: str = field(default="", repr=False)  # socks5/socks4/http URL; may carry a password
+    language: str = "auto"  # the bot's replies: auto (each user's Telegram language) | en | zh
 
     @property
     def enabled(self) -> bool:
@@ -404,6 +413,12 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    download: int = 0  # bytes a second over all downloads; 0 = no limit
+    upload: int = 0  # bytes a second of each rclone upload; 0 = no limit
+
+
+@dataclass(frozen=True)
 class Config:
     telegram: TelegramConfig = field(default_factory=TelegramConfig)
     aria2: Aria2Config = field(default_factory=Aria2Config)
@@ -413,6 +428,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     config_path: Path | None = None
 
     @property
@@ -430,6 +446,7 @@ _SECTIONS: dict[str, type] = {
     "cluster": ClusterConfig,
     "maintenance": MaintenanceConfig,
     "logging": LoggingConfig,
+    "limits": LimitsConfig,
 }
 _SECTION_KEYS: dict[str, tuple[str, ...]] = {
     name: tuple(f.name for f in dataclasses.fields(cls)) for name, cls in _SECTIONS.items()
@@ -863,6 +880,13 @@ def _log_level(value: Any, ctx: _Context) -> str:
     return level
 
 
+def _bot_language(value: Any, ctx: _Context) -> str:
+    text = _text(value, ctx).strip().lower()
+    if text not in BOT_LANGUAGES:
+        raise _Invalid(f"must be one of {', '.join(BOT_LANGUAGES)}", value)
+    return text
+
+
 def _log_format(value: Any, ctx: _Context) -> str:
     text = _text(value, ctx).lower()
     if text not in LOG_FORMATS:
@@ -1226,6 +1250,7 @@ _PARSERS: dict[str, _Parser] = {
     "telegram.storage_channel": _channel_id,
     "telegram.progress_interval": _number(0, 3600, lo_open=True),
     "telegram.proxy": _proxy_url(TELEGRAM_PROXY_SCHEMES),
+    "telegram.language": _bot_language,
     "aria2.rpc_url": _url(("http", "https", "ws", "wss")),
     "aria2.rpc_secret": _single_token,
     "aria2.download_dir": _path,
@@ -1278,6 +1303,8 @@ _PARSERS: dict[str, _Parser] = {
         log_retention,
         "must be a number of files like 10 or an age like 14 days; empty = keep all",
     ),
+    "limits.download": _size(0, " a second (0 = no limit)"),
+    "limits.upload": _size(0, " a second (0 = no limit)"),
 }
 assert set(_PARSERS) == set(KNOWN_KEYS), "every configuration key needs exactly one parser"
 
@@ -1574,6 +1601,22 @@ def masked_settings(config: Config) -> dict[str, str]:
     return settings
 
 
+def shown_values(config: Config, keys: Iterable[str]) -> dict[str, Any]:
+    """The dotted `keys` with their values as JSON data (a secret as ``***`` when set); URL
+    passwords in text masked as in :func:`masked_settings`."""
+    shown: dict[str, Any] = {}
+    flat = _flatten(config)
+    for dotted in keys:
+        value = flat[dotted]
+        if dotted in SECRET_KEYS:
+            shown[dotted] = "***" if value else ""
+        elif isinstance(value, str):
+            shown[dotted] = mask_url_passwords(value)
+        else:
+            shown[dotted] = _plain(value, compact=False)
+    return shown
+
+
 @dataclass(frozen=True)
 class ConfigDiff:
     applied: list[str]  # changed keys a running service takes over
@@ -1866,17 +1909,35 @@ def _key_lines(indent: str, key: str, inline: str, block: list[str], comment: st
     return [f"{indent}{key}: {inline}{suffix}"]
 
 
+def parse_setting(dotted_key: str, value: Any, base_dir: Path) -> Any:
+    """`value` (as YAML would hold it) checked and converted as the file's `dotted_key` is;
+    ConfigError naming the key if it is unknown or the value is not valid."""
+    if dotted_key not in KNOWN_KEYS:
+        hint = _suggest(dotted_key, list(KNOWN_KEYS))
+        raise ConfigError(f"unknown key{hint}", key=dotted_key)
+    try:
+        return _PARSERS[dotted_key](value, _Context(base_dir, from_env=False))
+    except _Invalid as exc:
+        raise _to_error(exc, dotted_key, "") from None
+
+
 def set_value_in_file(path: Path | str, dotted_key: str, value: Any) -> None:
     """Write one setting into the YAML file, keeping its comments and other lines.
 
     The edited text must load (with no environment applied) and yield the value, or the old file
     stays as it was. The replacement is atomic. Synchronous: call it in a thread from async code.
     """
+    set_values_in_file(path, {dotted_key: value})
+
+
+def set_values_in_file(path: Path | str, values: Mapping[str, Any]) -> None:
+    """Write several settings into the YAML file in one atomic replacement: all or none, as
+    :func:`set_value_in_file` writes one."""
     path = Path(path)
-    if dotted_key not in KNOWN_KEYS:
-        hint = _suggest(dotted_key, list(KNOWN_KEYS))
-        raise ConfigError(f"unknown key{hint}", key=dotted_key, source=str(path))
-    section, key = dotted_key.split(".")
+    for dotted_key in values:
+        if dotted_key not in KNOWN_KEYS:
+            hint = _suggest(dotted_key, list(KNOWN_KEYS))
+            raise ConfigError(f"unknown key{hint}", key=dotted_key, source=str(path))
     try:
         old_text = path.read_bytes().decode("utf-8") if path.exists() else ""
         mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o600
@@ -1884,21 +1945,30 @@ def set_value_in_file(path: Path | str, dotted_key: str, value: Any) -> None:
         raise ConfigError(f"cannot read config file: {exc}", source=str(path)) from None
     lines = old_text.splitlines(keepends=True)
     newline = "\r\n" if lines and lines[0].endswith("\r\n") else "\n"
-    try:
-        new_text = "".join(_edit_lines(lines, section, key, value, newline))
-    except ConfigError as exc:
-        raise ConfigError(exc.problem, key=exc.key or dotted_key, source=str(path)) from None
-    except yaml.YAMLError:
-        raise ConfigError("cannot be written as YAML", key=dotted_key, source=str(path)) from None
-    source = f"{path} (after setting {dotted_key})"
+    for dotted_key, value in values.items():
+        section, key = dotted_key.split(".")
+        try:
+            lines = _edit_lines(lines, section, key, value, newline)
+        except ConfigError as exc:
+            raise ConfigError(exc.problem, key=exc.key or dotted_key, source=str(path)) from None
+        except yaml.YAMLError:
+            raise ConfigError(
+                "cannot be written as YAML", key=dotted_key, source=str(path)
+            ) from None
+    new_text = "".join(lines)
+    source = f"{path} (after setting {', '.join(values)})"
     base_dir = path.resolve().parent
     _build(new_text, source, base_dir, {}, None)  # raises ConfigError: the old file stays
-    written = (_parse_yaml(new_text, source) or {}).get(section) or {}
-    if key not in written or written[key] != yaml.safe_load(yaml.safe_dump(_plain(value))):
-        raise ConfigError(
-            "the edit did not land where expected; edit it by hand",
-            key=dotted_key,
-            source=str(path),
-        )
+    document = _parse_yaml(new_text, source) or {}
+    for dotted_key, value in values.items():
+        section, key = dotted_key.split(".")
+        written = document.get(section) or {}
+        if key not in written or written[key] != yaml.safe_load(yaml.safe_dump(_plain(value))):
+            raise ConfigError(
+                "the edit did not land where expected; edit it by hand",
+                key=dotted_key,
+                source=str(path),
+            )
     _write_atomically(path, new_text, mode=mode)
-    logger.bind(key=dotted_key, path=str(path)).info("Wrote {} to {}", dotted_key, path)
+    keys = ", ".join(values)
+    logger.bind(keys=keys, path=str(path)).info("Wrote {} to {}", keys, path)

@@ -67,6 +67,7 @@ from records import (
     NodeHeartbeat,
     NodeRow,
     ProgressUpdate,
+    SettingsChange,
     SourceType,
     Statistics,
     TgMediaRecord,
@@ -76,7 +77,7 @@ from records import (
     WebSession,
 )
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
 
 SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
@@ -740,6 +741,24 @@ async def _schema_7(sql: _Statements, dialect: Dialect) -> None:
         await sql.execute(f"INSERT INTO store_totals ({_TOTALS_COLUMNS}) {totalled.recount()}")
 
 
+# Schema 8 (settings changes): every live setting changed from the page, the API or the bot: who
+# (a dashboard session, the API token or a Telegram user), when, and the values (secrets as ***).
+_SCHEMA_8 = """
+CREATE TABLE settings_changes (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    changed_at TEXT NOT NULL,
+    changed_by TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    old_value  TEXT NOT NULL,
+    new_value  TEXT NOT NULL
+)
+"""
+
+
+async def _schema_8(sql: _Statements, dialect: Dialect) -> None:
+    await _run_schema(sql, dialect, _SCHEMA_8)
+
+
 _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     1: _schema_1,
     2: _schema_2,
@@ -748,6 +767,7 @@ _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     5: _schema_5,
     6: _schema_6,
     7: _schema_7,
+    8: _schema_8,
 }
 
 # The tables the steps above make, each with its key, in an order their foreign keys allow
@@ -765,6 +785,7 @@ _STORE_TABLES: dict[str, str] = {
     "web_sessions": "token_hash",
     "bot_notices": "id",
     "imported_rows": "origin",
+    "settings_changes": "id",
 }
 # Tables the store keeps from the others' rows (by triggers): never copied, rebuilt by the
 # target's own triggers as the rows above go in.
@@ -1237,6 +1258,7 @@ _DOWNLOAD_COLUMNS = (
 )
 _UPLOAD_COLUMNS = ", ".join(UploadRow._fields)
 _SESSION_COLUMNS = ", ".join(WebSession._fields)
+_SETTINGS_CHANGE_COLUMNS = ", ".join(SettingsChange._fields)
 _SESSION_TOUCH = timedelta(minutes=1)  # how often a session's last use is written at most
 _SLOT_STATUSES = "('pending', 'waiting', 'downloading')"  # the jobs that take a node's slot
 _DOWNLOAD_STAMPS = {"downloading": "started_at", "completed": "completed_at"}
@@ -1502,6 +1524,10 @@ class Store(Protocol):
     async def init_config_from_yaml(self, settings: Mapping[str, str]) -> None: ...
     async def get_config(self, key: str) -> str | None: ...
     async def get_all_configs(self) -> dict[str, str]: ...
+    async def record_settings_changes(
+        self, changed_by: str, changes: Sequence[tuple[str, str, str]]
+    ) -> list[SettingsChange]: ...
+    async def list_settings_changes(self, limit: int = 100) -> list[SettingsChange]: ...
 
     # the cluster (PostgreSQL; with SQLite there is one node and no `nodes` row)
     @property
@@ -2607,6 +2633,31 @@ class Database:
     async def get_all_configs(self) -> dict[str, str]:
         rows = await self._read_all("SELECT key, value FROM config_settings ORDER BY key")
         return {r["key"]: r["value"] for r in rows}
+
+    async def record_settings_changes(
+        self, changed_by: str, changes: Sequence[tuple[str, str, str]]
+    ) -> list[SettingsChange]:
+        """Record changed settings as (key, old, new), values already masked, in one write."""
+        now = utc_now()
+        recorded: list[SettingsChange] = []
+        async with self._write() as tx:
+            for key, old, new in changes:
+                row = await tx.fetch_one(
+                    "INSERT INTO settings_changes (changed_at, changed_by, key, old_value,"
+                    " new_value) VALUES (?, ?, ?, ?, ?) RETURNING id",
+                    (now, changed_by, key, old, new),
+                )
+                assert row is not None
+                recorded.append(SettingsChange(int(row["id"]), now, changed_by, key, old, new))
+        return recorded
+
+    async def list_settings_changes(self, limit: int = 100) -> list[SettingsChange]:
+        """The latest recorded setting changes, newest first."""
+        rows = await self._read_all(
+            f"SELECT {_SETTINGS_CHANGE_COLUMNS} FROM settings_changes ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [SettingsChange(*row) for row in rows]
 
     # --- the cluster ----------------------------------------------------------------------------
 

@@ -179,6 +179,18 @@ class WebSession(NamedTuple):
     user_agent: str | None
 
 
+class SettingsChange(NamedTuple):
+    """One live setting changed at run time: who changed it (``web:<session>``, ``api`` or
+    ``telegram:<user id>``), when, and its values before and after (secrets as ``***``)."""
+
+    id: int
+    changed_at: str
+    changed_by: str
+    key: str
+    old_value: str
+    new_value: str
+
+
 class BotNotice(NamedTuple):
     """What the bot owes a chat for a download that reached a final status (`kind`: completed,
     failed or cancelled): recorded with the status change, delivered once."""

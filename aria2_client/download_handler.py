@@ -519,6 +519,22 @@ class DownloadManager:
         await self.store.mark_download_paused(row.gid)
         return await self._row(download_id)
 
+    async def set_download_limit(self, download_id: int, bytes_per_second: int) -> DownloadRow:
+        """Limit one running, waiting or paused job (aria2's max-download-limit; 0 = none)."""
+        row = await self._row(download_id)
+        if row.node not in (None, self.placement.node if self.placement else None):
+            raise TransitionError("download", download_id, row.status, f"limited on {row.node}")
+        if row.status not in ("waiting", "downloading", "paused") or row.gid is None:
+            raise TransitionError("download", download_id, row.status, "limited")
+        try:
+            await self.aria2.change_option(row.gid, {"max-download-limit": str(bytes_per_second)})
+        except Aria2RpcError as exc:  # the job left aria2 since the row was read
+            raise StoreError(f"aria2 did not take the limit: {exc.message}") from None
+        logger.bind(job=download_id, gid=row.gid, limit=bytes_per_second).info(
+            "download limit of the job: {} B/s", bytes_per_second
+        )
+        return row
+
     async def resume(self, download_id: int) -> DownloadRow:
         row = await self._row(download_id)
         if await self._held_elsewhere(row, "resume"):

@@ -24,7 +24,7 @@ from aria2_client.egress import EgressProxy
 from aria2_client.poller import Poller
 from aria2_client.process import EmbeddedAria2
 from aria2_client.sources import AddressPolicy
-from aria2_client.transport import Aria2Transport
+from aria2_client.transport import Aria2RpcError, Aria2Transport, Aria2Unavailable
 from configer import Aria2Config, proxy_parts
 from db import Store
 from events import EventHub, Subscription
@@ -64,8 +64,10 @@ class Engine:
         hub: EventHub | None = None,
         admins: Callable[[], Collection[int]] = tuple,
         metrics: Metrics | None = None,
+        download_limit: int = 0,
     ) -> None:
         self._config = config
+        self._download_limit = download_limit  # bytes a second over all downloads; 0 = none
         self._metrics = metrics
         self._egress_port_file = data_dir / EGRESS_PORT_FILE
         # In a cluster, a job queued on any node wakes the poller, which claims it if it can.
@@ -193,6 +195,24 @@ class Engine:
                 {"max-concurrent-downloads": str(config.max_concurrent_downloads)}
             )
 
+    async def set_download_limit(self, bytes_per_second: int) -> None:
+        """Limit all downloads together (0 = no limit); kept across reconnects and restarts."""
+        self._download_limit = bytes_per_second
+        if not self.connected:
+            return  # set when aria2 is back
+        try:
+            await self._apply_download_limit()
+        except (Aria2Unavailable, Aria2RpcError) as exc:  # set again when aria2 reconnects
+            logger.bind(limit=bytes_per_second).warning("download limit not set yet: {}", exc)
+
+    async def _apply_download_limit(self) -> None:
+        await self.aria2.change_global_option(
+            {"max-overall-download-limit": str(self._download_limit)}
+        )
+        logger.bind(limit=self._download_limit).info(
+            "download limit: {}", f"{self._download_limit} B/s" if self._download_limit else "none"
+        )
+
     async def _watch_queue(self, events: Subscription) -> None:
         async for event in events:
             row = event.data.row if isinstance(event.data, DownloadSnapshot) else None
@@ -213,6 +233,10 @@ class Engine:
             logger.warning("lost the connection to aria2; reconnecting")
 
     async def _after_reconnect(self) -> None:
+        try:
+            await self._apply_download_limit()
+        except Exception:  # the jobs must still be submitted
+            logger.exception("setting the download limit failed")
         try:
             await self.downloads.reconcile_pending()
         except Exception:  # the poller must still be woken, whatever one job did

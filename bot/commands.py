@@ -7,11 +7,13 @@ else's job is answered with a refusal and nothing is done.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import yaml
 from loguru import logger
 from pyrogram import Client, filters
 from pyrogram.errors import RPCError
@@ -19,6 +21,7 @@ from pyrogram.handlers import CallbackQueryHandler, MessageHandler
 from pyrogram.handlers.handler import Handler
 from pyrogram.types import CallbackQuery, InlineKeyboardMarkup, Message
 
+from aria2_client.models import human_speed
 from aria2_client.sources import SourceError
 from aria2_client.transport import Aria2RpcError, Aria2Unavailable
 from bot import render
@@ -27,6 +30,7 @@ from bot.context import BotContext
 from bot.handlers import Caller, admit, reply
 from bot.messages import chat_id_of
 from bot.text import Language, translate
+from configer import ConfigError
 from db import ACTIVE_DOWNLOAD_STATUSES, NotFound, StoreError, TransitionError
 from records import DownloadRow, UploadRow
 
@@ -44,6 +48,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("stats", ""),
     ("web", ""),
     ("targets", ""),
+    ("limit", "[download|upload <limit>]"),
+    ("settings", "[<key> <value>]"),
 )
 DOWNLOAD_ACTIONS = ("pause", "resume", "cancel", "retry")
 UPLOAD_ACTIONS = ("retry", "cancel")
@@ -105,6 +111,8 @@ class Commands:
             "stats": self.stats,
             "web": self.web,
             "targets": self.targets,
+            "limit": self.limit,
+            "settings": self.settings,
         }
         for action in DOWNLOAD_ACTIONS:
             simple[action] = self._action_command(action)
@@ -213,6 +221,71 @@ class Commands:
             return
         targets = self.context.config().upload.targets
         await reply(self.context, message, render.targets_text(caller.lang, targets))
+
+    async def limit(self, _client: Client, message: Message) -> None:
+        """``/limit`` shows the speed limits; an admin's ``/limit download 2MiB`` sets one."""
+        caller = await admit(self.context, message)
+        if caller is None:
+            return
+        arguments = (message.command or [])[1:]
+        if not arguments:
+            limits = self.context.config().limits
+            text = translate(
+                caller.lang,
+                "bot.limits",
+                download=_limit_text(caller.lang, limits.download),
+                upload=_limit_text(caller.lang, limits.upload),
+            )
+        elif len(arguments) != 2 or arguments[0] not in ("download", "upload"):
+            text = translate(caller.lang, "bot.limit_usage")
+        else:
+            text = await self._change(caller, f"limits.{arguments[0]}", arguments[1])
+        await reply(self.context, message, text)
+
+    async def settings(self, _client: Client, message: Message) -> None:
+        """An admin's ``/settings`` lists the live settings; ``/settings <key> <value>`` (the
+        value as in config.yaml) changes one."""
+        caller = await admit(self.context, message)
+        if caller is None:
+            return
+        arguments = (message.text or "").split(maxsplit=2)[1:]
+        if caller.role is not Role.ADMIN:
+            text = translate(caller.lang, "bot.admin_only")
+        elif not arguments:
+            shown = self.context.settings.current()
+            lines = [translate(caller.lang, "bot.settings_header")]
+            lines += [
+                f"{key}: {json.dumps(value, ensure_ascii=False)}" for key, value in shown.items()
+            ]
+            text = "\n".join(lines)
+        elif len(arguments) != 2:
+            text = translate(caller.lang, "bot.settings_usage")
+        else:
+            try:
+                value = yaml.safe_load(arguments[1])
+            except yaml.YAMLError:
+                value = arguments[1]
+            text = await self._change(caller, arguments[0], value)
+        await reply(self.context, message, text)
+
+    async def _change(self, caller: Caller, key: str, value: Any) -> str:
+        """Change one live setting for an admin; the answer either way."""
+        if caller.role is not Role.ADMIN:
+            return translate(caller.lang, "bot.admin_only")
+        try:
+            changes = await self.context.settings.change({key: value}, f"telegram:{caller.user_id}")
+        except ConfigError as exc:
+            return translate(caller.lang, "bot.setting_refused", reason=str(exc)[:300])
+        if not changes:
+            return translate(caller.lang, "bot.setting_unchanged", setting=key)
+        change = changes[0]
+        return translate(
+            caller.lang,
+            "bot.setting_changed",
+            setting=change.key,
+            old=change.old_value,
+            new=change.new_value,
+        )
 
     def _action_command(self, action: str) -> MessageCallback:
         async def handle(_client: Client, message: Message) -> None:
@@ -354,6 +427,12 @@ class Commands:
             logger.bind(chat=chat_id_of(message)).warning(
                 "list not redrawn: {}", exc.ID or type(exc).__name__
             )
+
+
+def _limit_text(lang: Language, bytes_per_second: int) -> str:
+    if not bytes_per_second:
+        return translate(lang, "bot.limit_none")
+    return human_speed(bytes_per_second)
 
 
 async def _answer(query: CallbackQuery, text: str | None, alert: bool = False) -> None:

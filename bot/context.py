@@ -21,6 +21,7 @@ from bot.text import Language, language_of
 from configer import Config
 from db import Store
 from events import EventHub
+from settings_editor import SettingsEditor
 from uploads.manager import UploadManager
 from webstreamer.links import StreamLinks
 
@@ -63,12 +64,18 @@ class ChatLocks:
 
 
 class Languages:
-    """The language each user last wrote in (from Telegram's language_code), to answer in."""
+    """The language each user last wrote in (from Telegram's language_code), to answer in;
+    `setting` (read on every call: telegram.language) may name one language for everyone."""
 
     _LIMIT = 100_000
 
-    def __init__(self) -> None:
+    def __init__(self, setting: Callable[[], str] = lambda: "auto") -> None:
+        self._setting = setting
         self._by_user: dict[int, Language] = {}
+
+    def _fixed(self) -> Language | None:
+        setting = self._setting()
+        return None if setting == "auto" else language_of(setting)
 
     def remember(self, user: User | None) -> Language:
         lang = language_of(user.language_code if user is not None else None)
@@ -76,10 +83,11 @@ class Languages:
             if len(self._by_user) > self._LIMIT:
                 self._by_user.clear()
             self._by_user[user.id] = lang
-        return lang
+        return self._fixed() or lang
 
     def of(self, user_id: int | None) -> Language:
-        return self._by_user.get(user_id, "en") if user_id is not None else "en"
+        found = self._by_user.get(user_id, "en") if user_id is not None else "en"
+        return self._fixed() or found
 
 
 @dataclass(frozen=True)
@@ -99,5 +107,6 @@ class BotContext:
     edit: Edit
     config: Callable[[], Config]
     gatekeeper: Gatekeeper
+    settings: SettingsEditor
     chat_locks: ChatLocks = field(default_factory=ChatLocks)
     languages: Languages = field(default_factory=Languages)

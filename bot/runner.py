@@ -18,7 +18,7 @@ from aria2_client.download_handler import DownloadManager
 from bot import render
 from bot.auth import NO_ONE_SERVED, Gatekeeper
 from bot.commands import COMMANDS, Commands
-from bot.context import BotContext
+from bot.context import BotContext, Languages
 from bot.handlers import JobHandlers
 from bot.progress import ProgressNotifier
 from bot.session import TelegramSession
@@ -26,6 +26,7 @@ from bot.text import Language
 from configer import Config
 from db import Store
 from events import EventHub
+from settings_editor import SettingsEditor
 from uploads.manager import UploadManager
 from webstreamer.links import StreamLinks
 
@@ -50,6 +51,7 @@ class TelegramBot:
         links: StreamLinks,
         hub: EventHub,
         config: Callable[[], Config],
+        settings: SettingsEditor,
     ) -> None:
         self._session = session
         self.context = BotContext(
@@ -62,6 +64,8 @@ class TelegramBot:
             edit=session.edit,
             config=config,
             gatekeeper=Gatekeeper(lambda: config().telegram),
+            settings=settings,
+            languages=Languages(lambda: config().telegram.language),
         )
         self.progress = ProgressNotifier(self.context)
         commands = Commands(self.context)

@@ -89,8 +89,8 @@ class Filled:
 async def fill_store(db: Database, config: Config) -> Filled:
     """Every kind of row, written through the store: downloads of each source (a Telegram one
     with its media, a torrent with its files and data, two gids for one job), uploads in
-    several states (one waiting for its automatic retry), history, the configuration, and a
-    deleted download whose id must never be handed out again."""
+    several states (one waiting for its automatic retry), history, the configuration and a
+    change of it, and a deleted download whose id must never be handed out again."""
     media = TgMediaRecord(
         file_unique_id="AgADq1",
         file_id="BAACAgIAAxk-q1",
@@ -183,6 +183,7 @@ async def fill_store(db: Database, config: Config) -> Filled:
     await db.mark_download_cancelled_by_id(gone)
     await db.delete_download_record(gone)
     await db.init_config_from_yaml(masked_settings(config))
+    await db.record_settings_changes("telegram:7", [("limits.download", "0", "2097152")])
     return Filled(gone, (telegram, torrent, http, magnet, ftp, imported))
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from app import check_command
 from configer import Config, DatabaseConfig
-from db import Database, DuplicateDownload, StoreError
+from db import SCHEMA_VERSION, Database, DuplicateDownload, StoreError
 from events import EventHub
 from records import DownloadGroup, NewDownload, ProgressUpdate, Statistics, TgMediaRecord
 from tests.support.http_files import FileServer
@@ -499,7 +499,7 @@ async def test_schema_5_is_migrated_with_its_totals_counted(
 ) -> None:
     await make_old_database(store_backend, 5)
     async with store_backend.database() as db:
-        assert await db.schema_version() == 7
+        assert await db.schema_version() == SCHEMA_VERSION
         assert await db.recount_totals(repair=False) == []
         statistics = await db.get_statistics()
         assert statistics["downloads"]["by_status"]["completed"] == 1

@@ -319,6 +319,11 @@ class UploadManager:
             self._spawn(self._after_reload(), "upload-reload")
             self._wake.set()
 
+    def set_upload_limit(self, bytes_per_second: int) -> None:
+        """Limit each rclone upload that starts from now on (0 = no limit); running ones keep
+        the limit they started with."""
+        self.rclone.bwlimit = bytes_per_second
+
     async def _after_reload(self) -> None:
         await self.check_remotes()
         await self.catch_up()

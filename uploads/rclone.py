@@ -496,6 +496,7 @@ class Rclone:
         self.pid_dir = pid_dir
         self.extra_args = tuple(extra_args)
         self.command_timeout = command_timeout
+        self.bwlimit = 0  # bytes a second of each command started from now on; 0 = no limit
         self._env = _child_env(config_path, proxy)
         self._jobs: dict[str, _RunningJob] = {}
         self._hash_types: dict[str, tuple[str, ...]] = {}
@@ -510,7 +511,8 @@ class Rclone:
         return [*command, "--ask-password=false"]
 
     def _command(self, *args: str) -> list[str]:
-        return [*self._base_command(), *args, *self.extra_args]
+        limit = ["--bwlimit", f"{self.bwlimit}B"] if self.bwlimit else []
+        return [*self._base_command(), *args, *self.extra_args, *limit]
 
     async def _spawn(self, command: Sequence[str]) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(

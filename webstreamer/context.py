@@ -26,6 +26,7 @@ from events import EventHub
 from files import DownloadFiles
 from metrics import Metrics
 from records import DownloadRow, NodeStatus, UploadRow, WebSession
+from settings_editor import SettingsEditor
 from webstreamer.byteserve import ByteSource
 from webstreamer.links import StreamLinks
 
@@ -57,6 +58,7 @@ class DownloadActions(Protocol):
     async def cancel(self, download_id: int) -> DownloadRow: ...
     async def delete(self, download_id: int, *, delete_file: bool = False) -> DownloadRow: ...
     async def delete_all(self, *, delete_files: bool = False) -> int: ...
+    async def set_download_limit(self, download_id: int, bytes_per_second: int) -> DownloadRow: ...
 
 
 class UploadActions(Protocol):
@@ -100,6 +102,7 @@ class AppContext:
     byte_sources: Sequence[ByteSourceProvider]
     aria2_connected: Callable[[], bool]
     reload_config: Callable[[], Awaitable[ConfigDiff]]
+    settings: SettingsEditor
     cluster: ClusterView
     metrics: Metrics
     version: str = VERSION

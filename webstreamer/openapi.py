@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from configer import BOT_LANGUAGES
 from db import DOWNLOAD_STATUSES, SOURCE_TYPES, UPLOAD_STATUSES
 from webstreamer.context import (
     MAX_LIST_LIMIT,
@@ -70,6 +71,10 @@ STR: Schema = {"type": "string"}
 BOOL: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "string", "description": "ISO 8601 time (UTC)"}
 ROW_ID: Schema = {"type": "integer", "minimum": 1}
+SIZE_VALUE: Schema = {
+    "type": ["integer", "string"],
+    "description": "bytes a second, or text like 2MiB or 500KB; 0 = no limit",
+}
 
 
 def _counts(names: tuple[str, ...]) -> Schema:
@@ -292,6 +297,40 @@ SCHEMAS: dict[str, Schema] = {
             }
         }
     ),
+    "SettingValues": _obj(
+        {
+            "limits.download": {**COUNT, "description": "bytes a second; 0 = no limit"},
+            "limits.upload": {**COUNT, "description": "bytes a second; 0 = no limit"},
+            "aria2.max_concurrent_downloads": INT,
+            "upload.max_concurrent": INT,
+            "telegram.progress_interval": {"type": "number"},
+            "telegram.language": {"enum": list(BOT_LANGUAGES)},
+            "upload.auto_delete": BOOL,
+            "upload.targets": {"type": "array", "items": {"type": "object"}},
+        }
+    ),
+    "LiveSettings": _obj({"settings": ref("SettingValues")}),
+    "SettingsChange": _obj(
+        {
+            "id": ROW_ID,
+            "changed_at": TIME,
+            "changed_by": {
+                "type": "string",
+                "description": "web:<session id start>, api-token or telegram:<user id>",
+            },
+            "key": STR,
+            "old_value": {"type": "string", "description": "as in GET /api/config"},
+            "new_value": {"type": "string", "description": "as in GET /api/config"},
+        }
+    ),
+    "SettingsChanges": _obj({"changes": {"type": "array", "items": ref("SettingsChange")}}),
+    "SettingsChanged": _obj(
+        {
+            "settings": ref("SettingValues"),
+            "changes": {"type": "array", "items": ref("SettingsChange")},
+        }
+    ),
+    "DownloadLimit": _obj({"id": ROW_ID, "max_download_limit": COUNT}),
     "Node": _obj(
         {
             "name": STR,
@@ -604,6 +643,66 @@ OPERATIONS: tuple[Operation, ...] = (
         {"200": _response("dotted keys and their values", ref("Settings"))},
     ),
     Operation(
+        "GET",
+        "/api/settings",
+        "The settings an admin changes live, with their values in force",
+        "service",
+        {"200": _response("dotted keys and their values", ref("LiveSettings"))},
+    ),
+    Operation(
+        "PATCH",
+        "/api/settings",
+        "Change live settings: all checked, written to config.yaml and applied, or none",
+        "service",
+        {
+            "200": _response(
+                "the settings in force and the changes recorded", ref("SettingsChanged")
+            ),
+            **BAD_BODY,
+            "400": _error("a key or value is not valid (the detail names the key)"),
+            **STORE_AWAY,
+        },
+        body=json_body(
+            {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": False,
+                "properties": {
+                    "limits.download": SIZE_VALUE,
+                    "limits.upload": SIZE_VALUE,
+                    "aria2.max_concurrent_downloads": {"type": "integer", "minimum": 1},
+                    "upload.max_concurrent": {"type": "integer", "minimum": 1},
+                    "telegram.progress_interval": {"type": "number", "exclusiveMinimum": 0},
+                    "telegram.language": {"enum": list(BOT_LANGUAGES)},
+                    "upload.auto_delete": BOOL,
+                    "upload.targets": {"type": "array", "items": {"type": "object"}},
+                },
+            }
+        ),
+        description=(
+            "Each value is checked as config.yaml's key; the file keeps its comments and is"
+            " replaced atomically; each key that changed is recorded (GET /api/settings/changes)."
+        ),
+    ),
+    Operation(
+        "GET",
+        "/api/settings/changes",
+        "The latest setting changes: who, when, old and new value",
+        "service",
+        {
+            "200": _response("newest first", ref("SettingsChanges")),
+            "400": _error("a query value is out of range"),
+            **STORE_AWAY,
+        },
+        parameters=(
+            query_param(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT},
+                "rows (default 100)",
+            ),
+        ),
+    ),
+    Operation(
         "POST",
         "/api/config/reload",
         "Re-read config.yaml (as SIGHUP)",
@@ -756,6 +855,23 @@ OPERATIONS: tuple[Operation, ...] = (
             **STORE_AWAY,
         },
         parameters=(DOWNLOAD_ID, query_param("delete_file", FLAG, "also delete its file")),
+    ),
+    Operation(
+        "PATCH",
+        "/api/downloads/{id}",
+        "Limit one download's speed (aria2's max-download-limit)",
+        "downloads",
+        {
+            "200": _response("the limit in force", ref("DownloadLimit")),
+            **BAD_BODY,
+            "404": _error("no such download"),
+            "409": _error("the download is not waiting, downloading or paused on this node"),
+            **STORE_AWAY,
+        },
+        parameters=(DOWNLOAD_ID,),
+        body=json_body(
+            _obj({"max_download_limit": SIZE_VALUE}),
+        ),
     ),
     Operation(
         "GET",

@@ -8,11 +8,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from aria2_client.sources import SourceError, parse_link
-from configer import ConfigError, mask_url_passwords, masked_settings
+from configer import ConfigError, mask_url_passwords, masked_settings, parse_setting
 from db import DOWNLOAD_STATUSES, DuplicateDownload
 from records import DownloadRow
 from webstreamer.context import (
     MAX_LIST_LIMIT,
+    SESSION,
     context_of,
     json_error,
     list_cursor,
@@ -189,6 +190,24 @@ async def act_on_download(request: web.Request) -> web.Response:
     return web.json_response(download_json(ctx.links, row, uploads))
 
 
+async def change_download(request: web.Request) -> web.Response:
+    """Change a job's options: ``{"max_download_limit": "1MiB"}`` (bytes a second, 0 = none)."""
+    ctx = context_of(request)
+    download_id = path_id(request)
+    body = await read_json_object(request)
+    unknown = set(body) - {"max_download_limit"}
+    if unknown:
+        raise web.HTTPBadRequest(text=f"unknown fields: {', '.join(sorted(unknown))}")
+    if "max_download_limit" not in body:
+        raise web.HTTPBadRequest(text='give "max_download_limit"')
+    try:
+        limit = parse_setting("limits.download", body["max_download_limit"], ctx.files.root)
+    except ConfigError as exc:
+        return json_error(400, "bad_limit", f"max_download_limit {exc.problem}")
+    row = await ctx.downloads.set_download_limit(download_id, limit)
+    return web.json_response({"id": row.id, "max_download_limit": limit})
+
+
 async def delete_download(request: web.Request) -> web.Response:
     ctx = context_of(request)
     download_id = path_id(request)
@@ -228,6 +247,38 @@ async def get_config(request: web.Request) -> web.Response:
     return web.json_response({"settings": masked_settings(context_of(request).live_config())})
 
 
+def _who(request: web.Request) -> str:
+    """Who a change is recorded for: a dashboard session (by the start of its id) or the token."""
+    session = request.get(SESSION)
+    return f"web:{session.token_hash[:12]}" if session is not None else "api-token"
+
+
+async def get_settings(request: web.Request) -> web.Response:
+    """Every live setting with its value in force (secrets as ``***``)."""
+    return web.json_response({"settings": context_of(request).settings.current()})
+
+
+async def change_settings(request: web.Request) -> web.Response:
+    """``{"dotted.key": value, ...}``: all checked, written to config.yaml and applied, or none
+    (400 naming the bad key)."""
+    ctx = context_of(request)
+    body = await read_json_object(request)
+    try:
+        changes = await ctx.settings.change(body, _who(request))
+    except ConfigError as exc:
+        return json_error(400, "bad_setting", {"key": exc.key, "message": str(exc)})
+    return web.json_response(
+        {"settings": ctx.settings.current(), "changes": [c._asdict() for c in changes]}
+    )
+
+
+async def settings_changes(request: web.Request) -> web.Response:
+    """The latest recorded setting changes, newest first."""
+    limit = query_int(request, "limit", 100, 1, MAX_LIST_LIMIT)
+    changes = await context_of(request).settings.history(limit)
+    return web.json_response({"changes": [c._asdict() for c in changes]})
+
+
 def setup(app: web.Application) -> None:
     app.router.add_get("/api/health", health)
     app.router.add_post("/api/downloads", add_downloads)
@@ -237,7 +288,11 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/api/downloads/statistics", download_statistics)
     app.router.add_get(r"/api/downloads/{id}", get_download)
     app.router.add_delete(r"/api/downloads/{id}", delete_download)
+    app.router.add_patch(r"/api/downloads/{id}", change_download)
     app.router.add_get(r"/api/downloads/{id}/files", download_files)
     app.router.add_post(r"/api/downloads/{id}/{action:pause|resume|retry|cancel}", act_on_download)
     app.router.add_post("/api/config/reload", reload_config)
     app.router.add_get("/api/config", get_config)
+    app.router.add_get("/api/settings", get_settings)
+    app.router.add_patch("/api/settings", change_settings)
+    app.router.add_get("/api/settings/changes", settings_changes)

@@ -4,6 +4,7 @@ import { api } from "./api.js";
 import { $, toast } from "./dom.js";
 import { t } from "./i18n.js";
 import { connect, disconnect, setConnection } from "./live.js";
+import { loadSettings } from "./settings.js";
 import { state } from "./state.js";
 import { drawChart } from "./stats.js";
 
@@ -41,6 +42,7 @@ export function signedIn() {
   showDashboard();
   connect();
   startCluster();
+  loadSettings();
 }
 
 export async function onLoginSubmit(event) {

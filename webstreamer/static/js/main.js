@@ -7,6 +7,7 @@ import { $ } from "./dom.js";
 import { renderAll } from "./groups.js";
 import { applyStaticTexts, loadMessages, t, toggleLanguage } from "./i18n.js";
 import { onLoginSubmit, onLogout, onLogoutEverywhere, showLogin, signedIn, signedOut } from "./login.js";
+import { onLimitsSubmit, onSettingsSubmit, renderSettings } from "./settings.js";
 import { drawChart, renderStatistics, sampleSpeeds, setStatistics } from "./stats.js";
 
 function switchLanguage() {
@@ -16,6 +17,7 @@ function switchLanguage() {
   if (conn.dataset.i18n) conn.textContent = t(conn.dataset.i18n, { seconds: "…" });
   renderAll();
   renderNodes();
+  renderSettings();
   renderStatistics();
   drawChart();
 }
@@ -45,6 +47,8 @@ async function boot() {
   $("lang-switch").addEventListener("click", switchLanguage);
   $("add-form").addEventListener("submit", onAddSubmit);
   $("torrent-file").addEventListener("change", onTorrentChosen);
+  $("limits-form").addEventListener("submit", onLimitsSubmit);
+  $("settings-form").addEventListener("submit", onSettingsSubmit);
   $("groups").addEventListener("click", onListClick);
   $("delete-dialog").addEventListener("close", onDeleteDialogClosed);
   window.addEventListener("resize", drawChart);
