@@ -203,7 +203,11 @@ SCHEMAS: dict[str, Schema] = {
                         "downloads": {"type": "array", "items": ref("Download")},
                     }
                 ),
-            }
+            },
+            "next_cursor": {
+                **nullable(STR),
+                "description": "pass as `cursor` for the next page; null on the last one",
+            },
         }
     ),
     "Added": _obj(
@@ -806,6 +810,11 @@ OPERATIONS: tuple[Operation, ...] = (
         },
         parameters=(
             query_param("grouped", FLAG, "group by album or torrent"),
+            query_param(
+                "cursor",
+                STR,
+                "with grouped: the `next_cursor` of the page before (opaque; tied to `status`)",
+            ),
             LIMIT,
             query_param("status", {"enum": list(DOWNLOAD_STATUSES)}, "only this status"),
         ),
