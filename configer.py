@@ -171,6 +171,7 @@ class TelegramConfig:
     allowed_users: tuple[int, ...] = ()
     parts_in_flight: int = 4  # upload.GetFile parts fetched ahead while streaming
     progress_interval: float = 3.0  # seconds between edits of one chat's progress messages
+    max_upload_size: int = 2000 * 1024 * 1024  # bytes one message carries (4000 MiB: premium)
 
     @property
     def enabled(self) -> bool:
@@ -858,15 +859,16 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r}") from None
 
 
-def _size(lo: int = 0, note: str = "") -> _Parser:
-    problem = f"must be a size in bytes >= {lo} (a number, or text like 500MB or 2GiB){note}"
+def _size(lo: int = 0, note: str = "", hi: int = _MAX_INT64) -> _Parser:
+    bounds = f">= {lo}" if hi == _MAX_INT64 else f"between {lo} and {hi}"
+    problem = f"must be a size in bytes {bounds} (a number, or text like 500MB or 2GiB){note}"
 
     def parse(value: Any, ctx: _Context) -> int:
         size = _int_value(value, _Context(ctx.base_dir, from_env=True))
         if size is None and isinstance(value, str):
             with contextlib.suppress(ValueError):
                 size = parse_size(value)
-        if size is None or not lo <= size <= _MAX_INT64:
+        if size is None or not lo <= size <= hi:
             raise _Invalid(problem, value)
         return size
 
@@ -1115,6 +1117,7 @@ _PARSERS: dict[str, _Parser] = {
     "telegram.allowed_users": _id_list,
     "telegram.parts_in_flight": _integer(1, 64),
     "telegram.progress_interval": _number(0, 3600, lo_open=True),
+    "telegram.max_upload_size": _size(64 * 1024, " (4000MiB at most)", hi=4000 * 1024 * 1024),
     "aria2.rpc_url": _url(("http", "https", "ws", "wss")),
     "aria2.rpc_secret": _single_token,
     "aria2.download_dir": _path,
