@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-RUN_PACKAGES := aria2 rclone ffmpeg
+RUN_PACKAGES := aria2 rclone ffmpeg unar zstd
 TEST_PACKAGES := $(RUN_PACKAGES) chromium postgresql
 # For the docker tests (they skip without a Docker daemon): installed when make runs as root.
 DOCKER_PACKAGES := docker.io debootstrap

@@ -1,0 +1,172 @@
+"""Archive extraction and folder zipping with the real tools (unar, lsar, zstd, zip).
+
+Every archive is made here, in the test, with the standard tools or the standard library:
+good ones, a password one, and hostile ones (an entry climbing out with "..", an absolute path,
+a symbolic link, a hard link, a bomb by size and by ratio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import subprocess
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from uploads.archives import ArchiveError, ArchiveLimits, archive_stem, extract, zip_folder
+
+LIMITS = ArchiveLimits(max_size=10 * 1024 * 1024, max_ratio=100)
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    files = {"a.txt": b"hello\n", "sub/b.bin": os.urandom(50_000), "sub/deeper/c.txt": b"c" * 10}
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    return {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for path in root.rglob("*")
+        if path.is_file()
+    }
+
+
+def tar_with(path: Path, *members: tuple[tarfile.TarInfo, bytes | None]) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def member(name: str, data: bytes = b"x", **extra: object) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for key, value in extra.items():
+        setattr(info, key, value)
+    return info, data
+
+
+def run(command: list[str], cwd: Path | None = None) -> None:
+    subprocess.run(command, cwd=cwd, check=True, timeout=60)
+
+
+def names_in(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def test_archive_names() -> None:
+    assert archive_stem("Film.tar.gz") == "Film"
+    assert archive_stem("pack.ZIP") == "pack"
+    assert archive_stem("x.tar.zst") == "x"
+    assert archive_stem("movie.mkv") is None
+    assert archive_stem(".zip") is None
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz", "tar.xz", "tar.zst"])
+async def test_good_archives_extract_whole(tmp_path: Path, kind: str) -> None:
+    source = tmp_path / "src"
+    files = make_tree(source)
+    archive = tmp_path / f"pack.{kind}"
+    if kind == "zip":
+        await asyncio.to_thread(run, ["zip", "-q", "-r", str(archive), "."], source)
+    else:
+        flag = {"tar.gz": "--gzip", "tar.xz": "--xz", "tar.zst": "--zstd"}[kind]
+        await asyncio.to_thread(run, ["tar", flag, "-cf", str(archive), "-C", str(source), "."])
+    out = await extract(archive, tmp_path / "pack", LIMITS)
+    assert read_tree(out) == files
+    assert await asyncio.to_thread(names_in, tmp_path) == ["pack", archive.name, "src"]
+
+
+async def test_password_zip(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    files = make_tree(source)
+    archive = tmp_path / "secret.zip"
+    await asyncio.to_thread(run, ["zip", "-q", "-r", "-P", "s3cret", str(archive), "."], source)
+
+    with pytest.raises(ArchiveError, match="needs a password"):
+        await extract(archive, tmp_path / "none", LIMITS)
+    with pytest.raises(ArchiveError, match="password"):
+        await extract(archive, tmp_path / "wrong", LIMITS, password="nope")
+    assert not (tmp_path / "none").exists() and not (tmp_path / "wrong").exists()
+    out = await extract(archive, tmp_path / "right", LIMITS, password="s3cret")
+    assert read_tree(out) == files
+
+
+@pytest.mark.parametrize(
+    ("members", "refusal"),
+    [
+        ([member("../escape.txt")], "'../escape.txt' would land outside"),
+        ([member("ok/../../escape.txt")], "would land outside"),
+        ([member("/etc/evil")], "'/etc/evil' would land outside"),
+        ([member("link", b"", type=tarfile.SYMTYPE, linkname="/etc/passwd")], "'link' is a link"),
+        (
+            [member("a.txt"), member("hard", b"", type=tarfile.LNKTYPE, linkname="a.txt")],
+            "'hard' is a link",
+        ),
+    ],
+)
+async def test_hostile_entries_are_refused_before_anything_is_written(
+    tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes]], refusal: str
+) -> None:
+    archive = tar_with(tmp_path / "bad.tar.gz", *members)
+    with pytest.raises(ArchiveError, match=refusal):
+        await extract(archive, tmp_path / "jobs" / "bad", LIMITS)
+    assert list((tmp_path / "jobs").iterdir()) == []
+    assert not (tmp_path / "escape.txt").exists()
+
+
+async def test_bombs_are_refused_by_ratio_and_by_total_size(tmp_path: Path) -> None:
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as handle:
+        handle.writestr("zeros.bin", bytes(5 * 1024 * 1024))
+    assert archive.stat().st_size < 10_000
+    with pytest.raises(ArchiveError, match=r"× its size, more than the cap of 100×"):
+        await extract(archive, tmp_path / "ratio", LIMITS)
+    small_cap = ArchiveLimits(max_size=1024 * 1024, max_ratio=1e9)
+    with pytest.raises(ArchiveError, match="more than the cap of 1048576"):
+        await extract(archive, tmp_path / "size", small_cap)
+    assert not (tmp_path / "ratio").exists() and not (tmp_path / "size").exists()
+
+
+async def test_a_zstd_bomb_stops_at_the_cap(tmp_path: Path) -> None:
+    plain = tmp_path / "big.tar"
+    with tarfile.open(plain, "w") as handle:
+        info = tarfile.TarInfo("zeros.bin")
+        info.size = 3 * 1024 * 1024
+        handle.addfile(info, io.BytesIO(bytes(info.size)))
+    await asyncio.to_thread(run, ["zstd", "-q", "--rm", str(plain), "-o", f"{plain}.zst"])
+    with pytest.raises(ArchiveError, match="unpacks to more than 1048576 bytes"):
+        await extract(tmp_path / "big.tar.zst", tmp_path / "big", ArchiveLimits(1024 * 1024, 1e9))
+    assert await asyncio.to_thread(names_in, tmp_path) == ["big.tar.zst"]
+
+
+async def test_not_an_archive(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.zip"
+    fake.write_bytes(b"this is no zip at all")
+    with pytest.raises(ArchiveError, match="cannot be read as an archive"):
+        await extract(fake, tmp_path / "fake", LIMITS)
+    with pytest.raises(ArchiveError, match="not an archive that can be extracted"):
+        await extract(tmp_path / "movie.mkv", tmp_path / "movie", LIMITS)
+
+
+async def test_zip_folder_keeps_files_and_leaves_links_out(tmp_path: Path) -> None:
+    folder = tmp_path / "Album"
+    files = make_tree(folder)
+    (folder / "link").symlink_to("/etc/passwd")
+    out = await zip_folder(folder, tmp_path / "Album.zip")
+    with zipfile.ZipFile(out) as handle:
+        assert handle.testzip() is None
+        stored = {
+            info.filename: handle.read(info) for info in handle.infolist() if not info.is_dir()
+        }
+    assert stored == {f"Album/{name}": data for name, data in files.items()}
+    # And the zip goes back through extraction to the same files.
+    again = await extract(out, tmp_path / "again", ArchiveLimits(10 * 1024 * 1024, 10))
+    assert read_tree(again / "Album") == files
