@@ -109,6 +109,8 @@ LIVE_KEYS: frozenset[str] = frozenset(
         "upload.max_concurrent",
         "upload.retry_backoff",
         "upload.targets",
+        "upload.extract_max_size",
+        "upload.extract_max_ratio",
         "web.link_expiry",
         "web.header_timeout",
         "web.max_connections_per_client",
@@ -246,6 +248,8 @@ class UploadConfig:
     retry_backoff: float = 5.0  # seconds; base of the exponential backoff
     rclone_config: str = ""  # empty = rclone's own default config file
     rclone_executable: str = "rclone"
+    extract_max_size: int = 100 * 1024**3  # bytes one extracted archive may unpack to
+    extract_max_ratio: float = 200.0  # bytes out per byte of archive
 
     def target(self, name: str) -> UploadTarget | None:
         return next((t for t in self.targets if t.name == name), None)
@@ -1139,6 +1143,8 @@ _PARSERS: dict[str, _Parser] = {
     "upload.retry_backoff": _number(0, 86400),
     "upload.rclone_config": _optional_path_text,
     "upload.rclone_executable": _executable,
+    "upload.extract_max_size": _size(1),
+    "upload.extract_max_ratio": _number(1, 1_000_000),
     "web.host": _host,
     "web.port": _integer(1, 65535),
     "web.public_url": _public_url,

@@ -48,6 +48,7 @@ from db import (
 )
 from files import DownloadFiles
 from records import (
+    ArchiveRequest,
     DownloadChange,
     DownloadRow,
     HolderAction,
@@ -137,8 +138,14 @@ class DownloadManager:
 
     # --- the one way in ---------------------------------------------------------------------------
 
-    async def add_link(self, url: str, requester: Requester | None = None) -> DownloadRow:
-        """http/https/ftp/magnet → a committed row, then aria2.
+    async def add_link(
+        self,
+        url: str,
+        requester: Requester | None = None,
+        *,
+        archive: ArchiveRequest | None = None,
+    ) -> DownloadRow:
+        """http/https/ftp/magnet → a committed row (with its archive step), then aria2.
 
         Raises SourceError (bad or refused link) or DuplicateDownload.
         """
@@ -146,7 +153,7 @@ class DownloadManager:
         link = parse_link(url)
         if self._restricted(requester.owner_id):
             await ensure_public_host(link, self.policy)
-        return await self._create_and_submit(self._new_from_link(link, requester))
+        return await self._create_and_submit(self._new_from_link(link, requester), archive=archive)
 
     def _restricted(self, owner_id: int | None) -> bool:
         """Whether a job of this owner may reach only addresses outside `aria2.blocked_networks`:
@@ -221,10 +228,13 @@ class DownloadManager:
         *,
         media: TgMediaRecord | None = None,
         files: Sequence[TorrentFile] | None = None,
+        archive: ArchiveRequest | None = None,
     ) -> DownloadRow:
         download_id = await self.store.create_download(new, media)
         if files:
             await self.store.update_download_details_by_id(download_id, files=files)
+        if archive is not None:
+            await self.store.set_archive_option(download_id, archive.action, archive.password)
         await self.submit(download_id)
         return await self._row(download_id)
 

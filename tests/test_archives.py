@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import subprocess
 import tarfile
@@ -17,6 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.http_files import FileServer
+from tests.support.rclone_cloud import RcloneCloud
+from tests.support.service import ServiceFactory
+from tests.test_uploads import all_in, rclone_target, upload_overrides, wait_uploads
 from uploads.archives import ArchiveError, ArchiveLimits, archive_stem, extract, zip_folder
 
 LIMITS = ArchiveLimits(max_size=10 * 1024 * 1024, max_ratio=100)
@@ -170,3 +175,83 @@ async def test_zip_folder_keeps_files_and_leaves_links_out(tmp_path: Path) -> No
     # And the zip goes back through extraction to the same files.
     again = await extract(out, tmp_path / "again", ArchiveLimits(10 * 1024 * 1024, 10))
     assert read_tree(again / "Album") == files
+
+
+# --------------------------------------------------------------------------- through the service
+
+
+def zip_bytes(files: dict[str, bytes], password: str | None, cwd: Path) -> bytes:
+    """A zip of `files` made by the zip tool (ZipCrypto when a password is given)."""
+    for name, data in files.items():
+        (cwd / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (cwd / "in" / name).write_bytes(data)
+    out = cwd / "made.zip"
+    run(["zip", "-q", "-r", *(["-P", password] if password else []), str(out), "."], cwd / "in")
+    return out.read_bytes()
+
+
+async def test_api_extracts_a_password_zip_before_uploading_and_cleans_up(
+    tmp_path: Path,
+    service_factory: ServiceFactory,
+    file_server: FileServer,
+    rclone_config: Path,
+    webdav_cloud: RcloneCloud,
+) -> None:
+    svc = await service_factory(
+        upload_overrides(rclone_config, [rclone_target("dav", "testdav", "/x")], auto_delete=True)
+    )
+    files = {"doc.txt": b"hello\n", "photos/p.bin": os.urandom(40_000)}
+    data = await asyncio.to_thread(zip_bytes, files, "pw", tmp_path)
+    file_server.add_file("photos.zip", data=data)
+    body = {"url": file_server.url("photos.zip"), "archive": "extract", "archive_password": "pw"}
+    status, answer = await svc.api("POST", "/api/downloads", json=body)
+    assert status == 201, answer
+    assert "pw" not in json.dumps(answer)  # the password is never shown
+    download_id = answer["downloads"][0]["id"]
+    await svc.wait_download(download_id, {"completed"}, timeout=60)
+
+    (row,) = await wait_uploads(
+        svc, download_id, lambda rows: len(rows) == 1 and rows[0].cleaned_at is not None
+    )
+    assert row.status == "completed" and row.remote_path == "testdav:/x/photos"
+    assert await asyncio.to_thread(read_tree, webdav_cloud.root / "x" / "photos") == files
+    option = await svc.service.parts.store.get_archive_option(download_id)
+    assert option is not None and option.password is None  # forgotten once used
+    job = svc.service.parts.files.job_dir(download_id)
+    assert not await asyncio.to_thread(job.exists)  # archive and extraction both deleted
+
+
+async def test_api_refuses_a_bomb_and_bad_archive_fields(
+    tmp_path: Path,
+    service_factory: ServiceFactory,
+    file_server: FileServer,
+    rclone_config: Path,
+    webdav_cloud: RcloneCloud,
+) -> None:
+    settings = upload_overrides(rclone_config, [rclone_target("dav", "testdav", "/y")])
+    settings["upload"]["extract_max_ratio"] = 50
+    svc = await service_factory(settings)
+    for bad, says in [
+        ({"archive": "explode"}, '"archive" must be one of extract, zip'),
+        ({"archive": "zip", "archive_password": "x"}, "goes only with"),
+        ({"archive_password": "x"}, 'needs "archive"'),
+        ({"archive": "extract", "archive_password": ""}, "1-1024 characters"),
+    ]:
+        status, answer = await svc.api(
+            "POST", "/api/downloads", json={"url": file_server.url("a"), **bad}
+        )
+        assert status == 400 and says in str(answer), (bad, answer)
+
+    bomb = await asyncio.to_thread(zip_bytes, {"zeros.bin": bytes(2 * 1024 * 1024)}, None, tmp_path)
+    file_server.add_file("bomb.zip", data=bomb)
+    status, answer = await svc.api(
+        "POST", "/api/downloads", json={"url": file_server.url("bomb.zip"), "archive": "extract"}
+    )
+    assert status == 201, answer
+    download_id = answer["downloads"][0]["id"]
+    (row,) = await wait_uploads(svc, download_id, all_in("failed"))
+    assert row.failure_reason == "archive_refused"
+    assert "more than the cap of 50×" in (row.error_message or "")
+    assert not await asyncio.to_thread((webdav_cloud.root / "y").exists)
+    job = svc.service.parts.files.job_dir(download_id)
+    assert await asyncio.to_thread(names_in, job) == ["bomb.zip"]  # nothing was extracted

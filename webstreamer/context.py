@@ -22,7 +22,7 @@ from db import Store
 from events import EventHub
 from files import DownloadFiles
 from metrics import Metrics
-from records import DownloadRow, NodeStatus, UploadRow, WebSession
+from records import ArchiveRequest, DownloadRow, NodeStatus, UploadRow, WebSession
 from webstreamer.byteserve import ByteSource
 from webstreamer.links import StreamLinks
 
@@ -44,7 +44,7 @@ ByteSourceProvider = Callable[[DownloadRow, int | None], Awaitable[ByteSource | 
 class DownloadActions(Protocol):
     """What the API asks of the download engine."""
 
-    async def add_link(self, url: str) -> DownloadRow: ...
+    async def add_link(self, url: str, *, archive: ArchiveRequest | None = None) -> DownloadRow: ...
     async def add_torrent(self, data: bytes) -> DownloadRow: ...
     async def pause(self, download_id: int) -> DownloadRow: ...
     async def resume(self, download_id: int) -> DownloadRow: ...

@@ -10,7 +10,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aria2_client.sources import SourceError, parse_link
 from configer import ConfigError, masked_settings
 from db import DOWNLOAD_STATUSES, DuplicateDownload
-from records import DownloadRow
+from records import ARCHIVE_ACTIONS, ArchiveRequest, DownloadRow
 from webstreamer.context import (
     MAX_LIST_LIMIT,
     context_of,
@@ -24,6 +24,7 @@ from webstreamer.context import (
 from webstreamer.views import download_json, file_json
 
 MAX_URLS_PER_REQUEST = 500
+MAX_PASSWORD_LENGTH = 1024  # characters of an archive password
 MAX_FILES_PER_PAGE = 1000  # files one page of a torrent's file list may ask for
 
 
@@ -41,9 +42,10 @@ async def health(request: web.Request) -> web.Response:
 async def add_downloads(request: web.Request) -> web.Response:
     ctx = context_of(request)
     body = await read_json_object(request)
-    unknown = set(body) - {"url", "urls"}
+    unknown = set(body) - {"url", "urls", "archive", "archive_password"}
     if unknown:
         raise web.HTTPBadRequest(text=f"unknown fields: {', '.join(sorted(unknown))}")
+    archive = archive_request(body)
     if ("url" in body) == ("urls" in body):
         raise web.HTTPBadRequest(text='give either "url" or "urls"')
     urls = [body["url"]] if "url" in body else body["urls"]
@@ -66,7 +68,7 @@ async def add_downloads(request: web.Request) -> web.Response:
     duplicates: list[dict[str, Any]] = []
     for url in urls:
         try:
-            added.append(await ctx.downloads.add_link(url))
+            added.append(await ctx.downloads.add_link(url, archive=archive))
         except DuplicateDownload as exc:
             duplicates.append({"url": url[:200], "existing_id": exc.existing_id})
     if not added and duplicates:
@@ -78,6 +80,26 @@ async def add_downloads(request: web.Request) -> web.Response:
         },
         status=201,
     )
+
+
+def archive_request(body: dict[str, Any]) -> ArchiveRequest | None:
+    """The optional "archive" step ("extract" or "zip") and "archive_password" of a new job."""
+    action = body.get("archive")
+    password = body.get("archive_password")
+    if action is None:
+        if password is not None:
+            raise web.HTTPBadRequest(text='"archive_password" needs "archive": "extract"')
+        return None
+    if action not in ARCHIVE_ACTIONS:
+        raise web.HTTPBadRequest(text=f'"archive" must be one of {", ".join(ARCHIVE_ACTIONS)}')
+    if password is not None:
+        if action != "extract":
+            raise web.HTTPBadRequest(text='"archive_password" goes only with "extract"')
+        if not isinstance(password, str) or not 1 <= len(password) <= MAX_PASSWORD_LENGTH:
+            raise web.HTTPBadRequest(
+                text=f'"archive_password" must be a string of 1-{MAX_PASSWORD_LENGTH} characters'
+            )
+    return ArchiveRequest(action, password)
 
 
 async def add_torrent(request: web.Request) -> web.Response:
