@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 import zipfile
@@ -21,6 +22,7 @@ import pytest
 from tests.support.http_files import FileServer
 from tests.support.rclone_cloud import RcloneCloud
 from tests.support.service import ServiceFactory
+from tests.test_bot import RelayFactory, relay_factory  # noqa: F401 (the relay fixture)
 from tests.test_uploads import all_in, rclone_target, upload_overrides, wait_uploads
 from uploads.archives import ArchiveError, ArchiveLimits, archive_stem, extract, zip_folder
 
@@ -182,12 +184,15 @@ async def test_zip_folder_keeps_files_and_leaves_links_out(tmp_path: Path) -> No
 
 def zip_bytes(files: dict[str, bytes], password: str | None, cwd: Path) -> bytes:
     """A zip of `files` made by the zip tool (ZipCrypto when a password is given)."""
+    source, out = cwd / "zip-in", cwd / "zip-out.zip"
     for name, data in files.items():
-        (cwd / "in" / name).parent.mkdir(parents=True, exist_ok=True)
-        (cwd / "in" / name).write_bytes(data)
-    out = cwd / "made.zip"
-    run(["zip", "-q", "-r", *(["-P", password] if password else []), str(out), "."], cwd / "in")
-    return out.read_bytes()
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(data)
+    run(["zip", "-q", "-r", *(["-P", password] if password else []), str(out), "."], source)
+    made = out.read_bytes()
+    shutil.rmtree(source)
+    out.unlink()
+    return made
 
 
 async def test_api_extracts_a_password_zip_before_uploading_and_cleans_up(
@@ -255,3 +260,48 @@ async def test_api_refuses_a_bomb_and_bad_archive_fields(
     assert not await asyncio.to_thread((webdav_cloud.root / "y").exists)
     job = svc.service.parts.files.job_dir(download_id)
     assert await asyncio.to_thread(names_in, job) == ["bomb.zip"]  # nothing was extracted
+
+
+async def test_bot_button_and_command_ask_for_extraction_before_upload(
+    tmp_path: Path,
+    relay_factory: RelayFactory,  # noqa: F811 (the fixture imported above)
+    file_server: FileServer,
+    rclone_config: Path,
+    webdav_cloud: RcloneCloud,
+) -> None:
+    relay = await relay_factory(
+        upload_overrides(rclone_config, [rclone_target("dav", "testdav", "/z")])
+    )
+    chat = relay.chat()
+    files = {"notes.txt": b"bot\n", "deep/x.bin": os.urandom(30_000)}
+    file_server.add_file(
+        "plain.zip", data=await asyncio.to_thread(zip_bytes, files, None, tmp_path)
+    )
+    (tmp_path / "made.zip").unlink()
+    file_server.add_file(
+        "locked.zip", data=await asyncio.to_thread(zip_bytes, files, "pw 2", tmp_path)
+    )
+    plain_url = file_server.url("plain.zip", route="hold", bytes=1000)
+    locked_url = file_server.url("locked.zip", route="hold", bytes=1000)
+    [plain_ack] = await chat.say(plain_url)
+    await chat.say(locked_url)
+    plain, locked = sorted(await relay.jobs(2), key=lambda row: row.id)
+
+    # The job's first message carries the button while the job downloads.
+    button = f"a:extract:{plain.id}".encode()
+    assert button in plain_ack.callback_data
+    answer = await chat.press(plain_ack.message_id, button)
+    assert answer.text == f"#{plain.id}: the archive will be extracted before it is uploaded."
+    # A password goes with the command (the rest of the line, spaces kept).
+    [reply] = await chat.say(f"/extract {locked.id} pw 2")
+    assert reply.text == f"#{locked.id}: the archive will be extracted before it is uploaded."
+    option = await relay.db.get_archive_option(locked.id)
+    assert option is not None and (option.action, option.password) == ("extract", "pw 2")
+
+    file_server.release()
+    for row, folder in ((plain, "plain"), (locked, "locked")):
+        await wait_uploads(relay.running, row.id, all_in("completed"))
+        assert await asyncio.to_thread(read_tree, webdav_cloud.root / "z" / folder) == files
+    # Too late once the job completed.
+    answer = await chat.press(plain_ack.message_id, button)
+    assert answer.text == f"#{plain.id} has finished downloading; its upload is already under way."
