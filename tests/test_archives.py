@@ -23,6 +23,7 @@ from tests.support.http_files import FileServer
 from tests.support.rclone_cloud import RcloneCloud
 from tests.support.service import ServiceFactory
 from tests.test_bot import RelayFactory, relay_factory  # noqa: F401 (the relay fixture)
+from tests.test_browser import CHROMIUM, chromium, sign_in
 from tests.test_uploads import all_in, rclone_target, upload_overrides, wait_uploads
 from uploads.archives import ArchiveError, ArchiveLimits, archive_stem, extract, zip_folder
 
@@ -305,3 +306,42 @@ async def test_bot_button_and_command_ask_for_extraction_before_upload(
     # Too late once the job completed.
     answer = await chat.press(plain_ack.message_id, button)
     assert answer.text == f"#{plain.id} has finished downloading; its upload is already under way."
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+async def test_the_page_asks_for_extraction_with_a_password(
+    tmp_path: Path,
+    service_factory: ServiceFactory,
+    file_server: FileServer,
+    rclone_config: Path,
+    webdav_cloud: RcloneCloud,
+) -> None:
+    svc = await service_factory(
+        upload_overrides(rclone_config, [rclone_target("dav", "testdav", "/p")])
+    )
+    files = {"page.txt": b"from the page\n", "d/e.bin": os.urandom(20_000)}
+    file_server.add_file("paged.zip", data=await asyncio.to_thread(zip_bytes, files, "s", tmp_path))
+    password = "document.getElementById('add-archive-password')"
+    async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
+        await page.send("Runtime.enable")
+        await sign_in(page, svc.base_url, svc.token)
+        assert await page.evaluate(f"{password}.hidden") is True
+        await page.evaluate(
+            "const s = document.getElementById('add-archive'); s.value = 'extract';"
+            " s.dispatchEvent(new Event('change'))"
+        )
+        assert await page.evaluate(f"{password}.hidden") is False
+        await page.evaluate(f"{password}.focus()")
+        await page.send("Input.insertText", {"text": "s"})
+        await page.evaluate("document.getElementById('add-links').focus()")
+        await page.send("Input.insertText", {"text": file_server.url("paged.zip")})
+        await page.evaluate("document.getElementById('add-submit').click()")
+        await page.wait_for(
+            "document.querySelector('#add-result li.ok') !== null", 10, "the added line"
+        )
+        assert await page.evaluate(f"{password}.value") == ""  # not kept in the page
+    (row,) = await svc.service.parts.store.fetch_recent_downloads(5)
+    await wait_uploads(svc, row.id, all_in("completed"))
+    assert await asyncio.to_thread(read_tree, webdav_cloud.root / "p" / "paged") == files
