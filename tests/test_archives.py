@@ -18,13 +18,25 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from pyrogram import Client as PyrogramClient
 
+from tests.support.fake_telegram import FakeTelegram
 from tests.support.http_files import FileServer
 from tests.support.rclone_cloud import RcloneCloud
 from tests.support.service import ServiceFactory
 from tests.test_bot import RelayFactory, relay_factory  # noqa: F401 (the relay fixture)
 from tests.test_browser import CHROMIUM, chromium, sign_in
-from tests.test_uploads import all_in, rclone_target, upload_overrides, wait_uploads
+from tests.test_uploads import (
+    all_in,
+    completed_download,
+    known_user,
+    rclone_target,
+    standalone_manager,
+    telegram_config,
+    upload_overrides,
+    wait_row,
+    wait_uploads,
+)
 from uploads.archives import ArchiveError, ArchiveLimits, archive_stem, extract, zip_folder
 
 LIMITS = ArchiveLimits(max_size=10 * 1024 * 1024, max_ratio=100)
@@ -345,3 +357,30 @@ async def test_the_page_asks_for_extraction_with_a_password(
     (row,) = await svc.service.parts.store.fetch_recent_downloads(5)
     await wait_uploads(svc, row.id, all_in("completed"))
     assert await asyncio.to_thread(read_tree, webdav_cloud.root / "p" / "paged") == files
+
+
+async def test_a_folder_is_zipped_once_and_sent_to_telegram_as_one_file(
+    tmp_path: Path, fake_telegram: FakeTelegram, tg_client: PyrogramClient
+) -> None:
+    chat_id = await known_user(fake_telegram, tg_client)
+    files = {"one.txt": b"1", "two/three.bin": os.urandom(10_000)}
+    async with standalone_manager(
+        tmp_path, telegram_config(chat_id), telegram_client=lambda: tg_client
+    ) as (db, manager):
+        await manager.start()
+        row = await completed_download(db, tmp_path / "downloads", "Album", files)
+        await db.set_archive_option(row.id, "zip", None)
+        await manager.on_download_completed(row)
+        (upload,) = await db.get_uploads_by_download(row.id)
+        done = await wait_row(db, upload.id, {"completed", "failed"})
+        option = await db.get_archive_option(row.id)
+
+    assert done.status == "completed", done
+    (sent,) = fake_telegram.sent_documents()
+    assert sent.file_name == "Album.zip" and sent.caption == "Album.zip"
+    with zipfile.ZipFile(io.BytesIO(sent.data)) as handle:
+        stored = {i.filename: handle.read(i) for i in handle.infolist() if not i.is_dir()}
+    assert stored == {f"Album/{name}": data for name, data in files.items()}
+    assert option is not None and option.prepared_path == str(
+        Path(row.local_path or "").parent / "Album.zip"
+    )
