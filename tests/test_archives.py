@@ -287,13 +287,9 @@ async def test_bot_button_and_command_ask_for_extraction_before_upload(
     )
     chat = relay.chat()
     files = {"notes.txt": b"bot\n", "deep/x.bin": os.urandom(30_000)}
-    file_server.add_file(
-        "plain.zip", data=await asyncio.to_thread(zip_bytes, files, None, tmp_path)
-    )
-    (tmp_path / "made.zip").unlink()
-    file_server.add_file(
-        "locked.zip", data=await asyncio.to_thread(zip_bytes, files, "pw 2", tmp_path)
-    )
+    for name, password in (("plain.zip", None), ("locked.zip", "pw 2")):
+        made = await asyncio.to_thread(zip_bytes, files, password, tmp_path)
+        file_server.add_file(name, data=made)
     plain_url = file_server.url("plain.zip", route="hold", bytes=1000)
     locked_url = file_server.url("locked.zip", route="hold", bytes=1000)
     [plain_ack] = await chat.say(plain_url)
