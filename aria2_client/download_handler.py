@@ -178,7 +178,13 @@ class DownloadManager:
             group_key=requester.group_key,
         )
 
-    async def add_torrent(self, data: bytes, requester: Requester | None = None) -> DownloadRow:
+    async def add_torrent(
+        self,
+        data: bytes,
+        requester: Requester | None = None,
+        *,
+        archive: ArchiveRequest | None = None,
+    ) -> DownloadRow:
         """A .torrent → a committed row with its file list, then aria2. Raises SourceError (a bad
         torrent, or more files than `aria2.max_torrent_files`), TooLarge or DuplicateDownload."""
         requester = requester or Requester()
@@ -198,7 +204,7 @@ class DownloadManager:
             message_id=requester.message_id,
             group_key=requester.group_key,
         )
-        return await self._create_and_submit(new, files=meta.files)
+        return await self._create_and_submit(new, files=meta.files, archive=archive)
 
     async def add_telegram(
         self, media: TgMediaRecord, requester: Requester | None = None

@@ -17,6 +17,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import aiohttp
 import pytest
 from pyrogram import Client as PyrogramClient
 
@@ -24,6 +25,7 @@ from tests.support.fake_telegram import FakeTelegram
 from tests.support.http_files import FileServer
 from tests.support.rclone_cloud import RcloneCloud
 from tests.support.service import ServiceFactory
+from tests.support.torrents import SeederFactory, Tracker, make_torrent
 from tests.test_bot import RelayFactory, relay_factory  # noqa: F401 (the relay fixture)
 from tests.test_browser import CHROMIUM, chromium, sign_in
 from tests.test_uploads import (
@@ -380,3 +382,46 @@ async def test_a_folder_is_zipped_once_and_sent_to_telegram_as_one_file(
     assert option is not None and option.prepared_path == str(
         Path(row.local_path or "").parent / "Album.zip"
     )
+
+
+@pytest.mark.slow
+async def test_a_torrent_sent_to_the_api_with_zip_is_uploaded_as_one_zip(
+    tmp_path: Path,
+    service_factory: ServiceFactory,
+    rclone_config: Path,
+    webdav_cloud: RcloneCloud,
+    tracker: Tracker,
+    seeder_factory: SeederFactory,
+) -> None:
+    svc = await service_factory(
+        upload_overrides(rclone_config, [rclone_target("dav", "testdav", "/t")], auto_delete=True)
+    )
+    files = {"a.bin": os.urandom(30_000), "sub/b.txt": b"torrent file\n"}
+    info = await asyncio.to_thread(
+        make_torrent, files, tmp_path / "seed", tracker.announce_url, "Set"
+    )
+    await seeder_factory(info)
+    await tracker.wait_for_peers(info.info_hash, 1, within_s=20)
+    form = aiohttp.FormData()
+    form.add_field("file", info.torrent_bytes, filename="set.torrent")
+    form.add_field("archive", "zip")
+    status, answer = await svc.api("POST", "/api/downloads/torrent", data=form)
+    assert status == 201, answer
+    download_id = answer["downloads"][0]["id"]
+
+    (row,) = await wait_uploads(
+        svc, download_id, lambda rows: len(rows) == 1 and rows[0].cleaned_at is not None
+    )
+    assert row.status == "completed" and row.remote_path == "testdav:/t/Set.zip"
+    data = await asyncio.to_thread((webdav_cloud.root / "t" / "Set.zip").read_bytes)
+    with zipfile.ZipFile(io.BytesIO(data)) as handle:
+        stored = {i.filename: handle.read(i) for i in handle.infolist() if not i.is_dir()}
+    assert stored == {f"Set/{name}": content for name, content in files.items()}
+    job = svc.service.parts.files.job_dir(download_id)
+    assert not await asyncio.to_thread(job.exists)  # the folder and its zip both deleted
+
+    bad = aiohttp.FormData()
+    bad.add_field("file", info.torrent_bytes, filename="set.torrent")
+    bad.add_field("archive", "shred")
+    status, answer = await svc.api("POST", "/api/downloads/torrent", data=bad)
+    assert status == 400 and "must be one of extract, zip" in str(answer)

@@ -693,7 +693,10 @@ OPERATIONS: tuple[Operation, ...] = (
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
-                        "properties": {"file": {"type": "string", "format": "binary"}},
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            **ARCHIVE_FIELDS,
+                        },
                         "required": ["file"],
                     }
                 }

@@ -107,17 +107,24 @@ async def add_torrent(request: web.Request) -> web.Response:
     if not request.content_type.startswith("multipart/"):
         raise web.HTTPBadRequest(text='send the .torrent as multipart form field "file"')
     data: bytes | None = None
+    fields: dict[str, Any] = {}
     try:
         reader = await request.multipart()
         async for part in reader:
-            if getattr(part, "name", None) == "file":
+            name = getattr(part, "name", None)
+            if name == "file":
                 data = bytes(await part.read(decode=False))  # type: ignore[union-attr]
-                break
+            elif name in ("archive", "archive_password"):
+                value = bytes(await part.read(decode=False))  # type: ignore[union-attr]
+                if len(value) > 4 * MAX_PASSWORD_LENGTH:
+                    raise web.HTTPBadRequest(text=f'multipart field "{name}" is too long')
+                fields[name] = value.decode("utf-8", "replace")
     except (HttpProcessingError, ValueError) as exc:  # a part's head or the boundary is broken
         raise web.HTTPBadRequest(text=f"the multipart body could not be read: {exc}") from None
     if data is None:
         raise web.HTTPBadRequest(text='multipart field "file" is missing')
-    row = await ctx.downloads.add_torrent(data)
+    archive = archive_request(fields)
+    row = await ctx.downloads.add_torrent(data, archive=archive)
     return web.json_response({"downloads": [download_json(ctx.links, row, [])]}, status=201)
 
 

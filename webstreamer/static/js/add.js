@@ -68,6 +68,7 @@ export async function onTorrentChosen(event) {
   if (!file) return;
   const form = new FormData();
   form.append("file", file, file.name);
+  for (const [name, value] of Object.entries(archiveFields())) form.append(name, value);
   try {
     const data = await api("POST", "/api/downloads/torrent", form);
     showAdded(Array.isArray(data.downloads) ? data.downloads : []);
