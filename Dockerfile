@@ -12,7 +12,7 @@ FROM ${BASE}
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-        python3 python3-venv aria2 rclone ffmpeg ca-certificates tini \
+        python3 python3-venv aria2 rclone ffmpeg unar zstd ca-certificates tini \
  && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 --user-group mistrelay \

@@ -4,8 +4,8 @@
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-RUN_PACKAGES := aria2 rclone ffmpeg
-TEST_PACKAGES := $(RUN_PACKAGES) chromium postgresql
+RUN_PACKAGES := aria2 rclone ffmpeg unar zstd
+TEST_PACKAGES := $(RUN_PACKAGES) chromium postgresql zip
 # For the docker tests (they skip without a Docker daemon): installed when make runs as root.
 DOCKER_PACKAGES := docker.io debootstrap
 PYTEST_ARGS ?=

@@ -340,6 +340,7 @@ class Service:
             files=files,
             data_dir=config.data_dir,
             telegram_client=(lambda: telegram.client) if telegram is not None else None,
+            telegram_part_size=config.telegram.max_upload_size,
             node=node,
             ask_holder=cluster.ask_holder if node is not None else None,
         )

@@ -123,6 +123,8 @@ LIVE_KEYS: frozenset[str] = frozenset(
         "upload.max_concurrent",
         "upload.retry_backoff",
         "upload.targets",
+        "upload.extract_max_size",
+        "upload.extract_max_ratio",
         "web.link_expiry",
         "web.header_timeout",
         "web.max_connections_per_client",
@@ -193,6 +195,7 @@ class TelegramConfig:
     progress_interval: float = 3.0  # seconds between edits of one chat's progress messages
     proxy: str = field(default="", repr=False)  # socks5/socks4/http URL; may carry a password
     language: str = "auto"  # the bot's replies: auto (each user's Telegram language) | en | zh
+    max_upload_size: int = 2000 * 1024 * 1024  # bytes one message carries (4000 MiB: premium)
 
     @property
     def enabled(self) -> bool:
@@ -269,6 +272,8 @@ class UploadConfig:
     rclone_config: str = ""  # empty = rclone's own default config file
     rclone_executable: str = "rclone"
     proxy: str = field(default="", repr=False)  # http/https/socks5 URL for rclone's connections
+    extract_max_size: int = 100 * 1024**3  # bytes one extracted archive may unpack to
+    extract_max_ratio: float = 200.0  # bytes out per byte of archive
 
     def target(self, name: str) -> UploadTarget | None:
         return next((t for t in self.targets if t.name == name), None)
@@ -958,15 +963,16 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r}") from None
 
 
-def _size(lo: int = 0, note: str = "") -> _Parser:
-    problem = f"must be a size in bytes >= {lo} (a number, or text like 500MB or 2GiB){note}"
+def _size(lo: int = 0, note: str = "", hi: int = _MAX_INT64) -> _Parser:
+    bounds = f">= {lo}" if hi == _MAX_INT64 else f"between {lo} and {hi}"
+    problem = f"must be a size in bytes {bounds} (a number, or text like 500MB or 2GiB){note}"
 
     def parse(value: Any, ctx: _Context) -> int:
         size = _int_value(value, _Context(ctx.base_dir, from_env=True))
         if size is None and isinstance(value, str):
             with contextlib.suppress(ValueError):
                 size = parse_size(value)
-        if size is None or not lo <= size <= _MAX_INT64:
+        if size is None or not lo <= size <= hi:
             raise _Invalid(problem, value)
         return size
 
@@ -1251,6 +1257,7 @@ _PARSERS: dict[str, _Parser] = {
     "telegram.progress_interval": _number(0, 3600, lo_open=True),
     "telegram.proxy": _proxy_url(TELEGRAM_PROXY_SCHEMES),
     "telegram.language": _bot_language,
+    "telegram.max_upload_size": _size(64 * 1024, " (4000MiB at most)", hi=4000 * 1024 * 1024),
     "aria2.rpc_url": _url(("http", "https", "ws", "wss")),
     "aria2.rpc_secret": _single_token,
     "aria2.download_dir": _path,
@@ -1274,6 +1281,8 @@ _PARSERS: dict[str, _Parser] = {
     "upload.rclone_config": _optional_path_text,
     "upload.rclone_executable": _executable,
     "upload.proxy": _proxy_url(UPLOAD_PROXY_SCHEMES),
+    "upload.extract_max_size": _size(1),
+    "upload.extract_max_ratio": _number(1, 1_000_000),
     "web.host": _host,
     "web.port": _integer(1, 65535),
     "web.public_url": _public_url,

@@ -49,6 +49,8 @@ from configer import DatabaseConfig
 from events import EventHub, EventKind
 from files import discard
 from records import (
+    ARCHIVE_ACTIONS,
+    ArchiveOption,
     BotNotice,
     ChangeOutcome,
     DownloadChange,
@@ -77,7 +79,7 @@ from records import (
     WebSession,
 )
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
 
 SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
@@ -759,6 +761,24 @@ async def _schema_8(sql: _Statements, dialect: Dialect) -> None:
     await _run_schema(sql, dialect, _SCHEMA_8)
 
 
+# Schema 9 (archive options): a job may ask for its archive to be extracted, or its folder to be
+# zipped, before it is uploaded; the password stays only until the extraction ran, and the
+# prepared path is what its uploads send (cleaned up with the job's file).
+_SCHEMA_9 = """
+CREATE TABLE download_archive_options (
+    download_id   INTEGER PRIMARY KEY REFERENCES downloads(id) ON DELETE CASCADE,
+    action        TEXT NOT NULL CHECK (action IN ('extract', 'zip')),
+    password      TEXT,
+    prepared_path TEXT,
+    created_at    TEXT NOT NULL
+)
+"""
+
+
+async def _schema_9(sql: _Statements, dialect: Dialect) -> None:
+    await _run_schema(sql, dialect, _SCHEMA_9)
+
+
 _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     1: _schema_1,
     2: _schema_2,
@@ -768,6 +788,7 @@ _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     6: _schema_6,
     7: _schema_7,
     8: _schema_8,
+    9: _schema_9,
 }
 
 # The tables the steps above make, each with its key, in an order their foreign keys allow
@@ -786,6 +807,7 @@ _STORE_TABLES: dict[str, str] = {
     "bot_notices": "id",
     "imported_rows": "origin",
     "settings_changes": "id",
+    "download_archive_options": "download_id",
 }
 # Tables the store keeps from the others' rows (by triggers): never copied, rebuilt by the
 # target's own triggers as the rows above go in.
@@ -1429,6 +1451,11 @@ class Store(Protocol):
     ) -> None: ...
     async def set_progress_message(self, download_id: int, message_id: int | None) -> None: ...
     async def set_media_info(self, download_id: int, media_info: Mapping[str, object]) -> None: ...
+    async def set_archive_option(
+        self, download_id: int, action: str, password: str | None
+    ) -> None: ...
+    async def get_archive_option(self, download_id: int) -> ArchiveOption | None: ...
+    async def record_archive_prepared(self, download_id: int, prepared_path: str) -> None: ...
     async def delete_download_record(self, download_id: int) -> DownloadRow: ...
     async def delete_all_downloads(self) -> list[DownloadRow]: ...
 
@@ -2007,6 +2034,35 @@ class Database:
                 "downloads", download_id, {"media_info_json": json.dumps(media_info)}
             )
             await tx.emit_download(download_id)
+
+    async def set_archive_option(self, download_id: int, action: str, password: str | None) -> None:
+        """Ask for the job's archive to be extracted (`password` optional) or its folder zipped."""
+        if action not in ARCHIVE_ACTIONS:
+            raise StoreError(f"unknown archive action {action!r}")
+        async with self._write() as tx:
+            await tx.execute(
+                "INSERT INTO download_archive_options (download_id, action, password, created_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (download_id) DO UPDATE SET"
+                " action = excluded.action, password = excluded.password, prepared_path = NULL",
+                (download_id, action, password, utc_now()),
+            )
+
+    async def get_archive_option(self, download_id: int) -> ArchiveOption | None:
+        row = await self._read_one(
+            "SELECT download_id, action, password, prepared_path FROM download_archive_options"
+            " WHERE download_id = ?",
+            (download_id,),
+        )
+        return ArchiveOption(*row) if row else None
+
+    async def record_archive_prepared(self, download_id: int, prepared_path: str) -> None:
+        """The extraction or zip is done: its path is kept, the password is forgotten."""
+        async with self._write() as tx:
+            await tx.execute(
+                "UPDATE download_archive_options SET prepared_path = ?, password = NULL"
+                " WHERE download_id = ?",
+                (prepared_path, download_id),
+            )
 
     async def get_torrent_data(self, download_id: int) -> bytes | None:
         row = await self._read_one(

@@ -96,6 +96,26 @@ class DownloadRow(NamedTuple):
     node: str | None = None  # the node holding the job (None: a single node's store)
 
 
+# What a job may ask done to its file before uploading it: extract an archive, zip a folder.
+ARCHIVE_ACTIONS = ("extract", "zip")
+
+
+class ArchiveRequest(NamedTuple):
+    """The archive step asked for with a new job (`action` of ARCHIVE_ACTIONS)."""
+
+    action: str
+    password: str | None = None
+
+
+class ArchiveOption(NamedTuple):
+    """A job's archive step: the action, the password (until used), what it produced."""
+
+    download_id: int
+    action: str
+    password: str | None
+    prepared_path: str | None
+
+
 class UploadRow(NamedTuple):
     """An `uploads` row as read (a named tuple, like `DownloadRow`)."""
 

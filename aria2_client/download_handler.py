@@ -49,6 +49,7 @@ from db import (
 )
 from files import DownloadFiles
 from records import (
+    ArchiveRequest,
     DownloadChange,
     DownloadRow,
     HolderAction,
@@ -140,21 +141,32 @@ class DownloadManager:
 
     # --- the one way in ---------------------------------------------------------------------------
 
-    async def add_link(self, url: str, requester: Requester | None = None) -> DownloadRow:
-        """http/https/ftp/magnet → a committed row, then aria2.
+    async def add_link(
+        self,
+        url: str,
+        requester: Requester | None = None,
+        *,
+        archive: ArchiveRequest | None = None,
+    ) -> DownloadRow:
+        """http/https/ftp/magnet → a committed row (with its archive step), then aria2.
 
         Raises SourceError (bad or refused link) or DuplicateDownload.
         """
-        [added] = await self.add_links([url], requester)
+        [added] = await self.add_links([url], requester, archive=archive)
         if isinstance(added, Exception):
             raise added
         return added
 
     async def add_links(
-        self, urls: Sequence[str], requester: Requester | None = None
+        self,
+        urls: Sequence[str],
+        requester: Requester | None = None,
+        *,
+        archive: ArchiveRequest | None = None,
     ) -> list[DownloadRow | SourceError | DuplicateDownload]:
         """Many links that came together (one message, one API call): the rows of all that are
-        accepted committed in ONE transaction (one batch of events), then each handed to aria2.
+        accepted committed in ONE transaction (one batch of events), each with its archive step
+        if one is asked for, then each handed to aria2.
         For each link, in order: its row, or the SourceError (bad or refused link) or
         DuplicateDownload it is."""
         requester = requester or Requester()
@@ -172,7 +184,11 @@ class DownloadManager:
             accepted.append((len(answers), self._new_from_link(link, requester)))
             answers.append(None)
         created = await self.store.create_downloads([(new, None) for _, new in accepted])
-        await self.submit_many([outcome for outcome in created if isinstance(outcome, int)])
+        new_ids = [outcome for outcome in created if isinstance(outcome, int)]
+        if archive is not None:
+            for download_id in new_ids:
+                await self.store.set_archive_option(download_id, archive.action, archive.password)
+        await self.submit_many(new_ids)
         for (position, _), outcome in zip(accepted, created, strict=True):
             answers[position] = (
                 outcome if isinstance(outcome, DuplicateDownload) else await self._row(outcome)
@@ -204,7 +220,13 @@ class DownloadManager:
             group_key=requester.group_key,
         )
 
-    async def add_torrent(self, data: bytes, requester: Requester | None = None) -> DownloadRow:
+    async def add_torrent(
+        self,
+        data: bytes,
+        requester: Requester | None = None,
+        *,
+        archive: ArchiveRequest | None = None,
+    ) -> DownloadRow:
         """A .torrent → a committed row with its file list, then aria2. Raises SourceError (a bad
         torrent, or more files than `aria2.max_torrent_files`), TooLarge or DuplicateDownload."""
         requester = requester or Requester()
@@ -224,7 +246,7 @@ class DownloadManager:
             message_id=requester.message_id,
             group_key=requester.group_key,
         )
-        return await self._create_and_submit(new, files=meta.files)
+        return await self._create_and_submit(new, files=meta.files, archive=archive)
 
     async def add_telegram(
         self, media: TgMediaRecord, requester: Requester | None = None
@@ -254,10 +276,13 @@ class DownloadManager:
         *,
         media: TgMediaRecord | None = None,
         files: Sequence[TorrentFile] | None = None,
+        archive: ArchiveRequest | None = None,
     ) -> DownloadRow:
         download_id = await self.store.create_download(new, media)
         if files:
             await self.store.update_download_details_by_id(download_id, files=files)
+        if archive is not None:
+            await self.store.set_archive_option(download_id, archive.action, archive.password)
         await self.submit(download_id)
         return await self._row(download_id)
 

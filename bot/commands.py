@@ -32,7 +32,7 @@ from bot.messages import chat_id_of
 from bot.text import Language, translate
 from configer import ConfigError
 from db import ACTIVE_DOWNLOAD_STATUSES, NotFound, StoreError, TransitionError
-from records import DownloadRow, UploadRow
+from records import ARCHIVE_ACTIONS, DownloadRow, UploadRow
 
 # (command, arguments shown in /help), in menu order
 COMMANDS: tuple[tuple[str, str], ...] = (
@@ -50,6 +50,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("targets", ""),
     ("limit", "[download|upload <limit>]"),
     ("settings", "[<key> <value>]"),
+    ("extract", "<id> [password]"),
 )
 DOWNLOAD_ACTIONS = ("pause", "resume", "cancel", "retry")
 UPLOAD_ACTIONS = ("retry", "cancel")
@@ -113,6 +114,7 @@ class Commands:
             "targets": self.targets,
             "limit": self.limit,
             "settings": self.settings,
+            "extract": self.extract,
         }
         for action in DOWNLOAD_ACTIONS:
             simple[action] = self._action_command(action)
@@ -287,6 +289,20 @@ class Commands:
             new=change.new_value,
         )
 
+    async def extract(self, _client: Client, message: Message) -> None:
+        """/extract ID [PASSWORD]: extract the job's archive before uploading it."""
+        caller = await admit(self.context, message)
+        if caller is None:
+            return
+        arguments = (message.command or [])[1:]
+        download_id = parse_job_id(arguments[0]) if arguments else None
+        if download_id is None:
+            text = translate(caller.lang, "bot.need_id", command="extract")
+        else:
+            password = " ".join(arguments[1:]) or None
+            text = await self.archive_action(caller, "extract", download_id, password)
+        await reply(self.context, message, text)
+
     def _action_command(self, action: str) -> MessageCallback:
         async def handle(_client: Client, message: Message) -> None:
             caller = await admit(self.context, message)
@@ -323,6 +339,22 @@ class Commands:
 
         operation = self._download_operations[action]
         return await self._control(caller, action, _DOWNLOAD, row, row, operation, done)
+
+    async def archive_action(
+        self, caller: Caller, action: str, download_id: int, password: str | None = None
+    ) -> str:
+        """Ask for the job's archive step (extract or zip) while it has not completed."""
+        lang = caller.lang
+        row = await self.context.store.get_download_by_id(download_id)
+        if row is None:
+            return translate(lang, _DOWNLOAD.missing_key, id=download_id)
+        if not self.context.gatekeeper.may_control(caller.user_id, row):
+            return translate(lang, "bot.not_yours", id=row.id)
+        if row.status not in render.ARCHIVE_OPEN_STATUSES:
+            return translate(lang, "bot.archive_too_late", id=row.id)
+        await self.context.store.set_archive_option(row.id, action, password)
+        logger.bind(job=row.id, user=caller.user_id).info("{} before upload asked", action)
+        return translate(lang, f"bot.archive_{action}_set", id=row.id)
 
     async def upload_action(self, caller: Caller, action: str, upload_id: int) -> str:
         """Do `action` on an upload of a job the caller may control; the answer either way."""
@@ -389,6 +421,13 @@ class Commands:
             if parts[0] == "s" and len(parts) == 2 and parts[1].isdigit():
                 await self._redraw(query, *await self.status_page(caller, int(parts[1])))
                 await _answer(query, None)
+                return
+            if parts[0] == "a" and len(parts) == 3 and parts[2].isdigit():
+                if parts[1] in ARCHIVE_ACTIONS:
+                    answer = await self.archive_action(caller, parts[1], int(parts[2]))
+                else:
+                    answer = translate(lang, "bot.button_unknown")
+                await _answer(query, answer)
                 return
             if parts[0] in ("d", "u") and len(parts) in (3, 4) and parts[2].isdigit():
                 kind, action, item_id = parts[0], parts[1], int(parts[2])

@@ -21,6 +21,7 @@ from bot.text import Language, translate
 from configer import UploadTarget, mask_url_passwords
 from db import ACTIVE_DOWNLOAD_STATUSES, download_actions, parse_utc, upload_actions
 from records import DownloadRow, Statistics, UploadRow
+from uploads.archives import archive_stem
 
 BAR_WIDTH = 12
 STATUS_PAGE_SIZE = 5
@@ -184,12 +185,34 @@ def _upload_reason(upload: UploadRow) -> str:
     return upload.error_message or upload.failure_reason or "?"
 
 
+# A job may still ask for an archive step while it has not completed.
+ARCHIVE_OPEN_STATUSES = ("pending", "waiting", "downloading", "paused")
+
+
 def download_buttons(
     lang: Language, row: DownloadRow, origin: str = "", *, with_id: bool = False
 ) -> list[InlineKeyboardButton]:
     """The actions the download's status allows now, as inline buttons."""
     actions = download_actions(row.status)
     return _action_buttons(lang, "d", "", "#", row.id, actions, origin, with_id)
+
+
+def archive_buttons(lang: Language, row: DownloadRow) -> list[InlineKeyboardButton]:
+    """Until the job completes: extract an archive it downloads, or zip a torrent's folder,
+    before uploading. Callback data is `a:<action>:<id>`."""
+    if row.status not in ARCHIVE_OPEN_STATUSES:
+        return []
+    actions = []
+    if archive_stem(row.file_name or "") is not None:
+        actions.append("extract")
+    if row.source_type in ("magnet", "torrent"):
+        actions.append("zip")
+    return [
+        InlineKeyboardButton(
+            translate(lang, f"bot.button.archive_{action}"), callback_data=f"a:{action}:{row.id}"
+        )
+        for action in actions
+    ]
 
 
 def upload_buttons(
@@ -232,6 +255,9 @@ def progress_message(
     buttons = download_buttons(lang, row)
     if buttons:
         keyboard.append(buttons)
+    archive = archive_buttons(lang, row)
+    if archive:
+        keyboard.append(archive)
     for upload in uploads:
         if upload.status in ("failed", "cancelled"):
             keyboard.append(upload_buttons(lang, upload, with_id=True))

@@ -26,7 +26,7 @@ from bot.runner import TelegramBot
 from bot.session import TelegramSession
 from bot.text import has_key
 from db import DOWNLOAD_STATUSES, UPLOAD_STATUSES
-from records import DownloadRow, TgMediaRecord
+from records import ARCHIVE_ACTIONS, DownloadRow, TgMediaRecord
 from tests.support.fake_telegram import CallbackAnswer, FakeTelegram, SentMessage
 from tests.support.http_files import FileServer
 from tests.support.rclone_cloud import add_remote
@@ -247,6 +247,11 @@ def test_catalogue_covers_every_message_in_both_languages() -> None:
     used |= {f"bot.button.{a}" for a in DOWNLOAD_ACTIONS}
     used |= {f"bot.button.upload_{a}" for a in UPLOAD_ACTIONS}
     used |= {"bot.role.admin", "bot.role.user"}
+    used |= {
+        f"bot.{k}{a}{e}"
+        for k, e in (("button.archive_", ""), ("archive_", "_set"))
+        for a in ARCHIVE_ACTIONS
+    }
     missing = sorted(key for key in used if not has_key(key))
     assert missing == []
     for status in DOWNLOAD_STATUSES:

@@ -245,6 +245,11 @@ FILE_CASES = [
     ("telegram:\n  admins: x\n", "telegram.admins: must be a list of Telegram user ids"),
     ("telegram:\n  admins: [1, -2]\n", "telegram.admins: must be a list"),
     ("telegram:\n  parts_in_flight: 0\n", "telegram.parts_in_flight: must be an integer between 1"),
+    (
+        "telegram:\n  max_upload_size: 4001MiB\n",
+        "telegram.max_upload_size: must be a size in bytes between 65536 and 4194304000",
+    ),
+    ("telegram:\n  max_upload_size: 0\n", "telegram.max_upload_size: must be a size"),
     ("aria2:\n  poll_interval: 0\n", "aria2.poll_interval: must be a number > 0"),
     ("aria2:\n  idle_poll_interval: -1\n", "aria2.idle_poll_interval: must be a number > 0"),
     ("aria2:\n  poll_interval: .nan\n", "aria2.poll_interval: must be a number"),

@@ -260,7 +260,7 @@ async def test_newer_schema_version_is_refused(store_backend: StoreBackend, peek
 
 
 async def make_old_database(backend: StoreBackend, version: int) -> None:
-    """A database at schema `version` (1 to 5) holding what MistRelay 1 left: one upload waiting
+    """A database at schema `version` (1 to 6) holding what MistRelay 1 left: one upload waiting
     for an automatic retry (`failed` with next_attempt_at), one failed for good, one running,
     and a download's gids learnt in an order that is not the alphabet's."""
     stamp = "2026-01-01T00:00:00.000+00:00"
@@ -299,16 +299,18 @@ async def make_old_database(backend: StoreBackend, version: int) -> None:
     assert backend.peek.schema_version() == version
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
 async def test_a_released_schema_is_migrated_forward_with_its_data(
     store_backend: StoreBackend, peek: Peek, version: int
 ) -> None:
     await make_old_database(store_backend, version)
     untouched = peek.fetch("SELECT * FROM uploads WHERE id IN (2, 3) ORDER BY id")
     async with store_backend.database() as db:
-        assert await db.schema_version() == SCHEMA_VERSION == 8
+        assert await db.schema_version() == SCHEMA_VERSION == 9
         # Schema 8 (settings changes): none was recorded yet.
         assert await db.list_settings_changes() == []
+        # Schema 9 (archive options): no job asked for an archive step yet.
+        assert await db.get_archive_option(1) is None
         # Schema 6: nothing was imported from another store yet.
         assert await db.imported_origins() == {}
         # Schema 4: a job of a single node's store is held by no node.

@@ -164,6 +164,7 @@ async def fill_store(db: Database, config: Config) -> Filled:
     await db.mark_upload_started(failed, 100)
     await db.mark_upload_failed(failed, "too_large", "file too large", "413")
     await db.create_upload(torrent, "cloud", "/remote/set", 3)  # waiting for its download
+    await db.set_archive_option(torrent, "zip", None)  # zipped before uploading
 
     magnet = await db.create_download(NewDownload("magnet", "magnet:?xt=urn:btih:cd"))
     await db.mark_download_queued_by_id(magnet, "gid-magnet")
@@ -293,6 +294,7 @@ async def test_the_copy_knows_every_table_in_an_order_its_foreign_keys_allow(
     order = list(_STORE_TABLES)
     assert sorted(references) == [
         ("bot_notices", "downloads"),
+        ("download_archive_options", "downloads"),
         ("download_gids", "downloads"),
         ("downloads", "tg_media"),
         ("tg_storage_messages", "tg_media"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import os
 import subprocess
 import time
@@ -41,7 +42,7 @@ from uploads.manager import (
     default_rclone_args,
     remote_path_for,
 )
-from uploads.telegram import FileWindow, plan_parts
+from uploads.telegram import FileWindow, byte_parts, plan_files
 
 MIB = 1024 * 1024
 
@@ -512,6 +513,10 @@ def test_remote_path_of_a_target() -> None:
     assert remote_path_for(UploadTarget("t", "telegram", chat_id=-100), "f") == "telegram:-100/f"
 
 
+def plan_parts(source: Path, name: str, part_size: int) -> list[telegram_upload.TelegramPart]:
+    return [part for f in plan_files(source, name) for part in byte_parts(f, part_size)]
+
+
 def test_plan_parts_splits_files_and_walks_folders(tmp_path: Path) -> None:
     big = tmp_path / "big.iso"
     big.write_bytes(bytes(range(256)) * 40)  # 10240 bytes
@@ -521,7 +526,7 @@ def test_plan_parts_splits_files_and_walks_folders(tmp_path: Path) -> None:
         (4096, 4096, "big.iso.002"),
         (8192, 2048, "big.iso.003"),
     ]
-    assert parts[1].caption == "big.iso — part 2/3"
+    assert parts[1].caption == "big.iso — part 2/3\njoin: cat big.iso.[0-9][0-9][0-9] > big.iso"
     assert not any(p.whole_file for p in parts)
 
     folder = tmp_path / "Album"
@@ -531,12 +536,28 @@ def test_plan_parts_splits_files_and_walks_folders(tmp_path: Path) -> None:
     (folder / "empty.txt").write_bytes(b"")
     (folder / "link").symlink_to(big)
     planned = plan_parts(folder, "Album", 4096)
+    join = "join: cat b.flac.[0-9][0-9][0-9] > b.flac"
     assert [(p.name, p.length, p.caption) for p in planned] == [
         ("a.flac", 100, "Album/a.flac"),
-        ("b.flac.001", 4096, "Album/cd2/b.flac — part 1/2"),
-        ("b.flac.002", 904, "Album/cd2/b.flac — part 2/2"),
+        ("b.flac.001", 4096, f"Album/cd2/b.flac — part 1/2\n{join}"),
+        ("b.flac.002", 904, f"Album/cd2/b.flac — part 2/2\n{join}"),
     ]
     assert planned[0].whole_file
+
+
+def test_raw_parts_join_line_quotes_the_name_and_really_joins(tmp_path: Path) -> None:
+    source = tmp_path / "my file's.bin"
+    data = os.urandom(3000)
+    source.write_bytes(data)
+    parts = plan_parts(source, source.name, 1000)
+    join = parts[0].caption.splitlines()[-1]
+    assert join == """join: cat 'my file'"'"'s.bin'.[0-9][0-9][0-9] > 'my file'"'"'s.bin'"""
+    received = tmp_path / "received"
+    received.mkdir()
+    for part in parts:
+        (received / part.name).write_bytes(data[part.offset : part.offset + part.length])
+    subprocess.run(["sh", "-c", join.removeprefix("join: ")], cwd=received, check=True)
+    assert (received / source.name).read_bytes() == data
 
 
 def test_file_window_reads_only_its_part(tmp_path: Path) -> None:
@@ -622,7 +643,10 @@ async def test_telegram_target_sends_parts_and_checks_each_size(
     ]
     assert [d.size for d in documents] == [262_144, 262_144, 600_000 - 2 * 262_144]
     assert b"".join(d.data for d in documents) == data
-    assert [d.caption for d in documents] == [f"archive.zip — part {i}/3" for i in (1, 2, 3)]
+    join = "join: cat archive.zip.[0-9][0-9][0-9] > archive.zip"
+    assert [d.caption for d in documents] == [
+        f"archive.zip — part {i}/3\n{join}" for i in (1, 2, 3)
+    ]
     assert {d.chat_id for d in documents} == {chat_id}
     assert {d.kind for d in documents} == {"document"}
     assert done.target_type == "telegram"
@@ -685,6 +709,111 @@ async def test_telegram_video_goes_as_a_streamable_video_with_thumbnail(
     assert not (tmp_path / "data" / "telegram-uploads" / str(upload.id)).exists()  # thumb gone
 
 
+def make_uneven_video(path: Path) -> Path:
+    """8 s with sound: 4 s of noisy picture (big), then 4 s of flat grey (tiny); a keyframe a
+    second. Cut evenly by time, the first parts are far bigger than the last."""
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            *("-f", "lavfi", "-i", "testsrc=duration=4:size=320x240:rate=10,noise=alls=60:allf=t"),
+            *("-f", "lavfi", "-i", "color=c=gray:duration=4:size=320x240:rate=10"),
+            *("-f", "lavfi", "-i", "sine=frequency=440:duration=8"),
+            *("-filter_complex", "[0][1]concat=n=2:v=1:a=0,format=yuv420p[v]"),
+            *("-map", "[v]", "-map", "2:a", "-g", "10", "-c:v", "libx264", "-preset", "ultrafast"),
+            *("-c:a", "aac", "-shortest", str(path)),
+        ],
+        check=True,
+        timeout=60,
+    )
+    return path
+
+
+def ffprobe_json(path: Path) -> dict[str, Any]:
+    command = ["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams"]
+    answer = subprocess.run(
+        [*command, str(path)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    parsed: dict[str, Any] = json.loads(answer.stdout)
+    return parsed
+
+
+@pytest.mark.slow
+async def test_telegram_big_video_goes_as_playable_parts_cut_by_time(
+    tmp_path: Path, fake_telegram: FakeTelegram, tg_client: PyrogramClient
+) -> None:
+    chat_id = await known_user(fake_telegram, tg_client)
+    video = await asyncio.to_thread(make_uneven_video, tmp_path / "film.mp4")
+    whole = await asyncio.to_thread(ffprobe_json, video)
+    limit = 450_000  # a third of the file; one noisy second is ~340 kB
+    async with standalone_manager(
+        tmp_path,
+        telegram_config(chat_id),
+        telegram_client=lambda: tg_client,
+        telegram_part_size=limit,
+    ) as (db, manager):
+        await manager.start()
+        row = await completed_download(db, tmp_path / "downloads", "film.mp4", {"": b""})
+        await asyncio.to_thread(os.replace, video, row.local_path or "")
+        await manager.on_download_completed(row)
+        (upload,) = await db.get_uploads_by_download(row.id)
+        done = await wait_row(db, upload.id, {"completed", "failed"})
+
+    assert done.status == "completed", done
+    sent = fake_telegram.sent_documents()
+    count = len(sent)
+    assert count >= 4  # the even first cut left parts over the limit, cut again
+    numbers = range(1, count + 1)
+    assert [d.file_name for d in sent] == [f"film.part{i:02d}.mp4" for i in numbers]
+    assert [d.caption for d in sent] == [f"film.mp4 — part {i}/{count}" for i in numbers]
+    assert {d.kind for d in sent} == {"video"}
+    assert all(d.size < limit for d in sent)
+    assert done.verified_size == sum(d.size for d in sent)
+    durations = []
+    for index, document in enumerate(sent):
+        received = tmp_path / f"received{index}.mp4"
+        await asyncio.to_thread(received.write_bytes, document.data)
+        facts = await asyncio.to_thread(ffprobe_json, received)
+        kinds = sorted(stream["codec_type"] for stream in facts["streams"])
+        assert kinds == ["audio", "video"], facts  # picture and sound in every part
+        durations.append(float(facts["format"]["duration"]))
+        assert document.duration == round(durations[-1])
+    assert sum(durations) == pytest.approx(float(whole["format"]["duration"]), abs=0.5)
+    assert not (tmp_path / "data" / "telegram-uploads" / str(upload.id)).exists()  # parts gone
+
+
+async def test_telegram_video_that_cannot_be_cut_goes_as_raw_parts(
+    tmp_path: Path, fake_telegram: FakeTelegram, tg_client: PyrogramClient
+) -> None:
+    """One keyframe for the whole clip: no cut is possible, so the bytes go as .001, .002…"""
+    chat_id = await known_user(fake_telegram, tg_client)
+    video = await asyncio.to_thread(make_video, tmp_path / "one-gop.mp4")
+    data = await asyncio.to_thread(video.read_bytes)
+    async with standalone_manager(
+        tmp_path,
+        telegram_config(chat_id),
+        telegram_client=lambda: tg_client,
+        telegram_part_size=len(data) // 2 + 1,
+    ) as (db, manager):
+        await manager.start()
+        row = await completed_download(db, tmp_path / "downloads", "one-gop.mp4", {"": b""})
+        await asyncio.to_thread(os.replace, video, row.local_path or "")
+        await manager.on_download_completed(row)
+        (upload,) = await db.get_uploads_by_download(row.id)
+        done = await wait_row(db, upload.id, {"completed", "failed"})
+
+    assert done.status == "completed", done
+    sent = fake_telegram.sent_documents()
+    assert [d.file_name for d in sent] == ["one-gop.mp4.001", "one-gop.mp4.002"]
+    assert {d.kind for d in sent} == {"document"}
+    assert b"".join(d.data for d in sent) == data
+    assert sent[0].caption.endswith("join: cat one-gop.mp4.[0-9][0-9][0-9] > one-gop.mp4")
+
+
 async def test_telegram_flood_wait_is_retried_after_the_backoff(
     tmp_path: Path, fake_telegram: FakeTelegram, tg_client: PyrogramClient
 ) -> None:
@@ -732,10 +861,8 @@ async def test_telegram_target_through_the_running_bot(
     service_factory: ServiceFactory,
     file_server: FileServer,
     fake_telegram: FakeTelegram,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     user = fake_telegram.make_user()
-    monkeypatch.setattr(telegram_upload, "TELEGRAM_PART_SIZE", 1 * MIB)
     svc = await service_factory(
         {
             "telegram": {
@@ -743,6 +870,7 @@ async def test_telegram_target_through_the_running_bot(
                 "api_hash": "x" * 32,
                 "bot_token": "1:x",
                 "admins": [int(user.id)],
+                "max_upload_size": "1MiB",
             },
             "upload": {
                 "targets": [{"name": "back", "type": "telegram", "chat_id": int(user.id)}],

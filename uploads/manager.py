@@ -40,9 +40,10 @@ from loguru import logger
 
 from configer import UploadConfig, UploadTarget
 from db import NotFound, Store, StoreError, TransitionError, allowed_sources, parse_utc
-from files import DownloadFiles
+from files import DownloadFiles, discard
 from records import DownloadRow, HolderAction, UploadRow
 from uploads import telegram as telegram_upload
+from uploads.archives import ArchiveError, ArchiveLimits, archive_stem, extract, zip_folder
 from uploads.rclone import (
     LOCAL_FILE_MISSING,
     Rclone,
@@ -72,6 +73,7 @@ DEFAULT_RCLONE_FLAGS: tuple[tuple[str, str], ...] = (("retries", "1"), ("low-lev
 TARGET_NOT_CONFIGURED = "target_not_configured"
 TELEGRAM_UNAVAILABLE = "telegram_unavailable"
 INTERNAL_ERROR = "internal_error"
+ARCHIVE_REFUSED = "archive_refused"
 
 
 class UploadFailure(Exception):
@@ -270,6 +272,7 @@ class UploadManager:
         self._dispatcher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._cleanup_lock = asyncio.Lock()
+        self._archive_lock = asyncio.Lock()  # one extraction or zip at a time
         self._stopping = False
         self._started = False
 
@@ -636,6 +639,11 @@ class UploadManager:
         ):
             log.warning("upload {}: the local file is gone: {}", upload.id, local.name)
             return
+        name = upload_name(download)
+        option = await self.store.get_archive_option(download.id)
+        if option is not None:
+            local = await self._prepare_archive(download.id, local, log)
+            name = local.name
         total = await asyncio.to_thread(local_total_size, local)
         await self.store.mark_upload_started(upload.id, total)
         if target is None:
@@ -644,8 +652,9 @@ class UploadManager:
                 f"upload target {upload.upload_target!r} is not in upload.targets any more",
                 retryable=False,
             )
-        name = upload_name(download)
-        remote_path = upload.remote_path or remote_path_for(target, name)
+        # An extracted or zipped job goes under its new name, not the one planned at creation.
+        remote_path = remote_path_for(target, name) if option else upload.remote_path
+        remote_path = remote_path or remote_path_for(target, name)
         progress = ProgressWriter(self.store, upload.id, total, interval=self.progress_interval)
         if upload.status == "uploading":
             log.info("upload {} to {} resumes after a restart", upload.id, target.name)
@@ -655,6 +664,43 @@ class UploadManager:
             remote_path = await self._upload_telegram(upload.id, target, local, name, progress)
         await self.store.mark_upload_completed(upload.id, remote_path)
         log.info("upload {} to {} completed and verified ({} bytes)", upload.id, target.name, total)
+
+    async def _prepare_archive(self, download_id: int, local: Path, log: Logger) -> Path:
+        """The job's archive extracted, or its folder zipped, next to it, once for all targets.
+
+        Raises UploadFailure (archive_refused) for an archive that is refused or cannot be read.
+        """
+        async with self._archive_lock:
+            option = await self.store.get_archive_option(download_id)
+            if option is None:
+                return local
+            if option.prepared_path:
+                done = await asyncio.to_thread(self.files.confined, option.prepared_path)
+                if done is not None and await asyncio.to_thread(done.exists):
+                    return done
+            is_dir = await asyncio.to_thread(local.is_dir)
+            try:
+                if option.action == "zip":
+                    if not is_dir:
+                        raise ArchiveError(f"{local.name} is one file, not a folder to zip")
+                    dest = local.parent / f"{local.name}.zip"
+                    await asyncio.to_thread(discard, dest)  # a leftover of an interrupted run
+                    prepared = await zip_folder(local, dest)
+                else:
+                    stem = None if is_dir else archive_stem(local.name)
+                    if stem is None:
+                        raise ArchiveError(f"{local.name} is not an archive that can be extracted")
+                    dest = local.parent / stem
+                    await asyncio.to_thread(discard, dest)  # a leftover of an interrupted run
+                    limits = ArchiveLimits(
+                        self.config.extract_max_size, self.config.extract_max_ratio
+                    )
+                    prepared = await extract(local, dest, limits, password=option.password)
+            except ArchiveError as exc:
+                raise UploadFailure(ARCHIVE_REFUSED, str(exc), retryable=False) from exc
+            await self.store.record_archive_prepared(download_id, str(prepared))
+            log.info("download {}: {} ready as {}", download_id, option.action, prepared.name)
+            return prepared
 
     async def _upload_rclone(
         self,
@@ -786,6 +832,9 @@ class UploadManager:
                     download_id,
                 )
                 return False
+            option = await self.store.get_archive_option(download_id)
+            if option is not None and option.prepared_path:
+                await self.files.remove(option.prepared_path)
             removed = await self.files.remove(path)
             if not removed and await asyncio.to_thread(path.exists):
                 log.warning("download {}: the local file could not be deleted", download_id)

@@ -1,10 +1,13 @@
 """Sending a finished download back to Telegram: parts, video metadata, read-back of sizes.
 
-A bot may send at most 2000 MiB per file, so a bigger file goes as several documents
-(``name.001``, ``name.002``, … — ``cat`` joins them again). Each part is read straight from the
-file through a window (:class:`FileWindow`); nothing is copied to disk. A torrent folder sends
-each of its files this way. A single-part video is sent as a streamable video with its duration,
-size and a thumbnail, which ffprobe and ffmpeg work out in subprocesses (:mod:`uploads.media`).
+A message carries at most ``telegram.max_upload_size`` bytes (2000 MiB for a bot, 4000 MiB for a
+premium account). A bigger video is cut by time into parts that each play on their own
+(:mod:`uploads.splitter`: ffmpeg, stream copy); any other bigger file goes as raw parts
+(``name.001``, ``name.002``, …) whose captions carry the ``cat`` line that joins them again. Raw
+parts are read straight from the file through a window (:class:`FileWindow`); nothing is copied
+to disk. A torrent folder sends each of its files this way. A video sent whole, or a cut video's
+part, goes as a streamable video with its duration, size and a thumbnail, which ffprobe and
+ffmpeg work out in subprocesses (:mod:`uploads.media`).
 
 Verification: Telegram answers each send with the stored message; the size of its document
 (or video) must equal the bytes sent for that part.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +28,10 @@ from loguru import logger
 
 from files import discard
 from uploads.media import make_thumbnail, probe
+from uploads.splitter import is_video_name, split_video
 
 MIB = 1024 * 1024
-TELEGRAM_PART_SIZE = 2000 * MIB  # a bot's upload limit per file
+TELEGRAM_PART_SIZE = 2000 * MIB  # a bot's upload limit per file (telegram.max_upload_size)
 CAPTION_LIMIT = 1024
 # Containers Telegram plays as a streamable video.
 STREAMABLE_VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm"})
@@ -154,13 +159,20 @@ class FileWindow(io.RawIOBase):
         super().close()
 
 
-def plan_parts(source: Path, name: str, part_size: int) -> list[TelegramPart]:
-    """The messages a file or folder becomes. Synchronous (walks the folder): use a thread.
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file of an upload: its path and its label (``name`` or ``name/inner/path``)."""
+
+    path: Path
+    label: str
+    size: int
+
+
+def plan_files(source: Path, name: str) -> list[PlannedFile]:
+    """The files a file or folder upload sends. Synchronous (walks the folder): use a thread.
 
     Empty files are left out (Telegram refuses them); symlinks too (they may point anywhere).
     """
-    if part_size <= 0:
-        raise ValueError("part_size must be positive")
     if source.is_dir():
         files = sorted(
             (path for path in source.rglob("*") if path.is_file() and not path.is_symlink()),
@@ -169,33 +181,65 @@ def plan_parts(source: Path, name: str, part_size: int) -> list[TelegramPart]:
         labelled = [(path, f"{name}/{path.relative_to(source).as_posix()}") for path in files]
     else:
         labelled = [(source, name)]
-    parts: list[TelegramPart] = []
-    for path, label in labelled:
-        size = path.stat().st_size
-        if size == 0:
-            continue
-        file_name = label.rsplit("/", 1)[-1]
-        if size <= part_size:
-            parts.append(TelegramPart(path, 0, size, file_name, _caption(label), True))
-            continue
-        count = -(-size // part_size)
-        for index in range(count):
-            offset = index * part_size
-            parts.append(
-                TelegramPart(
-                    path,
-                    offset,
-                    min(part_size, size - offset),
-                    f"{file_name}.{index + 1:03d}",
-                    _caption(f"{label} — part {index + 1}/{count}"),
-                    False,
-                )
+    planned = [PlannedFile(path, label, path.stat().st_size) for path, label in labelled]
+    return [file for file in planned if file.size > 0]
+
+
+def byte_parts(file: PlannedFile, part_size: int) -> list[TelegramPart]:
+    """`file` as one message, or as raw parts ``name.001``… each captioned with the join line."""
+    if part_size <= 0:
+        raise ValueError("part_size must be positive")
+    file_name = file.label.rsplit("/", 1)[-1]
+    if file.size <= part_size:
+        return [TelegramPart(file.path, 0, file.size, file_name, _caption(file.label), True)]
+    count = -(-file.size // part_size)
+    width = max(3, len(str(count)))
+    join = join_command(file_name, width)
+    return [
+        TelegramPart(
+            file.path,
+            index * part_size,
+            min(part_size, file.size - index * part_size),
+            f"{file_name}.{index + 1:0{width}d}",
+            _caption(f"{file.label} — part {index + 1}/{count}", join),
+            False,
+        )
+        for index in range(count)
+    ]
+
+
+def join_command(file_name: str, width: int) -> str:
+    """The shell line that joins raw parts back into `file_name` (the glob sorts them in order)."""
+    quoted = shlex.quote(file_name)
+    return f"join: cat {quoted}.{'[0-9]' * width} > {quoted}"
+
+
+def video_parts(file: PlannedFile, pieces: list[Path]) -> list[TelegramPart]:
+    """The playable parts of a cut video as messages ``stem.partN.ext``, captioned "part i/n"."""
+    file_name = file.label.rsplit("/", 1)[-1]
+    stem, suffix = Path(file_name).stem, Path(file_name).suffix
+    count = len(pieces)
+    width = max(2, len(str(count)))
+    parts = []
+    for index, piece in enumerate(pieces, start=1):
+        parts.append(
+            TelegramPart(
+                piece,
+                0,
+                piece.stat().st_size,
+                f"{stem}.part{index:0{width}d}{suffix}",
+                _caption(f"{file.label} — part {index}/{count}"),
+                True,
             )
+        )
     return parts
 
 
-def _caption(text: str) -> str:
-    return text if len(text) <= CAPTION_LIMIT else text[: CAPTION_LIMIT - 1] + "…"
+def _caption(text: str, tail: str = "") -> str:
+    """`text` cut to fit one caption; `tail` (a join command) goes on its own last line whole."""
+    room = CAPTION_LIMIT - (len(tail) + 1 if tail else 0)
+    head = text if len(text) <= room else text[: room - 1] + "…"
+    return f"{head}\n{tail}" if tail else head
 
 
 def classify(exc: BaseException, part: TelegramPart) -> TelegramUploadError:
@@ -245,6 +289,20 @@ def _sent_size(message: SentMessage) -> int | None:
     return None
 
 
+def _source_progress(
+    on_progress: Callable[[int], None], base: int, start: int, size: int, scale: float
+) -> Callable[[int], None]:
+    """Bytes of a part sent, reported as bytes of the source (`size` bytes from `base`).
+
+    `start` bytes of the file's parts went before; `scale` is source bytes per part byte.
+    """
+
+    def report(current: int) -> None:
+        on_progress(base + min(size, round((start + current) * scale)))
+
+    return report
+
+
 class TelegramSender:
     """Sends one upload (a file or a folder) to `chat_id` through a started Pyrogram client."""
 
@@ -259,26 +317,39 @@ class TelegramSender:
     async def send(
         self, source: Path, name: str, *, on_progress: Callable[[int], None]
     ) -> TelegramResult:
-        """Send every part; raises TelegramUploadError (cancel: CancelledError)."""
+        """Send every file, part by part; raises TelegramUploadError (cancel: CancelledError).
+
+        `on_progress` counts bytes of the source; the result's size counts the bytes Telegram
+        stored, which for a cut video differs a little from the source's.
+        """
         try:
-            parts = await asyncio.to_thread(plan_parts, source, name, self.part_size)
+            files = await asyncio.to_thread(plan_files, source, name)
         except FileNotFoundError as exc:
             raise TelegramUploadError(
                 LOCAL_FILE_MISSING, f"nothing to upload at {source.name}", retryable=False
             ) from exc
-        if not parts:
+        if not files:
             raise TelegramUploadError(
                 TELEGRAM_REFUSED, f"{name} holds no bytes to send", retryable=False
             )
         log = logger.bind(chat=self.chat_id)
-        log.info("sending {} to Telegram as {} message(s)", name, len(parts))
-        sent_before = 0
+        log.info("sending {} to Telegram: {} file(s)", name, len(files))
+        done_before = 0
+        stored = 0
         message_ids: list[int] = []
         try:
-            for part in parts:
-                message_ids.append(await self._send_part(part, sent_before, on_progress))
-                sent_before += part.length
-                on_progress(sent_before)
+            for file in files:
+                parts = await self._parts_of(file)
+                scale = file.size / sum(part.length for part in parts)
+                in_file = 0  # bytes of this file's parts already stored
+                for part in parts:
+                    report = _source_progress(on_progress, done_before, in_file, file.size, scale)
+                    message_ids.append(await self._send_part(part, report))
+                    in_file += part.length
+                stored += in_file
+                done_before += file.size
+                on_progress(done_before)
+                await asyncio.to_thread(discard, self.work_dir / "cut")
         finally:
             await asyncio.to_thread(discard, self.work_dir)
         if len(message_ids) == 1:
@@ -286,16 +357,22 @@ class TelegramSender:
         else:
             where = f"{message_ids[0]}..{message_ids[-1]}"
         return TelegramResult(
-            size=sent_before,
+            size=stored,
             message_ids=tuple(message_ids),
             remote_path=f"telegram:{self.chat_id}/{where}",
         )
 
-    async def _send_part(
-        self, part: TelegramPart, sent_before: int, on_progress: Callable[[int], None]
-    ) -> int:
+    async def _parts_of(self, file: PlannedFile) -> list[TelegramPart]:
+        """A video over the limit as playable parts cut by time; anything else as byte parts."""
+        if file.size > self.part_size and is_video_name(file.path):
+            pieces = await split_video(file.path, self.work_dir / "cut", self.part_size)
+            if pieces is not None:
+                return await asyncio.to_thread(video_parts, file, pieces)
+        return byte_parts(file, self.part_size)
+
+    async def _send_part(self, part: TelegramPart, on_progress: Callable[[int], None]) -> int:
         async def progress(current: int, _total: int) -> None:
-            on_progress(sent_before + current)
+            on_progress(current)
 
         video = None
         if part.whole_file and part.path.suffix.lower() in STREAMABLE_VIDEO_EXTENSIONS:

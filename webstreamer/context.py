@@ -25,7 +25,7 @@ from db import DuplicateDownload, Store
 from events import EventHub
 from files import DownloadFiles
 from metrics import Metrics
-from records import DownloadRow, NodeStatus, UploadRow, WebSession
+from records import ArchiveRequest, DownloadRow, NodeStatus, UploadRow, WebSession
 from settings_editor import SettingsEditor
 from webstreamer.byteserve import ByteSource
 from webstreamer.links import StreamLinks
@@ -49,9 +49,11 @@ class DownloadActions(Protocol):
     """What the API asks of the download engine."""
 
     async def add_links(
-        self, urls: Sequence[str]
+        self, urls: Sequence[str], *, archive: ArchiveRequest | None = None
     ) -> list[DownloadRow | SourceError | DuplicateDownload]: ...
-    async def add_torrent(self, data: bytes) -> DownloadRow: ...
+    async def add_torrent(
+        self, data: bytes, *, archive: ArchiveRequest | None = None
+    ) -> DownloadRow: ...
     async def pause(self, download_id: int) -> DownloadRow: ...
     async def resume(self, download_id: int) -> DownloadRow: ...
     async def retry(self, download_id: int) -> DownloadRow: ...

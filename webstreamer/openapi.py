@@ -24,6 +24,7 @@ from aiohttp import web
 
 from configer import BOT_LANGUAGES
 from db import DOWNLOAD_STATUSES, SOURCE_TYPES, UPLOAD_STATUSES
+from records import ARCHIVE_ACTIONS
 from webstreamer.context import (
     MAX_LIST_LIMIT,
     STATIC_DIR,
@@ -31,7 +32,7 @@ from webstreamer.context import (
     context_of,
     page_headers,
 )
-from webstreamer.routes.api import MAX_FILES_PER_PAGE, MAX_URLS_PER_REQUEST
+from webstreamer.routes.api import MAX_FILES_PER_PAGE, MAX_PASSWORD_LENGTH, MAX_URLS_PER_REQUEST
 from webstreamer.signing import SESSION_COOKIE
 
 OPENAPI_PATH = "/api/openapi.json"
@@ -68,6 +69,11 @@ def _obj(properties: dict[str, Schema], *, optional: tuple[str, ...] = ()) -> Sc
 INT: Schema = {"type": "integer"}
 COUNT: Schema = {"type": "integer", "minimum": 0}
 STR: Schema = {"type": "string"}
+# The optional archive step of a new job (POST /api/downloads).
+ARCHIVE_FIELDS: dict[str, Schema] = {
+    "archive": {"type": "string", "enum": list(ARCHIVE_ACTIONS)},
+    "archive_password": {"type": "string", "minLength": 1, "maxLength": MAX_PASSWORD_LENGTH},
+}
 BOOL: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "string", "description": "ISO 8601 time (UTC)"}
 ROW_ID: Schema = {"type": "integer", "minimum": 1}
@@ -756,7 +762,7 @@ OPERATIONS: tuple[Operation, ...] = (
         body=json_body(
             {
                 "oneOf": [
-                    _obj({"url": STR}),
+                    _obj({"url": STR, **ARCHIVE_FIELDS}, optional=tuple(ARCHIVE_FIELDS)),
                     _obj(
                         {
                             "urls": {
@@ -764,11 +770,18 @@ OPERATIONS: tuple[Operation, ...] = (
                                 "items": STR,
                                 "minItems": 1,
                                 "maxItems": MAX_URLS_PER_REQUEST,
-                            }
-                        }
+                            },
+                            **ARCHIVE_FIELDS,
+                        },
+                        optional=tuple(ARCHIVE_FIELDS),
                     ),
                 ]
             }
+        ),
+        description=(
+            '"archive": "extract" unpacks a downloaded zip, 7z, rar or tar(.gz/.xz/.bz2/.zst)'
+            ' before it is uploaded (with "archive_password" if it has one); "zip" packs a'
+            " downloaded folder (a torrent) into one zip. The password is never shown again."
         ),
     ),
     Operation(
@@ -788,7 +801,10 @@ OPERATIONS: tuple[Operation, ...] = (
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
-                        "properties": {"file": {"type": "string", "format": "binary"}},
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            **ARCHIVE_FIELDS,
+                        },
                         "required": ["file"],
                     }
                 }

@@ -10,7 +10,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aria2_client.sources import SourceError, parse_link
 from configer import ConfigError, mask_url_passwords, masked_settings, parse_setting
 from db import DOWNLOAD_STATUSES, DuplicateDownload
-from records import DownloadRow
+from records import ARCHIVE_ACTIONS, ArchiveRequest, DownloadRow
 from webstreamer.context import (
     MAX_LIST_LIMIT,
     SESSION,
@@ -27,6 +27,7 @@ from webstreamer.context import (
 from webstreamer.views import download_json, file_json
 
 MAX_URLS_PER_REQUEST = 500
+MAX_PASSWORD_LENGTH = 1024  # characters of an archive password
 MAX_FILES_PER_PAGE = 1000  # files one page of a torrent's file list may ask for
 
 
@@ -44,9 +45,10 @@ async def health(request: web.Request) -> web.Response:
 async def add_downloads(request: web.Request) -> web.Response:
     ctx = context_of(request)
     body = await read_json_object(request)
-    unknown = set(body) - {"url", "urls"}
+    unknown = set(body) - {"url", "urls", "archive", "archive_password"}
     if unknown:
         raise web.HTTPBadRequest(text=f"unknown fields: {', '.join(sorted(unknown))}")
+    archive = archive_request(body)
     if ("url" in body) == ("urls" in body):
         raise web.HTTPBadRequest(text='give either "url" or "urls"')
     urls = [body["url"]] if "url" in body else body["urls"]
@@ -68,7 +70,9 @@ async def add_downloads(request: web.Request) -> web.Response:
         return json_error(400, "invalid_urls", bad)
     added: list[DownloadRow] = []
     duplicates: list[dict[str, Any]] = []
-    for url, outcome in zip(urls, await ctx.downloads.add_links(urls), strict=True):
+    for url, outcome in zip(
+        urls, await ctx.downloads.add_links(urls, archive=archive), strict=True
+    ):
         if isinstance(outcome, DuplicateDownload):
             # The answer names the link as the page shows it: its password masked.
             duplicates.append(
@@ -89,22 +93,49 @@ async def add_downloads(request: web.Request) -> web.Response:
     )
 
 
+def archive_request(body: dict[str, Any]) -> ArchiveRequest | None:
+    """The optional "archive" step ("extract" or "zip") and "archive_password" of a new job."""
+    action = body.get("archive")
+    password = body.get("archive_password")
+    if action is None:
+        if password is not None:
+            raise web.HTTPBadRequest(text='"archive_password" needs "archive": "extract"')
+        return None
+    if action not in ARCHIVE_ACTIONS:
+        raise web.HTTPBadRequest(text=f'"archive" must be one of {", ".join(ARCHIVE_ACTIONS)}')
+    if password is not None:
+        if action != "extract":
+            raise web.HTTPBadRequest(text='"archive_password" goes only with "extract"')
+        if not isinstance(password, str) or not 1 <= len(password) <= MAX_PASSWORD_LENGTH:
+            raise web.HTTPBadRequest(
+                text=f'"archive_password" must be a string of 1-{MAX_PASSWORD_LENGTH} characters'
+            )
+    return ArchiveRequest(action, password)
+
+
 async def add_torrent(request: web.Request) -> web.Response:
     ctx = context_of(request)
     if not request.content_type.startswith("multipart/"):
         raise web.HTTPBadRequest(text='send the .torrent as multipart form field "file"')
     data: bytes | None = None
+    fields: dict[str, Any] = {}
     try:
         reader = await request.multipart()
         async for part in reader:
-            if getattr(part, "name", None) == "file":
+            name = getattr(part, "name", None)
+            if name == "file":
                 data = bytes(await part.read(decode=False))  # type: ignore[union-attr]
-                break
+            elif name in ("archive", "archive_password"):
+                value = bytes(await part.read(decode=False))  # type: ignore[union-attr]
+                if len(value) > 4 * MAX_PASSWORD_LENGTH:
+                    raise web.HTTPBadRequest(text=f'multipart field "{name}" is too long')
+                fields[name] = value.decode("utf-8", "replace")
     except (HttpProcessingError, ValueError) as exc:  # a part's head or the boundary is broken
         raise web.HTTPBadRequest(text=f"the multipart body could not be read: {exc}") from None
     if data is None:
         raise web.HTTPBadRequest(text='multipart field "file" is missing')
-    row = await ctx.downloads.add_torrent(data)
+    archive = archive_request(fields)
+    row = await ctx.downloads.add_torrent(data, archive=archive)
     return web.json_response({"downloads": [download_json(ctx.links, row, [])]}, status=201)
 
 

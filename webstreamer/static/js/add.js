@@ -12,6 +12,20 @@ function showAdded(downloads) {
   for (const d of downloads.slice().reverse()) putDownload(d, { front: true });
 }
 
+// The archive step chosen for the new links: extract (with its password, if typed) or zip.
+function archiveFields() {
+  const action = $("add-archive").value;
+  if (!action) return {};
+  const password = $("add-archive-password").value;
+  return action === "extract" && password ? { archive: action, archive_password: password } : { archive: action };
+}
+
+export function onArchiveChosen() {
+  const password = $("add-archive-password");
+  password.hidden = $("add-archive").value !== "extract";
+  if (password.hidden) password.value = "";
+}
+
 export async function onAddSubmit(event) {
   event.preventDefault();
   const area = $("add-links");
@@ -23,7 +37,7 @@ export async function onAddSubmit(event) {
   const button = $("add-submit");
   button.disabled = true;
   try {
-    const data = await api("POST", "/api/downloads", { urls });
+    const data = await api("POST", "/api/downloads", { urls, ...archiveFields() });
     const added = Array.isArray(data.downloads) ? data.downloads : [];
     showAdded(added);
     const lines = [["ok", t("web.add.added", { count: added.length })]];
@@ -32,6 +46,7 @@ export async function onAddSubmit(event) {
     }
     addResult(lines);
     area.value = "";
+    $("add-archive-password").value = "";
   } catch (error) {
     const body = error.body || {};
     if (error.status === 400 && Array.isArray(body.detail)) {
@@ -53,6 +68,7 @@ export async function onTorrentChosen(event) {
   if (!file) return;
   const form = new FormData();
   form.append("file", file, file.name);
+  for (const [name, value] of Object.entries(archiveFields())) form.append(name, value);
   try {
     const data = await api("POST", "/api/downloads/torrent", form);
     showAdded(Array.isArray(data.downloads) ? data.downloads : []);

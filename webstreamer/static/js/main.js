@@ -1,5 +1,5 @@
 // MistRelay dashboard start-up: one page, native modules, no build step.
-import { onAddSubmit, onTorrentChosen } from "./add.js";
+import { onAddSubmit, onArchiveChosen, onTorrentChosen } from "./add.js";
 import { onUnauthorized } from "./api.js";
 import { refreshCluster, renderNodes } from "./cluster.js";
 import { onDeleteDialogClosed, onListClick } from "./controls.js";
@@ -46,6 +46,7 @@ async function boot() {
   $("logout-all").addEventListener("click", onLogoutEverywhere);
   $("lang-switch").addEventListener("click", switchLanguage);
   $("add-form").addEventListener("submit", onAddSubmit);
+  $("add-archive").addEventListener("change", onArchiveChosen);
   $("torrent-file").addEventListener("change", onTorrentChosen);
   $("limits-form").addEventListener("submit", onLimitsSubmit);
   $("settings-form").addEventListener("submit", onSettingsSubmit);
