@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -309,6 +310,8 @@ class DownloadManager:
             meta = await asyncio.to_thread(parse_torrent, data)
             if meta.index_out:  # the files whose names the name policy cleaned
                 options["index-out"] = meta.index_out
+            if row.files and not all(f.selected for f in row.files):  # the choice made earlier
+                options["select-file"] = ",".join(str(f.index) for f in row.files if f.selected)
             if restricted:
                 sources = await asyncio.to_thread(torrent_sources, data)
                 dropped = await self._blocked_sources(row, sources)
@@ -559,6 +562,33 @@ class DownloadManager:
             "download limit of the job: {} B/s", bytes_per_second
         )
         return row
+
+    async def select_files(self, download_id: int, indexes: Collection[int]) -> DownloadRow:
+        """Fetch only these files of a torrent (1-based, as aria2 numbers them): aria2's
+        `select-file` on the live job, and the row's file list marked in the same step.
+
+        Raises ValueError naming what is wrong with `indexes`, TransitionError once the job is
+        over, StoreError when aria2 refuses the choice."""
+        row = await self._row(download_id)
+        if row.node not in (None, self.placement.node if self.placement else None):
+            raise TransitionError("download", download_id, row.status, f"changed on {row.node}")
+        if row.status not in ACTIVE_DOWNLOAD_STATUSES:
+            raise TransitionError("download", download_id, row.status, "files chosen")
+        if not row.files:
+            raise ValueError(f"download {download_id} has no file list (yet)")
+        chosen = check_file_choice(indexes, [f.index for f in row.files])
+        if row.gid is not None and row.status != "pending":
+            option = {"select-file": ",".join(str(i) for i in sorted(chosen))}
+            try:
+                await self.aria2.change_option(row.gid, option)
+            except Aria2RpcError as exc:  # the job left aria2 since the row was read
+                raise StoreError(f"aria2 did not take the choice: {exc.message}") from None
+        files = [replace(f, selected=f.index in chosen) for f in row.files]
+        await self.store.update_download_details_by_id(download_id, files=files)
+        logger.bind(job=download_id, gid=row.gid, chosen=len(chosen), of=len(files)).info(
+            "files chosen: {}", ",".join(str(i) for i in sorted(chosen))
+        )
+        return await self._row(download_id)
 
     async def resume(self, download_id: int) -> DownloadRow:
         row = await self._row(download_id)
@@ -858,3 +888,18 @@ def _looks_finished(status: Aria2Status) -> bool:
         or bool(status.followed_by)
         or (status.total_length > 0 and status.completed_length == status.total_length)
     )
+
+
+def check_file_choice(indexes: Collection[int], known: Collection[int]) -> frozenset[int]:
+    """The chosen file indexes, checked: at least one, no repeats, each one of `known`."""
+    if not indexes:
+        raise ValueError("choose at least one file")
+    chosen = frozenset(indexes)
+    if len(chosen) != len(indexes):
+        repeated = sorted(i for i, n in Counter(indexes).items() if n > 1)
+        raise ValueError(f"file indexes repeated: {', '.join(map(str, repeated))}")
+    unknown = sorted(chosen - set(known))
+    if unknown:
+        shown = ", ".join(map(str, unknown[:10]))
+        raise ValueError(f"no file with index {shown} (the files are 1 to {max(known)})")
+    return chosen
