@@ -1,0 +1,90 @@
+"""Choosing a torrent's files: the API checks the choice, aria2 (real) fetches only those files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.service import RunningService, ServiceFactory
+from tests.support.torrents import SeederFactory, Tracker, make_torrent
+from tests.test_engine_api import FINAL, fetch, path_exists, read_file, settled
+from tests.test_engine_sources import three_files, upload_torrent
+
+WAIT = 90.0
+
+
+@pytest.fixture
+async def svc(service_factory: ServiceFactory) -> RunningService:
+    return await settled(await service_factory())
+
+
+@pytest.mark.slow
+async def test_only_the_chosen_files_of_a_torrent_are_fetched_and_streamed(
+    svc: RunningService, tracker: Tracker, seeder_factory: SeederFactory, tmp_path: Path
+) -> None:
+    # No seeder yet: the torrent waits for peers while its files are chosen.
+    info = make_torrent(three_files(), tmp_path / "seed", tracker.announce_url, "choice")
+    status, answer = await upload_torrent(svc, info.torrent_bytes)
+    assert status == 201, answer
+    row = answer["downloads"][0]
+    path = f"/api/downloads/{row['id']}/files"
+    by_index = {f["index"]: f["path"] for f in row["files"]}
+    assert sorted(by_index) == [1, 2, 3]
+
+    wrong: list[tuple[object, str]] = [
+        ({"select": []}, "at least one"),
+        ({"select": [1, 3, 1]}, "repeated: 1"),
+        ({"select": [1, 4, 0]}, "no file with index 0, 4"),
+        ({"select": ["1"]}, "integers"),
+        ({"select": [True]}, "integers"),
+        ({"select": 1}, "integers"),
+        ({"choose": [1]}, "unknown fields: choose"),
+        ([1], "object"),
+    ]
+    for body, named in wrong:
+        status, answer = await svc.api("PUT", path, json=body)
+        assert status == 400, (body, answer)
+        assert named in str(answer["detail"]), (body, answer)
+    status, answer = await svc.api("PUT", "/api/downloads/999999/files", json={"select": [1]})
+    assert status == 404, answer
+
+    status, answer = await svc.api("PUT", path, json={"select": [3, 1]})
+    assert status == 200, answer
+    assert [(f["index"], f["selected"]) for f in answer["files"]] == [
+        (1, True),
+        (2, False),
+        (3, True),
+    ]
+    assert answer["total"] == 3
+    options = await svc.service.parts.engine.aria2.get_option(row["gid"])
+    assert options["select-file"] == "1,3"
+    # The choice may change while the job is live; the last one holds.
+    status, answer = await svc.api("PUT", path, json={"select": [2]})
+    assert status == 200, answer
+    status, answer = await svc.api("PUT", path, json={"select": [1, 3]})
+    assert status == 200, answer
+    status, listed = await svc.api("GET", path)
+    assert status == 200, listed
+    assert [f["selected"] for f in listed["files"]] == [True, False, True]
+
+    await seeder_factory(info)
+    done = await svc.wait_download(row["id"], FINAL, timeout=WAIT)
+    assert done["status"] == "completed", done
+    job_dir = svc.config.aria2.download_dir / str(row["id"])
+    files = {f["index"]: f for f in done["files"]}
+    for index in (1, 3):
+        data = info.files[by_index[index]]
+        assert await read_file(job_dir / by_index[index]) == data
+        link = files[index]["stream_url"]
+        assert link, files[index]
+        status, _, body = await fetch(svc, link)
+        assert status == 200 and body == data, (index, status)
+    # The file left out was not fetched whole and has no stream link.
+    left_out = job_dir / by_index[2]
+    assert not await path_exists(left_out) or (await read_file(left_out)) != info.files[by_index[2]]
+    assert files[2]["selected"] is False and files[2]["stream_url"] is None
+
+    status, answer = await svc.api("PUT", path, json={"select": [2]})
+    assert status == 409, answer  # a finished job keeps the files it has
+    assert answer["detail"]["status"] == "completed"
