@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
+from tests.support.rclone_cloud import RcloneCloud
 from tests.support.service import RunningService, ServiceFactory
 from tests.support.torrents import SeederFactory, Tracker, make_torrent
+from tests.test_archives import read_tree
 from tests.test_engine_api import FINAL, fetch, path_exists, read_file, settled
 from tests.test_engine_sources import three_files, upload_torrent
+from tests.test_uploads import all_in, rclone_target, upload_overrides, wait_uploads
 
 WAIT = 90.0
 
@@ -88,3 +92,32 @@ async def test_only_the_chosen_files_of_a_torrent_are_fetched_and_streamed(
     status, answer = await svc.api("PUT", path, json={"select": [2]})
     assert status == 409, answer  # a finished job keeps the files it has
     assert answer["detail"]["status"] == "completed"
+
+
+@pytest.mark.slow
+async def test_only_the_chosen_files_of_a_torrent_are_uploaded(
+    tmp_path: Path,
+    service_factory: ServiceFactory,
+    rclone_config: Path,
+    webdav_cloud: RcloneCloud,
+    tracker: Tracker,
+    seeder_factory: SeederFactory,
+) -> None:
+    svc = await service_factory(
+        upload_overrides(rclone_config, [rclone_target("dav", "testdav", "/s")])
+    )
+    info = make_torrent(three_files(), tmp_path / "seed", tracker.announce_url, "part")
+    status, answer = await upload_torrent(svc, info.torrent_bytes)
+    assert status == 201, answer
+    download_id = answer["downloads"][0]["id"]
+    status, answer = await svc.api(
+        "PUT", f"/api/downloads/{download_id}/files", json={"select": [1, 3]}
+    )
+    assert status == 200, answer
+    chosen = {f["path"] for f in answer["files"] if f["selected"]}
+    await seeder_factory(info)
+
+    (row,) = await wait_uploads(svc, download_id, all_in("completed", "failed"))
+    assert row.status == "completed", row
+    uploaded = await asyncio.to_thread(read_tree, webdav_cloud.root / "s")
+    assert uploaded == {path: info.files[path] for path in chosen}
