@@ -11,6 +11,7 @@ from tests.support.rclone_cloud import RcloneCloud
 from tests.support.service import RunningService, ServiceFactory
 from tests.support.torrents import SeederFactory, Tracker, make_torrent
 from tests.test_archives import read_tree
+from tests.test_browser import CHROMIUM, chromium, sign_in
 from tests.test_engine_api import FINAL, fetch, path_exists, read_file, settled
 from tests.test_engine_sources import three_files, upload_torrent
 from tests.test_uploads import all_in, rclone_target, upload_overrides, wait_uploads
@@ -121,3 +122,52 @@ async def test_only_the_chosen_files_of_a_torrent_are_uploaded(
     assert row.status == "completed", row
     uploaded = await asyncio.to_thread(read_tree, webdav_cloud.root / "s")
     assert uploaded == {path: info.files[path] for path in chosen}
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+async def test_the_page_chooses_a_torrents_files_with_checkboxes(
+    svc: RunningService, tracker: Tracker, tmp_path: Path
+) -> None:
+    # No seeder: the torrent stays live while its files are chosen on the page.
+    info = make_torrent(three_files(), tmp_path / "seed", tracker.announce_url, "boxes")
+    status, answer = await upload_torrent(svc, info.torrent_bytes)
+    assert status == 201, answer
+    download_id, gid = answer["downloads"][0]["id"], answer["downloads"][0]["gid"]
+    row = f"document.querySelector('article.item[data-download-id=\"{download_id}\"]')"
+    boxes = f"{row}.querySelectorAll('.details ul.files input.pick')"
+    async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
+        await page.send("Runtime.enable")
+        await sign_in(page, svc.base_url, svc.token)
+        await page.wait_for(f"!!{row}", 10, "the torrent's row")
+        await page.evaluate(f"{row}.querySelector('button[data-action=\"details\"]').click()")
+        await page.wait_for(f"{boxes}.length === 3", 10, "a checkbox for each file")
+        assert await page.evaluate(f"Array.from({boxes}, (b) => b.checked)") == [True] * 3
+
+        await page.evaluate(f"{boxes}[1].click()")
+        await page.wait_for(
+            f"Array.from({boxes}, (b) => b.checked && !b.disabled).join() === 'true,false,true'",
+            10,
+            "the choice shown after it was taken",
+        )
+        status, listed = await svc.api("GET", f"/api/downloads/{download_id}/files")
+        assert [f["selected"] for f in listed["files"]] == [True, False, True], listed
+        options = await svc.service.parts.engine.aria2.get_option(gid)
+        assert options["select-file"] == "1,3"
+
+        # Nothing chosen is refused, and the page says so.
+        await page.evaluate(f"{boxes}[0].click()")
+        await page.wait_for(
+            f"Array.from({boxes}, (b) => b.checked && !b.disabled).join() === 'false,false,true'",
+            10,
+            "the second choice taken",
+        )
+        await page.evaluate(f"{boxes}[2].click()")
+        error = f"{row}.querySelector('.details p.error')"
+        await page.wait_for(f"!!{error}", 10, "the refusal")
+        assert "at least one file" in await page.evaluate(f"{error}.textContent")
+        status, listed = await svc.api("GET", f"/api/downloads/{download_id}/files")
+        assert [f["selected"] for f in listed["files"]] == [False, False, True], listed
+        # The boxes show the choice in force again.
+        assert await page.evaluate(f"Array.from({boxes}, (b) => b.checked)") == [False, False, True]
