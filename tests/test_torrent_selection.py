@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,3 +173,87 @@ async def test_the_page_chooses_a_torrents_files_with_checkboxes(
         assert [f["selected"] for f in listed["files"]] == [False, False, True], listed
         # The boxes show the choice in force again.
         assert await page.evaluate(f"Array.from({boxes}, (b) => b.checked)") == [False, False, True]
+
+
+async def wait_files_listed(svc: RunningService, download_id: int) -> dict[str, Any]:
+    """The job once it is paused with its file list known (a magnet's comes with its metadata)."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        row = await svc.wait_download(download_id, ("paused",), timeout=WAIT)
+        if row["files"]:
+            return row
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"download {download_id} never listed its files")
+
+
+@pytest.mark.slow
+async def test_a_torrent_waits_paused_for_its_choice_then_fetches_it(
+    service_factory: ServiceFactory,
+    tracker: Tracker,
+    seeder_factory: SeederFactory,
+    tmp_path: Path,
+) -> None:
+    svc = await settled(
+        await service_factory(
+            {"aria2": {"ask_file_selection": "always", "file_selection_timeout": 600}}
+        )
+    )
+    info = make_torrent(three_files(), tmp_path / "seed", tracker.announce_url, "asked")
+    await seeder_factory(info)
+    await tracker.wait_for_peers(info.info_hash, 1, within_s=20)
+
+    status, answer = await upload_torrent(svc, info.torrent_bytes)
+    assert status == 201, answer
+    row = answer["downloads"][0]
+    assert row["status"] == "paused", row  # nothing fetched before the choice
+    status, answer = await svc.api("PUT", f"/api/downloads/{row['id']}/files", json={"select": [3]})
+    assert status == 200, answer
+    done = await svc.wait_download(row["id"], FINAL, timeout=WAIT)
+    assert done["status"] == "completed", done
+    assert [f["selected"] for f in done["files"]] == [False, False, True]
+    third = done["files"][2]["path"]
+    job_dir = svc.config.aria2.download_dir / str(row["id"])
+    assert await read_file(job_dir / third) == info.files[third]
+
+    # A magnet waits too, once its metadata has named the files.
+    magnet = make_torrent(three_files(), tmp_path / "seed2", tracker.announce_url, "asked2")
+    await seeder_factory(magnet)
+    await tracker.wait_for_peers(magnet.info_hash, 1, within_s=20)
+    status, answer = await svc.api("POST", "/api/downloads", json={"url": magnet.magnet})
+    assert status == 201, answer
+    waiting = await wait_files_listed(svc, answer["downloads"][0]["id"])
+    follow_up = await svc.service.parts.engine.aria2.tell_status(waiting["gid"])
+    assert follow_up.status == "paused" and follow_up.completed_length == 0, follow_up
+    status, answer = await svc.api(
+        "PUT", f"/api/downloads/{waiting['id']}/files", json={"select": [1]}
+    )
+    assert status == 200, answer
+    done = await svc.wait_download(waiting["id"], FINAL, timeout=WAIT)
+    assert done["status"] == "completed", done
+    assert [f["selected"] for f in done["files"]] == [True, False, False]
+
+
+@pytest.mark.slow
+async def test_after_the_deadline_every_file_is_taken(
+    service_factory: ServiceFactory,
+    tracker: Tracker,
+    seeder_factory: SeederFactory,
+    tmp_path: Path,
+) -> None:
+    svc = await settled(
+        await service_factory(
+            {"aria2": {"ask_file_selection": "always", "file_selection_timeout": 1}}
+        )
+    )
+    info = make_torrent(three_files(), tmp_path / "seed", tracker.announce_url, "late")
+    await seeder_factory(info)
+    await tracker.wait_for_peers(info.info_hash, 1, within_s=20)
+    status, answer = await upload_torrent(svc, info.torrent_bytes)
+    assert status == 201, answer
+    assert answer["downloads"][0]["status"] == "paused", answer
+    done = await svc.wait_download(answer["downloads"][0]["id"], FINAL, timeout=WAIT)
+    assert done["status"] == "completed", done
+    assert all(f["selected"] for f in done["files"]), done["files"]
+    job_dir = svc.config.aria2.download_dir / str(done["id"])
+    for path, data in info.files.items():
+        assert await read_file(job_dir / path) == data
