@@ -372,8 +372,7 @@ class DownloadManager:
             meta = await asyncio.to_thread(parse_torrent, data)
             if meta.index_out:  # the files whose names the name policy cleaned
                 options["index-out"] = meta.index_out
-            if row.files and not all(f.selected for f in row.files):  # the choice made earlier
-                options["select-file"] = ",".join(str(f.index) for f in row.files if f.selected)
+            options.update(chosen_files_option(row))  # a choice made earlier holds
             if restricted:
                 sources = await asyncio.to_thread(torrent_sources, data)
                 dropped = await self._blocked_sources(row, sources)
@@ -884,6 +883,9 @@ class DownloadManager:
             if index_out:
                 await self.aria2.change_option(gid, {"index-out": index_out})
                 log.info("download {}: file names cleaned on disk", download_id)
+            chosen = chosen_files_option(row)  # a retried magnet keeps its choice
+            if chosen:
+                await self.aria2.change_option(gid, chosen)
             if row.status != "paused" and self._asks_choice(row.chat_id, len(status.files)):
                 details = row_details(row, status)
                 if details is not None:
@@ -959,6 +961,13 @@ def _looks_finished(status: Aria2Status) -> bool:
         or bool(status.followed_by)
         or (status.total_length > 0 and status.completed_length == status.total_length)
     )
+
+
+def chosen_files_option(row: DownloadRow) -> dict[str, str]:
+    """aria2's `select-file` for the files chosen of the row's torrent; none when all are."""
+    if not row.files or all(f.selected for f in row.files):
+        return {}
+    return {"select-file": ",".join(str(f.index) for f in row.files if f.selected)}
 
 
 def check_file_choice(indexes: Collection[int], known: Collection[int]) -> frozenset[int]:

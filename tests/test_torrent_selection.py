@@ -74,6 +74,14 @@ async def test_only_the_chosen_files_of_a_torrent_are_fetched_and_streamed(
     status, listed = await svc.api("GET", path)
     assert status == 200, listed
     assert [f["selected"] for f in listed["files"]] == [True, False, True]
+    # Cancelled and retried, the job is added to aria2 again with its choice.
+    for action in ("cancel", "retry"):
+        status, answer = await svc.api("POST", f"/api/downloads/{row['id']}/{action}")
+        assert status == 200, (action, answer)
+    again = await svc.wait_download(row["id"], ("waiting", "downloading"), timeout=WAIT)
+    assert again["gid"] != row["gid"]
+    options = await svc.service.parts.engine.aria2.get_option(again["gid"])
+    assert options["select-file"] == "1,3"
 
     await seeder_factory(info)
     done = await svc.wait_download(row["id"], FINAL, timeout=WAIT)
