@@ -115,6 +115,8 @@ LIVE_KEYS: frozenset[str] = frozenset(
         "aria2.idle_poll_interval",
         "aria2.max_download_size",
         "aria2.max_torrent_files",
+        "aria2.ask_file_selection",
+        "aria2.file_selection_timeout",
         "aria2.allow_private_addresses",
         "aria2.blocked_networks",
         "aria2.max_concurrent_downloads",  # via aria2.changeGlobalOption
@@ -213,6 +215,8 @@ class Aria2Config:
     idle_poll_interval: float = 5.0
     max_download_size: int = 0  # bytes; 0 = no cap
     max_torrent_files: int = 10_000  # files in one .torrent
+    ask_file_selection: str = "never"  # one of FILE_SELECTION_ASKS
+    file_selection_timeout: int = 300  # seconds a job waits for its choice of files
     allow_private_addresses: bool = False
     blocked_networks: tuple[str, ...] = DEFAULT_BLOCKED_NETWORKS
     executable: str = "aria2c"
@@ -892,6 +896,18 @@ def _bot_language(value: Any, ctx: _Context) -> str:
     return text
 
 
+# When a torrent of more than one file waits, paused, for its files to be chosen: never, for
+# jobs sent in a chat, or for every job.
+FILE_SELECTION_ASKS = ("never", "chats", "always")
+
+
+def _file_selection_ask(value: Any, ctx: _Context) -> str:
+    text = _text(value, ctx).strip().lower()
+    if text not in FILE_SELECTION_ASKS:
+        raise _Invalid(f"must be one of {', '.join(FILE_SELECTION_ASKS)}", value)
+    return text
+
+
 def _log_format(value: Any, ctx: _Context) -> str:
     text = _text(value, ctx).lower()
     if text not in LOG_FORMATS:
@@ -1266,6 +1282,8 @@ _PARSERS: dict[str, _Parser] = {
     "aria2.idle_poll_interval": _number(0, 3600, lo_open=True),
     "aria2.max_download_size": _size(0, " (0 = no cap)"),
     "aria2.max_torrent_files": _integer(1, 1_000_000),
+    "aria2.ask_file_selection": _file_selection_ask,
+    "aria2.file_selection_timeout": _integer(1, 86_400),
     "aria2.allow_private_addresses": _boolean,
     "aria2.blocked_networks": _networks,
     "aria2.executable": _executable,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -35,7 +36,14 @@ from aria2_client.sources import (
     without_magnet_sources,
     without_torrent_sources,
 )
-from aria2_client.sync import Oversized, RowDetails, plan, store_change, too_large_message
+from aria2_client.sync import (
+    Oversized,
+    RowDetails,
+    plan,
+    row_details,
+    store_change,
+    too_large_message,
+)
 from aria2_client.transport import Aria2RpcError, Aria2Unavailable
 from configer import DEFAULT_BLOCKED_NETWORKS, ProxyParts
 from db import (
@@ -104,6 +112,8 @@ class DownloadManager:
         *,
         max_download_size: int = 0,
         max_torrent_files: int = 0,
+        ask_file_selection: str = "never",
+        file_selection_timeout: float = 300,
         allow_private_addresses: bool = False,
         blocked_networks: Sequence[str] = DEFAULT_BLOCKED_NETWORKS,
         admins: Callable[[], Collection[int]] = tuple,
@@ -122,6 +132,8 @@ class DownloadManager:
         self.files = files
         self.max_download_size = max_download_size
         self.max_torrent_files = max_torrent_files  # 0: no cap
+        self.ask_file_selection = ask_file_selection  # never, chats or always
+        self.file_selection_timeout = file_selection_timeout  # seconds
         self.allow_private_addresses = allow_private_addresses
         self.policy = AddressPolicy(blocked_networks)
         self.admins = admins
@@ -134,6 +146,8 @@ class DownloadManager:
         self._submitting: set[int] = set()
         self._claim_lock = asyncio.Lock()
         self._handoffs: dict[int, asyncio.Event] = {}  # jobs being handed to aria2
+        # Jobs waiting, paused, for their files to be chosen: each one's deadline.
+        self._choosing: dict[int, asyncio.Task[None]] = {}
 
     @property
     def download_dir(self) -> Path:
@@ -283,8 +297,57 @@ class DownloadManager:
             await self.store.update_download_details_by_id(download_id, files=files)
         if archive is not None:
             await self.store.set_archive_option(download_id, archive.action, archive.password)
-        await self.submit(download_id)
-        return await self._row(download_id)
+        ask = self._asks_choice(new.chat_id, len(files or ()))
+        await self.submit(download_id, paused=ask)
+        row = await self._row(download_id)
+        if ask and row.status == "paused":
+            self._await_choice(download_id)
+        return row
+
+    def _asks_choice(self, chat_id: int | None, file_count: int) -> bool:
+        """Whether a torrent of `file_count` files waits, paused, for its files to be chosen."""
+        if file_count < 2:
+            return False
+        return self.ask_file_selection == "always" or (
+            self.ask_file_selection == "chats" and chat_id is not None
+        )
+
+    def _await_choice(self, download_id: int) -> None:
+        """Take every file once the deadline for the choice has passed."""
+        logger.bind(job=download_id, within_s=self.file_selection_timeout).info(
+            "download {} waits for its files to be chosen", download_id
+        )
+        self._choosing[download_id] = asyncio.create_task(
+            self._take_all_files_later(download_id, self.file_selection_timeout),
+            name=f"file-choice-{download_id}",
+        )
+
+    async def _take_all_files_later(self, download_id: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._choosing.get(download_id) is asyncio.current_task():
+            del self._choosing[download_id]
+        log = logger.bind(job=download_id)
+        log.info("download {}: no choice of files in time, every file is taken", download_id)
+        try:
+            await self.resume(download_id)
+        except (TransitionError, NotFound, StoreError, Aria2RpcError, Aria2Unavailable) as exc:
+            log.info("download {} not started after the wait: {}", download_id, exc)
+
+    def _end_choice_wait(self, download_id: int) -> bool:
+        """Forget the job's deadline for a choice of files; whether it had one."""
+        waiting = self._choosing.pop(download_id, None)
+        if waiting is None:
+            return False
+        waiting.cancel()
+        return True
+
+    async def stop(self) -> None:
+        """Drop the deadlines of the choices still awaited (their jobs stay paused)."""
+        waits = list(self._choosing.values())
+        self._choosing.clear()
+        for task in waits:
+            task.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
 
     async def _hand_to_aria2(self, row: DownloadRow, *, paused: bool) -> str:
         """Add the row's job to aria2 (paused if asked); returns its gid.
@@ -309,6 +372,7 @@ class DownloadManager:
             meta = await asyncio.to_thread(parse_torrent, data)
             if meta.index_out:  # the files whose names the name policy cleaned
                 options["index-out"] = meta.index_out
+            options.update(chosen_files_option(row))  # a choice made earlier holds
             if restricted:
                 sources = await asyncio.to_thread(torrent_sources, data)
                 dropped = await self._blocked_sources(row, sources)
@@ -424,9 +488,9 @@ class DownloadManager:
             gid = await self._hand_over(download_id, paused)
             if gid is None:
                 return
-            await self.store.mark_download_queued_by_id(
-                download_id, gid, status="paused" if paused else "waiting"
-            )
+            await self.store.mark_download_queued_by_id(download_id, gid)
+            if paused:  # queued first: a job never goes from pending to paused
+                await self.store.mark_download_paused(gid)
         logger.bind(job=download_id, gid=gid).info(
             "download {} queued in aria2 as {}", download_id, gid
         )
@@ -560,7 +624,37 @@ class DownloadManager:
         )
         return row
 
+    async def select_files(self, download_id: int, indexes: Collection[int]) -> DownloadRow:
+        """Fetch only these files of a torrent (1-based, as aria2 numbers them): aria2's
+        `select-file` on the live job, and the row's file list marked in the same step.
+
+        Raises ValueError naming what is wrong with `indexes`, TransitionError once the job is
+        over, StoreError when aria2 refuses the choice."""
+        row = await self._row(download_id)
+        if row.node not in (None, self.placement.node if self.placement else None):
+            raise TransitionError("download", download_id, row.status, f"changed on {row.node}")
+        if row.status not in ACTIVE_DOWNLOAD_STATUSES:
+            raise TransitionError("download", download_id, row.status, "files chosen")
+        if not row.files:
+            raise ValueError(f"download {download_id} has no file list (yet)")
+        chosen = check_file_choice(indexes, [f.index for f in row.files])
+        if row.gid is not None and row.status != "pending":
+            option = {"select-file": ",".join(str(i) for i in sorted(chosen))}
+            try:
+                await self.aria2.change_option(row.gid, option)
+            except Aria2RpcError as exc:  # the job left aria2 since the row was read
+                raise StoreError(f"aria2 did not take the choice: {exc.message}") from None
+        files = [replace(f, selected=f.index in chosen) for f in row.files]
+        await self.store.update_download_details_by_id(download_id, files=files)
+        logger.bind(job=download_id, gid=row.gid, chosen=len(chosen), of=len(files)).info(
+            "files chosen: {}", ",".join(str(i) for i in sorted(chosen))
+        )
+        if self._end_choice_wait(download_id):  # the choice it waited for: now it starts
+            return await self.resume(download_id)
+        return await self._row(download_id)
+
     async def resume(self, download_id: int) -> DownloadRow:
+        self._end_choice_wait(download_id)  # resumed before a choice: every file is taken
         row = await self._row(download_id)
         if await self._held_elsewhere(row, "resume"):
             return await self._row(download_id)
@@ -789,7 +883,16 @@ class DownloadManager:
             if index_out:
                 await self.aria2.change_option(gid, {"index-out": index_out})
                 log.info("download {}: file names cleaned on disk", download_id)
-            if row.status != "paused":  # a person's pause stays
+            chosen = chosen_files_option(row)  # a retried magnet keeps its choice
+            if chosen:
+                await self.aria2.change_option(gid, chosen)
+            if row.status != "paused" and self._asks_choice(row.chat_id, len(status.files)):
+                details = row_details(row, status)
+                if details is not None:
+                    await self._learn(row, details)  # the files to choose from
+                await self.store.mark_download_paused(gid)
+                self._await_choice(download_id)
+            elif row.status != "paused":  # a person's pause stays
                 await self.aria2.unpause(gid)
         except (Aria2RpcError, Aria2Unavailable) as exc:
             log.warning("the magnet's download could not be started: {}", exc)
@@ -858,3 +961,25 @@ def _looks_finished(status: Aria2Status) -> bool:
         or bool(status.followed_by)
         or (status.total_length > 0 and status.completed_length == status.total_length)
     )
+
+
+def chosen_files_option(row: DownloadRow) -> dict[str, str]:
+    """aria2's `select-file` for the files chosen of the row's torrent; none when all are."""
+    if not row.files or all(f.selected for f in row.files):
+        return {}
+    return {"select-file": ",".join(str(f.index) for f in row.files if f.selected)}
+
+
+def check_file_choice(indexes: Collection[int], known: Collection[int]) -> frozenset[int]:
+    """The chosen file indexes, checked: at least one, no repeats, each one of `known`."""
+    if not indexes:
+        raise ValueError("choose at least one file")
+    chosen = frozenset(indexes)
+    if len(chosen) != len(indexes):
+        repeated = sorted(i for i, n in Counter(indexes).items() if n > 1)
+        raise ValueError(f"file indexes repeated: {', '.join(map(str, repeated))}")
+    unknown = sorted(chosen - set(known))
+    if unknown:
+        shown = ", ".join(map(str, unknown[:10]))
+        raise ValueError(f"no file with index {shown} (the files are 1 to {max(known)})")
+    return chosen

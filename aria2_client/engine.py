@@ -105,6 +105,8 @@ class Engine:
             files,
             max_download_size=config.max_download_size,
             max_torrent_files=config.max_torrent_files,
+            ask_file_selection=config.ask_file_selection,
+            file_selection_timeout=config.file_selection_timeout,
             allow_private_addresses=config.allow_private_addresses,
             blocked_networks=config.blocked_networks,
             admins=admins,
@@ -168,6 +170,7 @@ class Engine:
     async def stop(self) -> None:
         """Stop polling and supervising, close the connection, then stop our aria2c."""
         await self.poller.stop()
+        await self.downloads.stop()
         if self._queue_watch is not None:
             self._queue_watch.close()
         tasks = [t for t in (self._supervisor, *self._background) if t is not None]
@@ -186,6 +189,8 @@ class Engine:
         old, self._config = self._config, config
         self.downloads.max_download_size = config.max_download_size
         self.downloads.max_torrent_files = config.max_torrent_files
+        self.downloads.ask_file_selection = config.ask_file_selection
+        self.downloads.file_selection_timeout = config.file_selection_timeout
         self.downloads.allow_private_addresses = config.allow_private_addresses
         self.downloads.policy = AddressPolicy(config.blocked_networks)
         if config.max_concurrent_downloads != old.max_concurrent_downloads:

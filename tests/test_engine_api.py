@@ -39,6 +39,7 @@ PROTECTED_ROUTES: list[tuple[str, str]] = [
     ("POST", "/api/downloads/1/resume"),
     ("POST", "/api/downloads/1/retry"),
     ("POST", "/api/downloads/1/cancel"),
+    ("PUT", "/api/downloads/1/files"),
     ("POST", "/api/config/reload"),
     ("GET", "/api/config"),
     ("GET", "/api/no-such-route"),

@@ -40,7 +40,7 @@ from loguru import logger
 
 from configer import UploadConfig, UploadTarget
 from db import NotFound, Store, StoreError, TransitionError, allowed_sources, parse_utc
-from files import DownloadFiles, discard
+from files import DownloadFiles, discard, remove_confined
 from records import DownloadRow, HolderAction, UploadRow
 from uploads import telegram as telegram_upload
 from uploads.archives import ArchiveError, ArchiveLimits, archive_stem, extract, zip_folder
@@ -450,6 +450,16 @@ class UploadManager:
             return None
         return self.files.confined(row.local_path)
 
+    def _drop_left_out(self, row: DownloadRow) -> None:
+        """Delete the files of a torrent left out of the choice, so only the chosen ones are
+        uploaded (aria2 writes into them the pieces they share with chosen files). Blocking."""
+        if not row.local_path or len(row.files) < 2 or all(f.selected for f in row.files):
+            return
+        base = Path(row.local_path).parent
+        for entry in row.files:
+            if not entry.selected:
+                remove_confined(self.files.root, base / entry.path)
+
     # --- actions --------------------------------------------------------------------------------
 
     async def retry(self, upload_id: int) -> UploadRow:
@@ -639,6 +649,7 @@ class UploadManager:
         ):
             log.warning("upload {}: the local file is gone: {}", upload.id, local.name)
             return
+        await asyncio.to_thread(self._drop_left_out, download)
         name = upload_name(download)
         option = await self.store.get_archive_option(download.id)
         if option is not None:

@@ -10,7 +10,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -61,6 +61,7 @@ class DownloadActions(Protocol):
     async def delete(self, download_id: int, *, delete_file: bool = False) -> DownloadRow: ...
     async def delete_all(self, *, delete_files: bool = False) -> int: ...
     async def set_download_limit(self, download_id: int, bytes_per_second: int) -> DownloadRow: ...
+    async def select_files(self, download_id: int, indexes: Collection[int]) -> DownloadRow: ...
 
 
 class UploadActions(Protocol):

@@ -55,7 +55,7 @@ def _whole_file_of(
         candidate, expected, name = row.local_path, row.total_length, file_name_of(row)
     else:
         entry = next((f for f in row.files if f.index == index), None)
-        if entry is None:
+        if entry is None or not entry.selected:  # a file left out of the choice is not fetched
             return None
         base = os.path.dirname(row.local_path) if len(row.files) > 1 else None
         candidate = row.local_path if base is None else os.path.join(base, entry.path)

@@ -32,7 +32,12 @@ from webstreamer.context import (
     context_of,
     page_headers,
 )
-from webstreamer.routes.api import MAX_FILES_PER_PAGE, MAX_PASSWORD_LENGTH, MAX_URLS_PER_REQUEST
+from webstreamer.routes.api import (
+    MAX_FILES_PER_PAGE,
+    MAX_PASSWORD_LENGTH,
+    MAX_SELECTED_FILES,
+    MAX_URLS_PER_REQUEST,
+)
 from webstreamer.signing import SESSION_COOKIE
 
 OPENAPI_PATH = "/api/openapi.json"
@@ -917,6 +922,37 @@ OPERATIONS: tuple[Operation, ...] = (
                 {"type": "integer", "minimum": 1, "maximum": MAX_FILES_PER_PAGE},
                 "files (default 100)",
             ),
+        ),
+    ),
+    Operation(
+        "PUT",
+        "/api/downloads/{id}/files",
+        "Choose which of a torrent's files are fetched, uploaded and streamed",
+        "downloads",
+        {
+            "200": _response("the first page of the files, as chosen", ref("FilePage")),
+            "400": _error("the body or an index is wrong: none, repeated or unknown (named)"),
+            "404": _error("no such download"),
+            "409": _error("the download is over or held by another node"),
+            **STORE_AWAY,
+        },
+        parameters=(DOWNLOAD_ID,),
+        body=json_body(
+            _obj(
+                {
+                    "select": {
+                        "type": "array",
+                        "items": {"type": "integer", "minimum": 1},
+                        "minItems": 1,
+                        "maxItems": MAX_SELECTED_FILES,
+                        "uniqueItems": True,
+                    }
+                }
+            )
+        ),
+        description=(
+            "1-based indexes as the file list numbers them. May change while the torrent "
+            "downloads; a file left out gets no stream link."
         ),
     ),
     _download_action("pause", "waiting, downloading"),

@@ -59,8 +59,10 @@ def download_json(
 
 
 def file_json(links: StreamLinks, row: DownloadRow, entry: TorrentFile) -> dict[str, Any]:
-    """One file of a torrent: index, path, length, selected, and its link once completed."""
-    return {**asdict(entry), "stream_url": links.file_url(row, entry.index, entry.path)}
+    """One file of a torrent: index, path, length, selected, and its link once completed (none
+    for a file left out of the choice)."""
+    url = links.file_url(row, entry.index, entry.path) if entry.selected else None
+    return {**asdict(entry), "stream_url": url}
 
 
 def upload_json(row: UploadRow) -> dict[str, Any]:

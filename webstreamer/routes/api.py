@@ -29,6 +29,7 @@ from webstreamer.views import download_json, file_json
 MAX_URLS_PER_REQUEST = 500
 MAX_PASSWORD_LENGTH = 1024  # characters of an archive password
 MAX_FILES_PER_PAGE = 1000  # files one page of a torrent's file list may ask for
+MAX_SELECTED_FILES = 1_000_000  # indexes one choice may name (the most files a torrent may have)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -205,6 +206,40 @@ async def download_files(request: web.Request) -> web.Response:
     )
 
 
+async def select_download_files(request: web.Request) -> web.Response:
+    """Choose a torrent's files: ``{"select": [1, 3]}`` (1-based indexes, as the file list
+    numbers them); only those are fetched, uploaded and streamed. Answers the first page of the
+    file list."""
+    ctx = context_of(request)
+    download_id = path_id(request)
+    body = await read_json_object(request)
+    unknown = set(body) - {"select"}
+    if unknown:
+        raise web.HTTPBadRequest(text=f"unknown fields: {', '.join(sorted(unknown))}")
+    indexes = body.get("select")
+    if (
+        not isinstance(indexes, list)
+        or len(indexes) > MAX_SELECTED_FILES
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in indexes)
+    ):
+        raise web.HTTPBadRequest(
+            text=f'"select" must be a list of at most {MAX_SELECTED_FILES} file indexes (integers)'
+        )
+    try:
+        row = await ctx.downloads.select_files(download_id, indexes)
+    except ValueError as exc:
+        return json_error(400, "bad_selection", str(exc))
+    page = row.files[:100]
+    return web.json_response(
+        {
+            "files": [file_json(ctx.links, row, entry) for entry in page],
+            "total": len(row.files),
+            "offset": 0,
+            "limit": 100,
+        }
+    )
+
+
 async def act_on_download(request: web.Request) -> web.Response:
     ctx = context_of(request)
     download_id = path_id(request)
@@ -321,6 +356,7 @@ def setup(app: web.Application) -> None:
     app.router.add_delete(r"/api/downloads/{id}", delete_download)
     app.router.add_patch(r"/api/downloads/{id}", change_download)
     app.router.add_get(r"/api/downloads/{id}/files", download_files)
+    app.router.add_put(r"/api/downloads/{id}/files", select_download_files)
     app.router.add_post(r"/api/downloads/{id}/{action:pause|resume|retry|cancel}", act_on_download)
     app.router.add_post("/api/config/reload", reload_config)
     app.router.add_get("/api/config", get_config)

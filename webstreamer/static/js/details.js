@@ -15,11 +15,29 @@ function watchUrlForFile(streamUrl) {
   return url.href;
 }
 
-function fileList(files) {
+/** A torrent's files can be chosen while its job is not over. */
+const choosable = (rec) => ["pending", "waiting", "downloading", "paused"].includes(rec.data.status);
+
+function fileList(rec, files) {
   const list = h("ul", { class: "files" });
+  const choosing = choosable(rec);
   for (const file of files) {
     const name = String(file.path || "");
     const row = h("li", null, `${name} (${formatBytes(file.length)}) `);
+    if (choosing) {
+      row.prepend(
+        h("input", {
+          type: "checkbox",
+          class: "pick",
+          title: t("web.item.file_pick"),
+          checked: file.selected !== false,
+          disabled: Boolean(rec.choosing),
+          dataset: { index: String(file.index) },
+          onchange: () => chooseFiles(rec),
+        }),
+        " ",
+      );
+    }
     const stream = safeUrl(file.stream_url);
     if (stream) {
       row.append(copyLinkButton(stream));
@@ -29,6 +47,35 @@ function fileList(files) {
     list.append(row);
   }
   return list;
+}
+
+/** Send the choice the checkboxes show (files not fetched to the page keep theirs). */
+async function chooseFiles(rec) {
+  const ticked = new Map();
+  for (const box of rec.view.details.querySelectorAll("ul.files input.pick")) {
+    ticked.set(Number(box.dataset.index), box.checked);
+    box.disabled = true; // one choice at a time: the boxes come back with it taken
+  }
+  rec.choosing = true;
+  rec.choiceError = null;
+  try {
+    const total = Number(rec.data.files_total) || ticked.size;
+    const select = [];
+    for (let offset = 0; offset < total; offset += 1000) {
+      const page = await api("GET", `/api/downloads/${rec.data.id}/files?offset=${offset}&limit=1000`);
+      for (const file of Array.isArray(page.files) ? page.files : []) {
+        const keep = ticked.has(file.index) ? ticked.get(file.index) : file.selected !== false;
+        if (keep) select.push(file.index);
+      }
+    }
+    await api("PUT", `/api/downloads/${rec.data.id}/files`, { select });
+    const chosen = new Set(select);
+    for (const file of shownFiles(rec)) file.selected = chosen.has(file.index);
+  } catch (error) {
+    rec.choiceError = error.message;
+  }
+  rec.choosing = false;
+  if (rec.detailsOpen) renderDetails(rec);
 }
 
 /** The pages fetched so far hold for the row as long as its files' links do: a torrent's
@@ -65,7 +112,7 @@ function filesPart(rec) {
   if (!files.length) return [];
   const total = Math.max(Number(rec.data.files_total) || 0, files.length);
   const heading = total > files.length ? t("web.item.files_some", { shown: files.length, total }) : t("web.item.files");
-  const parts = [h("h4", { text: heading }), fileList(files)];
+  const parts = [h("h4", { text: heading }), fileList(rec, files)];
   if (total > files.length) {
     const count = Math.min(FILES_PAGE, total - files.length);
     parts.push(
@@ -78,6 +125,7 @@ function filesPart(rec) {
       }),
     );
   }
+  if (rec.choiceError) parts.push(h("p", { class: "error", text: t("web.item.choice_failed", { message: rec.choiceError }) }));
   if (rec.filesError) parts.push(h("p", { class: "error", text: t("web.item.files_failed", { message: rec.filesError }) }));
   return parts;
 }
