@@ -306,11 +306,15 @@ async def test_a_released_schema_is_migrated_forward_with_its_data(
     await make_old_database(store_backend, version)
     untouched = peek.fetch("SELECT * FROM uploads WHERE id IN (2, 3) ORDER BY id")
     async with store_backend.database() as db:
-        assert await db.schema_version() == SCHEMA_VERSION == 9
+        assert await db.schema_version() == SCHEMA_VERSION == 10
         # Schema 8 (settings changes): none was recorded yet.
         assert await db.list_settings_changes() == []
         # Schema 9 (archive options): no job asked for an archive step yet.
         assert await db.get_archive_option(1) is None
+        # Schema 10 (job destinations): no job chose its targets: `match` decides.
+        assert await db.get_download_targets(1) is None
+        await db.set_download_targets(1, [])
+        assert await db.get_download_targets(1) == []
         # Schema 6: nothing was imported from another store yet.
         assert await db.imported_origins() == {}
         # Schema 4: a job of a single node's store is held by no node.

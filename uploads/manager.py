@@ -371,8 +371,20 @@ class UploadManager:
 
     # --- creating uploads -----------------------------------------------------------------------
 
-    def targets_for(self, row: DownloadRow) -> list[UploadTarget]:
-        """The configured targets whose `match` takes this download."""
+    async def targets_for(self, row: DownloadRow) -> list[UploadTarget]:
+        """The targets chosen for this download when it was added (none = keep it here only),
+        else the configured targets whose `match` takes it."""
+        chosen = await self.store.get_download_targets(row.id)
+        if chosen is not None:
+            configured = {t.name: t for t in self.config.targets}
+            gone = [name for name in chosen if name not in configured]
+            if gone:
+                logger.bind(job=row.id).warning(
+                    "download {}: chosen target(s) {} no longer configured; skipped",
+                    row.id,
+                    ", ".join(gone),
+                )
+            return [configured[name] for name in chosen if name in configured]
         name = upload_name(row)
         size = row.total_length if row.total_length > 0 else None
         return [t for t in self.config.targets if t.accepts(row.source_type, name, size)]
@@ -381,7 +393,7 @@ class UploadManager:
         """One row per matching target (an existing one is kept, never duplicated)."""
         ids: list[int] = []
         name = upload_name(row)
-        for target in self.targets_for(row):
+        for target in await self.targets_for(row):
             upload_id = await self.store.create_upload(
                 row.id,
                 target.name,
@@ -427,7 +439,7 @@ class UploadManager:
             if any(u.cleaned_at is not None for u in existing):
                 continue
             have = {u.upload_target for u in existing}
-            wanted = [t for t in self.targets_for(row) if t.name not in have]
+            wanted = [t for t in await self.targets_for(row) if t.name not in have]
             on_disk = bool(wanted) and await asyncio.to_thread(self._on_disk, row)
             if on_disk:
                 created += len(await self.create_uploads(row))
@@ -822,7 +834,7 @@ class UploadManager:
             if any(u.status != "completed" or u.verified_at is None for u in uploads):
                 return False
             have = {u.upload_target for u in uploads}
-            if any(t.name not in have for t in self.targets_for(download)):
+            if any(t.name not in have for t in await self.targets_for(download)):
                 return False
             log = logger.bind(job=download_id)
             path = await asyncio.to_thread(self.files.confined, download.local_path)
