@@ -781,13 +781,15 @@ async def _schema_9(sql: _Statements, dialect: Dialect) -> None:
 
 # Schema 10 (job destinations): the upload targets a job's owner chose when adding it, a JSON
 # list of target names; an empty list keeps the file here only. A job without a row here goes
-# to the targets whose `match` takes it.
+# to the targets whose `match` takes it. An upload keeps the link its remote made for the file
+# (`rclone link`), when the remote can make one.
 _SCHEMA_10 = """
 CREATE TABLE download_targets (
     download_id  INTEGER PRIMARY KEY REFERENCES downloads(id) ON DELETE CASCADE,
     targets_json TEXT NOT NULL,
     created_at   TEXT NOT NULL
-)
+);
+ALTER TABLE uploads ADD COLUMN public_link TEXT
 """
 
 
@@ -1519,7 +1521,7 @@ class Store(Protocol):
         self, upload_id: int, verified_size: int, verified_hash: str | None
     ) -> None: ...
     async def mark_upload_completed(
-        self, upload_id: int, remote_path: str | None = None
+        self, upload_id: int, remote_path: str | None = None, public_link: str | None = None
     ) -> None: ...
     async def mark_upload_failed(
         self,
@@ -2367,10 +2369,14 @@ class Database:
             )
             await tx.emit_upload(upload_id)
 
-    async def mark_upload_completed(self, upload_id: int, remote_path: str | None = None) -> None:
+    async def mark_upload_completed(
+        self, upload_id: int, remote_path: str | None = None, public_link: str | None = None
+    ) -> None:
         columns: dict[str, Any] = {"completed_at": utc_now(), "upload_speed": 0}
         if remote_path is not None:
             columns["remote_path"] = remote_path
+        if public_link is not None:
+            columns["public_link"] = public_link
         async with self._write() as tx:
             row = await tx.fetch_one("SELECT verified_at FROM uploads WHERE id = ?", (upload_id,))
             if row is not None and row["verified_at"] is None:

@@ -309,7 +309,9 @@ def notice_text(
     if upload is None or upload.status != notice.status:
         return None
     if upload.status == "completed":
-        key, details = "bot.notice.uploaded", {"remote_path": upload.remote_path or "-"}
+        # The remote's own link where it made one (`rclone link`), else where the file lies.
+        where = upload.public_link or upload.remote_path or "-"
+        key, details = "bot.notice.uploaded", {"remote_path": where}
     else:
         key, details = "bot.notice.upload_failed", {"reason": _upload_reason(upload)}
     return translate(lang, key, id=row.id, name=name, target=upload.upload_target, **details)

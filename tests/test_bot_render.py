@@ -101,6 +101,17 @@ def test_a_torrents_notice_links_its_first_files_and_counts_the_rest() -> None:
     assert lines[-2] == links[-1] and lines[1] == links[0]
 
 
+def test_an_upload_notice_gives_the_remote_link_else_the_remote_path() -> None:
+    done = UPLOAD._replace(status="completed", remote_path="dav:/up/film.mkv")
+    notice = Notice("upload", 3, "completed")
+    text = render.notice_text("en", ROW, [done], notice)
+    assert text is not None and "dav:/up/film.mkv" in text
+    linked = done._replace(public_link="https://drive.example/s/AbC")
+    text = render.notice_text("en", ROW, [linked], notice)
+    assert text is not None and "https://drive.example/s/AbC" in text
+    assert "dav:/up/film.mkv" not in text
+
+
 def test_a_failed_upload_is_final_and_a_waiting_retry_is_shown_in_the_progress_message() -> None:
     failed = UPLOAD._replace(status="failed", error_message="timeout", retry_count=1)
     notice = Notice("upload", 3, "failed")

@@ -319,6 +319,7 @@ async def test_targets_chosen_with_the_job_replace_the_match_rules(
 
     (only,) = await wait_uploads(svc, chosen["id"], all_in("completed"))
     assert only.upload_target == "videos"
+    assert only.public_link is None  # WebDAV makes no links: the notice gives the path
     assert (webdav_cloud.root / "videos" / "notes.txt").read_bytes() == data
     assert not (webdav_cloud.root / "all" / "notes.txt").exists()
     store = svc.service.parts.store

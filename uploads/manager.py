@@ -670,11 +670,13 @@ class UploadManager:
         progress = ProgressWriter(self.store, upload.id, total, interval=self.progress_interval)
         if upload.status == "uploading":
             log.info("upload {} to {} resumes after a restart", upload.id, target.name)
+        link: str | None = None
         if target.type == "rclone":
             await self._upload_rclone(upload.id, local, remote_path, progress, log)
+            link = await self.rclone.public_link(remote_path)
         else:
             remote_path = await self._upload_telegram(upload.id, target, local, name, progress)
-        await self.store.mark_upload_completed(upload.id, remote_path)
+        await self.store.mark_upload_completed(upload.id, remote_path, link)
         log.info("upload {} to {} completed and verified ({} bytes)", upload.id, target.name, total)
 
     async def _prepare_archive(self, download_id: int, local: Path, log: Logger) -> Path:

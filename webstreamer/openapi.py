@@ -146,6 +146,10 @@ SCHEMAS: dict[str, Schema] = {
             "completed_at": nullable(TIME),
             "cleaned_at": nullable(TIME),
             "updated_at": TIME,
+            "public_link": {
+                **nullable(STR),
+                "description": "the remote's link to the file (rclone link), when it makes one",
+            },
             "actions": {"type": "array", "items": {"enum": ["retry", "cancel"]}},
         }
     ),
