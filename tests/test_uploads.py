@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from pyrogram import Client as PyrogramClient
 from pyrogram import raw
@@ -35,6 +36,7 @@ from tests.support.fake_telegram import FakeTelegram
 from tests.support.http_files import FileServer
 from tests.support.rclone_cloud import RcloneCloud
 from tests.support.service import RunningService, ServiceFactory
+from tests.support.torrents import make_torrent
 from uploads import telegram as telegram_upload
 from uploads.manager import (
     ProgressWriter,
@@ -280,6 +282,7 @@ async def test_targets_chosen_with_the_job_replace_the_match_rules(
     file_server: FileServer,
     rclone_config: Path,
     webdav_cloud: RcloneCloud,
+    tmp_path: Path,
 ) -> None:
     svc = await service_factory(
         upload_overrides(
@@ -327,6 +330,18 @@ async def test_targets_chosen_with_the_job_replace_the_match_rules(
     assert await store.get_uploads_by_download(kept["id"]) == []
     assert local_file(svc, kept).is_file()
     assert not (webdav_cloud.root / "all" / "kept.txt").exists()
+
+    # A .torrent takes them as a multipart field: a JSON list.
+    torrent = await asyncio.to_thread(
+        make_torrent, b"t" * 1000, tmp_path / "seed", "http://127.0.0.1:9/announce", "t.bin"
+    )
+    for field, expected in (("nas", 400), ('["nas"]', 400), ('["everything"]', 201)):
+        form = aiohttp.FormData()
+        form.add_field("file", torrent.torrent_bytes, filename="t.torrent")
+        form.add_field("targets", field)
+        status, body = await svc.api("POST", "/api/downloads/torrent", data=form)
+        assert status == expected, body
+    assert await store.get_download_targets(body["downloads"][0]["id"]) == ["everything"]
 
 
 async def test_missing_remote_is_named_at_start_and_fails_at_once(

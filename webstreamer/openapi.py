@@ -815,6 +815,11 @@ OPERATIONS: tuple[Operation, ...] = (
                         "properties": {
                             "file": {"type": "string", "format": "binary"},
                             **ARCHIVE_FIELDS,
+                            "targets": {
+                                "type": "string",
+                                "description": 'a JSON list of target names, as "targets" of'
+                                " POST /api/downloads",
+                            },
                         },
                         "required": ["file"],
                     }

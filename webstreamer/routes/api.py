@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -146,7 +147,7 @@ async def add_torrent(request: web.Request) -> web.Response:
             name = getattr(part, "name", None)
             if name == "file":
                 data = bytes(await part.read(decode=False))  # type: ignore[union-attr]
-            elif name in ("archive", "archive_password"):
+            elif name in ("archive", "archive_password", "targets"):
                 value = bytes(await part.read(decode=False))  # type: ignore[union-attr]
                 if len(value) > 4 * MAX_PASSWORD_LENGTH:
                     raise web.HTTPBadRequest(text=f'multipart field "{name}" is too long')
@@ -156,7 +157,15 @@ async def add_torrent(request: web.Request) -> web.Response:
     if data is None:
         raise web.HTTPBadRequest(text='multipart field "file" is missing')
     archive = archive_request(fields)
-    row = await ctx.downloads.add_torrent(data, archive=archive)
+    if "targets" in fields:
+        try:
+            fields["targets"] = json.loads(fields["targets"])
+        except ValueError:
+            raise web.HTTPBadRequest(
+                text='multipart field "targets" must be a JSON list of target names'
+            ) from None
+    targets = targets_request(fields, [t.name for t in ctx.config.upload.targets])
+    row = await ctx.downloads.add_torrent(data, archive=archive, targets=targets)
     return web.json_response({"downloads": [download_json(ctx.links, row, [])]}, status=201)
 
 
