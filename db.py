@@ -1478,6 +1478,9 @@ class Store(Protocol):
     async def record_archive_prepared(self, download_id: int, prepared_path: str) -> None: ...
     async def set_download_targets(self, download_id: int, targets: Sequence[str]) -> None: ...
     async def get_download_targets(self, download_id: int) -> list[str] | None: ...
+    async def get_targets_for_downloads(
+        self, download_ids: Sequence[int]
+    ) -> dict[int, list[str]]: ...
     async def delete_download_record(self, download_id: int) -> DownloadRow: ...
     async def delete_all_downloads(self) -> list[DownloadRow]: ...
 
@@ -2102,6 +2105,21 @@ class Database:
             "SELECT targets_json FROM download_targets WHERE download_id = ?", (download_id,)
         )
         return [str(name) for name in json.loads(row["targets_json"])] if row else None
+
+    async def get_targets_for_downloads(self, download_ids: Sequence[int]) -> dict[int, list[str]]:
+        """The chosen targets of those of these jobs that have a choice."""
+        if not download_ids:
+            return {}
+        marks = ", ".join("?" for _ in download_ids)
+        rows = await self._read_all(
+            "SELECT download_id, targets_json FROM download_targets"
+            f" WHERE download_id IN ({marks})",
+            tuple(download_ids),
+        )
+        return {
+            int(row["download_id"]): [str(name) for name in json.loads(row["targets_json"])]
+            for row in rows
+        }
 
     async def get_torrent_data(self, download_id: int) -> bytes | None:
         row = await self._read_one(

@@ -315,6 +315,7 @@ async def test_a_released_schema_is_migrated_forward_with_its_data(
         assert await db.get_download_targets(1) is None
         await db.set_download_targets(1, [])
         assert await db.get_download_targets(1) == []
+        assert await db.get_targets_for_downloads([1, 2]) == {1: []}
         # Schema 6: nothing was imported from another store yet.
         assert await db.imported_origins() == {}
         # Schema 4: a job of a single node's store is held by no node.

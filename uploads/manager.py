@@ -374,7 +374,9 @@ class UploadManager:
     async def targets_for(self, row: DownloadRow) -> list[UploadTarget]:
         """The targets chosen for this download when it was added (none = keep it here only),
         else the configured targets whose `match` takes it."""
-        chosen = await self.store.get_download_targets(row.id)
+        return self._targets_of(row, await self.store.get_download_targets(row.id))
+
+    def _targets_of(self, row: DownloadRow, chosen: Sequence[str] | None) -> list[UploadTarget]:
         if chosen is not None:
             configured = {t.name: t for t in self.config.targets}
             gone = [name for name in chosen if name not in configured]
@@ -431,6 +433,7 @@ class UploadManager:
         """
         completed = await self.store.fetch_downloads_in_states(("completed",), node=self.node)
         uploads = await self.store.get_uploads_for_downloads([r.id for r in completed])
+        choices = await self.store.get_targets_for_downloads([r.id for r in completed])
         created = 0
         for row in completed:
             existing = uploads.get(row.id, [])
@@ -439,7 +442,8 @@ class UploadManager:
             if any(u.cleaned_at is not None for u in existing):
                 continue
             have = {u.upload_target for u in existing}
-            wanted = [t for t in await self.targets_for(row) if t.name not in have]
+            chosen = choices.get(row.id)
+            wanted = [t for t in self._targets_of(row, chosen) if t.name not in have]
             on_disk = bool(wanted) and await asyncio.to_thread(self._on_disk, row)
             if on_disk:
                 created += len(await self.create_uploads(row))
