@@ -79,7 +79,7 @@ from records import (
     WebSession,
 )
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
 
 SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
@@ -779,6 +779,24 @@ async def _schema_9(sql: _Statements, dialect: Dialect) -> None:
     await _run_schema(sql, dialect, _SCHEMA_9)
 
 
+# Schema 10 (job destinations): the upload targets a job's owner chose when adding it, a JSON
+# list of target names; an empty list keeps the file here only. A job without a row here goes
+# to the targets whose `match` takes it. An upload keeps the link its remote made for the file
+# (`rclone link`), when the remote can make one.
+_SCHEMA_10 = """
+CREATE TABLE download_targets (
+    download_id  INTEGER PRIMARY KEY REFERENCES downloads(id) ON DELETE CASCADE,
+    targets_json TEXT NOT NULL,
+    created_at   TEXT NOT NULL
+);
+ALTER TABLE uploads ADD COLUMN public_link TEXT
+"""
+
+
+async def _schema_10(sql: _Statements, dialect: Dialect) -> None:
+    await _run_schema(sql, dialect, _SCHEMA_10)
+
+
 _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     1: _schema_1,
     2: _schema_2,
@@ -789,6 +807,7 @@ _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     7: _schema_7,
     8: _schema_8,
     9: _schema_9,
+    10: _schema_10,
 }
 
 # The tables the steps above make, each with its key, in an order their foreign keys allow
@@ -808,6 +827,7 @@ _STORE_TABLES: dict[str, str] = {
     "imported_rows": "origin",
     "settings_changes": "id",
     "download_archive_options": "download_id",
+    "download_targets": "download_id",
 }
 # Tables the store keeps from the others' rows (by triggers): never copied, rebuilt by the
 # target's own triggers as the rows above go in.
@@ -1456,6 +1476,11 @@ class Store(Protocol):
     ) -> None: ...
     async def get_archive_option(self, download_id: int) -> ArchiveOption | None: ...
     async def record_archive_prepared(self, download_id: int, prepared_path: str) -> None: ...
+    async def set_download_targets(self, download_id: int, targets: Sequence[str]) -> None: ...
+    async def get_download_targets(self, download_id: int) -> list[str] | None: ...
+    async def get_targets_for_downloads(
+        self, download_ids: Sequence[int]
+    ) -> dict[int, list[str]]: ...
     async def delete_download_record(self, download_id: int) -> DownloadRow: ...
     async def delete_all_downloads(self) -> list[DownloadRow]: ...
 
@@ -1499,7 +1524,7 @@ class Store(Protocol):
         self, upload_id: int, verified_size: int, verified_hash: str | None
     ) -> None: ...
     async def mark_upload_completed(
-        self, upload_id: int, remote_path: str | None = None
+        self, upload_id: int, remote_path: str | None = None, public_link: str | None = None
     ) -> None: ...
     async def mark_upload_failed(
         self,
@@ -2064,6 +2089,38 @@ class Database:
                 (prepared_path, download_id),
             )
 
+    async def set_download_targets(self, download_id: int, targets: Sequence[str]) -> None:
+        """The upload targets chosen for the job (names; empty = keep it here only)."""
+        async with self._write() as tx:
+            await tx.execute(
+                "INSERT INTO download_targets (download_id, targets_json, created_at)"
+                " VALUES (?, ?, ?) ON CONFLICT (download_id) DO UPDATE SET"
+                " targets_json = excluded.targets_json",
+                (download_id, json.dumps(list(targets)), utc_now()),
+            )
+
+    async def get_download_targets(self, download_id: int) -> list[str] | None:
+        """The job's chosen targets, or None when it has no choice (its `match` rules decide)."""
+        row = await self._read_one(
+            "SELECT targets_json FROM download_targets WHERE download_id = ?", (download_id,)
+        )
+        return [str(name) for name in json.loads(row["targets_json"])] if row else None
+
+    async def get_targets_for_downloads(self, download_ids: Sequence[int]) -> dict[int, list[str]]:
+        """The chosen targets of those of these jobs that have a choice."""
+        if not download_ids:
+            return {}
+        marks = ", ".join("?" for _ in download_ids)
+        rows = await self._read_all(
+            "SELECT download_id, targets_json FROM download_targets"
+            f" WHERE download_id IN ({marks})",
+            tuple(download_ids),
+        )
+        return {
+            int(row["download_id"]): [str(name) for name in json.loads(row["targets_json"])]
+            for row in rows
+        }
+
     async def get_torrent_data(self, download_id: int) -> bytes | None:
         row = await self._read_one(
             "SELECT torrent_data FROM downloads WHERE id = ?", (download_id,)
@@ -2330,10 +2387,14 @@ class Database:
             )
             await tx.emit_upload(upload_id)
 
-    async def mark_upload_completed(self, upload_id: int, remote_path: str | None = None) -> None:
+    async def mark_upload_completed(
+        self, upload_id: int, remote_path: str | None = None, public_link: str | None = None
+    ) -> None:
         columns: dict[str, Any] = {"completed_at": utc_now(), "upload_speed": 0}
         if remote_path is not None:
             columns["remote_path"] = remote_path
+        if public_link is not None:
+            columns["public_link"] = public_link
         async with self._write() as tx:
             row = await tx.fetch_one("SELECT verified_at FROM uploads WHERE id = ?", (upload_id,))
             if row is not None and row["verified_at"] is None:

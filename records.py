@@ -142,6 +142,7 @@ class UploadRow(NamedTuple):
     completed_at: str | None
     cleaned_at: str | None
     updated_at: str
+    public_link: str | None = None  # the remote's link to the uploaded file, if it makes one
 
 
 class NodeRow(NamedTuple):

@@ -161,12 +161,13 @@ class DownloadManager:
         requester: Requester | None = None,
         *,
         archive: ArchiveRequest | None = None,
+        targets: Sequence[str] | None = None,
     ) -> DownloadRow:
         """http/https/ftp/magnet → a committed row (with its archive step), then aria2.
 
         Raises SourceError (bad or refused link) or DuplicateDownload.
         """
-        [added] = await self.add_links([url], requester, archive=archive)
+        [added] = await self.add_links([url], requester, archive=archive, targets=targets)
         if isinstance(added, Exception):
             raise added
         return added
@@ -177,10 +178,12 @@ class DownloadManager:
         requester: Requester | None = None,
         *,
         archive: ArchiveRequest | None = None,
+        targets: Sequence[str] | None = None,
     ) -> list[DownloadRow | SourceError | DuplicateDownload]:
         """Many links that came together (one message, one API call): the rows of all that are
         accepted committed in ONE transaction (one batch of events), each with its archive step
-        if one is asked for, then each handed to aria2.
+        and its chosen upload targets if asked for (`targets`: names, [] = keep here only; None =
+        the targets' `match` rules decide), then each handed to aria2.
         For each link, in order: its row, or the SourceError (bad or refused link) or
         DuplicateDownload it is."""
         requester = requester or Requester()
@@ -199,9 +202,8 @@ class DownloadManager:
             answers.append(None)
         created = await self.store.create_downloads([(new, None) for _, new in accepted])
         new_ids = [outcome for outcome in created if isinstance(outcome, int)]
-        if archive is not None:
-            for download_id in new_ids:
-                await self.store.set_archive_option(download_id, archive.action, archive.password)
+        for download_id in new_ids:
+            await self._set_job_options(download_id, archive, targets)
         await self.submit_many(new_ids)
         for (position, _), outcome in zip(accepted, created, strict=True):
             answers[position] = (
@@ -240,6 +242,7 @@ class DownloadManager:
         requester: Requester | None = None,
         *,
         archive: ArchiveRequest | None = None,
+        targets: Sequence[str] | None = None,
     ) -> DownloadRow:
         """A .torrent → a committed row with its file list, then aria2. Raises SourceError (a bad
         torrent, or more files than `aria2.max_torrent_files`), TooLarge or DuplicateDownload."""
@@ -260,7 +263,9 @@ class DownloadManager:
             message_id=requester.message_id,
             group_key=requester.group_key,
         )
-        return await self._create_and_submit(new, files=meta.files, archive=archive)
+        return await self._create_and_submit(
+            new, files=meta.files, archive=archive, targets=targets
+        )
 
     async def add_telegram(
         self, media: TgMediaRecord, requester: Requester | None = None
@@ -291,12 +296,12 @@ class DownloadManager:
         media: TgMediaRecord | None = None,
         files: Sequence[TorrentFile] | None = None,
         archive: ArchiveRequest | None = None,
+        targets: Sequence[str] | None = None,
     ) -> DownloadRow:
         download_id = await self.store.create_download(new, media)
         if files:
             await self.store.update_download_details_by_id(download_id, files=files)
-        if archive is not None:
-            await self.store.set_archive_option(download_id, archive.action, archive.password)
+        await self._set_job_options(download_id, archive, targets)
         ask = self._asks_choice(new.chat_id, len(files or ()))
         await self.submit(download_id, paused=ask)
         row = await self._row(download_id)
@@ -348,6 +353,18 @@ class DownloadManager:
         for task in waits:
             task.cancel()
         await asyncio.gather(*waits, return_exceptions=True)
+
+    async def _set_job_options(
+        self,
+        download_id: int,
+        archive: ArchiveRequest | None,
+        targets: Sequence[str] | None,
+    ) -> None:
+        """What the job asked for beyond its bytes, stored before it can complete."""
+        if archive is not None:
+            await self.store.set_archive_option(download_id, archive.action, archive.password)
+        if targets is not None:
+            await self.store.set_download_targets(download_id, targets)
 
     async def _hand_to_aria2(self, row: DownloadRow, *, paused: bool) -> str:
         """Add the row's job to aria2 (paused if asked); returns its gid.

@@ -356,6 +356,27 @@ class Commands:
         logger.bind(job=row.id, user=caller.user_id).info("{} before upload asked", action)
         return translate(lang, f"bot.archive_{action}_set", id=row.id)
 
+    async def target_action(self, caller: Caller, download_id: int, index: int | None) -> str:
+        """Send the job to the upload target at `index` of `upload.targets` only, or (None) keep
+        it here only, while it has not completed; the answer either way."""
+        lang = caller.lang
+        row = await self.context.store.get_download_by_id(download_id)
+        if row is None:
+            return translate(lang, _DOWNLOAD.missing_key, id=download_id)
+        if not self.context.gatekeeper.may_control(caller.user_id, row):
+            return translate(lang, "bot.not_yours", id=row.id)
+        if row.status not in render.ARCHIVE_OPEN_STATUSES:
+            return translate(lang, "bot.archive_too_late", id=row.id)
+        targets = self.context.config().upload.targets
+        if index is not None and index >= len(targets):
+            return translate(lang, "bot.button_unknown")  # the targets changed since
+        chosen = [] if index is None else [targets[index].name]
+        await self.context.store.set_download_targets(row.id, chosen)
+        logger.bind(job=row.id, user=caller.user_id).info("upload targets chosen: {}", chosen)
+        if index is None:
+            return translate(lang, "bot.target_keep_set", id=row.id)
+        return translate(lang, "bot.target_set", id=row.id, name=chosen[0])
+
     async def upload_action(self, caller: Caller, action: str, upload_id: int) -> str:
         """Do `action` on an upload of a job the caller may control; the answer either way."""
         lang = caller.lang
@@ -425,6 +446,14 @@ class Commands:
             if parts[0] == "a" and len(parts) == 3 and parts[2].isdigit():
                 if parts[1] in ARCHIVE_ACTIONS:
                     answer = await self.archive_action(caller, parts[1], int(parts[2]))
+                else:
+                    answer = translate(lang, "bot.button_unknown")
+                await _answer(query, answer)
+                return
+            if parts[0] == "t" and len(parts) == 3 and parts[1].isdigit():
+                if parts[2] == "-" or parts[2].isdigit():
+                    index = None if parts[2] == "-" else int(parts[2])
+                    answer = await self.target_action(caller, int(parts[1]), index)
                 else:
                     answer = translate(lang, "bot.button_unknown")
                 await _answer(query, answer)

@@ -75,11 +75,15 @@ class ProgressNotifier:
     def interval(self) -> float:
         return self.context.config().telegram.progress_interval
 
+    def _target_names(self) -> list[str]:
+        """The configured upload targets, offered on a job's progress message."""
+        return [target.name for target in self.context.config().upload.targets]
+
     async def announce(self, row: DownloadRow, lang: Language) -> None:
         """Send a new job's progress message as the answer to its request (the caller holds the
         chat lock); if Telegram refuses now, the notifier sends it at the job's next event."""
         assert row.chat_id is not None
-        text, markup = render.progress_message(lang, row, ())
+        text, markup = render.progress_message(lang, row, (), self._target_names())
         try:
             message_id = await self.context.say(
                 row.chat_id, text, reply_to=row.message_id, markup=markup
@@ -355,7 +359,7 @@ class ProgressNotifier:
         async with self.context.chat_locks(chat_id):
             row, uploads = job.row, job.upload_rows()
             lang = self.context.languages.of(row.owner_id)
-            text, markup = render.progress_message(lang, row, uploads)
+            text, markup = render.progress_message(lang, row, uploads, self._target_names())
             signature = (text, render.markup_signature(markup))
             if job.message_id is None or job.rendered != signature:
                 await self._show_progress(chat_id, job, text, markup)

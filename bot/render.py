@@ -215,6 +215,34 @@ def archive_buttons(lang: Language, row: DownloadRow) -> list[InlineKeyboardButt
     ]
 
 
+MAX_TARGET_LABEL = 40  # characters of a target's name on its button
+TARGET_BUTTONS_PER_LINE = 3
+
+
+def target_buttons(
+    lang: Language, row: DownloadRow, targets: Sequence[str]
+) -> list[list[InlineKeyboardButton]]:
+    """With several upload targets, until the job completes: send it to one of them only, or
+    keep it here only (otherwise the targets' `match` rules decide). Callback data is
+    `t:<id>:<index in upload.targets>`, `t:<id>:-` for "keep here only"."""
+    if len(targets) < 2 or row.status not in ARCHIVE_OPEN_STATUSES:
+        return []
+    buttons = [
+        InlineKeyboardButton(
+            translate(lang, "bot.button.target", name=name[:MAX_TARGET_LABEL]),
+            callback_data=f"t:{row.id}:{index}",
+        )
+        for index, name in enumerate(targets)
+    ]
+    buttons.append(
+        InlineKeyboardButton(translate(lang, "bot.button.keep_here"), callback_data=f"t:{row.id}:-")
+    )
+    return [
+        buttons[first : first + TARGET_BUTTONS_PER_LINE]
+        for first in range(0, len(buttons), TARGET_BUTTONS_PER_LINE)
+    ]
+
+
 def upload_buttons(
     lang: Language, upload: UploadRow, origin: str = "", *, with_id: bool = False
 ) -> list[InlineKeyboardButton]:
@@ -245,10 +273,11 @@ def _action_buttons(
 
 
 def progress_message(
-    lang: Language, row: DownloadRow, uploads: Sequence[UploadRow]
+    lang: Language, row: DownloadRow, uploads: Sequence[UploadRow], targets: Sequence[str] = ()
 ) -> tuple[str, Markup]:
-    """The text and buttons of a job's progress message: the download's actions, and a retry
-    for each upload that ended without its file arriving."""
+    """The text and buttons of a job's progress message: the download's actions, the choice of
+    upload `targets` (names, when there are several), and a retry for each upload that ended
+    without its file arriving."""
     lines = download_lines(lang, row)
     lines += [upload_line(lang, upload) for upload in uploads]
     keyboard: list[list[InlineKeyboardButton]] = []
@@ -258,6 +287,7 @@ def progress_message(
     archive = archive_buttons(lang, row)
     if archive:
         keyboard.append(archive)
+    keyboard += target_buttons(lang, row, targets)
     for upload in uploads:
         if upload.status in ("failed", "cancelled"):
             keyboard.append(upload_buttons(lang, upload, with_id=True))
@@ -309,7 +339,9 @@ def notice_text(
     if upload is None or upload.status != notice.status:
         return None
     if upload.status == "completed":
-        key, details = "bot.notice.uploaded", {"remote_path": upload.remote_path or "-"}
+        # The remote's own link where it made one (`rclone link`), else where the file lies.
+        where = upload.public_link or upload.remote_path or "-"
+        key, details = "bot.notice.uploaded", {"remote_path": where}
     else:
         key, details = "bot.notice.upload_failed", {"reason": _upload_reason(upload)}
     return translate(lang, key, id=row.id, name=name, target=upload.upload_target, **details)

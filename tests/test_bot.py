@@ -856,6 +856,58 @@ async def test_upload_notice_names_the_remote_path(
     assert edits and "uploaded →" in edits[-1].text
 
 
+async def test_target_buttons_choose_where_a_job_goes(
+    relay_factory: RelayFactory, file_server: FileServer, rclone_config: Path, tmp_path: Path
+) -> None:
+    clouds = {name: tmp_path / name for name in ("near", "far")}
+    for folder in clouds.values():
+        folder.mkdir()
+    add_remote(rclone_config, "localdisk", {"type": "local"})
+    targets = [
+        {"name": name, "type": "rclone", "remote": "localdisk", "path": str(folder)}
+        for name, folder in clouds.items()
+    ]
+    relay = await relay_factory(
+        {"upload": {"targets": targets, "rclone_config": str(rclone_config)}}
+    )
+    data = file_server.add_file("pick.bin", size=300_000, seed=9)
+    chat = relay.chat()
+    [ack] = await chat.say(file_server.url("pick.bin", route="hold", bytes=65536))
+    [row] = await relay.jobs(1)
+    # The first message of the job offers each target, and keeping the file here only.
+    choices = [f"t:{row.id}:0", f"t:{row.id}:1", f"t:{row.id}:-"]
+    assert [d for d in ack.callback_data if d.startswith(b"t:")] == [c.encode() for c in choices]
+    await file_server.wait_held("pick.bin")
+
+    answer = await chat.press(ack.message_id, f"t:{row.id}:-")
+    assert "stay here only" in (answer.text or "")
+    assert await relay.db.get_download_targets(row.id) == []
+    answer = await relay.chat(OTHER).press(ack.message_id, f"t:{row.id}:0")
+    assert "not one of your jobs" in (answer.text or "")
+    answer = await chat.press(ack.message_id, f"t:{row.id}:7")
+    assert "no longer valid" in (answer.text or "")  # no such target (any more)
+    answer = await chat.press(ack.message_id, f"t:{row.id}:1")
+    assert "far only" in (answer.text or "")
+    assert await relay.db.get_download_targets(row.id) == ["far"]
+
+    file_server.release("pick.bin")
+
+    def uploaded() -> bool:
+        return any(m.text.startswith(f"☁️ #{row.id}") for m in relay.fake.sent_messages())
+
+    await eventually(uploaded, 60, "the upload notice")
+    [upload] = await relay.db.get_uploads_by_download(row.id)
+    assert upload.upload_target == "far" and upload.status == "completed"
+    assert await asyncio.to_thread((clouds["far"] / "pick.bin").read_bytes) == data
+    assert not await asyncio.to_thread((clouds["near"] / "pick.bin").exists)
+    # A local folder makes no links: the notice names the remote path.
+    [notice] = [m for m in relay.fake.sent_messages() if m.text.startswith(f"☁️ #{row.id}")]
+    assert upload.public_link is None and upload.remote_path and upload.remote_path in notice.text
+    # Once the job has completed, its choice is closed.
+    answer = await chat.press(ack.message_id, f"t:{row.id}:0")
+    assert "finished downloading" in (answer.text or "")
+
+
 async def test_refused_credentials_leave_the_rest_running(relay_factory: RelayFactory) -> None:
     # Telegram refuses this token.
     relay = await relay_factory(client_options={"bot_token": "1:"}, wait_started=False)

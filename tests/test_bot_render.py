@@ -101,6 +101,33 @@ def test_a_torrents_notice_links_its_first_files_and_counts_the_rest() -> None:
     assert lines[-2] == links[-1] and lines[1] == links[0]
 
 
+def test_target_buttons_only_with_several_targets_and_until_the_job_completes() -> None:
+    _, one = render.progress_message("en", ROW, [], ["cloud"])
+    assert one is None or not any(
+        str(b.callback_data).startswith("t:") for line in one.inline_keyboard for b in line
+    )
+    _, several = render.progress_message("en", ROW, [], ["cloud", "nas", "x" * 99])
+    assert several is not None
+    offered = [
+        b for line in several.inline_keyboard for b in line if str(b.callback_data).startswith("t:")
+    ]
+    assert [b.callback_data for b in offered] == ["t:7:0", "t:7:1", "t:7:2", "t:7:-"]
+    assert offered[1].text == "☁️ nas only" and len(offered[2].text) < 60
+    done = ROW._replace(status="completed")
+    assert render.target_buttons("en", done, ["cloud", "nas"]) == []
+
+
+def test_an_upload_notice_gives_the_remote_link_else_the_remote_path() -> None:
+    done = UPLOAD._replace(status="completed", remote_path="dav:/up/film.mkv")
+    notice = Notice("upload", 3, "completed")
+    text = render.notice_text("en", ROW, [done], notice)
+    assert text is not None and "dav:/up/film.mkv" in text
+    linked = done._replace(public_link="https://drive.example/s/AbC")
+    text = render.notice_text("en", ROW, [linked], notice)
+    assert text is not None and "https://drive.example/s/AbC" in text
+    assert "dav:/up/film.mkv" not in text
+
+
 def test_a_failed_upload_is_final_and_a_waiting_retry_is_shown_in_the_progress_message() -> None:
     failed = UPLOAD._replace(status="failed", error_message="timeout", retry_count=1)
     notice = Notice("upload", 3, "failed")

@@ -25,7 +25,9 @@ import aiohttp
 import pytest
 
 from tests.support.http_files import MIB, FileServer
+from tests.support.rclone_cloud import RcloneCloud
 from tests.support.service import ServiceFactory
+from tests.test_uploads import all_in, rclone_target, upload_overrides, wait_uploads
 from tests.test_web_page import Site, serve_site
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -458,3 +460,65 @@ async def test_player_page_plays_and_seeks_through_the_signed_stream(
         title = await page.evaluate("document.querySelector('h1.name').textContent")
         assert title == "clip.webm"
     assert console_errors == []
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)"
+)
+async def test_the_add_box_chooses_the_upload_targets(
+    tmp_path: Path,
+    service_factory: ServiceFactory,
+    file_server: FileServer,
+    rclone_config: Path,
+    webdav_cloud: RcloneCloud,
+) -> None:
+    svc = await service_factory(
+        upload_overrides(
+            rclone_config,
+            [
+                rclone_target("everything", "testdav", "/all"),
+                rclone_target("videos", "testdav", "/videos", match={"extensions": ["mkv"]}),
+            ],
+        )
+    )
+    data = file_server.add_file("picked.txt", size=3000, seed=2)
+    file_server.add_file("kept.txt", size=2000, seed=3)
+    store = svc.service.parts.store
+    select = "document.getElementById('add-targets')"
+
+    async def add(choice: str, name: str) -> int:
+        before = {row.id for row in await store.fetch_recent_downloads(10)}
+        await page.evaluate(f"{select}.value = {json.dumps(choice)}")
+        await page.evaluate("document.getElementById('add-links').focus()")
+        await page.send("Input.insertText", {"text": file_server.url(name)})
+        await page.evaluate("document.getElementById('add-submit').click()")
+        await page.wait_for(
+            "document.getElementById('add-links').value === ''", 10, f"{name} added"
+        )
+        (row,) = [r for r in await store.fetch_recent_downloads(10) if r.id not in before]
+        return row.id
+
+    async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
+        await page.send("Runtime.enable")
+        await sign_in(page, svc.base_url, svc.token)
+        await page.wait_for(
+            "!document.getElementById('add-targets-box').hidden", 10, "the target selector"
+        )
+        options = await page.evaluate(
+            f"Array.from({select}.options, (o) => [o.value, o.textContent])"
+        )
+        assert options == [
+            ["", "the targets' rules"],
+            ["=everything", "everything only"],
+            ["=videos", "videos only"],
+            ["-", "keep here only"],
+        ]
+        assert await page.evaluate(f"{select}.value") == ""  # the rules stay the default
+        picked = await add("=videos", "picked.txt")
+        kept = await add("-", "kept.txt")
+
+    assert await store.get_download_targets(picked) == ["videos"]
+    assert await store.get_download_targets(kept) == []
+    (upload,) = await wait_uploads(svc, picked, all_in("completed"))
+    assert upload.upload_target == "videos"  # chosen, though its match takes only .mkv
+    assert (webdav_cloud.root / "videos" / "picked.txt").read_bytes() == data

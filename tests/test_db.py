@@ -306,11 +306,16 @@ async def test_a_released_schema_is_migrated_forward_with_its_data(
     await make_old_database(store_backend, version)
     untouched = peek.fetch("SELECT * FROM uploads WHERE id IN (2, 3) ORDER BY id")
     async with store_backend.database() as db:
-        assert await db.schema_version() == SCHEMA_VERSION == 9
+        assert await db.schema_version() == SCHEMA_VERSION == 10
         # Schema 8 (settings changes): none was recorded yet.
         assert await db.list_settings_changes() == []
         # Schema 9 (archive options): no job asked for an archive step yet.
         assert await db.get_archive_option(1) is None
+        # Schema 10 (job destinations): no job chose its targets: `match` decides.
+        assert await db.get_download_targets(1) is None
+        await db.set_download_targets(1, [])
+        assert await db.get_download_targets(1) == []
+        assert await db.get_targets_for_downloads([1, 2]) == {1: []}
         # Schema 6: nothing was imported from another store yet.
         assert await db.imported_origins() == {}
         # Schema 4: a job of a single node's store is held by no node.
@@ -342,7 +347,10 @@ async def test_a_released_schema_is_migrated_forward_with_its_data(
             await tx.set_gid(1, "bb-fourth", "test")
         assert await db.get_gids(1) == ["zz-first", "mm-second", "aa-third", "bb-fourth"]
         assert await db.get_download_id_by_gid("mm-second") == 1
-    assert peek.fetch("SELECT * FROM uploads WHERE id IN (2, 3) ORDER BY id") == untouched
+    after = peek.fetch("SELECT * FROM uploads WHERE id IN (2, 3) ORDER BY id")
+    # Schema 10 added the remote's link (none yet) after the columns that were there.
+    assert [row[: len(untouched[0])] for row in after] == untouched
+    assert [row[len(untouched[0]) :] for row in after] == [(None,)] * len(untouched)
     assert peek.schema_version() == SCHEMA_VERSION
 
 

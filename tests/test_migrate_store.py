@@ -156,7 +156,8 @@ async def fill_store(db: Database, config: Config) -> Filled:
     await db.mark_upload_started(done, 100)
     await db.update_upload_progress(done, 100, 100, 12.5)
     await db.record_upload_verified(done, 100, "deadbeef")
-    await db.mark_upload_completed(done)
+    await db.mark_upload_completed(done, public_link="https://cloud.example/s/a")
+    await db.set_download_targets(http, ["cloud", "backup"])  # chosen when it was added
     retrying = await db.create_upload(http, "backup", None, 3, ready=True)
     await db.mark_upload_started(retrying, 100)
     await db.schedule_upload_retry(retrying, "network", "timeout", "5", DUE)
@@ -296,6 +297,7 @@ async def test_the_copy_knows_every_table_in_an_order_its_foreign_keys_allow(
         ("bot_notices", "downloads"),
         ("download_archive_options", "downloads"),
         ("download_gids", "downloads"),
+        ("download_targets", "downloads"),
         ("downloads", "tg_media"),
         ("tg_storage_messages", "tg_media"),
         ("uploads", "downloads"),

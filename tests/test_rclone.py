@@ -31,6 +31,7 @@ from uploads.rclone import (
     RcloneError,
     TransferProgress,
     classify_failure,
+    parse_link_output,
     redact,
 )
 
@@ -524,3 +525,31 @@ def test_redact_hides_credentials() -> None:
     assert "eyJhbGciOi" not in text
     assert "token: ***" in text
     assert "dav.example/x" in text
+
+
+async def test_a_remote_without_links_gives_none_and_the_path_stays(
+    webdav_cloud: RcloneCloud, rclone_config: Path, tmp_path: Path
+) -> None:
+    source = make_file(tmp_path / "src" / "a.bin", 2000)
+    rclone = rclone_for(rclone_config, tmp_path, *FAIL_FAST)
+    await rclone.transfer(source, "testdav:/l/a.bin", on_progress=ignore, job_key="link-1")
+    # `rclone serve webdav` (like SFTP and local folders) cannot make public links.
+    assert await rclone.public_link("testdav:/l/a.bin") is None
+    assert (webdav_cloud.root / "l" / "a.bin").read_bytes() == source.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("stdout", "link"),
+    [
+        ("https://drive.example/s/AbC123\n", "https://drive.example/s/AbC123"),
+        ("  http://127.0.0.1:9/f?dl=1  \n\n", "http://127.0.0.1:9/f?dl=1"),
+        ("", None),
+        ("\n\n", None),
+        ("ftp://host/file\n", None),
+        ("https://a b/c\n", None),
+        ("https://x/\x1b[31m\n", None),
+        ("https://x/" + "a" * 3000 + "\n", None),
+    ],
+)
+def test_link_output_is_one_http_url_or_nothing(stdout: str, link: str | None) -> None:
+    assert parse_link_output(stdout) == link

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from pyrogram import Client as PyrogramClient
 from pyrogram import raw
@@ -35,6 +36,7 @@ from tests.support.fake_telegram import FakeTelegram
 from tests.support.http_files import FileServer
 from tests.support.rclone_cloud import RcloneCloud
 from tests.support.service import RunningService, ServiceFactory
+from tests.support.torrents import make_torrent
 from uploads import telegram as telegram_upload
 from uploads.manager import (
     ProgressWriter,
@@ -273,6 +275,73 @@ async def test_match_selects_which_targets_take_a_download(
     status, body = await svc.api("GET", "/api/uploads?target=videos")
     assert status == 200
     assert [u["download_id"] for u in body["uploads"]] == [video["id"]]
+
+
+async def test_targets_chosen_with_the_job_replace_the_match_rules(
+    service_factory: ServiceFactory,
+    file_server: FileServer,
+    rclone_config: Path,
+    webdav_cloud: RcloneCloud,
+    tmp_path: Path,
+) -> None:
+    svc = await service_factory(
+        upload_overrides(
+            rclone_config,
+            [
+                rclone_target("everything", "testdav", "/all"),
+                rclone_target("videos", "testdav", "/videos", match={"extensions": ["mkv"]}),
+            ],
+        )
+    )
+    # An unknown name is refused, named, and nothing is queued.
+    file_server.add_file("kept.txt", size=5000, seed=4)
+    status, body = await svc.api(
+        "POST", "/api/downloads", json={"url": file_server.url("kept.txt"), "targets": ["nas"]}
+    )
+    assert status == 400 and 'unknown target "nas"' in str(body), body
+    for bad in ("videos", [1], ["videos", "videos"]):
+        status, body = await svc.api(
+            "POST", "/api/downloads", json={"url": file_server.url("kept.txt"), "targets": bad}
+        )
+        assert status == 400 and '"targets"' in str(body), body
+    status, body = await svc.api("GET", "/api/downloads")
+    assert status == 200 and body["downloads"] == []
+
+    # [] keeps the file here only; a chosen target takes what its match would refuse.
+    status, body = await svc.api(
+        "POST", "/api/downloads", json={"url": file_server.url("kept.txt"), "targets": []}
+    )
+    assert status == 201, body
+    kept = await svc.wait_download(body["downloads"][0]["id"], {"completed"}, timeout=60)
+    data = file_server.add_file("notes.txt", size=4000, seed=5)
+    status, body = await svc.api(
+        "POST", "/api/downloads", json={"url": file_server.url("notes.txt"), "targets": ["videos"]}
+    )
+    assert status == 201, body
+    chosen = await svc.wait_download(body["downloads"][0]["id"], {"completed"}, timeout=60)
+
+    (only,) = await wait_uploads(svc, chosen["id"], all_in("completed"))
+    assert only.upload_target == "videos"
+    assert only.public_link is None  # WebDAV makes no links: the notice gives the path
+    assert (webdav_cloud.root / "videos" / "notes.txt").read_bytes() == data
+    assert not (webdav_cloud.root / "all" / "notes.txt").exists()
+    store = svc.service.parts.store
+    assert await store.get_download_targets(kept["id"]) == []
+    assert await store.get_uploads_by_download(kept["id"]) == []
+    assert local_file(svc, kept).is_file()
+    assert not (webdav_cloud.root / "all" / "kept.txt").exists()
+
+    # A .torrent takes them as a multipart field: a JSON list.
+    torrent = await asyncio.to_thread(
+        make_torrent, b"t" * 1000, tmp_path / "seed", "http://127.0.0.1:9/announce", "t.bin"
+    )
+    for field, expected in (("nas", 400), ('["nas"]', 400), ('["everything"]', 201)):
+        form = aiohttp.FormData()
+        form.add_field("file", torrent.torrent_bytes, filename="t.torrent")
+        form.add_field("targets", field)
+        status, body = await svc.api("POST", "/api/downloads/torrent", data=form)
+        assert status == expected, body
+    assert await store.get_download_targets(body["downloads"][0]["id"]) == ["everything"]
 
 
 async def test_missing_remote_is_named_at_start_and_fails_at_once(

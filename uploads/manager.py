@@ -371,8 +371,22 @@ class UploadManager:
 
     # --- creating uploads -----------------------------------------------------------------------
 
-    def targets_for(self, row: DownloadRow) -> list[UploadTarget]:
-        """The configured targets whose `match` takes this download."""
+    async def targets_for(self, row: DownloadRow) -> list[UploadTarget]:
+        """The targets chosen for this download when it was added (none = keep it here only),
+        else the configured targets whose `match` takes it."""
+        return self._targets_of(row, await self.store.get_download_targets(row.id))
+
+    def _targets_of(self, row: DownloadRow, chosen: Sequence[str] | None) -> list[UploadTarget]:
+        if chosen is not None:
+            configured = {t.name: t for t in self.config.targets}
+            gone = [name for name in chosen if name not in configured]
+            if gone:
+                logger.bind(job=row.id).warning(
+                    "download {}: chosen target(s) {} no longer configured; skipped",
+                    row.id,
+                    ", ".join(gone),
+                )
+            return [configured[name] for name in chosen if name in configured]
         name = upload_name(row)
         size = row.total_length if row.total_length > 0 else None
         return [t for t in self.config.targets if t.accepts(row.source_type, name, size)]
@@ -381,7 +395,7 @@ class UploadManager:
         """One row per matching target (an existing one is kept, never duplicated)."""
         ids: list[int] = []
         name = upload_name(row)
-        for target in self.targets_for(row):
+        for target in await self.targets_for(row):
             upload_id = await self.store.create_upload(
                 row.id,
                 target.name,
@@ -419,6 +433,7 @@ class UploadManager:
         """
         completed = await self.store.fetch_downloads_in_states(("completed",), node=self.node)
         uploads = await self.store.get_uploads_for_downloads([r.id for r in completed])
+        choices = await self.store.get_targets_for_downloads([r.id for r in completed])
         created = 0
         for row in completed:
             existing = uploads.get(row.id, [])
@@ -427,7 +442,8 @@ class UploadManager:
             if any(u.cleaned_at is not None for u in existing):
                 continue
             have = {u.upload_target for u in existing}
-            wanted = [t for t in self.targets_for(row) if t.name not in have]
+            chosen = choices.get(row.id)
+            wanted = [t for t in self._targets_of(row, chosen) if t.name not in have]
             on_disk = bool(wanted) and await asyncio.to_thread(self._on_disk, row)
             if on_disk:
                 created += len(await self.create_uploads(row))
@@ -669,11 +685,13 @@ class UploadManager:
         progress = ProgressWriter(self.store, upload.id, total, interval=self.progress_interval)
         if upload.status == "uploading":
             log.info("upload {} to {} resumes after a restart", upload.id, target.name)
+        link: str | None = None
         if target.type == "rclone":
             await self._upload_rclone(upload.id, local, remote_path, progress, log)
+            link = await self.rclone.public_link(remote_path)
         else:
             remote_path = await self._upload_telegram(upload.id, target, local, name, progress)
-        await self.store.mark_upload_completed(upload.id, remote_path)
+        await self.store.mark_upload_completed(upload.id, remote_path, link)
         log.info("upload {} to {} completed and verified ({} bytes)", upload.id, target.name, total)
 
     async def _prepare_archive(self, download_id: int, local: Path, log: Logger) -> Path:
@@ -833,7 +851,7 @@ class UploadManager:
             if any(u.status != "completed" or u.verified_at is None for u in uploads):
                 return False
             have = {u.upload_target for u in uploads}
-            if any(t.name not in have for t in self.targets_for(download)):
+            if any(t.name not in have for t in await self.targets_for(download)):
                 return False
             log = logger.bind(job=download_id)
             path = await asyncio.to_thread(self.files.confined, download.local_path)

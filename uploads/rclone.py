@@ -111,6 +111,8 @@ _MAX_LINE_BYTES: Final = 1024 * 1024
 _MAX_MESSAGE_CHARS: Final = 600
 # Remote hashing reads the whole file on the server side: allow for it on top of the base time-out.
 _HASH_BYTES_PER_SECOND_FLOOR: Final = 20 * 1024 * 1024
+_LINK_TIMEOUT_SECONDS: Final = 30.0  # `rclone link`: one API call to the remote
+_MAX_LINK_CHARS: Final = 2048
 # Hash types in order of preference when the remote offers several; rclone computes any of them
 # for local files too.
 _PREFERRED_HASHES: Final = ("md5", "sha1", "sha256", "crc32", "quickxor", "dropbox", "whirlpool")
@@ -330,6 +332,19 @@ def classify_failure(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def parse_link_output(stdout: str) -> str | None:
+    """The link `rclone link` printed: its first line when that is one http(s) URL, else None."""
+    lines = [line.strip() for line in stdout.splitlines() if line.strip()]
+    if not lines:
+        return None
+    link = lines[0]
+    if not link.startswith(("https://", "http://")) or len(link) > _MAX_LINK_CHARS:
+        return None
+    if any(char.isspace() or not char.isprintable() for char in link):
+        return None
+    return link
 
 
 def _remote_name(remote_path: str) -> str:
@@ -892,6 +907,24 @@ class Rclone:
         if files is None:
             return None
         return sum(entry.size for entry in files.values() if entry.size > 0)
+
+    async def public_link(self, remote_path: str) -> str | None:
+        """A link anyone can open to the uploaded file (`rclone link`), or None when the remote
+        cannot make one (most cannot: WebDAV, SFTP, a local folder) or does not answer in time."""
+        remote = _remote_name(remote_path)
+        try:
+            code, stdout, lines = await self._run(
+                "link", remote_path, timeout=_LINK_TIMEOUT_SECONDS, remote=remote
+            )
+        except RcloneError as exc:
+            logger.bind(remote=remote).info("no link for an upload to {}: {}", remote, exc)
+            return None
+        if code != 0:
+            logger.bind(remote=remote).debug(
+                "{} makes no links: {}", remote, redact(_error_summary(lines))
+            )
+            return None
+        return parse_link_output(stdout)
 
     async def _common_hash_type(self, remote: str) -> str | None:
         """A hash the remote stores that rclone can compute for local files, or None."""

@@ -49,10 +49,18 @@ class DownloadActions(Protocol):
     """What the API asks of the download engine."""
 
     async def add_links(
-        self, urls: Sequence[str], *, archive: ArchiveRequest | None = None
+        self,
+        urls: Sequence[str],
+        *,
+        archive: ArchiveRequest | None = None,
+        targets: Sequence[str] | None = None,
     ) -> list[DownloadRow | SourceError | DuplicateDownload]: ...
     async def add_torrent(
-        self, data: bytes, *, archive: ArchiveRequest | None = None
+        self,
+        data: bytes,
+        *,
+        archive: ArchiveRequest | None = None,
+        targets: Sequence[str] | None = None,
     ) -> DownloadRow: ...
     async def pause(self, download_id: int) -> DownloadRow: ...
     async def resume(self, download_id: int) -> DownloadRow: ...

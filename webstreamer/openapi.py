@@ -79,6 +79,11 @@ ARCHIVE_FIELDS: dict[str, Schema] = {
     "archive": {"type": "string", "enum": list(ARCHIVE_ACTIONS)},
     "archive_password": {"type": "string", "minLength": 1, "maxLength": MAX_PASSWORD_LENGTH},
 }
+# The upload targets chosen for a new job (POST /api/downloads); [] keeps the file here only.
+LINK_JOB_FIELDS: dict[str, Schema] = {
+    **ARCHIVE_FIELDS,
+    "targets": {"type": "array", "items": STR, "uniqueItems": True},
+}
 BOOL: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "string", "description": "ISO 8601 time (UTC)"}
 ROW_ID: Schema = {"type": "integer", "minimum": 1}
@@ -146,6 +151,10 @@ SCHEMAS: dict[str, Schema] = {
             "completed_at": nullable(TIME),
             "cleaned_at": nullable(TIME),
             "updated_at": TIME,
+            "public_link": {
+                **nullable(STR),
+                "description": "the remote's link to the file (rclone link), when it makes one",
+            },
             "actions": {"type": "array", "items": {"enum": ["retry", "cancel"]}},
         }
     ),
@@ -767,7 +776,7 @@ OPERATIONS: tuple[Operation, ...] = (
         body=json_body(
             {
                 "oneOf": [
-                    _obj({"url": STR, **ARCHIVE_FIELDS}, optional=tuple(ARCHIVE_FIELDS)),
+                    _obj({"url": STR, **LINK_JOB_FIELDS}, optional=tuple(LINK_JOB_FIELDS)),
                     _obj(
                         {
                             "urls": {
@@ -776,15 +785,17 @@ OPERATIONS: tuple[Operation, ...] = (
                                 "minItems": 1,
                                 "maxItems": MAX_URLS_PER_REQUEST,
                             },
-                            **ARCHIVE_FIELDS,
+                            **LINK_JOB_FIELDS,
                         },
-                        optional=tuple(ARCHIVE_FIELDS),
+                        optional=tuple(LINK_JOB_FIELDS),
                     ),
                 ]
             }
         ),
         description=(
-            '"archive": "extract" unpacks a downloaded zip, 7z, rar or tar(.gz/.xz/.bz2/.zst)'
+            '"targets" names the upload targets the new jobs go to ([] keeps them here only;'
+            " without it, the targets' match rules decide; an unknown name is refused)."
+            ' "archive": "extract" unpacks a downloaded zip, 7z, rar or tar(.gz/.xz/.bz2/.zst)'
             ' before it is uploaded (with "archive_password" if it has one); "zip" packs a'
             " downloaded folder (a torrent) into one zip. The password is never shown again."
         ),
@@ -809,6 +820,11 @@ OPERATIONS: tuple[Operation, ...] = (
                         "properties": {
                             "file": {"type": "string", "format": "binary"},
                             **ARCHIVE_FIELDS,
+                            "targets": {
+                                "type": "string",
+                                "description": 'a JSON list of target names, as "targets" of'
+                                " POST /api/downloads",
+                            },
                         },
                         "required": ["file"],
                     }

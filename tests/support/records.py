@@ -69,5 +69,6 @@ def upload_row(**fields: Any) -> UploadRow:
         completed_at=None,
         cleaned_at=None,
         updated_at=STAMP,
+        public_link=None,
     )
     return row._replace(**fields)

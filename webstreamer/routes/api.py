@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -46,10 +48,11 @@ async def health(request: web.Request) -> web.Response:
 async def add_downloads(request: web.Request) -> web.Response:
     ctx = context_of(request)
     body = await read_json_object(request)
-    unknown = set(body) - {"url", "urls", "archive", "archive_password"}
+    unknown = set(body) - {"url", "urls", "archive", "archive_password", "targets"}
     if unknown:
         raise web.HTTPBadRequest(text=f"unknown fields: {', '.join(sorted(unknown))}")
     archive = archive_request(body)
+    targets = targets_request(body, [t.name for t in ctx.config.upload.targets])
     if ("url" in body) == ("urls" in body):
         raise web.HTTPBadRequest(text='give either "url" or "urls"')
     urls = [body["url"]] if "url" in body else body["urls"]
@@ -72,7 +75,7 @@ async def add_downloads(request: web.Request) -> web.Response:
     added: list[DownloadRow] = []
     duplicates: list[dict[str, Any]] = []
     for url, outcome in zip(
-        urls, await ctx.downloads.add_links(urls, archive=archive), strict=True
+        urls, await ctx.downloads.add_links(urls, archive=archive, targets=targets), strict=True
     ):
         if isinstance(outcome, DuplicateDownload):
             # The answer names the link as the page shows it: its password masked.
@@ -114,6 +117,25 @@ def archive_request(body: dict[str, Any]) -> ArchiveRequest | None:
     return ArchiveRequest(action, password)
 
 
+def targets_request(body: dict[str, Any], configured: Sequence[str]) -> list[str] | None:
+    """The optional "targets" of a new job: names of configured upload targets ([] = keep the
+    file here only). Absent, the targets' `match` rules decide."""
+    if "targets" not in body:
+        return None
+    targets = body["targets"]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise web.HTTPBadRequest(text='"targets" must be a list of target names')
+    unknown = [name for name in targets if name not in configured]
+    if unknown:
+        known = ", ".join(configured) or "none configured"
+        raise web.HTTPBadRequest(
+            text=f'unknown target "{unknown[0][:100]}" in "targets" (configured: {known})'
+        )
+    if len(set(targets)) != len(targets):
+        raise web.HTTPBadRequest(text='"targets" names a target twice')
+    return targets
+
+
 async def add_torrent(request: web.Request) -> web.Response:
     ctx = context_of(request)
     if not request.content_type.startswith("multipart/"):
@@ -126,7 +148,7 @@ async def add_torrent(request: web.Request) -> web.Response:
             name = getattr(part, "name", None)
             if name == "file":
                 data = bytes(await part.read(decode=False))  # type: ignore[union-attr]
-            elif name in ("archive", "archive_password"):
+            elif name in ("archive", "archive_password", "targets"):
                 value = bytes(await part.read(decode=False))  # type: ignore[union-attr]
                 if len(value) > 4 * MAX_PASSWORD_LENGTH:
                     raise web.HTTPBadRequest(text=f'multipart field "{name}" is too long')
@@ -136,7 +158,15 @@ async def add_torrent(request: web.Request) -> web.Response:
     if data is None:
         raise web.HTTPBadRequest(text='multipart field "file" is missing')
     archive = archive_request(fields)
-    row = await ctx.downloads.add_torrent(data, archive=archive)
+    if "targets" in fields:
+        try:
+            fields["targets"] = json.loads(fields["targets"])
+        except ValueError:
+            raise web.HTTPBadRequest(
+                text='multipart field "targets" must be a JSON list of target names'
+            ) from None
+    targets = targets_request(fields, [t.name for t in ctx.config.upload.targets])
+    row = await ctx.downloads.add_torrent(data, archive=archive, targets=targets)
     return web.json_response({"downloads": [download_json(ctx.links, row, [])]}, status=201)
 
 

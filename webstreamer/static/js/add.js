@@ -20,6 +20,29 @@ function archiveFields() {
   return action === "extract" && password ? { archive: action, archive_password: password } : { archive: action };
 }
 
+// The upload targets chosen for the new jobs: one target only, or none ("keep here only");
+// the empty choice sends nothing, so the targets' match rules decide.
+function targetFields() {
+  const box = $("add-targets-box");
+  const choice = $("add-targets").value;
+  if (box.hidden || !choice) return {};
+  return { targets: choice === "-" ? [] : [choice.slice(1)] };
+}
+
+/** The selector, offered when several upload targets are configured (`names`). */
+export function renderTargetChoice(names) {
+  const select = $("add-targets");
+  const chosen = select.value;
+  const option = (value, text) => h("option", { value, text });
+  select.replaceChildren(
+    option("", t("web.add.targets_rules")),
+    ...names.map((name) => option(`=${name}`, t("web.add.targets_only", { name }))),
+    option("-", t("web.add.targets_keep")),
+  );
+  if (Array.from(select.options).some((o) => o.value === chosen)) select.value = chosen;
+  $("add-targets-box").hidden = names.length < 2;
+}
+
 export function onArchiveChosen() {
   const password = $("add-archive-password");
   password.hidden = $("add-archive").value !== "extract";
@@ -37,7 +60,7 @@ export async function onAddSubmit(event) {
   const button = $("add-submit");
   button.disabled = true;
   try {
-    const data = await api("POST", "/api/downloads", { urls, ...archiveFields() });
+    const data = await api("POST", "/api/downloads", { urls, ...archiveFields(), ...targetFields() });
     const added = Array.isArray(data.downloads) ? data.downloads : [];
     showAdded(added);
     const lines = [["ok", t("web.add.added", { count: added.length })]];
@@ -69,6 +92,8 @@ export async function onTorrentChosen(event) {
   const form = new FormData();
   form.append("file", file, file.name);
   for (const [name, value] of Object.entries(archiveFields())) form.append(name, value);
+  const { targets } = targetFields();
+  if (targets) form.append("targets", JSON.stringify(targets));
   try {
     const data = await api("POST", "/api/downloads/torrent", form);
     showAdded(Array.isArray(data.downloads) ? data.downloads : []);

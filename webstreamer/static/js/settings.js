@@ -1,6 +1,7 @@
 // The settings card: speed limits and the other live settings (GET/PATCH /api/settings), and the
 // record of changes (GET /api/settings/changes). The server checks every value; its refusal,
 // which names the key, is shown as it is.
+import { renderTargetChoice } from "./add.js";
 import { api } from "./api.js";
 import { $, formatBytes, formatTime, h } from "./dom.js";
 import { t } from "./i18n.js";
@@ -51,6 +52,8 @@ function changeRow(change) {
 export function renderSettings() {
   const settings = view.settings;
   if (settings) {
+    const targets = Array.isArray(settings["upload.targets"]) ? settings["upload.targets"] : [];
+    renderTargetChoice(targets.map((target) => String(target.name)));
     for (const [key, id] of Object.entries(LIMIT_INPUTS)) {
       $(id).value = String(settings[key]);
       $(`${id}-shown`).textContent = limitText(settings[key]);
