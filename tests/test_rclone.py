@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -444,9 +445,15 @@ def test_kill_leftovers_kills_only_stray_rclone(rclone_config: Path, tmp_path: P
         start_new_session=True,
     )
     bystander = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    # A reused pid whose command line merely mentions rclone (a test run, an editor).
+    mentions = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)", "tests/test_rclone.py"],
+        start_new_session=True,
+    )
     try:
         (pid_dir / "old-upload.pid").write_text(f"{stray.pid}\n")
         (pid_dir / "reused-pid.pid").write_text(f"{bystander.pid}\n")
+        (pid_dir / "mentions-rclone.pid").write_text(f"{mentions.pid}\n")
         (pid_dir / "garbage.pid").write_text("not a pid")
         rclone = Rclone(config_path=rclone_config, pid_dir=pid_dir)
 
@@ -454,10 +461,10 @@ def test_kill_leftovers_kills_only_stray_rclone(rclone_config: Path, tmp_path: P
 
         assert killed == [stray.pid]
         assert stray.wait(timeout=2) is not None
-        assert bystander.poll() is None
+        assert bystander.poll() is None and mentions.poll() is None
         assert list(pid_dir.glob("*.pid")) == []
     finally:
-        for process in (stray, bystander):
+        for process in (stray, bystander, mentions):
             if process.poll() is None:
                 os.kill(process.pid, 9)
                 process.wait(timeout=5)

@@ -386,12 +386,15 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _pid_is_rclone(pid: int) -> bool:
+def _pid_runs(pid: int, executable: str) -> bool:
+    """Whether process `pid` runs the program `executable` (its argv[0] names it), not merely
+    a command line that mentions it (a reused pid of an editor or a test run)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"rclone" in cmdline
+    program = cmdline.split(b"\0", 1)[0].decode(errors="replace")
+    return bool(program) and Path(program).name == Path(executable).name
 
 
 @dataclass(frozen=True)
@@ -836,7 +839,7 @@ class Rclone:
                 pid = int(pid_file.read_text().strip())
             except (OSError, ValueError):
                 pid = 0
-            if pid > 1 and _pid_alive(pid) and _pid_is_rclone(pid):
+            if pid > 1 and _pid_alive(pid) and _pid_runs(pid, self.executable):
                 _signal_group(pid, signal.SIGTERM)
                 deadline = time.monotonic() + _TERMINATE_GRACE_SECONDS
                 while _pid_alive(pid) and time.monotonic() < deadline:
