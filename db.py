@@ -1353,6 +1353,16 @@ def _polled(dialect: Dialect, chunk: Sequence[ProgressUpdate]) -> tuple[str, lis
     )
 
 
+def _active_by_source(dialect: Dialect) -> str:
+    """`downloads`, read through the one-active-job-per-source index (a query that names the
+    index's condition, `status IN ('pending', 'waiting', 'downloading', 'paused')`). SQLite's
+    planner, without statistics, takes the status index and walks every active row: 13 ms for
+    300 sources at 11k active jobs, 0.4 ms through this index. PostgreSQL chooses well."""
+    if dialect == "sqlite":
+        return "downloads INDEXED BY downloads_one_active_per_source"
+    return "downloads"
+
+
 def _download_from_row(row: _Row) -> DownloadRow:
     # Positional, in _DOWNLOAD_COLUMNS order (the record's field order).
     files_json, media_json = row[20], row[21]
@@ -1833,8 +1843,8 @@ class Database:
         if not self._backend.is_duplicate_source(exc):
             return
         existing = await self._read_one(
-            "SELECT id FROM downloads WHERE source_key = ? AND status IN "
-            "('pending', 'waiting', 'downloading', 'paused')",
+            f"SELECT id FROM {_active_by_source(self._backend.dialect)} WHERE source_key = ?"
+            " AND status IN ('pending', 'waiting', 'downloading', 'paused')",
             (source_key,),
         )
         raise DuplicateDownload(int(existing["id"]) if existing else 0, source_key) from exc
@@ -3591,7 +3601,7 @@ class _Tx:
         for first in range(0, len(wanted), _LOOKUP_CHUNK):
             chunk = wanted[first : first + _LOOKUP_CHUNK]
             rows = await self.fetch_all(
-                f"SELECT id, source_key FROM downloads WHERE source_key IN"
+                f"SELECT id, source_key FROM {_active_by_source(self.dialect)} WHERE source_key IN"
                 f" ({', '.join('?' for _ in chunk)}) AND status IN"
                 " ('pending', 'waiting', 'downloading', 'paused')",
                 chunk,
