@@ -1373,6 +1373,16 @@ def _polled(dialect: Dialect, chunk: Sequence[ProgressUpdate]) -> tuple[str, lis
     )
 
 
+def _active_by_source(dialect: Dialect) -> str:
+    """`downloads`, read through the one-active-job-per-source index (a query that names the
+    index's condition, `status IN ('pending', 'waiting', 'downloading', 'paused')`). SQLite's
+    planner, without statistics, takes the status index and walks every active row: 13 ms for
+    300 sources at 11k active jobs, 0.4 ms through this index. PostgreSQL chooses well."""
+    if dialect == "sqlite":
+        return "downloads INDEXED BY downloads_one_active_per_source"
+    return "downloads"
+
+
 def _download_from_row(row: _Row) -> DownloadRow:
     # Positional, in _DOWNLOAD_COLUMNS order (the record's field order).
     files_json, media_json = row[20], row[21]
@@ -1858,8 +1868,8 @@ class Database:
         if not self._backend.is_duplicate_source(exc):
             return
         existing = await self._read_one(
-            "SELECT id FROM downloads WHERE source_key = ? AND status IN "
-            "('pending', 'waiting', 'downloading', 'paused')",
+            f"SELECT id FROM {_active_by_source(self._backend.dialect)} WHERE source_key = ?"
+            " AND status IN ('pending', 'waiting', 'downloading', 'paused')",
             (source_key,),
         )
         raise DuplicateDownload(int(existing["id"]) if existing else 0, source_key) from exc
@@ -1869,8 +1879,12 @@ class Database:
     ) -> None:
         """aria2 accepted the job: remember its gid (and every earlier one) and leave `pending`."""
         async with self._write() as tx:
-            await tx.set_gid(download_id, gid, "added")
-            await tx.transition("download", download_id, status, "queued in aria2")
+            current = await tx.claim_gid(download_id, gid, "added")
+            # The gid and the status in one UPDATE; the gid alone if the status stays.
+            if not await tx.move(
+                "download", download_id, current, status, "queued in aria2", {"gid": gid}
+            ):
+                await tx.update_columns("downloads", download_id, {"gid": gid})
             await tx.emit_download(download_id)
 
     async def mark_downloads_queued(self, queued: Sequence[tuple[int, str]]) -> list[int]:
@@ -1879,7 +1893,10 @@ class Database:
         `pending` meanwhile (cancelled) keeps its gid and its status; the ids queued."""
         async with self._write() as tx:
             moved = await tx.queue(queued)
-            await tx.emit_downloads([download_id for download_id, _ in queued])
+            # The moved rows as the UPDATE returned them; only the others are read again.
+            done = {row.id for row in moved}
+            others = await tx.downloads_by_id([i for i, _ in queued if i not in done])
+            await tx.emit_rows(sorted([*moved, *others], key=lambda row: row.id))
         return [row.id for row in moved]
 
     async def follow_gid(self, old_gid: str, new_gid: str) -> int | None:
@@ -3582,7 +3599,19 @@ class _Tx:
         current_row = await self.fetch_one(f"SELECT status FROM {table} WHERE id = ?", (item_id,))
         if current_row is None:
             raise NotFound(entity, item_id)
-        current = str(current_row["status"])
+        return await self.move(entity, item_id, str(current_row["status"]), target, reason, columns)
+
+    async def move(
+        self,
+        entity: str,
+        item_id: int,
+        current: str,
+        target: str,
+        reason: str | None,
+        columns: Mapping[str, Any],
+    ) -> bool:
+        """`transition` from `current`, the status the caller read in this transaction."""
+        table = "downloads" if entity == "download" else "uploads"
         if current == target:
             return False
         sources = allowed_sources(entity, target)
@@ -3633,7 +3662,7 @@ class _Tx:
         for first in range(0, len(wanted), _LOOKUP_CHUNK):
             chunk = wanted[first : first + _LOOKUP_CHUNK]
             rows = await self.fetch_all(
-                f"SELECT id, source_key FROM downloads WHERE source_key IN"
+                f"SELECT id, source_key FROM {_active_by_source(self.dialect)} WHERE source_key IN"
                 f" ({', '.join('?' for _ in chunk)}) AND status IN"
                 " ('pending', 'waiting', 'downloading', 'paused')",
                 chunk,
@@ -3878,15 +3907,28 @@ class _Tx:
         row = await self.fetch_one("SELECT download_id FROM download_gids WHERE gid = ?", (gid,))
         return int(row["download_id"]) if row else None
 
-    async def set_gid(self, download_id: int, gid: str, reason: str) -> None:
-        await self.sql.execute(
+    async def claim_gid(self, download_id: int, gid: str, reason: str) -> str:
+        """Remember `gid` as the download's (StoreError if it is another's) and answer the
+        download's status, in one statement. The row's `gid` column is left to the caller's
+        UPDATE. A gid the download has already is left as it was (the no-op update only makes
+        the statement return it)."""
+        row = await self.fetch_one(
             "INSERT INTO download_gids (gid, download_id, reason, created_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (gid) DO NOTHING",
-            (gid, download_id, reason, utc_now()),
+            " ON CONFLICT (gid) DO UPDATE SET gid = excluded.gid"
+            " WHERE download_gids.download_id = excluded.download_id"
+            " RETURNING (SELECT status FROM downloads WHERE id = ?) AS status",
+            (gid, download_id, reason, utc_now(), download_id),
         )
-        owner = await self.download_id_by_gid(gid)
-        if owner != download_id:
-            raise StoreError(f"gid {gid} already belongs to download {owner}")
+        if row is None:
+            raise StoreError(
+                f"gid {gid} already belongs to download {await self.download_id_by_gid(gid)}"
+            )
+        if row["status"] is None:
+            raise NotFound("download", download_id)
+        return str(row["status"])
+
+    async def set_gid(self, download_id: int, gid: str, reason: str) -> None:
+        await self.claim_gid(download_id, gid, reason)
         await self.update_columns("downloads", download_id, {"gid": gid})
 
     async def progress(self, batch: Sequence[ProgressUpdate], now: str) -> int:
@@ -3941,6 +3983,11 @@ class _Tx:
 
     async def emit_downloads(self, download_ids: Sequence[int]) -> None:
         """A `download` event for each of these rows, read a chunk at a time."""
+        await self.emit_rows(await self.downloads_by_id(download_ids))
+
+    async def downloads_by_id(self, download_ids: Sequence[int]) -> list[DownloadRow]:
+        """These rows (those that exist), read a chunk at a time, each chunk in id order."""
+        found: list[DownloadRow] = []
         for first in range(0, len(download_ids), _LOOKUP_CHUNK):
             chunk = download_ids[first : first + _LOOKUP_CHUNK]
             rows = await self.fetch_all(
@@ -3948,7 +3995,13 @@ class _Tx:
                 f" WHERE id IN ({', '.join('?' for _ in chunk)}) ORDER BY id",
                 chunk,
             )
-            await self._snapshots([_download_from_row(row) for row in rows])
+            found += [_download_from_row(row) for row in rows]
+        return found
+
+    async def emit_rows(self, downloads: Sequence[DownloadRow]) -> None:
+        """A `download` event for each of these rows as they are, a chunk at a time."""
+        for first in range(0, len(downloads), _LOOKUP_CHUNK):
+            await self._snapshots(downloads[first : first + _LOOKUP_CHUNK])
 
     def emit_removed(self, download_id: int | None) -> None:
         self.events.append(("download", download_id, DownloadRemoved(download_id)))

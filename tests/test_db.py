@@ -696,6 +696,37 @@ async def test_duplicate_create_download_leaves_neither_row(db: Database, peek: 
     assert peek.history() == history_before
 
 
+async def test_queued_by_id_keeps_its_checks(
+    db: Database, peek: Peek, store_backend: StoreBackend
+) -> None:
+    """aria2's gid recorded on the job, its status moved, one history row: a gid of another job,
+    a status the machine forbids and a missing job are refused with nothing written; queued
+    again with the status it has, the job only takes the new gid."""
+    first = await new_http(db, "http://h/first")
+    second = await new_http(db, "http://h/second")
+    await db.mark_download_queued_by_id(first, "g-first")
+    history = peek.history()
+    with pytest.raises(StoreError, match=f"gid g-first already belongs to download {first}"):
+        await db.mark_download_queued_by_id(second, "g-first")
+    with pytest.raises(TransitionError):
+        await db.mark_download_queued_by_id(second, "g-second", status="completed")
+    with pytest.raises(store_backend.foreign_key_violation):
+        await db.mark_download_queued_by_id(second + 100, "g-nobody")
+    row = await db.get_download_by_id(second)
+    assert row is not None and (row.status, row.gid) == ("pending", None)
+    assert peek.count("download_gids") == 1
+    assert peek.history() == history
+
+    await db.mark_download_queued_by_id(first, "g-again")  # still waiting: the gid alone
+    row = await db.get_download_by_id(first)
+    assert row is not None and (row.status, row.gid) == ("waiting", "g-again")
+    assert peek.history() == history
+    assert await db.get_gids(first) == ["g-first", "g-again"]
+    assert peek.fetch(
+        "SELECT entity_id, from_status, to_status FROM status_history ORDER BY id DESC LIMIT 1"
+    ) == [(first, "pending", "waiting")]
+
+
 @pytest.mark.parametrize("active", ["pending", "waiting", "downloading", "paused"])
 async def test_duplicate_refused_while_active(db: Database, active: str, peek: Peek) -> None:
     download_id = await new_http(db, "http://h/a")
