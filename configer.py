@@ -215,7 +215,7 @@ class Aria2Config:
     idle_poll_interval: float = 5.0
     max_download_size: int = 0  # bytes; 0 = no cap
     max_torrent_files: int = 10_000  # files in one .torrent
-    ask_file_selection: str = "never"  # one of FILE_SELECTION_ASKS
+    ask_file_selection: str = "chats"  # one of FILE_SELECTION_ASKS
     file_selection_timeout: int = 300  # seconds a job waits for its choice of files
     allow_private_addresses: bool = False
     blocked_networks: tuple[str, ...] = DEFAULT_BLOCKED_NETWORKS

@@ -27,6 +27,7 @@ from aria2_client.transport import Aria2RpcError, Aria2Unavailable
 from bot import render
 from bot.auth import Role
 from bot.context import BotContext
+from bot.file_choice import FileChooser
 from bot.handlers import Caller, admit, reply
 from bot.messages import chat_id_of
 from bot.text import Language, translate
@@ -99,6 +100,7 @@ class Commands:
             "retry": uploads.retry,
             "cancel": uploads.cancel,
         }
+        self.file_chooser = FileChooser(context)
 
     def handlers(self) -> list[Handler]:
         """One handler per command, then the buttons' (commands come before the job handlers:
@@ -457,6 +459,13 @@ class Commands:
                 else:
                     answer = translate(lang, "bot.button_unknown")
                 await _answer(query, answer)
+                return
+            if parts[0] == "f" and query.message is not None:
+                message = query.message
+                shown, alert = await self.file_chooser.press(
+                    caller.user_id, lang, chat_id_of(message), message.id, data
+                )
+                await _answer(query, shown, alert=alert)
                 return
             if parts[0] in ("d", "u") and len(parts) in (3, 4) and parts[2].isdigit():
                 kind, action, item_id = parts[0], parts[1], int(parts[2])

@@ -215,6 +215,27 @@ def archive_buttons(lang: Language, row: DownloadRow) -> list[InlineKeyboardButt
     ]
 
 
+CHOICE_SOURCES = ("magnet", "torrent")
+
+
+def offers_choice(row: DownloadRow) -> bool:
+    """Whether the job's files may be chosen in the chat now: a live torrent or magnet whose
+    files are known, more than one."""
+    return (
+        row.source_type in CHOICE_SOURCES
+        and len(row.files) > 1
+        and row.status in ACTIVE_DOWNLOAD_STATUSES
+    )
+
+
+def choice_button(lang: Language, row: DownloadRow) -> list[InlineKeyboardButton]:
+    """The "Choose files" button that opens the chat's file chooser (bot.file_choice)."""
+    if not offers_choice(row):
+        return []
+    label = translate(lang, "bot.button.choose_files")
+    return [InlineKeyboardButton(label, callback_data=f"f:{row.id}:o")]
+
+
 MAX_TARGET_LABEL = 40  # characters of a target's name on its button
 TARGET_BUTTONS_PER_LINE = 3
 
@@ -287,6 +308,9 @@ def progress_message(
     archive = archive_buttons(lang, row)
     if archive:
         keyboard.append(archive)
+    choice = choice_button(lang, row)
+    if choice:
+        keyboard.append(choice)
     keyboard += target_buttons(lang, row, targets)
     for upload in uploads:
         if upload.status in ("failed", "cancelled"):

@@ -11,7 +11,7 @@ import string
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyrogram
@@ -22,6 +22,7 @@ from pyrogram.file_id import FileId
 
 from app import configure_logging
 from bot.commands import COMMANDS, DOWNLOAD_ACTIONS, UPLOAD_ACTIONS
+from bot.file_choice import SHORTCUTS
 from bot.runner import TelegramBot
 from bot.session import TelegramSession
 from bot.text import has_key
@@ -247,6 +248,7 @@ def test_catalogue_covers_every_message_in_both_languages() -> None:
     used |= {f"bot.button.{a}" for a in DOWNLOAD_ACTIONS}
     used |= {f"bot.button.upload_{a}" for a in UPLOAD_ACTIONS}
     used |= {"bot.role.admin", "bot.role.user"}
+    used |= {f"bot.button.choice_{shortcut}" for shortcut in SHORTCUTS}
     used |= {
         f"bot.{k}{a}{e}"
         for k, e in (("button.archive_", ""), ("archive_", "_set"))
@@ -567,6 +569,66 @@ async def test_torrent_file_is_added_and_bad_ones_are_explained(
     [reply] = await chat.say(file=broken)
     assert "cannot be used" in reply.text
     assert len(await relay.downloads()) == 1
+
+
+async def test_choose_files_buttons_pick_a_torrents_files(relay: Relay, tmp_path: Path) -> None:
+    files = {f"notes/{n:02}.txt": bytes([n]) * 2_000 for n in range(1, 9)}
+    files |= {"big.bin": b"b" * 60_000, "film.mkv": b"f" * 30_000}
+    info = make_torrent(files, tmp_path / "t", "http://127.0.0.1:9/announce", "pack")
+    chat = relay.chat()
+    torrent = relay.fake.add_file(info.torrent_bytes, file_name="pack.torrent")
+    [ack] = await chat.say(file=torrent)
+    [row] = await relay.jobs(1)
+    await relay.wait_status(row.id, "paused")  # a job from a chat waits for its choice
+    assert f"f:{row.id}:o".encode() in ack.callback_data
+    index = {PurePosixPath(f.path).name: f.index for f in row.files}
+    page = {PurePosixPath(f.path).name: n // 8 + 1 for n, f in enumerate(row.files)}
+    last = page["08.txt"]  # a page that is not the big file's
+    assert page["big.bin"] != last
+
+    answer = await relay.chat(OTHER).press(ack.message_id, f"f:{row.id}:o")
+    assert "not one of your jobs" in (answer.text or "")
+    await chat.press(ack.message_id, f"f:{row.id}:o")
+    [chooser] = [m for m in relay.fake.sent_messages() if m.text.startswith(f"Files of #{row.id}")]
+    assert chooser.reply_to_message_id == ack.message_id
+    assert "10 of 10 chosen" in chooser.text and "page 1/2" in chooser.text
+    toggles = [d for d in chooser.callback_data if d.startswith(f"f:{row.id}:t:".encode())]
+    assert len(toggles) == 8 and f"f:{row.id}:p:1".encode() in chooser.callback_data
+
+    def shown() -> str:
+        edits = [e for e in relay.fake.edits() if e.message_id == chooser.message_id]
+        return edits[-1].text
+
+    def labels() -> list[str]:
+        edits = [e for e in relay.fake.edits() if e.message_id == chooser.message_id]
+        return [b.text for line in edits[-1].buttons for b in line]
+
+    await chat.press(chooser.message_id, f"f:{row.id}:none")
+    assert "0 of 10 chosen" in shown()
+    answer = await chat.press(chooser.message_id, f"f:{row.id}:apply")
+    assert answer.show_alert and "at least one file" in (answer.text or "")
+    await chat.press(chooser.message_id, f"f:{row.id}:largest")
+    assert "1 of 10 chosen" in shown() and "page 1/2" in shown()
+    await chat.press(chooser.message_id, f"f:{row.id}:p:{page['big.bin'] - 1}")
+    assert f"page {page['big.bin']}/2" in shown()
+    assert any(t.startswith("✅ big.bin") for t in labels())
+    await chat.press(chooser.message_id, f"f:{row.id}:p:{last - 1}")
+    assert f"page {last}/2" in shown()
+    await chat.press(chooser.message_id, f"f:{row.id}:videos")
+    await chat.press(chooser.message_id, f"f:{row.id}:t:{index['08.txt']}")
+    assert "2 of 10 chosen" in shown() and f"page {last}/2" in shown()
+    assert "✅ 08.txt (2.0 KiB)" in labels() and "⬜ 07.txt (2.0 KiB)" in labels()
+    assert (await relay.db.get_download_by_id(row.id)).status == "paused"  # nothing applied yet
+
+    answer = await chat.press(chooser.message_id, f"f:{row.id}:apply")
+    assert "2 of 10 files chosen" in (answer.text or "")
+    updated = await relay.db.get_download_by_id(row.id)
+    chosen = sorted(f.index for f in updated.files if f.selected)
+    assert chosen == sorted([index["film.mkv"], index["08.txt"]])
+    assert updated.status != "paused"  # the choice started it
+    options = await relay.running.service.parts.engine.aria2.get_option(updated.gid)
+    assert options["select-file"] == ",".join(map(str, chosen))
+    assert labels() == [] and "2 of 10 files chosen" in shown()
 
 
 async def test_huge_torrent_file_is_refused_without_fetching_it(relay: Relay) -> None:

@@ -7,6 +7,7 @@ from pyrogram.types import InlineKeyboardMarkup
 
 from bot import render
 from bot.commands import COMMANDS
+from bot.file_choice import chooser
 from bot.render import Notice
 from configer import UploadTarget
 from db import DOWNLOAD_STATUSES, UPLOAD_STATUSES, download_actions, upload_actions
@@ -237,3 +238,26 @@ def test_a_link_shown_in_a_chat_never_shows_its_password() -> None:
     for text in shown:
         assert text is not None
         assert "hunter2secret" not in text and "ann:***@files.example" in text
+
+
+def test_file_chooser_in_chinese_and_its_button_only_while_a_choice_is_open() -> None:
+    files = (
+        TorrentFile(1, "pack/a.mkv", 2048),
+        TorrentFile(2, "pack/" + "n" * 80 + ".txt", 10, selected=False),
+    )
+    row = download_row(source_type="torrent", status="paused", file_name="pack", files=files)
+    assert callbacks(render.progress_message("zh", row, ())[1])[-1] == "f:7:o"
+    for closed in (
+        download_row(source_type="torrent", status="completed", files=files),
+        download_row(source_type="torrent", files=files[:1]),
+        download_row(files=files),  # not a torrent
+    ):
+        assert "f:7:o" not in callbacks(render.progress_message("en", closed, ())[1])
+
+    text, markup = chooser("zh", row, {1}, 5)  # the page is clamped
+    assert text.startswith("#7 pack 的文件：已选 1/2（2.0 KiB），第 1/1 页。")
+    labels = [b.text for line in markup.inline_keyboard for b in line]
+    assert labels[0] == "✅ a.mkv (2.0 KiB)"
+    assert labels[1].startswith("⬜ nnn") and len(labels[1]) < 70  # a long name is cut
+    assert labels[2:] == ["全部", "全不选", "🎬 仅视频", "最大的", "✔ 应用"]
+    assert all(len(b.encode()) <= 64 for b in callbacks(markup))
