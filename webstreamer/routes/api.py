@@ -35,6 +35,7 @@ from webstreamer.views import download_json, file_json
 MAX_URLS_PER_REQUEST = 500
 MAX_QUERY_LENGTH = 200  # characters of a name search
 MAX_BULK_IDS = 500  # jobs one bulk action may name
+BULK_ACTIONS = ("retry", "cancel", "delete", "delete_file")
 MAX_PASSWORD_LENGTH = 1024  # characters of an archive password
 MAX_FILES_PER_PAGE = 1000  # files one page of a torrent's file list may ask for
 MAX_SELECTED_FILES = 1_000_000  # indexes one choice may name (the most files a torrent may have)
@@ -232,12 +233,13 @@ async def bulk_action(request: web.Request) -> web.Response:
     if unknown:
         raise web.HTTPBadRequest(text=f"unknown fields: {', '.join(sorted(unknown))}")
     manager = ctx.downloads
-    operations: dict[str, Callable[[int], Awaitable[DownloadRow]]] = {
-        "retry": manager.retry,
-        "cancel": manager.cancel,
-        "delete": manager.delete,
-        "delete_file": manager.delete_file_only,
-    }
+    operations: dict[str, Callable[[int], Awaitable[DownloadRow]]] = dict(
+        zip(
+            BULK_ACTIONS,
+            (manager.retry, manager.cancel, manager.delete, manager.delete_file_only),
+            strict=True,
+        )
+    )
     action = body.get("action")
     if not isinstance(action, str) or action not in operations:
         raise web.HTTPBadRequest(text=f'"action" must be one of {", ".join(operations)}')
