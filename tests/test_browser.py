@@ -522,3 +522,50 @@ async def test_the_add_box_chooses_the_upload_targets(
     (upload,) = await wait_uploads(svc, picked, all_in("completed"))
     assert upload.upload_target == "videos"  # chosen, though its match takes only .mkv
     assert (webdav_cloud.root / "videos" / "picked.txt").read_bytes() == data
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)"
+)
+async def test_the_page_finds_downloads_and_deletes_a_ticked_rows_file(
+    tmp_path: Path, service_factory: ServiceFactory, file_server: FileServer
+) -> None:
+    svc = await service_factory()
+    ids = []
+    for name in ("alpha-one.bin", "alpha-two.bin", "beta.bin"):
+        file_server.add_file(name, size=2000)
+        status, answer = await svc.api(
+            "POST", "/api/downloads", json={"url": file_server.url(name)}
+        )
+        assert status == 201, answer
+        ids.append(answer["downloads"][0]["id"])
+    rows = [await svc.wait_download(i, ["completed"]) for i in ids]
+    body = "document.getElementById('find-body')"
+
+    async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
+        await page.send("Runtime.enable")
+        await sign_in(page, svc.base_url, svc.token)
+        await page.evaluate("document.getElementById('find-q').focus()")
+        await page.send("Input.insertText", {"text": "ALPHA"})
+        await page.evaluate("document.getElementById('find-submit').click()")
+        await page.wait_for(f"{body}.children.length === 2", 10, "two rows found")
+        shown = await page.evaluate(
+            f"Array.from({body}.children, (tr) => [Number(tr.dataset.id),"
+            " tr.querySelector('.name').textContent])"
+        )
+        assert shown == [[ids[1], "alpha-two.bin"], [ids[0], "alpha-one.bin"]]
+        await page.evaluate(f"{body}.querySelector('.find-pick').click()")
+        await page.evaluate(
+            "document.querySelector('#find-bulk [data-action=delete_file]').click()"
+        )
+        await page.wait_for(
+            "document.getElementById('find-result').textContent.startsWith('1 of 1 done')",
+            10,
+            "the bulk answer",
+        )
+
+    # the ticked row's file is gone, its record kept; the other row's file stays
+    assert not await asyncio.to_thread(Path(rows[1]["local_path"]).exists)
+    assert await asyncio.to_thread(Path(rows[0]["local_path"]).is_file)
+    status, kept = await svc.api("GET", f"/api/downloads/{ids[1]}")
+    assert status == 200 and kept["status"] == "completed"

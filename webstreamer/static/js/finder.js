@@ -95,13 +95,13 @@ export async function onBulkClick(event) {
   }
   try {
     const answer = await api("POST", "/api/downloads/bulk", { action: button.dataset.action, ids });
+    await load(false);
     const refused = answer.results.filter((r) => !r.ok);
     const done = answer.results.length - refused.length;
     $("find-result").textContent = [
       t("web.find.done", { done, count: answer.results.length }),
       ...refused.map((r) => `#${r.id}: ${r.message}`),
     ].join(" ");
-    await load(false);
   } catch (error) {
     $("find-result").textContent = error.message;
   }
