@@ -528,11 +528,20 @@ async def test_the_add_box_chooses_the_upload_targets(
     CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)"
 )
 async def test_the_page_finds_downloads_and_deletes_a_ticked_rows_file(
-    tmp_path: Path, service_factory: ServiceFactory, file_server: FileServer
+    tmp_path: Path,
+    service_factory: ServiceFactory,
+    file_server: FileServer,
+    rclone_config: Path,
+    webdav_cloud: RcloneCloud,
 ) -> None:
-    svc = await service_factory()
+    svc = await service_factory(
+        upload_overrides(
+            rclone_config,
+            [rclone_target("betas", "testdav", "/b", match={"extensions": ["txt"]})],
+        )
+    )
     ids = []
-    for name in ("alpha-one.bin", "alpha-two.bin", "beta.bin"):
+    for name in ("alpha-one.bin", "alpha-two.bin", "beta.txt"):
         file_server.add_file(name, size=2000)
         status, answer = await svc.api(
             "POST", "/api/downloads", json={"url": file_server.url(name)}
@@ -540,6 +549,7 @@ async def test_the_page_finds_downloads_and_deletes_a_ticked_rows_file(
         assert status == 201, answer
         ids.append(answer["downloads"][0]["id"])
     rows = [await svc.wait_download(i, ["completed"]) for i in ids]
+    (upload,) = await wait_uploads(svc, ids[2], all_in("completed"))
     body = "document.getElementById('find-body')"
 
     async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
@@ -554,6 +564,34 @@ async def test_the_page_finds_downloads_and_deletes_a_ticked_rows_file(
             " tr.querySelector('.name').textContent])"
         )
         assert shown == [[ids[1], "alpha-two.bin"], [ids[0], "alpha-one.bin"]]
+        # only the jobs uploaded to a target, and that target's latest uploads
+        await page.wait_for(
+            "document.getElementById('find-target').options.length === 2", 10, "the targets"
+        )
+        await page.evaluate(
+            "document.getElementById('find-q').value = '';"
+            " document.getElementById('find-target').value = 'betas';"
+            " document.getElementById('find-submit').click()"
+        )
+        await page.wait_for(
+            f"{body}.children.length === 1 && {body}.children[0].dataset.id === '{ids[2]}'",
+            10,
+            "the job uploaded to betas",
+        )
+        await page.evaluate("document.getElementById('uploads-show').click()")
+        await page.wait_for(
+            "document.getElementById('uploads-body').children.length === 1", 10, "the uploads"
+        )
+        cells = await page.evaluate(
+            "Array.from(document.querySelectorAll('#uploads-body td'), (td) => td.textContent)"
+        )
+        assert cells[:4] == [str(upload.id), str(ids[2]), "betas", "Uploaded"]
+        await page.evaluate(
+            "document.getElementById('find-q').value = 'alpha';"
+            " document.getElementById('find-target').value = '';"
+            " document.getElementById('find-submit').click()"
+        )
+        await page.wait_for(f"{body}.children.length === 2", 10, "the alpha rows again")
         await page.evaluate(f"{body}.querySelector('.find-pick').click()")
         await page.evaluate(
             "document.querySelector('#find-bulk [data-action=delete_file]').click()"

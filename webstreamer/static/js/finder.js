@@ -1,5 +1,6 @@
 // Finding downloads: a name search with status, source and target filters over the flat list,
-// paged by the server's cursor, and one action on the rows ticked (each row's outcome shown).
+// paged by the server's cursor, and one action on the rows ticked (each row's outcome shown);
+// the latest uploads, of the target chosen there.
 import { api } from "./api.js";
 import { $, formatBytes, formatDuration, h } from "./dom.js";
 import { t } from "./i18n.js";
@@ -102,6 +103,32 @@ export async function onBulkClick(event) {
       t("web.find.done", { done, count: answer.results.length }),
       ...refused.map((r) => `#${r.id}: ${r.message}`),
     ].join(" ");
+  } catch (error) {
+    $("find-result").textContent = error.message;
+  }
+}
+
+function uploadRow(u) {
+  return h(
+    "tr",
+    { dataset: { id: String(u.id) } },
+    h("td", { class: "num", text: String(u.id) }),
+    h("td", { class: "num", text: String(u.download_id) }),
+    h("td", { text: u.upload_target }),
+    h("td", { text: t(`upload_status.${u.status}`) }),
+    h("td", { class: "num", text: `${formatBytes(u.uploaded_size)} / ${formatBytes(u.total_size)}` }),
+    h("td", { class: "name", text: u.public_link || u.remote_path || "" }),
+  );
+}
+
+export async function onUploadsShow() {
+  const target = $("find-target").value;
+  const query = target ? `&target=${encodeURIComponent(target)}` : "";
+  try {
+    const answer = await api("GET", `/api/uploads?limit=${PAGE}${query}`);
+    $("uploads-body").replaceChildren(...(answer.uploads || []).map(uploadRow));
+    $("uploads-table").hidden = false;
+    $("find-result").textContent = "";
   } catch (error) {
     $("find-result").textContent = error.message;
   }

@@ -4,7 +4,7 @@ import { onUnauthorized } from "./api.js";
 import { refreshCluster, renderNodes } from "./cluster.js";
 import { onDeleteDialogClosed, onListClick } from "./controls.js";
 import { $ } from "./dom.js";
-import { onBulkClick, onFindMore, onFindSubmit } from "./finder.js";
+import { onBulkClick, onFindMore, onFindSubmit, onUploadsShow } from "./finder.js";
 import { renderAll } from "./groups.js";
 import { applyStaticTexts, loadMessages, t, toggleLanguage } from "./i18n.js";
 import { onLoginSubmit, onLogout, onLogoutEverywhere, showLogin, signedIn, signedOut } from "./login.js";
@@ -55,6 +55,7 @@ async function boot() {
   $("find-form").addEventListener("submit", onFindSubmit);
   $("find-more").addEventListener("click", onFindMore);
   $("find-bulk").addEventListener("click", onBulkClick);
+  $("uploads-show").addEventListener("click", onUploadsShow);
   $("delete-dialog").addEventListener("close", onDeleteDialogClosed);
   window.addEventListener("resize", drawChart);
   document.addEventListener("visibilitychange", refreshCluster);
