@@ -3,11 +3,19 @@ and bulk actions on a selection through a real service."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
 from records import DownloadSearch, NewDownload
 from tests.support.http_files import FileServer
 from tests.support.service import ServiceFactory
 from tests.support.stores import StoreBackend
 from tests.test_engine_api import FINAL, WAIT, add_link, add_links, path_exists, settled
+from tests.test_uploads import make_video
 
 
 async def test_search_matches_parts_of_names_filters_and_pages(store_backend: StoreBackend) -> None:
@@ -151,3 +159,40 @@ async def test_bulk_actions_answer_per_id_under_the_status_rules(
         status, answer = await svc.api("POST", "/api/downloads/bulk", json=body)
         assert status == 400, (body, answer)
         assert named in str(answer), (body, answer)
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+async def test_a_video_gets_a_thumbnail_made_once_behind_the_stream_signature(
+    tmp_path: Path, service_factory: ServiceFactory, file_server: FileServer
+) -> None:
+    video = await asyncio.to_thread(make_video, tmp_path / "clip.mp4")
+    file_server.add_file("clip.mp4", data=await asyncio.to_thread(video.read_bytes))
+    file_server.add_file("plain.bin", size=1000)
+    svc = await settled(await service_factory())
+    clip, plain = await add_links(svc, file_server.url("clip.mp4"), file_server.url("plain.bin"))
+    await svc.wait_download(plain["id"], ["completed"])
+    deadline = time.monotonic() + WAIT
+    while (row := await svc.wait_download(clip["id"], ["completed"]))["media_info"] is None:
+        assert time.monotonic() < deadline, "the video was never probed"
+        await asyncio.sleep(0.1)
+    assert row["media_info"]["width"] == 320
+    url = row["thumbnail_url"]
+    assert url and url.startswith(f"{svc.base_url}/thumb/{clip['id']}?sig=")
+    status, answer = await svc.api("GET", f"/api/downloads/{plain['id']}")
+    assert status == 200 and answer["thumbnail_url"] is None  # no picture in it
+
+    kept = svc.config.data_dir / "thumbnails" / f"{clip['id']}.jpg"
+    for _ in range(2):  # made by the first request, served from the data folder after
+        async with svc.http.get(url) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"] == "image/jpeg"
+            body = await response.read()
+        assert body[:3] == b"\xff\xd8\xff"  # a JPEG
+        assert await asyncio.to_thread(kept.read_bytes) == body
+    assert sorted(p.name for p in kept.parent.iterdir()) == [kept.name]
+
+    forged = url.replace("sig=", "sig=x")
+    other = url.replace(f"/thumb/{clip['id']}?", f"/thumb/{plain['id']}?")
+    for wrong, expected in ((forged, 403), (other, 403), (url.split("?")[0], 403)):
+        async with svc.http.get(wrong) as response:
+            assert response.status == expected, wrong
