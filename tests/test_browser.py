@@ -27,7 +27,8 @@ import pytest
 from tests.support.http_files import MIB, FileServer
 from tests.support.rclone_cloud import RcloneCloud
 from tests.support.service import ServiceFactory
-from tests.test_uploads import all_in, rclone_target, upload_overrides, wait_uploads
+from tests.test_engine_api import wait_until
+from tests.test_uploads import all_in, make_video, rclone_target, upload_overrides, wait_uploads
 from tests.test_web_page import Site, serve_site
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -548,7 +549,18 @@ async def test_the_page_finds_downloads_and_deletes_a_ticked_rows_file(
         )
         assert status == 201, answer
         ids.append(answer["downloads"][0]["id"])
+    video = await asyncio.to_thread(make_video, tmp_path / "clip.mp4")
+    file_server.add_file("clip.mp4", data=await asyncio.to_thread(video.read_bytes))
+    status, answer = await svc.api(
+        "POST", "/api/downloads", json={"url": file_server.url("clip.mp4")}
+    )
+    clip_id = answer["downloads"][0]["id"]
     rows = [await svc.wait_download(i, ["completed"]) for i in ids]
+
+    async def probed() -> bool:  # ffprobe has seen the picture
+        return (await svc.wait_download(clip_id, ["completed"]))["thumbnail_url"] is not None
+
+    await wait_until(probed, 60, "the video probed")
     (upload,) = await wait_uploads(svc, ids[2], all_in("completed"))
     body = "document.getElementById('find-body')"
 
@@ -592,6 +604,24 @@ async def test_the_page_finds_downloads_and_deletes_a_ticked_rows_file(
             " document.getElementById('find-submit').click()"
         )
         await page.wait_for(f"{body}.children.length === 2", 10, "the alpha rows again")
+        # a video's row shows its frame (made on the first request) and its media facts
+        await page.evaluate(
+            "document.getElementById('find-q').value = 'clip';"
+            " document.getElementById('find-submit').click()"
+        )
+        await page.wait_for(
+            f"{body}.querySelector('img.thumb') && {body}.querySelector('img.thumb').complete"
+            f" && {body}.querySelector('img.thumb').naturalWidth > 0",
+            20,
+            "the thumbnail shown",
+        )
+        facts = await page.evaluate(f"{body}.querySelector('.media').textContent")
+        assert "320×240" in facts and "h264" in facts
+        await page.evaluate(
+            "document.getElementById('find-q').value = 'alpha';"
+            " document.getElementById('find-submit').click()"
+        )
+        await page.wait_for(f"{body}.children.length === 2", 10, "the alpha rows once more")
         await page.evaluate(f"{body}.querySelector('.find-pick').click()")
         await page.evaluate(
             "document.querySelector('#find-bulk [data-action=delete_file]').click()"

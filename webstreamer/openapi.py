@@ -201,6 +201,9 @@ SCHEMAS: dict[str, Schema] = {
                 {"type": "string", "description": "signed; null if not streamable"}
             ),
             "watch_url": nullable({"type": "string", "description": "signed player page"}),
+            "thumbnail_url": nullable(
+                {"type": "string", "description": "signed frame of a completed video"}
+            ),
             "actions": {
                 "type": "array",
                 "items": {"enum": ["pause", "resume", "retry", "cancel"]},
@@ -1163,6 +1166,24 @@ OPERATIONS: tuple[Operation, ...] = (
     _stream("HEAD", "/stream/{id}/{name}", (DOWNLOAD_ID, STREAM_NAME)),
     _stream("GET", "/stream/{id}/{index}/{name}", (DOWNLOAD_ID, FILE_INDEX, STREAM_NAME)),
     _stream("HEAD", "/stream/{id}/{index}/{name}", (DOWNLOAD_ID, FILE_INDEX, STREAM_NAME)),
+    Operation(
+        "GET",
+        "/thumb/{id}",
+        "A frame of a completed video (JPEG)",
+        "files",
+        {
+            "200": {
+                "description": "the frame, at most 320 px a side",
+                "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+            },
+            "403": _error("the signature is missing, forged or expired"),
+            "404": _error("no such download, or it is not a completed single-file video"),
+            "409": _error("ffmpeg could read no frame from the file"),
+        },
+        security=SIGNED_LINK,
+        parameters=(DOWNLOAD_ID, *SIGNED_QUERY),
+        description="Made once with ffmpeg and kept in the data folder; signed like /stream.",
+    ),
 )
 
 

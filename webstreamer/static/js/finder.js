@@ -2,7 +2,7 @@
 // paged by the server's cursor, and one action on the rows ticked (each row's outcome shown);
 // the latest uploads, of the target chosen there.
 import { api } from "./api.js";
-import { $, formatBytes, formatDuration, h } from "./dom.js";
+import { $, formatBytes, formatDuration, h, safeUrl } from "./dom.js";
 import { t } from "./i18n.js";
 
 const PAGE = 50;
@@ -50,7 +50,12 @@ function resultRow(d) {
     h("td", { text: t(`status.${d.status}`) }),
     h("td", { text: d.source_type }),
     h("td", { class: "num", text: formatBytes(d.total_length) }),
-    h("td", { class: "media", text: mediaFacts(d.media_info) }),
+    h(
+      "td",
+      { class: "media" },
+      safeUrl(d.thumbnail_url) ? h("img", { class: "thumb", src: safeUrl(d.thumbnail_url), alt: "", loading: "lazy" }) : null,
+      mediaFacts(d.media_info),
+    ),
     h("td", { class: "uploads", text: targets.join(", ") }),
   );
 }
