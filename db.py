@@ -57,6 +57,7 @@ from records import (
     DownloadGroup,
     DownloadRemoved,
     DownloadRow,
+    DownloadSearch,
     DownloadSnapshot,
     DownloadStatistics,
     EventData,
@@ -79,7 +80,7 @@ from records import (
     WebSession,
 )
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
 
 SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
@@ -797,6 +798,18 @@ async def _schema_10(sql: _Statements, dialect: Dialect) -> None:
     await _run_schema(sql, dialect, _SCHEMA_10)
 
 
+# Schema 11 (finding downloads): the flat list filters by source and by upload target, each
+# read newest first along an index ending in the download's id (keyset paging).
+_SCHEMA_11 = """
+CREATE INDEX downloads_by_source ON downloads(source_type, id);
+CREATE INDEX uploads_by_target_download ON uploads(upload_target, download_id)
+"""
+
+
+async def _schema_11(sql: _Statements, dialect: Dialect) -> None:
+    await _run_schema(sql, dialect, _SCHEMA_11)
+
+
 _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     1: _schema_1,
     2: _schema_2,
@@ -808,6 +821,7 @@ _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     8: _schema_8,
     9: _schema_9,
     10: _schema_10,
+    11: _schema_11,
 }
 
 # The tables the steps above make, each with its key, in an order their foreign keys allow
@@ -1509,6 +1523,7 @@ class Store(Protocol):
     async def fetch_downloads_grouped(
         self, limit: int = 50, *, status: str | None = None, before: int | None = None
     ) -> list[DownloadGroup]: ...
+    async def search_downloads(self, limit: int, search: DownloadSearch) -> list[DownloadRow]: ...
     async def get_download_statistics(self) -> DownloadStatistics: ...
 
     # uploads: written
@@ -2218,6 +2233,30 @@ class Database:
                 )
             group.downloads.append(download)
         return sorted(groups.values(), key=lambda g: max(d.id for d in g.downloads), reverse=True)
+
+    async def search_downloads(self, limit: int, search: DownloadSearch) -> list[DownloadRow]:
+        """The newest `limit` downloads matching every filter `search` gives, below its `before`
+        id (keyset paging: rows that arrive meanwhile have higher ids and never shift a later
+        page). `name` matches file names containing it, whatever the letter case."""
+        where = ["id < ?"]
+        params: list[object] = [search.before if search.before is not None else 2**63 - 1]
+        if search.name:
+            escaped = search.name.translate({92: "\\\\", 37: "\\%", 95: "\\_"})
+            where.append("LOWER(file_name) LIKE LOWER(?) ESCAPE '\\'")
+            params.append(f"%{escaped}%")
+        for column, value in (("status", search.status), ("source_type", search.source)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if search.target is not None:
+            where.append("id IN (SELECT download_id FROM uploads WHERE upload_target = ?)")
+            params.append(search.target)
+        rows = await self._read_all(
+            f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE {' AND '.join(where)}"
+            " ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return await _DOWNLOADS.convert_all(rows)
 
     async def _newest_group_keys(
         self, limit: int, status: str | None, before: int | None

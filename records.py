@@ -249,6 +249,17 @@ class DownloadGroup:
     downloads: list[DownloadRow] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class DownloadSearch:
+    """The filters of the flat download list; None (or an empty name) = any."""
+
+    name: str | None = None  # a part of the file name, whatever the letter case
+    status: str | None = None
+    source: str | None = None  # a source type
+    target: str | None = None  # an upload target the job has an upload to
+    before: int | None = None  # only ids below this one (the next page)
+
+
 # --- repairs (the consistency check) -----------------------------------------------------------
 
 

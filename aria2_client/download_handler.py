@@ -727,6 +727,20 @@ class DownloadManager:
             await self._delete_files(deleted)
         return deleted
 
+    async def delete_file_only(self, download_id: int) -> DownloadRow:
+        """Remove a finished, failed or cancelled job's file and keep its record (and uploads)."""
+        row = await self._row(download_id)
+        if row.node not in (None, self.placement.node if self.placement else None):
+            raise TransitionError("download", download_id, row.status, f"emptied on {row.node}")
+        if row.status in ACTIVE_DOWNLOAD_STATUSES:
+            raise TransitionError("download", download_id, row.status, "emptied of its file")
+        uploads = await self.store.get_uploads_by_download(download_id)
+        if any(u.status in ("pending", "uploading", "paused") for u in uploads):
+            raise TransitionError("download", download_id, row.status, "emptied while uploading")
+        await self._delete_files(row)
+        logger.bind(job=download_id).info("file of download {} deleted, record kept", download_id)
+        return row
+
     async def delete_all(self, *, delete_files: bool = False) -> int:
         for row in await self.store.fetch_downloads_in_states(
             ACTIVE_DOWNLOAD_STATUSES, node=self.node

@@ -27,7 +27,8 @@ import pytest
 from tests.support.http_files import MIB, FileServer
 from tests.support.rclone_cloud import RcloneCloud
 from tests.support.service import ServiceFactory
-from tests.test_uploads import all_in, rclone_target, upload_overrides, wait_uploads
+from tests.test_engine_api import wait_until
+from tests.test_uploads import all_in, make_video, rclone_target, upload_overrides, wait_uploads
 from tests.test_web_page import Site, serve_site
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -522,3 +523,117 @@ async def test_the_add_box_chooses_the_upload_targets(
     (upload,) = await wait_uploads(svc, picked, all_in("completed"))
     assert upload.upload_target == "videos"  # chosen, though its match takes only .mkv
     assert (webdav_cloud.root / "videos" / "picked.txt").read_bytes() == data
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)"
+)
+async def test_the_page_finds_downloads_and_deletes_a_ticked_rows_file(
+    tmp_path: Path,
+    service_factory: ServiceFactory,
+    file_server: FileServer,
+    rclone_config: Path,
+    webdav_cloud: RcloneCloud,
+) -> None:
+    svc = await service_factory(
+        upload_overrides(
+            rclone_config,
+            [rclone_target("betas", "testdav", "/b", match={"extensions": ["txt"]})],
+        )
+    )
+    ids = []
+    for name in ("alpha-one.bin", "alpha-two.bin", "beta.txt"):
+        file_server.add_file(name, size=2000)
+        status, answer = await svc.api(
+            "POST", "/api/downloads", json={"url": file_server.url(name)}
+        )
+        assert status == 201, answer
+        ids.append(answer["downloads"][0]["id"])
+    video = await asyncio.to_thread(make_video, tmp_path / "clip.mp4")
+    file_server.add_file("clip.mp4", data=await asyncio.to_thread(video.read_bytes))
+    status, answer = await svc.api(
+        "POST", "/api/downloads", json={"url": file_server.url("clip.mp4")}
+    )
+    clip_id = answer["downloads"][0]["id"]
+    rows = [await svc.wait_download(i, ["completed"]) for i in ids]
+
+    async def probed() -> bool:  # ffprobe has seen the picture
+        return (await svc.wait_download(clip_id, ["completed"]))["thumbnail_url"] is not None
+
+    await wait_until(probed, 60, "the video probed")
+    (upload,) = await wait_uploads(svc, ids[2], all_in("completed"))
+    body = "document.getElementById('find-body')"
+
+    async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
+        await page.send("Runtime.enable")
+        await sign_in(page, svc.base_url, svc.token)
+        await page.evaluate("document.getElementById('find-q').focus()")
+        await page.send("Input.insertText", {"text": "ALPHA"})
+        await page.evaluate("document.getElementById('find-submit').click()")
+        await page.wait_for(f"{body}.children.length === 2", 10, "two rows found")
+        shown = await page.evaluate(
+            f"Array.from({body}.children, (tr) => [Number(tr.dataset.id),"
+            " tr.querySelector('.name').textContent])"
+        )
+        assert shown == [[ids[1], "alpha-two.bin"], [ids[0], "alpha-one.bin"]]
+        # only the jobs uploaded to a target, and that target's latest uploads
+        await page.wait_for(
+            "document.getElementById('find-target').options.length === 2", 10, "the targets"
+        )
+        await page.evaluate(
+            "document.getElementById('find-q').value = '';"
+            " document.getElementById('find-target').value = 'betas';"
+            " document.getElementById('find-submit').click()"
+        )
+        await page.wait_for(
+            f"{body}.children.length === 1 && {body}.children[0].dataset.id === '{ids[2]}'",
+            10,
+            "the job uploaded to betas",
+        )
+        await page.evaluate("document.getElementById('uploads-show').click()")
+        await page.wait_for(
+            "document.getElementById('uploads-body').children.length === 1", 10, "the uploads"
+        )
+        cells = await page.evaluate(
+            "Array.from(document.querySelectorAll('#uploads-body td'), (td) => td.textContent)"
+        )
+        assert cells[:4] == [str(upload.id), str(ids[2]), "betas", "Uploaded"]
+        await page.evaluate(
+            "document.getElementById('find-q').value = 'alpha';"
+            " document.getElementById('find-target').value = '';"
+            " document.getElementById('find-submit').click()"
+        )
+        await page.wait_for(f"{body}.children.length === 2", 10, "the alpha rows again")
+        # a video's row shows its frame (made on the first request) and its media facts
+        await page.evaluate(
+            "document.getElementById('find-q').value = 'clip';"
+            " document.getElementById('find-submit').click()"
+        )
+        await page.wait_for(
+            f"{body}.querySelector('img.thumb') && {body}.querySelector('img.thumb').complete"
+            f" && {body}.querySelector('img.thumb').naturalWidth > 0",
+            20,
+            "the thumbnail shown",
+        )
+        facts = await page.evaluate(f"{body}.querySelector('.media').textContent")
+        assert "320×240" in facts and "h264" in facts
+        await page.evaluate(
+            "document.getElementById('find-q').value = 'alpha';"
+            " document.getElementById('find-submit').click()"
+        )
+        await page.wait_for(f"{body}.children.length === 2", 10, "the alpha rows once more")
+        await page.evaluate(f"{body}.querySelector('.find-pick').click()")
+        await page.evaluate(
+            "document.querySelector('#find-bulk [data-action=delete_file]').click()"
+        )
+        await page.wait_for(
+            "document.getElementById('find-result').textContent.startsWith('1 of 1 done')",
+            10,
+            "the bulk answer",
+        )
+
+    # the ticked row's file is gone, its record kept; the other row's file stays
+    assert not await asyncio.to_thread(Path(rows[1]["local_path"]).exists)
+    assert await asyncio.to_thread(Path(rows[0]["local_path"]).is_file)
+    status, kept = await svc.api("GET", f"/api/downloads/{ids[1]}")
+    assert status == 200 and kept["status"] == "completed"

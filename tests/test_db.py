@@ -52,6 +52,7 @@ from records import (
     ChangeOutcome,
     DownloadChange,
     DownloadRemoved,
+    DownloadSearch,
     DownloadSnapshot,
     EventData,
     HistoryEntry,
@@ -306,7 +307,7 @@ async def test_a_released_schema_is_migrated_forward_with_its_data(
     await make_old_database(store_backend, version)
     untouched = peek.fetch("SELECT * FROM uploads WHERE id IN (2, 3) ORDER BY id")
     async with store_backend.database() as db:
-        assert await db.schema_version() == SCHEMA_VERSION == 10
+        assert await db.schema_version() == SCHEMA_VERSION == 11
         # Schema 8 (settings changes): none was recorded yet.
         assert await db.list_settings_changes() == []
         # Schema 9 (archive options): no job asked for an archive step yet.
@@ -316,6 +317,9 @@ async def test_a_released_schema_is_migrated_forward_with_its_data(
         await db.set_download_targets(1, [])
         assert await db.get_download_targets(1) == []
         assert await db.get_targets_for_downloads([1, 2]) == {1: []}
+        # Schema 11 (finding downloads): the old rows are found by source and by target.
+        found = await db.search_downloads(10, DownloadSearch(source="http"))
+        assert 1 in [row.id for row in found]
         # Schema 6: nothing was imported from another store yet.
         assert await db.imported_origins() == {}
         # Schema 4: a job of a single node's store is held by no node.

@@ -251,7 +251,7 @@ async def test_unauthorised_requests_change_nothing(
 async def test_the_right_token_and_a_session_cookie_are_accepted(svc: RunningService) -> None:
     status, body = await svc.api("GET", "/api/downloads")
     assert status == 200
-    assert body == {"downloads": []}
+    assert body == {"next_cursor": None, "downloads": []}
     cookie = await stored_session(svc.service.parts.store, svc.token)
     status, body = await svc.api(
         "GET", "/api/downloads", auth=False, headers={"Cookie": f"{SESSION_COOKIE}={cookie}"}

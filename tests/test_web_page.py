@@ -259,7 +259,7 @@ async def test_json_login_sets_a_strict_http_only_cookie_the_api_accepts(site: S
     assert site.token not in morsel.value
     cookie = {"Cookie": f"{SESSION_COOKIE}={morsel.value}"}
     status, body, _ = await site.request("GET", "/api/downloads", auth=False, headers=cookie)
-    assert status == 200 and body == {"downloads": []}
+    assert status == 200 and body == {"next_cursor": None, "downloads": []}
     status, _, _ = await site.request("GET", "/api/downloads", auth=False)
     assert status == 401
 

@@ -236,6 +236,7 @@ async def test_each_record_is_pushed_in_its_json_shape(site: Site) -> None:
             "uploads": [],
             "stream_url": None,  # an http download is streamable once completed
             "watch_url": None,
+            "thumbnail_url": None,
             "actions": ["pause", "cancel"],
         }
         assert messages[1]["data"] == {**upload(7, uploaded=1)._asdict(), "actions": ["cancel"]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import ipaddress
 import json
 import math
@@ -67,6 +68,7 @@ class DownloadActions(Protocol):
     async def retry(self, download_id: int) -> DownloadRow: ...
     async def cancel(self, download_id: int) -> DownloadRow: ...
     async def delete(self, download_id: int, *, delete_file: bool = False) -> DownloadRow: ...
+    async def delete_file_only(self, download_id: int) -> DownloadRow: ...
     async def delete_all(self, *, delete_files: bool = False) -> int: ...
     async def set_download_limit(self, download_id: int, bytes_per_second: int) -> DownloadRow: ...
     async def select_files(self, download_id: int, indexes: Collection[int]) -> DownloadRow: ...
@@ -283,6 +285,40 @@ def query_cursor(request: web.Request, status: str | None) -> int | None:
         raise web.HTTPBadRequest(
             text=f"cursor {shown!r} belongs to the list of status {found[1] or 'any'}"
         )
+    return int(found[2])
+
+
+_FLAT_CURSOR = re.compile(r"f1\.([0-9a-f]{12})\.([1-9][0-9]{0,17})")
+
+
+def _filters_digest(filters: Sequence[str | None]) -> str:
+    return hashlib.sha256(json.dumps(list(filters)).encode()).hexdigest()[:12]
+
+
+def flat_cursor(filters: Sequence[str | None], before: int) -> str:
+    """The opaque `next_cursor` of a flat list page: the id the next page starts below, bound
+    to the list's filters (a cursor of other filters is refused)."""
+    text = f"f1.{_filters_digest(filters)}.{before}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def query_flat_cursor(request: web.Request, filters: Sequence[str | None]) -> int | None:
+    """The `cursor` a flat list page gave (None: the first page); 400 naming it otherwise."""
+    text = request.query.get("cursor") or None
+    if text is None:
+        return None
+    shown = text[:40]
+    try:
+        if len(text) > 64:
+            raise ValueError(text)
+        decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise web.HTTPBadRequest(text=f"cursor {shown!r} is not one this list gave") from None
+    found = _FLAT_CURSOR.fullmatch(decoded)
+    if found is None:
+        raise web.HTTPBadRequest(text=f"cursor {shown!r} is not one this list gave")
+    if found[1] != _filters_digest(filters):
+        raise web.HTTPBadRequest(text=f"cursor {shown!r} belongs to a list of other filters")
     return int(found[2])
 
 

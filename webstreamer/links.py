@@ -68,6 +68,12 @@ class StreamLinks:
             return None
         return self.origin(row) + self.signer.watch_path(row.id)
 
+    def thumbnail_url(self, row: DownloadRow) -> str | None:
+        """A frame of a completed single-file video (ffprobe found a picture in it)."""
+        if row.status != "completed" or row.files or not (row.media_info or {}).get("width"):
+            return None
+        return f"{self.origin(row)}/thumb/{row.id}?{self.signer.query(row.id)}"
+
     def file_url(self, row: DownloadRow, index: int, path: str) -> str | None:
         """One file of a completed torrent, by aria2's 1-based index."""
         if row.status != "completed":

@@ -33,8 +33,11 @@ from webstreamer.context import (
     page_headers,
 )
 from webstreamer.routes.api import (
+    BULK_ACTIONS,
+    MAX_BULK_IDS,
     MAX_FILES_PER_PAGE,
     MAX_PASSWORD_LENGTH,
+    MAX_QUERY_LENGTH,
     MAX_SELECTED_FILES,
     MAX_URLS_PER_REQUEST,
 )
@@ -198,6 +201,9 @@ SCHEMAS: dict[str, Schema] = {
                 {"type": "string", "description": "signed; null if not streamable"}
             ),
             "watch_url": nullable({"type": "string", "description": "signed player page"}),
+            "thumbnail_url": nullable(
+                {"type": "string", "description": "signed frame of a completed video"}
+            ),
             "actions": {
                 "type": "array",
                 "items": {"enum": ["pause", "resume", "retry", "cancel"]},
@@ -211,6 +217,26 @@ SCHEMAS: dict[str, Schema] = {
         optional=("history",),
     ),
     "DownloadList": _obj({"downloads": {"type": "array", "items": ref("Download")}}),
+    "DownloadPage": _obj(
+        {
+            "downloads": {"type": "array", "items": ref("Download")},
+            "next_cursor": nullable(STR),
+        }
+    ),
+    "BulkResults": _obj(
+        {
+            "action": {"enum": list(BULK_ACTIONS)},
+            "results": {
+                "type": "array",
+                "items": _obj(
+                    {"id": ROW_ID, "ok": BOOL, "status": STR, "error": STR, "message": STR},
+                    optional=("status", "error", "message"),
+                ),
+                "description": "one per id, in the order given; `status` when ok, else"
+                " `error` (not_found, conflict) and `message`",
+            },
+        }
+    ),
     "DownloadGroups": _obj(
         {
             "groups": {
@@ -840,7 +866,7 @@ OPERATIONS: tuple[Operation, ...] = (
         {
             "200": _response(
                 "downloads (newest first), or groups with ?grouped=true",
-                {"oneOf": [ref("DownloadList"), ref("DownloadGroups")]},
+                {"oneOf": [ref("DownloadPage"), ref("DownloadGroups")]},
             ),
             "400": _error("a query value is out of range (the detail names it)"),
             **STORE_AWAY,
@@ -850,10 +876,47 @@ OPERATIONS: tuple[Operation, ...] = (
             query_param(
                 "cursor",
                 STR,
-                "with grouped: the `next_cursor` of the page before (opaque; tied to `status`)",
+                "the `next_cursor` of the page before (opaque; tied to the filters given)",
             ),
             LIMIT,
             query_param("status", {"enum": list(DOWNLOAD_STATUSES)}, "only this status"),
+            query_param(
+                "q",
+                {"type": "string", "maxLength": MAX_QUERY_LENGTH},
+                "without grouped: only file names containing this text, whatever the letter case",
+            ),
+            query_param(
+                "source", {"enum": list(SOURCE_TYPES)}, "without grouped: only this source type"
+            ),
+            query_param(
+                "target", STR, "without grouped: only jobs with an upload to this target name"
+            ),
+        ),
+    ),
+    Operation(
+        "POST",
+        "/api/downloads/bulk",
+        "One action on several downloads",
+        "downloads",
+        {"200": _response("each id's outcome", ref("BulkResults")), **BAD_BODY, **STORE_AWAY},
+        body=json_body(
+            _obj(
+                {
+                    "action": {"enum": list(BULK_ACTIONS)},
+                    "ids": {
+                        "type": "array",
+                        "items": ROW_ID,
+                        "minItems": 1,
+                        "maxItems": MAX_BULK_IDS,
+                    },
+                }
+            )
+        ),
+        description=(
+            "Each job in turn, under the same status rules as one job's action: retry (failed or"
+            " cancelled), cancel (queued or running), delete (the record, its uploads and its"
+            " file), delete_file (the file only, of a job that is not running nor uploading; the"
+            " record stays). A refused id does not stop the others."
         ),
     ),
     Operation(
@@ -1103,6 +1166,24 @@ OPERATIONS: tuple[Operation, ...] = (
     _stream("HEAD", "/stream/{id}/{name}", (DOWNLOAD_ID, STREAM_NAME)),
     _stream("GET", "/stream/{id}/{index}/{name}", (DOWNLOAD_ID, FILE_INDEX, STREAM_NAME)),
     _stream("HEAD", "/stream/{id}/{index}/{name}", (DOWNLOAD_ID, FILE_INDEX, STREAM_NAME)),
+    Operation(
+        "GET",
+        "/thumb/{id}",
+        "A frame of a completed video (JPEG)",
+        "files",
+        {
+            "200": {
+                "description": "the frame, at most 320 px a side",
+                "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+            },
+            "403": _error("the signature is missing, forged or expired"),
+            "404": _error("no such download, or it is not a completed single-file video"),
+            "409": _error("ffmpeg could read no frame from the file"),
+        },
+        security=SIGNED_LINK,
+        parameters=(DOWNLOAD_ID, *SIGNED_QUERY),
+        description="Made once with ffmpeg and kept in the data folder; signed like /stream.",
+    ),
 )
 
 

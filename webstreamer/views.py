@@ -49,6 +49,7 @@ def download_json(
     data["uploads"] = [upload_json(upload) for upload in uploads]
     data["stream_url"] = links.stream_url(row)
     data["watch_url"] = links.watch_url(row)
+    data["thumbnail_url"] = links.thumbnail_url(row)
     data["actions"] = list(download_actions(row.status))
     if history is not None:
         data["history"] = [

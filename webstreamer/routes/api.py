@@ -3,32 +3,39 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from loguru import logger
 
 from aria2_client.sources import SourceError, parse_link
+from cluster import HolderError
 from configer import ConfigError, mask_url_passwords, masked_settings, parse_setting
-from db import DOWNLOAD_STATUSES, DuplicateDownload
-from records import ARCHIVE_ACTIONS, ArchiveRequest, DownloadRow
+from db import DOWNLOAD_STATUSES, SOURCE_TYPES, DuplicateDownload, NotFound, StoreError
+from records import ARCHIVE_ACTIONS, ArchiveRequest, DownloadRow, DownloadSearch
 from webstreamer.context import (
     MAX_LIST_LIMIT,
     SESSION,
     context_of,
+    flat_cursor,
     json_error,
     list_cursor,
     path_id,
     query_bool,
     query_choice,
     query_cursor,
+    query_flat_cursor,
     query_int,
     read_json_object,
 )
 from webstreamer.views import download_json, file_json
 
 MAX_URLS_PER_REQUEST = 500
+MAX_QUERY_LENGTH = 200  # characters of a name search
+MAX_BULK_IDS = 500  # jobs one bulk action may name
+BULK_ACTIONS = ("retry", "cancel", "delete", "delete_file")
 MAX_PASSWORD_LENGTH = 1024  # characters of an archive password
 MAX_FILES_PER_PAGE = 1000  # files one page of a torrent's file list may ask for
 MAX_SELECTED_FILES = 1_000_000  # indexes one choice may name (the most files a torrent may have)
@@ -197,11 +204,78 @@ async def list_downloads(request: web.Request) -> web.Response:
                 ],
             }
         )
-    rows = await ctx.store.fetch_recent_downloads(limit, status=status)
+    name = request.query.get("q", "").strip() or None
+    if name is not None and len(name) > MAX_QUERY_LENGTH:
+        raise web.HTTPBadRequest(text=f"q must be at most {MAX_QUERY_LENGTH} characters")
+    source = query_choice(request, "source", SOURCE_TYPES)
+    target = query_choice(request, "target", [t.name for t in ctx.config.upload.targets])
+    filters = (name, status, source, target)
+    before = query_flat_cursor(request, filters)
+    search = DownloadSearch(name, status, source, target, before)
+    rows = await ctx.store.search_downloads(limit, search)
     uploads = await ctx.store.get_uploads_for_downloads([r.id for r in rows])
+    # A full page may have a next one: it starts below this page's last (oldest) row.
+    last = rows[-1].id if len(rows) == limit else None
     return web.json_response(
-        {"downloads": [download_json(ctx.links, r, uploads[r.id]) for r in rows]}
+        {
+            "next_cursor": None if last is None else flat_cursor(filters, last),
+            "downloads": [download_json(ctx.links, r, uploads[r.id]) for r in rows],
+        }
     )
+
+
+async def bulk_action(request: web.Request) -> web.Response:
+    """``{"action": "retry"|"cancel"|"delete"|"delete_file", "ids": [...]}``: the action on each
+    job in turn, through the same rules as one job's; answers each id's outcome."""
+    ctx = context_of(request)
+    body = await read_json_object(request)
+    unknown = set(body) - {"action", "ids"}
+    if unknown:
+        raise web.HTTPBadRequest(text=f"unknown fields: {', '.join(sorted(unknown))}")
+    manager = ctx.downloads
+    operations: dict[str, Callable[[int], Awaitable[DownloadRow]]] = dict(
+        zip(
+            BULK_ACTIONS,
+            (manager.retry, manager.cancel, manager.delete, manager.delete_file_only),
+            strict=True,
+        )
+    )
+    action = body.get("action")
+    if not isinstance(action, str) or action not in operations:
+        raise web.HTTPBadRequest(text=f'"action" must be one of {", ".join(operations)}')
+    ids = body.get("ids")
+    if (
+        not isinstance(ids, list)
+        or not 1 <= len(ids) <= MAX_BULK_IDS
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids)
+    ):
+        raise web.HTTPBadRequest(
+            text=f'"ids" must be a list of 1 to {MAX_BULK_IDS} download ids (positive integers)'
+        )
+    results: list[dict[str, object]] = []
+    for download_id in dict.fromkeys(ids):
+        try:
+            row = await operations[action](download_id)
+        except NotFound as exc:
+            results.append(
+                {"id": download_id, "ok": False, "error": "not_found", "message": str(exc)}
+            )
+            continue
+        except StoreError as exc:  # a status the action does not apply to, or a conflict
+            results.append(
+                {"id": download_id, "ok": False, "error": "conflict", "message": str(exc)}
+            )
+            continue
+        except HolderError as exc:  # the node holding the job refused or is away
+            results.append(
+                {"id": download_id, "ok": False, "error": exc.code, "message": exc.message}
+            )
+            continue
+        results.append({"id": download_id, "ok": True, "status": row.status})
+    logger.bind(action=action, count=len(results)).info(
+        "bulk {}: {} of {} done", action, sum(1 for r in results if r["ok"]), len(results)
+    )
+    return web.json_response({"action": action, "results": results})
 
 
 async def get_download(request: web.Request) -> web.Response:
@@ -381,6 +455,7 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/api/downloads/torrent", add_torrent)
     app.router.add_get("/api/downloads", list_downloads)
     app.router.add_delete("/api/downloads", delete_all)
+    app.router.add_post("/api/downloads/bulk", bulk_action)
     app.router.add_get("/api/downloads/statistics", download_statistics)
     app.router.add_get(r"/api/downloads/{id}", get_download)
     app.router.add_delete(r"/api/downloads/{id}", delete_download)

@@ -7,11 +7,24 @@ cache stays fresh)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import secrets
+from pathlib import Path
+
 from aiohttp import web
 from loguru import logger
 
+from uploads.media import make_thumbnail
 from webstreamer.byteserve import ByteSource, serve_bytes
-from webstreamer.context import CONTEXT, context_of, json_error, redirect_to_node, signed_link
+from webstreamer.context import (
+    CONTEXT,
+    context_of,
+    json_error,
+    redirect_to_node,
+    signed_link,
+    signed_request,
+)
 from webstreamer.filecache import FileCache, OpenFile
 
 FILE_CACHE: web.AppKey[FileCache] = web.AppKey("file_cache", FileCache)
@@ -73,6 +86,39 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return await serve_bytes(request, source)
 
 
+THUMBNAILS_DIR = "thumbnails"  # in the data folder: one JPEG a download, named by its id
+
+
+def _keep(made: Path, out: Path) -> None:
+    os.replace(made, out)  # whole or not at all: two first requests each make one, one stays
+
+
+async def thumbnail(request: web.Request) -> web.StreamResponse:
+    """A frame of a completed single-file video, made once with ffmpeg and kept in the data
+    folder; the link carries the download's stream signature."""
+    found = await signed_request(request, "thumbnail")
+    if isinstance(found, web.Response):
+        return found
+    row, ctx = found.row, context_of(request)
+    info = row.media_info or {}
+    source = ctx.files.confined(row.local_path) if row.local_path else None
+    if row.status != "completed" or row.files or not info.get("width") or source is None:
+        return json_error(404, "not_found", f"download {row.id} has no video to show")
+    out = ctx.config.data_dir / THUMBNAILS_DIR / f"{row.id}.jpg"
+    if not await asyncio.to_thread(out.is_file):
+        duration = float(info.get("duration") or 0)
+        made = await make_thumbnail(
+            source, out.with_name(f"{row.id}.{secrets.token_hex(4)}.jpg"), duration
+        )
+        if made is None:
+            return json_error(409, "not_ready", f"no frame could be read from download {row.id}")
+        await asyncio.to_thread(_keep, made, out)
+        logger.bind(job=row.id).info("thumbnail of download {} made", row.id)
+    return web.FileResponse(
+        out, headers={"Content-Type": "image/jpeg", "Cache-Control": "private, max-age=86400"}
+    )
+
+
 def setup(app: web.Application) -> None:
     """The routes, and the application's file cache: watching the hub from startup to cleanup."""
     ctx = app[CONTEXT]
@@ -90,3 +136,4 @@ def setup(app: web.Application) -> None:
     for route in ("/stream/{id}/{name}", "/stream/{id}/{index}/{name}"):
         app.router.add_route("GET", route, stream)
         app.router.add_route("HEAD", route, stream)
+    app.router.add_get("/thumb/{id}", thumbnail)

@@ -4,6 +4,7 @@ import { onUnauthorized } from "./api.js";
 import { refreshCluster, renderNodes } from "./cluster.js";
 import { onDeleteDialogClosed, onListClick } from "./controls.js";
 import { $ } from "./dom.js";
+import { onBulkClick, onFindMore, onFindSubmit, onUploadsShow } from "./finder.js";
 import { renderAll } from "./groups.js";
 import { applyStaticTexts, loadMessages, t, toggleLanguage } from "./i18n.js";
 import { onLoginSubmit, onLogout, onLogoutEverywhere, showLogin, signedIn, signedOut } from "./login.js";
@@ -51,6 +52,10 @@ async function boot() {
   $("limits-form").addEventListener("submit", onLimitsSubmit);
   $("settings-form").addEventListener("submit", onSettingsSubmit);
   $("groups").addEventListener("click", onListClick);
+  $("find-form").addEventListener("submit", onFindSubmit);
+  $("find-more").addEventListener("click", onFindMore);
+  $("find-bulk").addEventListener("click", onBulkClick);
+  $("uploads-show").addEventListener("click", onUploadsShow);
   $("delete-dialog").addEventListener("close", onDeleteDialogClosed);
   window.addEventListener("resize", drawChart);
   document.addEventListener("visibilitychange", refreshCluster);

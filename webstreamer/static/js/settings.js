@@ -2,6 +2,7 @@
 // record of changes (GET /api/settings/changes). The server checks every value; its refusal,
 // which names the key, is shown as it is.
 import { renderTargetChoice } from "./add.js";
+import { renderFindTargets } from "./finder.js";
 import { api } from "./api.js";
 import { $, formatBytes, formatTime, h } from "./dom.js";
 import { t } from "./i18n.js";
@@ -54,6 +55,7 @@ export function renderSettings() {
   if (settings) {
     const targets = Array.isArray(settings["upload.targets"]) ? settings["upload.targets"] : [];
     renderTargetChoice(targets.map((target) => String(target.name)));
+    renderFindTargets(targets.map((target) => String(target.name)));
     for (const [key, id] of Object.entries(LIMIT_INPUTS)) {
       $(id).value = String(settings[key]);
       $(`${id}-shown`).textContent = limitText(settings[key]);
