@@ -79,7 +79,7 @@ from records import (
     WebSession,
 )
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
 
 SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
@@ -797,6 +797,23 @@ async def _schema_10(sql: _Statements, dialect: Dialect) -> None:
     await _run_schema(sql, dialect, _SCHEMA_10)
 
 
+# Schema 11 (per-user sign-in): a session made by a one-time sign-in link carries its Telegram
+# user (NULL: signed in with web.token); each link's nonce is kept once used, so it works once.
+_SCHEMA_11 = """
+ALTER TABLE web_sessions ADD COLUMN user_id INTEGER;
+CREATE TABLE web_sign_in_links (
+    nonce       TEXT PRIMARY KEY,
+    user_id     INTEGER NOT NULL,
+    used_at     TEXT NOT NULL,
+    expires_at  TEXT NOT NULL
+)
+"""
+
+
+async def _schema_11(sql: _Statements, dialect: Dialect) -> None:
+    await _run_schema(sql, dialect, _SCHEMA_11)
+
+
 _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     1: _schema_1,
     2: _schema_2,
@@ -808,6 +825,7 @@ _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     8: _schema_8,
     9: _schema_9,
     10: _schema_10,
+    11: _schema_11,
 }
 
 # The tables the steps above make, each with its key, in an order their foreign keys allow
@@ -828,6 +846,7 @@ _STORE_TABLES: dict[str, str] = {
     "settings_changes": "id",
     "download_archive_options": "download_id",
     "download_targets": "download_id",
+    "web_sign_in_links": "nonce",
 }
 # Tables the store keeps from the others' rows (by triggers): never copied, rebuilt by the
 # target's own triggers as the rows above go in.
@@ -1602,8 +1621,14 @@ class Store(Protocol):
 
     # dashboard sessions and the bot's outbox
     async def create_web_session(
-        self, token_hash: str, expires_at: str, address: str | None, user_agent: str | None
+        self,
+        token_hash: str,
+        expires_at: str,
+        address: str | None,
+        user_agent: str | None,
+        user_id: int | None = None,
     ) -> WebSession: ...
+    async def use_sign_in_link(self, nonce: str, user_id: int, expires_at: str) -> bool: ...
     async def use_web_session(self, token_hash: str) -> WebSession | None: ...
     async def revoke_web_session(self, token_hash: str) -> bool: ...
     async def revoke_all_web_sessions(self) -> int: ...
@@ -2969,15 +2994,36 @@ class Database:
     # --- dashboard sessions -------------------------------------------------------------------
 
     async def create_web_session(
-        self, token_hash: str, expires_at: str, address: str | None, user_agent: str | None
+        self,
+        token_hash: str,
+        expires_at: str,
+        address: str | None,
+        user_agent: str | None,
+        user_id: int | None = None,
     ) -> WebSession:
+        """A new session; `user_id` for one a sign-in link made (None: the web token's)."""
         now = utc_now()
         async with self._write() as tx:
             await tx.execute(
-                f"INSERT INTO web_sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, NULL, ?, ?)",
-                (token_hash, now, now, expires_at, address, user_agent),
+                f"INSERT INTO web_sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
+                (token_hash, now, now, expires_at, address, user_agent, user_id),
             )
-        return WebSession(token_hash, now, now, expires_at, None, address, user_agent)
+        return WebSession(token_hash, now, now, expires_at, None, address, user_agent, user_id)
+
+    async def use_sign_in_link(self, nonce: str, user_id: int, expires_at: str) -> bool:
+        """Record a one-time sign-in link as used: False when it was used before. Links whose
+        expiry has passed are forgotten here (their signature refuses them anyway)."""
+        now = utc_now()
+        async with self._write() as tx:
+            await tx.execute("DELETE FROM web_sign_in_links WHERE expires_at <= ?", (now,))
+            return (
+                await tx.execute(
+                    "INSERT INTO web_sign_in_links (nonce, user_id, used_at, expires_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (nonce) DO NOTHING",
+                    (nonce, user_id, now, expires_at),
+                )
+                == 1
+            )
 
     async def use_web_session(self, token_hash: str) -> WebSession | None:
         """The session if it is neither revoked nor expired; its last use is recorded at most

@@ -198,6 +198,8 @@ class WebSession(NamedTuple):
     revoked_at: str | None
     address: str | None
     user_agent: str | None
+    # The Telegram user a one-time sign-in link made it for (None: signed in with web.token).
+    user_id: int | None = None
 
 
 class SettingsChange(NamedTuple):

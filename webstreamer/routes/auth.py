@@ -25,6 +25,7 @@ signature instead.
 from __future__ import annotations
 
 import hmac
+import html
 import math
 import time
 from collections import deque
@@ -41,6 +42,7 @@ from records import WebSession
 from webstreamer.context import (
     METRICS_PATH,
     SESSION,
+    VIEWER,
     WarningSummary,
     client_of,
     context_of,
@@ -52,6 +54,7 @@ from webstreamer.openapi import DOCS_PATH, OPENAPI_PATH
 from webstreamer.signing import (
     SESSION_COOKIE,
     SESSION_LIFETIME,
+    SIGN_IN_PATH,
     new_session_secret,
     session_key,
 )
@@ -89,9 +92,11 @@ def _bearer(request: web.Request) -> str | None:
 
 @dataclass(frozen=True)
 class Credential:
-    """How a request signed in: a bearer token (`session` None) or a session cookie."""
+    """How a request signed in: a bearer token (`session` None) or a session cookie, and the
+    user whose jobs alone it may see (`viewer`; None: every job)."""
 
     session: WebSession | None
+    viewer: int | None = None
 
 
 async def authenticate(request: web.Request) -> Credential | None:
@@ -108,7 +113,45 @@ async def authenticate(request: web.Request) -> Credential | None:
     if key is None:
         return None
     session = await ctx.store.use_web_session(key)
-    return Credential(session) if session is not None else None
+    if session is None:
+        return None
+    if session.user_id is None:
+        return Credential(session)
+    # A user's session follows telegram.admins and allowed_users live: an admin sees every job,
+    # an allowed user their own, anyone else (no longer listed) nothing.
+    telegram = ctx.config.telegram
+    if session.user_id in telegram.admins:
+        return Credential(session)
+    if session.user_id in telegram.allowed_users:
+        return Credential(session, session.user_id)
+    return None
+
+
+# What a user's session (not an admin's) may reach: its own jobs, adding jobs, the WebSocket.
+USER_ROUTES = frozenset(
+    {
+        ("GET", "/api/downloads"),
+        ("POST", "/api/downloads"),
+        ("POST", "/api/downloads/torrent"),
+        ("GET", "/api/downloads/{id}"),
+        ("DELETE", "/api/downloads/{id}"),
+        ("PATCH", "/api/downloads/{id}"),
+        ("GET", "/api/downloads/{id}/files"),
+        ("PUT", "/api/downloads/{id}/files"),
+        ("POST", "/api/downloads/{id}/{action}"),
+        ("GET", WEBSOCKET_PATH),
+        ("POST", LOGOUT_PATH),
+    }
+)
+
+
+def _user_may(request: web.Request) -> bool:
+    info = request.match_info
+    if info.http_exception is not None:  # no such route: its own 404/405 answers
+        return True
+    canonical = info.route.resource.canonical if info.route.resource is not None else ""
+    canonical = canonical.replace("{action:pause|resume|retry|cancel}", "{action}")
+    return (request.method, canonical) in USER_ROUTES
 
 
 def _endpoint(url: str, scheme: str) -> tuple[str, int] | None:
@@ -183,6 +226,10 @@ async def auth_middleware(
         if problem is not None:
             return json_error(403, "forbidden", problem)
         request[SESSION] = credential.session
+    if credential.viewer is not None:
+        if not _user_may(request):
+            return json_error(403, "forbidden", f"only an admin may use {request.method} {path}")
+        request[VIEWER] = credential.viewer
     return await handler(request)
 
 
@@ -318,8 +365,17 @@ async def login(request: web.Request) -> web.StreamResponse:
             return json_error(401, "unauthorized", "wrong token")
         return await index_response(401, "failed")
     guard.limiter.succeeded(client)
+    return await _start_session(request, as_json)
+
+
+async def _start_session(
+    request: web.Request, as_json: bool, user_id: int | None = None
+) -> web.StreamResponse:
+    """A new session (for Telegram user `user_id`, or the web token's), its secret in the
+    cookie; the answer goes to the page (a redirect) or is JSON."""
+    ctx = context_of(request)
     secret = new_session_secret()
-    key = session_key(secret, token)
+    key = session_key(secret, ctx.secrets.web_token)
     assert key is not None  # a fresh secret is always well-formed
     expires = datetime.now(UTC) + timedelta(seconds=SESSION_LIFETIME)
     await ctx.store.create_web_session(
@@ -327,6 +383,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         expires.isoformat(timespec="milliseconds"),
         request.remote,
         _printable(request.headers.get("User-Agent"), USER_AGENT_LIMIT),
+        user_id,
     )
     response: web.StreamResponse
     if as_json:
@@ -343,10 +400,99 @@ async def login(request: web.Request) -> web.StreamResponse:
         secure=_is_https(request) or None,
     )
     response.headers["Cache-Control"] = "no-store"
-    logger.bind(peer=request.remote, session=key[:SESSION_ID_LENGTH]).info(
+    logger.bind(peer=request.remote, session=key[:SESSION_ID_LENGTH], user=user_id).info(
         "dashboard session started"
     )
     return response
+
+
+# --- one-time sign-in links (the bot's /web) ----------------------------------------------------
+
+_SIGN_IN_FIELDS = ("user", "nonce", "exp", "sig")
+_SIGN_IN_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<meta name="referrer" content="no-referrer"><title>MistRelay sign-in</title></head>
+<body><form method="post" action="{action}">{fields}
+<button type="submit">Sign in to MistRelay</button></form></body></html>
+"""
+
+
+def _sign_in_refused(request: web.Request, why: str) -> web.Response:
+    guard = request.app[LOGIN_GUARD]
+    client = client_of(request.remote)
+    guard.limiter.failed(client, time.monotonic())
+    guard.refused.add(client)
+    logger.bind(peer=request.remote).info("sign-in link refused: {}", why)
+    return web.Response(
+        status=403, text=f"{why}: ask the bot for a new one with /web", headers=_NO_STORE
+    )
+
+
+_NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+
+
+def _too_many(request: web.Request) -> web.Response | None:
+    ctx = context_of(request)
+    guard = request.app[LOGIN_GUARD]
+    client = client_of(request.remote)
+    wait = guard.limiter.wait(client, ctx.config.web.login_attempts, time.monotonic())
+    if wait <= 0:
+        return None
+    guard.refused.add(client)
+    seconds = max(1, math.ceil(wait))
+    return web.Response(
+        status=429,
+        text=f"too many failed sign-ins from this address; try again in {seconds} s",
+        headers={"Retry-After": str(seconds), **_NO_STORE},
+    )
+
+
+async def sign_in_page(request: web.Request) -> web.Response:
+    """A sign-in link opened: checked (not used up) and answered with a button that uses it, so
+    a link preview that only fetches the page cannot spend it."""
+    refusal = _too_many(request)
+    if refusal is not None:
+        return refusal
+    values = [request.query.get(name) for name in _SIGN_IN_FIELDS]
+    checked = context_of(request).links.signer.verify_sign_in(*values)
+    if isinstance(checked, str):
+        return _sign_in_refused(request, checked)
+    fields = "".join(
+        f'<input type="hidden" name="{name}" value="{html.escape(value or "")}">'
+        for name, value in zip(_SIGN_IN_FIELDS, values, strict=True)
+    )
+    page = _SIGN_IN_PAGE.format(action=SIGN_IN_PATH, fields=fields)
+    return web.Response(text=page, content_type="text/html", headers=_NO_STORE)
+
+
+async def sign_in(request: web.Request) -> web.StreamResponse:
+    """Use a sign-in link (a form post from its page): a good, unexpired, unused link for a user
+    still allowed starts a session for that user; the link never works again."""
+    refusal = _too_many(request)
+    if refusal is not None:
+        return refusal
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != "null" and not _origin_is_ours(request, origin):
+        return _sign_in_refused(request, "the sign-in came from another site")
+    try:
+        body = await _read_small_body(request, LOGIN_BODY_LIMIT)
+        form = parse_qs(body.decode("utf-8"), max_num_fields=10)
+    except (_TooLarge, UnicodeDecodeError, ValueError):
+        return _sign_in_refused(request, "malformed sign-in form")
+    values = [form[name][0] if form.get(name) else None for name in _SIGN_IN_FIELDS]
+    ctx = context_of(request)
+    checked = ctx.links.signer.verify_sign_in(*values)
+    if isinstance(checked, str):
+        return _sign_in_refused(request, checked)
+    user_id, nonce, expires = checked
+    telegram = ctx.config.telegram
+    if user_id not in telegram.admins and user_id not in telegram.allowed_users:
+        return _sign_in_refused(request, "this Telegram user may not use MistRelay")
+    expires_at = datetime.fromtimestamp(expires, UTC).isoformat(timespec="milliseconds")
+    if not await ctx.store.use_sign_in_link(nonce, user_id, expires_at):
+        return _sign_in_refused(request, "this sign-in link was used already")
+    request.app[LOGIN_GUARD].limiter.succeeded(client_of(request.remote))
+    return await _start_session(request, False, user_id)
 
 
 def _signed_out(response: web.StreamResponse) -> web.StreamResponse:
@@ -408,5 +554,7 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/login", login_page)
     app.router.add_post("/login", login)
     app.router.add_post(LOGOUT_PATH, logout)
+    app.router.add_get(SIGN_IN_PATH, sign_in_page)
+    app.router.add_post(SIGN_IN_PATH, sign_in)
     app.router.add_get("/api/sessions", list_sessions)
     app.router.add_post("/api/sessions/revoke-all", revoke_all_sessions)
