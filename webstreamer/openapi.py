@@ -1053,6 +1053,56 @@ OPERATIONS: tuple[Operation, ...] = (
         },
     ),
     Operation(
+        "GET",
+        "/signin",
+        "A one-time sign-in link from the bot's /web: checked (not used) and answered with a"
+        " button that uses it",
+        "sessions",
+        {
+            "200": _html("the page with the button"),
+            "403": _response("the link is incomplete, forged or expired", STR, "text/plain"),
+            "429": _response("too many failed sign-ins from this address", STR, "text/plain"),
+        },
+        security=PUBLIC,
+        parameters=tuple(
+            query_param(name, STR, description)
+            for name, description in (
+                ("user", "the Telegram user id"),
+                ("nonce", "the link's random nonce"),
+                ("exp", "its expiry (Unix seconds)"),
+                ("sig", "its signature"),
+            )
+        ),
+    ),
+    Operation(
+        "POST",
+        "/signin",
+        "Use a one-time sign-in link: a session cookie scoped to that user's own jobs (an"
+        " admin's sees every job); the link never works again",
+        "sessions",
+        {
+            "303": _response("signed in; the cookie is set, on to /"),
+            "403": _response(
+                "the link is forged, expired, used already or its user no longer allowed",
+                STR,
+                "text/plain",
+            ),
+            "429": _response("too many failed sign-ins from this address", STR, "text/plain"),
+        },
+        security=PUBLIC,
+        body={
+            "required": True,
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"user": STR, "nonce": STR, "exp": STR, "sig": STR},
+                    }
+                }
+            },
+        },
+    ),
+    Operation(
         "POST",
         "/logout",
         "End this browser's session (the cookie is cleared)",

@@ -1,0 +1,165 @@
+"""Every allowed Telegram user on the dashboard, seeing only their own jobs: the bot's one-time
+sign-in link (used once, expiring), the API scoped to the user's jobs (others' answer 404), admin
+routes refused, and the WebSocket sending a user nothing of another user's jobs."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.support.processes import free_port
+from tests.support.sessions import cookie_header
+from tests.test_bot import ADMIN, OTHER, USER, Relay, RelayFactory, relay_factory  # noqa: F401
+from tests.test_web_page import session_cookie_from
+from webstreamer.signing import SESSION_COOKIE
+
+LINK = re.compile(r"https?://\S+/signin\?\S+")
+
+
+class _Form(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fields: dict[str, str] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "input" and found.get("type") == "hidden":
+            self.fields[found["name"] or ""] = found["value"] or ""
+
+
+class Web:
+    """The relay's web server, asked without any cookie kept between requests."""
+
+    def __init__(self, relay: Relay, http: aiohttp.ClientSession) -> None:
+        self.relay = relay
+        self.base = relay.running.base_url
+        self.http = http
+
+    async def call(
+        self, method: str, path: str, cookie: dict[str, str] | None = None, **kwargs: Any
+    ) -> tuple[int, Any, aiohttp.ClientResponse]:
+        headers = dict(cookie or {"Authorization": f"Bearer {self.relay.running.token}"})
+        if cookie is not None and method != "GET":
+            headers |= {"Origin": self.base, "Content-Type": "application/json"}
+        headers |= kwargs.pop("headers", {})
+        async with self.http.request(
+            method, self.base + path, headers=headers, allow_redirects=False, **kwargs
+        ) as response:
+            body = await response.read()
+            try:
+                return response.status, json.loads(body), response
+            except ValueError:
+                return response.status, body.decode("utf-8", "replace"), response
+
+    async def link_of(self, user_id: int) -> str:
+        """The sign-in link the bot answers /web with, on this server."""
+        [answer] = await self.relay.chat(user_id).say("/web")
+        match = LINK.search(answer.text)
+        assert match is not None, answer.text
+        return self.base + match.group(0)[match.group(0).index("/signin") :]
+
+    async def use(self, link: str) -> tuple[int, Any, aiohttp.ClientResponse]:
+        """Open the link's page (which spends nothing) and press its button."""
+        async with self.http.get(link, allow_redirects=False) as page:
+            assert page.status == 200, await page.text()
+            form = _Form()
+            form.feed(await page.text())
+        return await self.call(
+            "POST",
+            "/signin",
+            cookie={},
+            data=form.fields,
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+
+    async def sign_in(self, user_id: int) -> dict[str, str]:
+        status, body, response = await self.use(await self.link_of(user_id))
+        assert status == 303, body
+        return cookie_header(session_cookie_from(response)[SESSION_COOKIE].value)
+
+    async def add(self, cookie: dict[str, str], name: str) -> int:
+        url = f"http://127.0.0.1:{free_port()}/{name}"
+        status, body, _ = await self.call("POST", "/api/downloads", cookie, json={"url": url})
+        assert status == 201, body
+        return int(body["downloads"][0]["id"])
+
+
+@pytest.fixture
+async def web(relay_factory: RelayFactory) -> Any:  # noqa: F811
+    # The jobs here point at this machine, which users may not reach unless allowed.
+    relay = await relay_factory({"aria2": {"allow_private_addresses": True}})
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        yield Web(relay, http)
+
+
+async def test_a_sign_in_link_works_once_and_not_after_its_expiry(web: Web) -> None:
+    link = await web.link_of(USER)
+    status, _, response = await web.use(link)
+    assert status == 303 and SESSION_COOKIE in session_cookie_from(response)
+    status, body, _ = await web.use(link)
+    assert status == 403 and "used already" in body
+    # A link whose signature is good but whose time has passed.
+    signer = web.relay.running.service.parts.links.signer
+    expired = f"{web.base}/signin?{signer.sign_in_query(USER, -5)}"
+    async with web.http.get(expired) as page:
+        assert page.status == 403 and "expired" in await page.text()
+    # A link changed to name another user is forged.
+    forged = link.replace(f"user={USER}", f"user={ADMIN}")
+    async with web.http.get(forged) as page:
+        assert page.status == 403 and "forged" in await page.text()
+
+
+async def test_a_user_sees_and_controls_only_their_own_jobs(web: Web) -> None:
+    mine, theirs = await web.sign_in(USER), await web.sign_in(OTHER)
+    own = await web.add(mine, "mine.bin")
+    other = await web.add(theirs, "theirs.bin")
+    status, body, _ = await web.call("GET", "/api/downloads", mine)
+    assert status == 200 and [d["id"] for d in body["downloads"]] == [own]
+    status, body, _ = await web.call("GET", "/api/downloads?grouped=true", mine)
+    assert [d["id"] for g in body["groups"] for d in g["downloads"]] == [own]
+    assert (await web.call("GET", f"/api/downloads/{own}", mine))[0] == 200
+    # Another user's job answers as no job at all, for reading and for every action.
+    for method, path in (
+        ("GET", f"/api/downloads/{other}"),
+        ("GET", f"/api/downloads/{other}/files"),
+        ("POST", f"/api/downloads/{other}/cancel"),
+        ("PATCH", f"/api/downloads/{other}"),
+        ("DELETE", f"/api/downloads/{other}"),
+    ):
+        status, body, _ = await web.call(method, path, mine, json={})
+        assert status == 404, (method, path)
+        assert body == {"error": "not_found", "detail": f"no download {other}"}, (method, path)
+    assert (await web.call("GET", f"/api/downloads/{other}", theirs))[0] == 200
+    # Everyone's settings, totals and uploads stay with the admins.
+    for method, path in (("GET", "/api/config"), ("GET", "/api/uploads"), ("GET", "/api/sessions")):
+        status, body, _ = await web.call(method, path, mine)
+        assert status == 403 and "only an admin" in body["detail"], path
+    # The admin's link and the web token see both.
+    admin = await web.sign_in(ADMIN)
+    for credential in (admin, None):
+        status, body, _ = await web.call("GET", "/api/downloads", credential)
+        assert {d["id"] for d in body["downloads"]} == {own, other}
+
+
+async def test_the_websocket_sends_a_user_nothing_of_another_users_job(web: Web) -> None:
+    mine, theirs = await web.sign_in(USER), await web.sign_in(OTHER)
+    headers = {**mine, "Origin": web.base}
+    url = web.base.replace("http://", "ws://", 1) + "/api/ws"
+    async with web.http.ws_connect(url, headers=headers) as ws:
+        hello = json.loads((await ws.receive(timeout=10)).data)
+        assert hello["type"] == "hello" and hello["data"]["statistics"] is None
+        other = await web.add(theirs, "secret-of-other.bin")
+        own = await web.add(mine, "mine.bin")
+        seen: list[dict[str, Any]] = []
+        while not any(m["type"] == "download_update" and m["data"]["id"] == own for m in seen):
+            message = await ws.receive(timeout=10)
+            assert message.type == aiohttp.WSMsgType.TEXT, message
+            assert "secret-of-other" not in message.data
+            seen.append(json.loads(message.data))
+    assert all(m["data"].get("id") != other for m in seen)
+    assert all(m["type"] != "statistics_update" for m in seen)
