@@ -4,9 +4,12 @@ routes refused, and the WebSocket sending a user nothing of another user's jobs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import AsyncIterator
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,7 +17,16 @@ import pytest
 
 from tests.support.processes import free_port
 from tests.support.sessions import cookie_header
-from tests.test_bot import ADMIN, OTHER, USER, Relay, RelayFactory, relay_factory  # noqa: F401
+from tests.support.torrents import make_torrent
+from tests.test_bot import (  # noqa: F401
+    ADMIN,
+    OTHER,
+    USER,
+    Relay,
+    RelayFactory,
+    relay_factory,
+    telegram_section,
+)
 from tests.test_web_page import session_cookie_from
 from webstreamer.signing import SESSION_COOKIE
 
@@ -43,9 +55,10 @@ class Web:
     async def call(
         self, method: str, path: str, cookie: dict[str, str] | None = None, **kwargs: Any
     ) -> tuple[int, Any, aiohttp.ClientResponse]:
-        headers = dict(cookie or {"Authorization": f"Bearer {self.relay.running.token}"})
+        bearer = {"Authorization": f"Bearer {self.relay.running.token}"}
+        headers = dict(bearer if cookie is None else cookie)
         if cookie is not None and method != "GET":
-            headers |= {"Origin": self.base, "Content-Type": "application/json"}
+            headers["Origin"] = self.base
         headers |= kwargs.pop("headers", {})
         async with self.http.request(
             method, self.base + path, headers=headers, allow_redirects=False, **kwargs
@@ -69,13 +82,7 @@ class Web:
             assert page.status == 200, await page.text()
             form = _Form()
             form.feed(await page.text())
-        return await self.call(
-            "POST",
-            "/signin",
-            cookie={},
-            data=form.fields,
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
-        )
+        return await self.call("POST", "/signin", cookie={}, data=form.fields)
 
     async def sign_in(self, user_id: int) -> dict[str, str]:
         status, body, response = await self.use(await self.link_of(user_id))
@@ -89,12 +96,20 @@ class Web:
         return int(body["downloads"][0]["id"])
 
 
-@pytest.fixture
-async def web(relay_factory: RelayFactory) -> Any:  # noqa: F811
-    # The jobs here point at this machine, which users may not reach unless allowed.
-    relay = await relay_factory({"aria2": {"allow_private_addresses": True}})
+@contextlib.asynccontextmanager
+async def web_of(relay: Relay) -> AsyncIterator[Web]:
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
         yield Web(relay, http)
+
+
+# The jobs here point at this machine, which users may not reach unless allowed.
+PRIVATE = {"aria2": {"allow_private_addresses": True}}
+
+
+@pytest.fixture
+async def web(relay_factory: RelayFactory) -> AsyncIterator[Web]:  # noqa: F811
+    async with web_of(await relay_factory(PRIVATE)) as served:
+        yield served
 
 
 async def test_a_sign_in_link_works_once_and_not_after_its_expiry(web: Web) -> None:
@@ -163,3 +178,29 @@ async def test_the_websocket_sends_a_user_nothing_of_another_users_job(web: Web)
             seen.append(json.loads(message.data))
     assert all(m["data"].get("id") != other for m in seen)
     assert all(m["type"] != "statistics_update" for m in seen)
+
+
+async def test_quotas_refuse_a_users_new_job_in_chat_and_on_the_api(
+    relay_factory: RelayFactory,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    section = telegram_section(quotas={"active_jobs": 1, "bytes_per_day": "1MiB"})
+    relay = await relay_factory(PRIVATE, telegram=section)
+    async with web_of(relay) as web:
+        mine = await web.sign_in(USER)
+        # A torrent nobody seeds stays unfinished: it takes the user's one active job.
+        torrent = make_torrent(b"x" * 4096, tmp_path, "http://127.0.0.1:9/announce", "a.bin")
+        form = aiohttp.FormData()
+        form.add_field("file", torrent.torrent_bytes, filename="a.torrent")
+        status, body, _ = await web.call("POST", "/api/downloads/torrent", mine, data=form)
+        assert status == 201, body
+        link = f"http://127.0.0.1:{free_port()}/more.bin"
+        status, body, _ = await web.call("POST", "/api/downloads", mine, json={"url": link})
+        assert status == 429 and body["error"] == "quota_exceeded", body
+        assert "1 unfinished job(s), at most 1 at once" in body["detail"]
+        [answer] = await relay.chat(USER).say(link)
+        assert "1 unfinished job(s), at most 1 at once" in answer.text
+        # Admins have no quota.
+        [answer] = await relay.chat(ADMIN).say(link)
+        assert "quota" not in answer.text
+        assert len(await relay.downloads()) == 2
