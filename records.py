@@ -202,6 +202,17 @@ class WebSession(NamedTuple):
     user_id: int | None = None
 
 
+class ApiToken(NamedTuple):
+    """A personal API token: the store keeps its SHA-256 only (the token is shown once)."""
+
+    token_hash: str
+    user_id: int | None  # the Telegram user it acts for (None: made with web.token)
+    name: str
+    created_at: str
+    last_used_at: str | None
+    revoked_at: str | None
+
+
 class SettingsChange(NamedTuple):
     """One live setting changed at run time: who changed it (``web:<session>``, ``api`` or
     ``telegram:<user id>``), when, and its values before and after (secrets as ``***``)."""

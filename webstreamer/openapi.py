@@ -1054,6 +1054,66 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "GET",
+        "/api/tokens",
+        "Your live personal API tokens (never a token)",
+        "sessions",
+        {
+            "200": _response(
+                "the tokens",
+                {
+                    "type": "object",
+                    "properties": {
+                        "tokens": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "id": STR,
+                                    "name": STR,
+                                    "created_at": STR,
+                                    "last_used_at": {"type": ["string", "null"]},
+                                },
+                            },
+                        }
+                    },
+                },
+            ),
+            **STORE_AWAY,
+        },
+    ),
+    Operation(
+        "POST",
+        "/api/tokens",
+        "A new personal API token acting as you; the token is in this answer only",
+        "sessions",
+        {
+            "201": _response(
+                "the token: send it as Authorization: Bearer",
+                {"type": "object", "properties": {"id": STR, "name": STR, "token": STR}},
+            ),
+            "400": _error("the name is missing, too long or not printable"),
+            "409": _error("too many live tokens"),
+            **STORE_AWAY,
+        },
+        body={
+            "required": True,
+            "content": {JSON_TYPE: {"schema": {"type": "object", "properties": {"name": STR}}}},
+        },
+    ),
+    Operation(
+        "DELETE",
+        "/api/tokens/{id}",
+        "Revoke one of your personal API tokens",
+        "sessions",
+        {
+            "200": _response("revoked", {"type": "object", "properties": {"revoked": STR}}),
+            "404": _error("no such token of yours"),
+            **STORE_AWAY,
+        },
+        parameters=(path_param("id", "the token's id", STR),),
+    ),
+    Operation(
+        "GET",
         "/signin",
         "A one-time sign-in link from the bot's /web: checked (not used) and answered with a"
         " button that uses it",

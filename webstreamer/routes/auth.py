@@ -6,6 +6,13 @@ with that token (`POST /login`). The cookie holds only a random secret; the stor
 every node of a cluster accepts it, `POST /logout` ends it, `POST /api/sessions/revoke-all` ends
 every session and `GET /api/sessions` lists the live ones (never a secret).
 
+Users: the bot's `/web` gives a Telegram user a one-time sign-in link (`/signin`, HMAC-signed
+with the link key, ten minutes, its nonce recorded once used). Its session, and a personal API
+token (`/api/tokens`: made by whoever is signed in, acting as them, kept as a SHA-256, shown
+once), act for that user: an admin (telegram.admins) sees everything, an allowed user only their
+own jobs (others' answer 404) and only the routes in `USER_ROUTES` (others 403); a user no
+longer listed is refused. The web token, its sessions and its tokens see everything.
+
 Forgery: a browser sends the cookie with a request that another site's page makes too. So a
 request signed in by the cookie that may change something (POST, PUT, PATCH, DELETE) must have a
 JSON body type (multipart only for the torrent upload), which no plain form or no-cors fetch can
@@ -24,9 +31,12 @@ signature instead.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import html
 import math
+import re
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -38,7 +48,8 @@ from urllib.parse import parse_qs, urlsplit
 from aiohttp import web
 from loguru import logger
 
-from records import WebSession
+from configer import TelegramConfig
+from records import ApiToken, WebSession
 from webstreamer.context import (
     METRICS_PATH,
     SESSION,
@@ -49,6 +60,7 @@ from webstreamer.context import (
     index_response,
     json_error,
     parse_json,
+    read_json_object,
 )
 from webstreamer.openapi import DOCS_PATH, OPENAPI_PATH
 from webstreamer.signing import (
@@ -97,6 +109,31 @@ class Credential:
 
     session: WebSession | None
     viewer: int | None = None
+    user_id: int | None = None  # the Telegram user it acts for (None: web.token's)
+
+
+# The Telegram user a request acts for, when it signed in as one (a link's session, a token).
+ACTING_USER: web.RequestKey[int] = web.RequestKey("acting_user", int)
+API_TOKEN_PREFIX = "mrt_"
+_API_TOKEN = re.compile(r"mrt_[A-Za-z0-9_-]{43}")
+API_TOKEN_NAME_LIMIT = 64  # characters of a token's name
+API_TOKENS_PER_USER = 50
+
+
+def api_token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _as_user(
+    user_id: int, session: WebSession | None, telegram: TelegramConfig
+) -> Credential | None:
+    """A credential of a Telegram user, following telegram.admins and allowed_users live: an
+    admin sees every job, an allowed user their own, anyone else (no longer listed) nothing."""
+    if user_id in telegram.admins:
+        return Credential(session, None, user_id)
+    if user_id in telegram.allowed_users:
+        return Credential(session, user_id, user_id)
+    return None
 
 
 async def authenticate(request: web.Request) -> Credential | None:
@@ -105,6 +142,12 @@ async def authenticate(request: web.Request) -> Credential | None:
     ctx = context_of(request)
     token = ctx.secrets.web_token
     offered = _bearer(request)
+    if offered is not None and _API_TOKEN.fullmatch(offered):
+        found = await ctx.store.use_api_token(api_token_hash(offered))
+        if found is not None:
+            if found.user_id is None:
+                return Credential(None)
+            return _as_user(found.user_id, None, ctx.config.telegram)
     if offered is not None:
         scrape = ctx.config.web.metrics_token if request.path == METRICS_PATH else ""
         valid = (token and _same_text(offered, token)) or (scrape and _same_text(offered, scrape))
@@ -117,14 +160,7 @@ async def authenticate(request: web.Request) -> Credential | None:
         return None
     if session.user_id is None:
         return Credential(session)
-    # A user's session follows telegram.admins and allowed_users live: an admin sees every job,
-    # an allowed user their own, anyone else (no longer listed) nothing.
-    telegram = ctx.config.telegram
-    if session.user_id in telegram.admins:
-        return Credential(session)
-    if session.user_id in telegram.allowed_users:
-        return Credential(session, session.user_id)
-    return None
+    return _as_user(session.user_id, session, ctx.config.telegram)
 
 
 # What a user's session (not an admin's) may reach: its own jobs, adding jobs, the WebSocket.
@@ -140,6 +176,9 @@ USER_ROUTES = frozenset(
         ("PUT", "/api/downloads/{id}/files"),
         ("POST", "/api/downloads/{id}/{action}"),
         ("GET", WEBSOCKET_PATH),
+        ("GET", "/api/tokens"),
+        ("POST", "/api/tokens"),
+        ("DELETE", "/api/tokens/{id}"),
         ("POST", LOGOUT_PATH),
     }
 )
@@ -230,6 +269,8 @@ async def auth_middleware(
         if not _user_may(request):
             return json_error(403, "forbidden", f"only an admin may use {request.method} {path}")
         request[VIEWER] = credential.viewer
+    if credential.user_id is not None:
+        request[ACTING_USER] = credential.user_id
     return await handler(request)
 
 
@@ -544,6 +585,66 @@ async def revoke_all_sessions(request: web.Request) -> web.StreamResponse:
     return _signed_out(response) if SESSION in request else response
 
 
+# --- personal API tokens -------------------------------------------------------------------------
+
+
+def api_token_json(token: ApiToken) -> dict[str, Any]:
+    """A token as the API lists it: a short id, never the token or its whole hash."""
+    return {
+        "id": token.token_hash[:SESSION_ID_LENGTH],
+        "name": token.name,
+        "created_at": token.created_at,
+        "last_used_at": token.last_used_at,
+    }
+
+
+async def list_api_tokens(request: web.Request) -> web.Response:
+    """The live tokens of whoever asks (a user's own; the web token's for the web token)."""
+    tokens = await context_of(request).store.list_api_tokens(request.get(ACTING_USER))
+    return web.json_response({"tokens": [api_token_json(t) for t in tokens]})
+
+
+async def create_api_token(request: web.Request) -> web.Response:
+    """``{"name": "..."}`` → a new token acting as whoever asks, shown this once only."""
+    ctx = context_of(request)
+    body = await read_json_object(request)
+    unknown = set(body) - {"name"}
+    if unknown:
+        raise web.HTTPBadRequest(text=f"unknown fields: {', '.join(sorted(unknown))}")
+    name = body.get("name")
+    if (
+        not isinstance(name, str)
+        or not name.strip()
+        or len(name) > API_TOKEN_NAME_LIMIT
+        or not name.isprintable()
+    ):
+        raise web.HTTPBadRequest(
+            text=f'"name" must be printable text of 1 to {API_TOKEN_NAME_LIMIT} characters'
+        )
+    user_id = request.get(ACTING_USER)
+    if len(await ctx.store.list_api_tokens(user_id)) >= API_TOKENS_PER_USER:
+        return json_error(409, "too_many_tokens", f"at most {API_TOKENS_PER_USER} live tokens")
+    token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    made = await ctx.store.create_api_token(api_token_hash(token), user_id, name.strip())
+    logger.bind(peer=request.remote, user=user_id, token=made.token_hash[:SESSION_ID_LENGTH]).info(
+        "API token created"
+    )
+    response = web.json_response({**api_token_json(made), "token": token}, status=201)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def revoke_api_token(request: web.Request) -> web.Response:
+    """Revoke one of the asker's tokens by its id; another's answers 404 like none."""
+    token_id = request.match_info["id"]
+    user_id = request.get(ACTING_USER)
+    valid = len(token_id) == SESSION_ID_LENGTH and all(c in "0123456789abcdef" for c in token_id)
+    if not valid or not await context_of(request).store.revoke_api_token(token_id, user_id):
+        raise web.HTTPNotFound(text=f"no token {token_id[: SESSION_ID_LENGTH * 2]}")
+    logger.bind(peer=request.remote, user=user_id, token=token_id).info("API token revoked")
+    return web.json_response({"revoked": token_id})
+
+
 async def _report_refusals(app: web.Application) -> None:
     app[LOGIN_GUARD].refused.close()
 
@@ -558,3 +659,6 @@ def setup(app: web.Application) -> None:
     app.router.add_post(SIGN_IN_PATH, sign_in)
     app.router.add_get("/api/sessions", list_sessions)
     app.router.add_post("/api/sessions/revoke-all", revoke_all_sessions)
+    app.router.add_get("/api/tokens", list_api_tokens)
+    app.router.add_post("/api/tokens", create_api_token)
+    app.router.add_delete("/api/tokens/{id}", revoke_api_token)
