@@ -204,3 +204,36 @@ async def test_quotas_refuse_a_users_new_job_in_chat_and_on_the_api(
         [answer] = await relay.chat(ADMIN).say(link)
         assert "quota" not in answer.text
         assert len(await relay.downloads()) == 2
+
+
+async def test_a_personal_token_is_shown_once_acts_as_its_user_and_can_be_revoked(
+    web: Web,
+) -> None:
+    mine, theirs = await web.sign_in(USER), await web.sign_in(OTHER)
+    own = await web.add(mine, "mine.bin")
+    other = await web.add(theirs, "theirs.bin")
+    status, made, _ = await web.call("POST", "/api/tokens", mine, json={"name": "phone"})
+    assert status == 201 and made["name"] == "phone" and made["token"].startswith("mrt_")
+    bearer = {"Authorization": f"Bearer {made['token']}"}
+    # Listed without the token; the store keeps only its hash.
+    status, listed, _ = await web.call("GET", "/api/tokens", mine)
+    assert listed["tokens"] == [
+        {k: v for k, v in made.items() if k != "token"} | {"last_used_at": None}
+    ]
+    [kept] = await web.relay.db.list_api_tokens(USER)
+    assert made["token"] not in kept and kept.user_id == USER
+    # It sees what its user sees: their own job, 404 for another's, 403 for admin routes.
+    status, body, _ = await web.call("GET", "/api/downloads", bearer)
+    assert status == 200 and [d["id"] for d in body["downloads"]] == [own]
+    assert (await web.call("GET", f"/api/downloads/{other}", bearer))[0] == 404
+    assert (await web.call("GET", "/api/config", bearer))[0] == 403
+    # Another user can neither list nor revoke it.
+    assert (await web.call("GET", "/api/tokens", theirs))[1] == {"tokens": []}
+    assert (await web.call("DELETE", f"/api/tokens/{made['id']}", theirs, json={}))[0] == 404
+    assert (await web.call("DELETE", "/api/tokens/not-an-id", mine, json={}))[0] == 404
+    status, body, _ = await web.call("DELETE", f"/api/tokens/{made['id']}", mine, json={})
+    assert (status, body) == (200, {"revoked": made["id"]})
+    assert (await web.call("GET", "/api/downloads", bearer))[0] == 401
+    # A name that is not printable text is refused, saying so.
+    status, body, _ = await web.call("POST", "/api/tokens", mine, json={"name": "a\nb"})
+    assert status == 400 and "printable" in body["detail"]
