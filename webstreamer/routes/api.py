@@ -196,9 +196,16 @@ async def add_torrent(request: web.Request) -> web.Response:
                 text='multipart field "targets" must be a JSON list of target names'
             ) from None
     targets = targets_request(fields, [t.name for t in ctx.config.upload.targets])
-    row = await ctx.downloads.add_torrent(
-        data, requester_of(request), archive=archive, targets=targets
-    )
+    try:
+        row = await ctx.downloads.add_torrent(
+            data, requester_of(request), archive=archive, targets=targets
+        )
+    except DuplicateDownload as exc:
+        existing = await ctx.store.get_download_by_id(exc.existing_id)
+        if existing is not None and may_see(viewer_of(request), existing.owner_id):
+            raise
+        # Another user's job is not named: only that the torrent is taken.
+        return json_error(409, "duplicate", {"existing_id": None, "message": "already a job"})
     return web.json_response({"downloads": [download_json(ctx.links, row, [])]}, status=201)
 
 

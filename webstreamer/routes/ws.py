@@ -113,6 +113,7 @@ class ClientConnection:
         self.log = logger.bind(ws=number, peer=request.remote)
         self.viewer = viewer_of(request)  # None: every event; else only this user's jobs
         self.store = context_of(request).store
+        self.config = lambda: context_of(request).config
         self.owned: set[int] = set()  # this user's jobs seen so far (for uploads and removals)
 
     async def visible(self, event: Event) -> bool:
@@ -193,8 +194,16 @@ class ClientConnection:
             except DRIVER_ERRORS as exc:  # the store is away for now: look again later
                 self.log.debug("session check failed: {}", exc)
                 continue
+            if live is not None and live.user_id is not None:
+                # Its user's role changed (struck off, made or unmade admin): what this socket
+                # may see changed too, so it ends; the page connects again if it still may.
+                telegram = self.config().telegram
+                admin = live.user_id in telegram.admins
+                allowed = live.user_id in telegram.allowed_users
+                if admin != (self.viewer is None) or not (admin or allowed):
+                    live = None
             if live is None:
-                self.log.info("WebSocket closed: its session has ended")
+                self.log.info("WebSocket closed: its session has ended or its user's role changed")
                 self.subscription.close()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
