@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from configer import ConfigError, Quotas, load_config
 from tests.support.processes import free_port
 from tests.support.sessions import cookie_header
 from tests.support.torrents import make_torrent
@@ -237,3 +238,28 @@ async def test_a_personal_token_is_shown_once_acts_as_its_user_and_can_be_revoke
     # A name that is not printable text is refused, saying so.
     status, body, _ = await web.call("POST", "/api/tokens", mine, json={"name": "a\nb"})
     assert status == 400 and "printable" in body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("quotas", "problem"),
+    [
+        ({"active_jobs": -1}, "telegram.quotas.active_jobs: must be an integer"),
+        ({"bytes_per_day": "lots"}, "telegram.quotas.bytes_per_day: must be a size"),
+        ({"jobs": 3}, "telegram.quotas.jobs: 'jobs' is no quota"),
+        ([3], "telegram.quotas: must be a mapping"),
+    ],
+)
+def test_bad_quotas_are_refused_naming_the_key(
+    tmp_path: Path, quotas: object, problem: str
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps({"telegram": {"quotas": quotas}}))
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, env={})
+    assert problem in str(refused.value)
+
+
+def test_quotas_are_read_with_sizes(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps({"telegram": {"quotas": {"bytes_per_day": "2GiB"}}}))
+    assert load_config(path, env={}).telegram.quotas == Quotas(0, 2 * 1024**3)
