@@ -28,6 +28,7 @@ from tests.test_bot import (  # noqa: F401
     relay_factory,
     telegram_section,
 )
+from tests.test_browser import CHROMIUM, chromium
 from tests.test_web_page import session_cookie_from
 from webstreamer.signing import SESSION_COOKIE
 
@@ -263,3 +264,32 @@ def test_quotas_are_read_with_sizes(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps({"telegram": {"quotas": {"bytes_per_day": "2GiB"}}}))
     assert load_config(path, env={}).telegram.quotas == Quotas(0, 2 * 1024**3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+async def test_a_user_opens_the_link_in_a_browser_and_sees_only_their_jobs(
+    web: Web, tmp_path: Path
+) -> None:
+    mine, theirs = await web.sign_in(USER), await web.sign_in(OTHER)
+    own = await web.add(mine, "mine.bin")
+    other = await web.add(theirs, "theirs.bin")
+    link = await web.link_of(USER)
+    async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
+        await page.send("Page.navigate", {"url": link})
+        await page.wait_for("!!document.querySelector('form button')", 20, "the link's page")
+        await page.evaluate("document.querySelector('form button').click()")
+        await page.wait_for(
+            "document.getElementById('conn').dataset.state === 'live'"
+            " && document.body.dataset.synced === '1'",
+            20,
+            "the live dashboard",
+        )
+        await page.wait_for(
+            f"!!document.querySelector('[data-download-id=\"{own}\"]')", 20, "the user's job"
+        )
+        shown = await page.evaluate(
+            "[...document.querySelectorAll('[data-download-id]')]"
+            ".map(e => Number(e.dataset.downloadId))"
+        )
+    assert own in shown and other not in shown
