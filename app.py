@@ -358,6 +358,7 @@ class Service:
             on_completed=[media.on_download_completed, uploads.on_download_completed],
             on_removed=[uploads.on_download_removed],
             admins=lambda: self.config.telegram.admins,
+            quotas=lambda: self.config.telegram.quotas,
             placement=(
                 Placement(
                     cluster.node_name,

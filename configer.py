@@ -109,6 +109,7 @@ LIVE_KEYS: frozenset[str] = frozenset(
     {
         "telegram.admins",
         "telegram.allowed_users",
+        "telegram.quotas",
         "aria2.poll_interval",
         "telegram.progress_interval",
         "telegram.language",
@@ -184,12 +185,22 @@ DEFAULT_BLOCKED_NETWORKS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
+class Quotas:
+    """What one allowed user (not an admin) may have at once: jobs not yet finished, and bytes
+    of jobs added in the last 24 hours. 0 = no cap."""
+
+    active_jobs: int = 0
+    bytes_per_day: int = 0
+
+
+@dataclass(frozen=True)
 class TelegramConfig:
     api_id: int = 0
     api_hash: str = field(default="", repr=False)  # secrets: never in a repr or a traceback
     bot_token: str = field(default="", repr=False)
     admins: tuple[int, ...] = ()
     allowed_users: tuple[int, ...] = ()
+    quotas: Quotas = Quotas()  # per allowed user, in chat, on the page and the API alike
     parts_in_flight: int = 4  # upload.GetFile parts fetched ahead while streaming
     # More bots whose sessions share the parts of Telegram streams; secrets, like bot_token.
     worker_bot_tokens: tuple[str, ...] = field(default=(), repr=False)
@@ -1133,6 +1144,30 @@ def _aria2_options(value: Any, ctx: _Context) -> dict[str, str]:
     return options
 
 
+_QUOTA_PARSERS: dict[str, _Parser] = {
+    "active_jobs": _integer(0, 1_000_000, " (0 = no cap)"),
+    "bytes_per_day": _size(0, " (0 = no cap)"),
+}
+
+
+def _quotas(value: Any, ctx: _Context) -> Quotas:
+    if ctx.from_env and isinstance(value, str):
+        value = _json(value, "an object of quotas") if value.strip() else {}
+    if not isinstance(value, dict):
+        raise _Invalid(f"must be a mapping with {' and/or '.join(_QUOTA_PARSERS)}", value)
+    found: dict[str, int] = {}
+    for name, raw in value.items():
+        parser = _QUOTA_PARSERS.get(name) if isinstance(name, str) else None
+        if parser is None:
+            known = ", ".join(_QUOTA_PARSERS)
+            raise _Invalid(f"{_show(name)} is no quota (known: {known})", subkey=f".{name}")
+        try:
+            found[name] = parser(raw, ctx)
+        except _Invalid as exc:
+            raise exc.under(f".{name}") from None
+    return Quotas(**found)
+
+
 _TARGET_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
 _TARGET_KEYS = tuple(f.name for f in dataclasses.fields(UploadTarget))
 _MATCH_KEYS = tuple(f.name for f in dataclasses.fields(UploadMatch))
@@ -1267,6 +1302,7 @@ _PARSERS: dict[str, _Parser] = {
     "telegram.bot_token": _single_token,
     "telegram.admins": _id_list,
     "telegram.allowed_users": _id_list,
+    "telegram.quotas": _quotas,
     "telegram.parts_in_flight": _integer(1, 64),
     "telegram.worker_bot_tokens": _bot_tokens,
     "telegram.storage_channel": _channel_id,

@@ -50,6 +50,7 @@ from events import EventHub, EventKind
 from files import discard
 from records import (
     ARCHIVE_ACTIONS,
+    ApiToken,
     ArchiveOption,
     BotNotice,
     ChangeOutcome,
@@ -80,7 +81,7 @@ from records import (
     WebSession,
 )
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 APPLICATION_ID = 0x4D52_4C59  # "MRLY": marks a file as a MistRelay database
 
 SOURCE_TYPES: tuple[str, ...] = get_args(SourceType)
@@ -810,6 +811,32 @@ async def _schema_11(sql: _Statements, dialect: Dialect) -> None:
     await _run_schema(sql, dialect, _SCHEMA_11)
 
 
+# Schema 12 (per-user sign-in): a session made by a one-time sign-in link carries its Telegram
+# user (NULL: signed in with web.token); each link's nonce is kept once used, so it works once.
+# Personal API tokens are kept by their SHA-256, with the user they act for.
+_SCHEMA_12 = """
+CREATE TABLE api_tokens (
+    token_hash   TEXT PRIMARY KEY,
+    user_id      INTEGER,
+    name         TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    last_used_at TEXT,
+    revoked_at   TEXT
+);
+ALTER TABLE web_sessions ADD COLUMN user_id INTEGER;
+CREATE TABLE web_sign_in_links (
+    nonce       TEXT PRIMARY KEY,
+    user_id     INTEGER NOT NULL,
+    used_at     TEXT NOT NULL,
+    expires_at  TEXT NOT NULL
+)
+"""
+
+
+async def _schema_12(sql: _Statements, dialect: Dialect) -> None:
+    await _run_schema(sql, dialect, _SCHEMA_12)
+
+
 _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     1: _schema_1,
     2: _schema_2,
@@ -822,6 +849,7 @@ _MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
     9: _schema_9,
     10: _schema_10,
     11: _schema_11,
+    12: _schema_12,
 }
 
 # The tables the steps above make, each with its key, in an order their foreign keys allow
@@ -842,6 +870,8 @@ _STORE_TABLES: dict[str, str] = {
     "settings_changes": "id",
     "download_archive_options": "download_id",
     "download_targets": "download_id",
+    "web_sign_in_links": "nonce",
+    "api_tokens": "token_hash",
 }
 # Tables the store keeps from the others' rows (by triggers): never copied, rebuilt by the
 # target's own triggers as the rows above go in.
@@ -1314,6 +1344,7 @@ _DOWNLOAD_COLUMNS = (
 )
 _UPLOAD_COLUMNS = ", ".join(UploadRow._fields)
 _SESSION_COLUMNS = ", ".join(WebSession._fields)
+_API_TOKEN_COLUMNS = ", ".join(ApiToken._fields)
 _SETTINGS_CHANGE_COLUMNS = ", ".join(SettingsChange._fields)
 _SESSION_TOUCH = timedelta(minutes=1)  # how often a session's last use is written at most
 _SLOT_STATUSES = "('pending', 'waiting', 'downloading')"  # the jobs that take a node's slot
@@ -1627,8 +1658,20 @@ class Store(Protocol):
 
     # dashboard sessions and the bot's outbox
     async def create_web_session(
-        self, token_hash: str, expires_at: str, address: str | None, user_agent: str | None
+        self,
+        token_hash: str,
+        expires_at: str,
+        address: str | None,
+        user_agent: str | None,
+        user_id: int | None = None,
     ) -> WebSession: ...
+    async def use_sign_in_link(self, nonce: str, user_id: int, expires_at: str) -> bool: ...
+    async def create_api_token(
+        self, token_hash: str, user_id: int | None, name: str
+    ) -> ApiToken: ...
+    async def use_api_token(self, token_hash: str) -> ApiToken | None: ...
+    async def list_api_tokens(self, user_id: int | None) -> list[ApiToken]: ...
+    async def revoke_api_token(self, id_prefix: str, user_id: int | None) -> bool: ...
     async def use_web_session(self, token_hash: str) -> WebSession | None: ...
     async def revoke_web_session(self, token_hash: str) -> bool: ...
     async def revoke_all_web_sessions(self) -> int: ...
@@ -2244,7 +2287,12 @@ class Database:
             escaped = search.name.translate({92: "\\\\", 37: "\\%", 95: "\\_"})
             where.append("LOWER(file_name) LIKE LOWER(?) ESCAPE '\\'")
             params.append(f"%{escaped}%")
-        for column, value in (("status", search.status), ("source_type", search.source)):
+        filters = (
+            ("status", search.status),
+            ("source_type", search.source),
+            ("owner_id", search.owner_id),
+        )
+        for column, value in filters:
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
@@ -3025,15 +3073,36 @@ class Database:
     # --- dashboard sessions -------------------------------------------------------------------
 
     async def create_web_session(
-        self, token_hash: str, expires_at: str, address: str | None, user_agent: str | None
+        self,
+        token_hash: str,
+        expires_at: str,
+        address: str | None,
+        user_agent: str | None,
+        user_id: int | None = None,
     ) -> WebSession:
+        """A new session; `user_id` for one a sign-in link made (None: the web token's)."""
         now = utc_now()
         async with self._write() as tx:
             await tx.execute(
-                f"INSERT INTO web_sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, NULL, ?, ?)",
-                (token_hash, now, now, expires_at, address, user_agent),
+                f"INSERT INTO web_sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
+                (token_hash, now, now, expires_at, address, user_agent, user_id),
             )
-        return WebSession(token_hash, now, now, expires_at, None, address, user_agent)
+        return WebSession(token_hash, now, now, expires_at, None, address, user_agent, user_id)
+
+    async def use_sign_in_link(self, nonce: str, user_id: int, expires_at: str) -> bool:
+        """Record a one-time sign-in link as used: False when it was used before. Links whose
+        expiry has passed are forgotten here (their signature refuses them anyway)."""
+        now = utc_now()
+        async with self._write() as tx:
+            await tx.execute("DELETE FROM web_sign_in_links WHERE expires_at <= ?", (now,))
+            return (
+                await tx.execute(
+                    "INSERT INTO web_sign_in_links (nonce, user_id, used_at, expires_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (nonce) DO NOTHING",
+                    (nonce, user_id, now, expires_at),
+                )
+                == 1
+            )
 
     async def use_web_session(self, token_hash: str) -> WebSession | None:
         """The session if it is neither revoked nor expired; its last use is recorded at most
@@ -3058,6 +3127,56 @@ class Database:
                 )
             session = session._replace(last_used_at=stamp)
         return session
+
+    async def create_api_token(self, token_hash: str, user_id: int | None, name: str) -> ApiToken:
+        now = utc_now()
+        async with self._write() as tx:
+            await tx.execute(
+                f"INSERT INTO api_tokens ({_API_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, NULL, NULL)",
+                (token_hash, user_id, name, now),
+            )
+        return ApiToken(token_hash, user_id, name, now, None, None)
+
+    async def use_api_token(self, token_hash: str) -> ApiToken | None:
+        """The token if it is not revoked; its last use is recorded at most once a minute."""
+        row = await self._read_one(
+            f"SELECT {_API_TOKEN_COLUMNS} FROM api_tokens WHERE token_hash = ?", (token_hash,)
+        )
+        if row is None or row["revoked_at"] is not None:
+            return None
+        token = ApiToken(*row)
+        now = datetime.now(UTC)
+        used = parse_utc(token.last_used_at) if token.last_used_at else None
+        if used is None or now - used >= _SESSION_TOUCH:
+            stamp = now.isoformat(timespec="milliseconds")
+            async with self._write() as tx:
+                await tx.execute(
+                    "UPDATE api_tokens SET last_used_at = ? WHERE token_hash = ?",
+                    (stamp, token_hash),
+                )
+            token = token._replace(last_used_at=stamp)
+        return token
+
+    async def list_api_tokens(self, user_id: int | None) -> list[ApiToken]:
+        """The live tokens made for `user_id` (None: those made with web.token), newest first."""
+        owner = "user_id IS NULL" if user_id is None else "user_id = ?"
+        rows = await self._read_all(
+            f"SELECT {_API_TOKEN_COLUMNS} FROM api_tokens"
+            f" WHERE {owner} AND revoked_at IS NULL ORDER BY created_at DESC",
+            () if user_id is None else (user_id,),
+        )
+        return [ApiToken(*row) for row in rows]
+
+    async def revoke_api_token(self, id_prefix: str, user_id: int | None) -> bool:
+        """Revoke the live token of `user_id` whose hash starts with `id_prefix` (hex digits)."""
+        owner = "user_id IS NULL" if user_id is None else "user_id = ?"
+        async with self._write() as tx:
+            changed = await tx.execute(
+                f"UPDATE api_tokens SET revoked_at = ? WHERE {owner}"
+                " AND revoked_at IS NULL AND substr(token_hash, 1, ?) = ?",
+                (utc_now(), *(() if user_id is None else (user_id,)), len(id_prefix), id_prefix),
+            )
+        return changed >= 1
 
     async def revoke_web_session(self, token_hash: str) -> bool:
         async with self._write() as tx:

@@ -198,6 +198,19 @@ class WebSession(NamedTuple):
     revoked_at: str | None
     address: str | None
     user_agent: str | None
+    # The Telegram user a one-time sign-in link made it for (None: signed in with web.token).
+    user_id: int | None = None
+
+
+class ApiToken(NamedTuple):
+    """A personal API token: the store keeps its SHA-256 only (the token is shown once)."""
+
+    token_hash: str
+    user_id: int | None  # the Telegram user it acts for (None: made with web.token)
+    name: str
+    created_at: str
+    last_used_at: str | None
+    revoked_at: str | None
 
 
 class SettingsChange(NamedTuple):
@@ -258,6 +271,7 @@ class DownloadSearch:
     source: str | None = None  # a source type
     target: str | None = None  # an upload target the job has an upload to
     before: int | None = None  # only ids below this one (the next page)
+    owner_id: int | None = None  # only this Telegram user's jobs (a user's own dashboard)
 
 
 # --- repairs (the consistency check) -----------------------------------------------------------

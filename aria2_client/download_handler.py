@@ -13,6 +13,7 @@ import os
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -20,7 +21,7 @@ from loguru import logger
 
 from aria2_client.client import Aria2Client
 from aria2_client.egress import EgressProxy
-from aria2_client.models import PROGRESS_KEYS, Aria2Notification, Aria2Status
+from aria2_client.models import PROGRESS_KEYS, Aria2Notification, Aria2Status, human_size
 from aria2_client.sources import (
     AddressPolicy,
     ParsedLink,
@@ -45,7 +46,7 @@ from aria2_client.sync import (
     too_large_message,
 )
 from aria2_client.transport import Aria2RpcError, Aria2Unavailable
-from configer import DEFAULT_BLOCKED_NETWORKS, ProxyParts
+from configer import DEFAULT_BLOCKED_NETWORKS, ProxyParts, Quotas
 from db import (
     ACTIVE_DOWNLOAD_STATUSES,
     STORE_ERRORS,
@@ -54,6 +55,7 @@ from db import (
     Store,
     StoreError,
     TransitionError,
+    parse_utc,
 )
 from files import DownloadFiles
 from records import (
@@ -84,6 +86,10 @@ class Placement:
 
 class TooLarge(SourceError):
     """The job is larger than `aria2.max_download_size`."""
+
+
+class QuotaExceeded(SourceError):
+    """A user's new job refused: they reached a quota of `telegram.quotas`."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class DownloadManager:
         allow_private_addresses: bool = False,
         blocked_networks: Sequence[str] = DEFAULT_BLOCKED_NETWORKS,
         admins: Callable[[], Collection[int]] = tuple,
+        quotas: Callable[[], Quotas] = Quotas,
         egress: EgressProxy | None = None,
         proxy: ProxyParts | None = None,
         telegram_link: TelegramLinkMaker | None = None,
@@ -137,6 +144,7 @@ class DownloadManager:
         self.allow_private_addresses = allow_private_addresses
         self.policy = AddressPolicy(blocked_networks)
         self.admins = admins
+        self.quotas = quotas
         self.egress = egress
         self.proxy = proxy
         self.telegram_link = telegram_link
@@ -190,11 +198,16 @@ class DownloadManager:
         restricted = self._restricted(requester.owner_id)
         answers: list[DownloadRow | SourceError | DuplicateDownload | None] = []
         accepted: list[tuple[int, NewDownload]] = []
+        room, problem = await self._quota_room(requester.owner_id)
         for url in urls:
             try:
                 link = parse_link(url)
                 if restricted:
                     await ensure_public_host(link, self.policy)
+                if room is not None:
+                    if room <= 0:
+                        raise QuotaExceeded(problem)
+                    room -= 1
             except SourceError as exc:
                 answers.append(exc)
                 continue
@@ -212,6 +225,35 @@ class DownloadManager:
         done = [answer for answer in answers if answer is not None]
         assert len(done) == len(urls)  # every link answered, in its place
         return done
+
+    async def _quota_room(self, owner_id: int | None) -> tuple[int | None, str]:
+        """How many more jobs this owner may add now under `telegram.quotas` (None: no cap),
+        and why none when that is 0. Admins and jobs without an owner have no quota."""
+        quotas = self.quotas()
+        if owner_id is None or owner_id in self.admins():
+            return None, ""
+        if not (quotas.active_jobs or quotas.bytes_per_day):
+            return None, ""
+        rows = await self.store.fetch_recent_downloads(-1, owner_id=owner_id)
+        if quotas.bytes_per_day:
+            since = datetime.now(UTC) - timedelta(days=1)
+            added = sum(
+                row.total_length or 0
+                for row in rows
+                if (created := parse_utc(row.created_at)) is not None and created > since
+            )
+            if added >= quotas.bytes_per_day:
+                return 0, (
+                    f"daily quota reached: your jobs of the last 24 hours hold"
+                    f" {human_size(added)} of {human_size(quotas.bytes_per_day)} allowed"
+                )
+        if not quotas.active_jobs:
+            return None, ""
+        active = sum(row.status in ACTIVE_DOWNLOAD_STATUSES for row in rows)
+        return max(0, quotas.active_jobs - active), (
+            f"quota reached: you have {active} unfinished job(s), at most"
+            f" {quotas.active_jobs} at once; wait for one to finish or cancel one"
+        )
 
     def _restricted(self, owner_id: int | None) -> bool:
         """Whether a job of this owner may reach only addresses outside `aria2.blocked_networks`:
@@ -247,6 +289,9 @@ class DownloadManager:
         """A .torrent → a committed row with its file list, then aria2. Raises SourceError (a bad
         torrent, or more files than `aria2.max_torrent_files`), TooLarge or DuplicateDownload."""
         requester = requester or Requester()
+        room, problem = await self._quota_room(requester.owner_id)
+        if room is not None and room <= 0:
+            raise QuotaExceeded(problem)
         # Reading a torrent of many files takes a second of CPU: not on the event loop.
         meta = await asyncio.to_thread(parse_torrent, data, max_files=self.max_torrent_files)
         self._check_size(meta.total_length)

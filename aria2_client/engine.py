@@ -25,7 +25,7 @@ from aria2_client.poller import Poller
 from aria2_client.process import EmbeddedAria2
 from aria2_client.sources import AddressPolicy
 from aria2_client.transport import Aria2RpcError, Aria2Transport, Aria2Unavailable
-from configer import Aria2Config, proxy_parts
+from configer import Aria2Config, Quotas, proxy_parts
 from db import Store
 from events import EventHub, Subscription
 from files import DownloadFiles
@@ -63,6 +63,7 @@ class Engine:
         placement: Placement | None = None,
         hub: EventHub | None = None,
         admins: Callable[[], Collection[int]] = tuple,
+        quotas: Callable[[], Quotas] = Quotas,
         metrics: Metrics | None = None,
         download_limit: int = 0,
     ) -> None:
@@ -110,6 +111,7 @@ class Engine:
             allow_private_addresses=config.allow_private_addresses,
             blocked_networks=config.blocked_networks,
             admins=admins,
+            quotas=quotas,
             egress=self.egress,
             proxy=proxy,
             telegram_link=telegram_link,

@@ -34,6 +34,7 @@ from bot.text import Language, translate
 from configer import ConfigError
 from db import ACTIVE_DOWNLOAD_STATUSES, NotFound, StoreError, TransitionError
 from records import ARCHIVE_ACTIONS, DownloadRow, UploadRow
+from webstreamer.signing import SIGN_IN_LIFETIME, SIGN_IN_PATH
 
 # (command, arguments shown in /help), in menu order
 COMMANDS: tuple[tuple[str, str], ...] = (
@@ -216,8 +217,15 @@ class Commands:
         caller = await admit(self.context, message)
         if caller is None:
             return
-        address = render.public_address(self.context.config().web.base_url)
-        await reply(self.context, message, translate(caller.lang, "bot.web", url=address))
+        address = render.public_address(self.context.config().web.base_url).rstrip("/")
+        query = self.context.links.signer.sign_in_query(caller.user_id, SIGN_IN_LIFETIME)
+        text = translate(
+            caller.lang,
+            "bot.web",
+            url=f"{address}{SIGN_IN_PATH}?{query}",
+            minutes=SIGN_IN_LIFETIME // 60,
+        )
+        await reply(self.context, message, text)
 
     async def targets(self, _client: Client, message: Message) -> None:
         caller = await admit(self.context, message)

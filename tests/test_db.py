@@ -307,7 +307,11 @@ async def test_a_released_schema_is_migrated_forward_with_its_data(
     await make_old_database(store_backend, version)
     untouched = peek.fetch("SELECT * FROM uploads WHERE id IN (2, 3) ORDER BY id")
     async with store_backend.database() as db:
-        assert await db.schema_version() == SCHEMA_VERSION == 11
+        assert await db.schema_version() == SCHEMA_VERSION == 12
+        # Schema 12 (per-user sign-in): old sessions are the web token's; links work once.
+        assert all(s.user_id is None for s in await db.list_web_sessions())
+        assert await db.use_sign_in_link("n" * 22, 7, "2999-01-01T00:00:00.000+00:00")
+        assert not await db.use_sign_in_link("n" * 22, 7, "2999-01-01T00:00:00.000+00:00")
         # Schema 8 (settings changes): none was recorded yet.
         assert await db.list_settings_changes() == []
         # Schema 9 (archive options): no job asked for an archive step yet.

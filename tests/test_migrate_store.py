@@ -158,6 +158,8 @@ async def fill_store(db: Database, config: Config) -> Filled:
     await db.record_upload_verified(done, 100, "deadbeef")
     await db.mark_upload_completed(done, public_link="https://cloud.example/s/a")
     await db.set_download_targets(http, ["cloud", "backup"])  # chosen when it was added
+    await db.use_sign_in_link("n" * 22, 515_151, "2999-01-01T00:00:00.000+00:00")
+    await db.create_api_token("f" * 64, 515_151, "phone")
     retrying = await db.create_upload(http, "backup", None, 3, ready=True)
     await db.mark_upload_started(retrying, 100)
     await db.schedule_upload_retry(retrying, "network", "timeout", "5", DUE)

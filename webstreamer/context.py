@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from loguru import logger
 
+from aria2_client.download_handler import Requester
 from aria2_client.sources import SourceError
 from configer import Config, ConfigDiff, Secrets
 from db import DuplicateDownload, Store
@@ -52,6 +53,7 @@ class DownloadActions(Protocol):
     async def add_links(
         self,
         urls: Sequence[str],
+        requester: Requester | None = None,
         *,
         archive: ArchiveRequest | None = None,
         targets: Sequence[str] | None = None,
@@ -59,6 +61,7 @@ class DownloadActions(Protocol):
     async def add_torrent(
         self,
         data: bytes,
+        requester: Requester | None = None,
         *,
         archive: ArchiveRequest | None = None,
         targets: Sequence[str] | None = None,
@@ -135,6 +138,20 @@ def context_of(request: web.Request) -> AppContext:
 # The dashboard session a request was signed in with (absent for a bearer token): set by the
 # auth middleware (routes/auth.py).
 SESSION: web.RequestKey[WebSession] = web.RequestKey("session", WebSession)
+# The Telegram user a request acts for when it may see only that user's jobs; absent for the
+# web token and for admins, who see everything.
+VIEWER: web.RequestKey[int] = web.RequestKey("viewer", int)
+
+
+def viewer_of(request: web.Request) -> int | None:
+    """The user whose jobs alone this request may see, or None (it sees every job)."""
+    return request.get(VIEWER)
+
+
+def may_see(viewer: int | None, owner_id: int | None) -> bool:
+    """Whether a job owned by `owner_id` is visible to `viewer` (None sees every job)."""
+    return viewer is None or owner_id == viewer
+
 
 # The Prometheus scrape: credentials as for the API, or web.metrics_token (routes/metrics.py).
 METRICS_PATH = "/metrics"

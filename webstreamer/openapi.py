@@ -1116,6 +1116,116 @@ OPERATIONS: tuple[Operation, ...] = (
         },
     ),
     Operation(
+        "GET",
+        "/api/tokens",
+        "Your live personal API tokens (never a token)",
+        "sessions",
+        {
+            "200": _response(
+                "the tokens",
+                {
+                    "type": "object",
+                    "properties": {
+                        "tokens": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "id": STR,
+                                    "name": STR,
+                                    "created_at": STR,
+                                    "last_used_at": {"type": ["string", "null"]},
+                                },
+                            },
+                        }
+                    },
+                },
+            ),
+            **STORE_AWAY,
+        },
+    ),
+    Operation(
+        "POST",
+        "/api/tokens",
+        "A new personal API token acting as you; the token is in this answer only",
+        "sessions",
+        {
+            "201": _response(
+                "the token: send it as Authorization: Bearer",
+                {"type": "object", "properties": {"id": STR, "name": STR, "token": STR}},
+            ),
+            "400": _error("the name is missing, too long or not printable"),
+            "409": _error("too many live tokens"),
+            **STORE_AWAY,
+        },
+        body={
+            "required": True,
+            "content": {JSON_TYPE: {"schema": {"type": "object", "properties": {"name": STR}}}},
+        },
+    ),
+    Operation(
+        "DELETE",
+        "/api/tokens/{id}",
+        "Revoke one of your personal API tokens",
+        "sessions",
+        {
+            "200": _response("revoked", {"type": "object", "properties": {"revoked": STR}}),
+            "404": _error("no such token of yours"),
+            **STORE_AWAY,
+        },
+        parameters=(path_param("id", "the token's id", STR),),
+    ),
+    Operation(
+        "GET",
+        "/signin",
+        "A one-time sign-in link from the bot's /web: checked (not used) and answered with a"
+        " button that uses it",
+        "sessions",
+        {
+            "200": _html("the page with the button"),
+            "403": _response("the link is incomplete, forged or expired", STR, "text/plain"),
+            "429": _response("too many failed sign-ins from this address", STR, "text/plain"),
+        },
+        security=PUBLIC,
+        parameters=tuple(
+            query_param(name, STR, description)
+            for name, description in (
+                ("user", "the Telegram user id"),
+                ("nonce", "the link's random nonce"),
+                ("exp", "its expiry (Unix seconds)"),
+                ("sig", "its signature"),
+            )
+        ),
+    ),
+    Operation(
+        "POST",
+        "/signin",
+        "Use a one-time sign-in link: a session cookie scoped to that user's own jobs (an"
+        " admin's sees every job); the link never works again",
+        "sessions",
+        {
+            "303": _response("signed in; the cookie is set, on to /"),
+            "403": _response(
+                "the link is forged, expired, used already or its user no longer allowed",
+                STR,
+                "text/plain",
+            ),
+            "429": _response("too many failed sign-ins from this address", STR, "text/plain"),
+        },
+        security=PUBLIC,
+        body={
+            "required": True,
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"user": STR, "nonce": STR, "exp": STR, "sig": STR},
+                    }
+                }
+            },
+        },
+    ),
+    Operation(
         "POST",
         "/logout",
         "End this browser's session (the cookie is cleared)",

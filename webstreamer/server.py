@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 from loguru import logger
 
+from aria2_client.download_handler import QuotaExceeded
 from aria2_client.sources import SourceError
 from cluster import HolderError
 from db import DRIVER_ERRORS, DuplicateDownload, NotFound, StoreError, TransitionError
@@ -56,6 +57,8 @@ async def error_middleware(
         )
     except NotFound as exc:
         return json_error(404, "not_found", str(exc))
+    except QuotaExceeded as exc:
+        return json_error(429, "quota_exceeded", str(exc))
     except SourceError as exc:
         return json_error(400, "bad_source", str(exc))
     except StoreError as exc:

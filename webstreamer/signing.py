@@ -15,6 +15,9 @@ from urllib.parse import quote
 SESSION_COOKIE = "mistrelay_session"
 SESSION_LIFETIME = 30 * 24 * 3600
 _SESSION_SECRET = re.compile(r"[A-Za-z0-9_-]{43}")  # 32 random bytes, URL-safe base64
+_NONCE = re.compile(r"[A-Za-z0-9_-]{22}")  # a sign-in link's 16 random bytes
+SIGN_IN_LIFETIME = 10 * 60  # seconds a one-time sign-in link works
+SIGN_IN_PATH = "/signin"  # where a sign-in link leads
 
 
 _BLOCK = hashlib.sha256().block_size
@@ -44,10 +47,39 @@ class LinkSigner:
         object.__setattr__(self, "_pads", (inner, outer))
 
     def _mac(self, scope: str, download_id: int, index: int, expires: int) -> str:
+        return self._mac_text(f"{scope}:{download_id}:{index}:{expires}")
+
+    def _mac_text(self, text: str) -> str:
         inner, outer = self._pads[0].copy(), self._pads[1].copy()
-        inner.update(f"{scope}:{download_id}:{index}:{expires}".encode())
+        inner.update(text.encode())
         outer.update(inner.digest())
         return _b64(outer.digest())
+
+    def sign_in_query(self, user_id: int, lifetime: int, *, now: float | None = None) -> str:
+        """The query of a one-time sign-in link for Telegram user `user_id`: a fresh nonce
+        (the store records it once used), the expiry and their signature."""
+        nonce = secrets.token_urlsafe(16)
+        expires = int((now or time.time()) + lifetime)
+        sig = self._mac_text(f"sign-in:{user_id}:{nonce}:{expires}")
+        return f"user={user_id}&nonce={nonce}&exp={expires}&sig={sig}"
+
+    def verify_sign_in(
+        self, user: str | None, nonce: str | None, exp: str | None, sig: str | None
+    ) -> tuple[int, str, int] | str:
+        """(user id, nonce, expiry) of a good sign-in link, else why it is refused."""
+        if not (user and nonce and exp and sig):
+            return "incomplete sign-in link"
+        if not (user.isascii() and nonce.isascii() and exp.isascii() and sig.isascii()):
+            return "malformed sign-in link (not ASCII)"
+        if not (_NONCE.fullmatch(nonce) and user.isdigit() and exp.isdigit()):
+            return "malformed sign-in link"
+        if len(user) > 20 or len(exp) > 12:
+            return "malformed sign-in link"
+        if not hmac.compare_digest(sig, self._mac_text(f"sign-in:{user}:{nonce}:{exp}")):
+            return "forged sign-in link"
+        if int(exp) < time.time():
+            return "expired sign-in link"
+        return int(user), nonce, int(exp)
 
     def query(
         self,

@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from loguru import logger
 
+from aria2_client.download_handler import Requester
 from aria2_client.sources import SourceError, parse_link
 from cluster import HolderError
 from configer import ConfigError, mask_url_passwords, masked_settings, parse_setting
@@ -22,6 +23,7 @@ from webstreamer.context import (
     flat_cursor,
     json_error,
     list_cursor,
+    may_see,
     path_id,
     query_bool,
     query_choice,
@@ -29,6 +31,7 @@ from webstreamer.context import (
     query_flat_cursor,
     query_int,
     read_json_object,
+    viewer_of,
 )
 from webstreamer.views import download_json, file_json
 
@@ -52,8 +55,25 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+async def owned_download(request: web.Request, download_id: int) -> DownloadRow:
+    """The job, if this request may see it; else 404, the same as for no job (an id of another
+    user's job tells nothing)."""
+    row = await context_of(request).store.get_download_by_id(download_id)
+    viewer = viewer_of(request)
+    if row is None or (viewer is not None and row.owner_id != viewer):
+        raise web.HTTPNotFound(text=f"no download {download_id}")
+    return row
+
+
+def requester_of(request: web.Request) -> Requester | None:
+    """Whose job an addition is: a user's session's user, else no one (the web token's)."""
+    viewer = viewer_of(request)
+    return None if viewer is None else Requester(owner_id=viewer)
+
+
 async def add_downloads(request: web.Request) -> web.Response:
     ctx = context_of(request)
+    viewer = viewer_of(request)
     body = await read_json_object(request)
     unknown = set(body) - {"url", "urls", "archive", "archive_password", "targets"}
     if unknown:
@@ -82,12 +102,22 @@ async def add_downloads(request: web.Request) -> web.Response:
     added: list[DownloadRow] = []
     duplicates: list[dict[str, Any]] = []
     for url, outcome in zip(
-        urls, await ctx.downloads.add_links(urls, archive=archive, targets=targets), strict=True
+        urls,
+        await ctx.downloads.add_links(
+            urls, requester_of(request), archive=archive, targets=targets
+        ),
+        strict=True,
     ):
         if isinstance(outcome, DuplicateDownload):
             # The answer names the link as the page shows it: its password masked.
+            # Another user's job is not named: only that the link is taken.
+            existing = await ctx.store.get_download_by_id(outcome.existing_id)
+            seen = existing is not None and may_see(viewer, existing.owner_id)
             duplicates.append(
-                {"url": mask_url_passwords(url)[:200], "existing_id": outcome.existing_id}
+                {
+                    "url": mask_url_passwords(url)[:200],
+                    "existing_id": outcome.existing_id if seen else None,
+                }
             )
         elif isinstance(outcome, SourceError):
             raise outcome  # checked above: only a refusal of this server's policy is left
@@ -173,7 +203,16 @@ async def add_torrent(request: web.Request) -> web.Response:
                 text='multipart field "targets" must be a JSON list of target names'
             ) from None
     targets = targets_request(fields, [t.name for t in ctx.config.upload.targets])
-    row = await ctx.downloads.add_torrent(data, archive=archive, targets=targets)
+    try:
+        row = await ctx.downloads.add_torrent(
+            data, requester_of(request), archive=archive, targets=targets
+        )
+    except DuplicateDownload as exc:
+        existing = await ctx.store.get_download_by_id(exc.existing_id)
+        if existing is not None and may_see(viewer_of(request), existing.owner_id):
+            raise
+        # Another user's job is not named: only that the torrent is taken.
+        return json_error(409, "duplicate", {"existing_id": None, "message": "already a job"})
     return web.json_response({"downloads": [download_json(ctx.links, row, [])]}, status=201)
 
 
@@ -181,13 +220,18 @@ async def list_downloads(request: web.Request) -> web.Response:
     ctx = context_of(request)
     limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
     status = query_choice(request, "status", DOWNLOAD_STATUSES)
+    viewer = viewer_of(request)
     if query_bool(request, "grouped"):
         before = query_cursor(request, status)
         groups = await ctx.store.fetch_downloads_grouped(limit, status=status, before=before)
-        ids = [d.id for g in groups for d in g.downloads]
-        uploads = await ctx.store.get_uploads_for_downloads(ids)
         # A full page may have a next one: it starts below this page's last group's newest.
         last = max(d.id for d in groups[-1].downloads) if len(groups) == limit else None
+        if viewer is not None:  # a user's page holds only their jobs (it may come out short)
+            for group in groups:
+                group.downloads[:] = [d for d in group.downloads if d.owner_id == viewer]
+            groups = [g for g in groups if g.downloads]
+        ids = [d.id for g in groups for d in g.downloads]
+        uploads = await ctx.store.get_uploads_for_downloads(ids)
         return web.json_response(
             {
                 "next_cursor": None if last is None else list_cursor(status, last),
@@ -209,9 +253,9 @@ async def list_downloads(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text=f"q must be at most {MAX_QUERY_LENGTH} characters")
     source = query_choice(request, "source", SOURCE_TYPES)
     target = query_choice(request, "target", [t.name for t in ctx.config.upload.targets])
-    filters = (name, status, source, target)
+    filters = (name, status, source, target, None if viewer is None else str(viewer))
     before = query_flat_cursor(request, filters)
-    search = DownloadSearch(name, status, source, target, before)
+    search = DownloadSearch(name, status, source, target, before, owner_id=viewer)
     rows = await ctx.store.search_downloads(limit, search)
     uploads = await ctx.store.get_uploads_for_downloads([r.id for r in rows])
     # A full page may have a next one: it starts below this page's last (oldest) row.
@@ -281,9 +325,7 @@ async def bulk_action(request: web.Request) -> web.Response:
 async def get_download(request: web.Request) -> web.Response:
     ctx = context_of(request)
     download_id = path_id(request)
-    row = await ctx.store.get_download_by_id(download_id)
-    if row is None:
-        raise web.HTTPNotFound(text=f"no download {download_id}")
+    row = await owned_download(request, download_id)
     uploads = await ctx.store.get_uploads_by_download(download_id)
     history = await ctx.store.get_status_history("download", download_id)
     return web.json_response(download_json(ctx.links, row, uploads, history))
@@ -296,9 +338,7 @@ async def download_files(request: web.Request) -> web.Response:
     download_id = path_id(request)
     offset = query_int(request, "offset", 0, 0, 2**31 - 1)
     limit = query_int(request, "limit", 100, 1, MAX_FILES_PER_PAGE)
-    row = await ctx.store.get_download_by_id(download_id)
-    if row is None:
-        raise web.HTTPNotFound(text=f"no download {download_id}")
+    row = await owned_download(request, download_id)
     page = row.files[offset : offset + limit]
     return web.json_response(
         {
@@ -316,6 +356,7 @@ async def select_download_files(request: web.Request) -> web.Response:
     file list."""
     ctx = context_of(request)
     download_id = path_id(request)
+    await owned_download(request, download_id)
     body = await read_json_object(request)
     unknown = set(body) - {"select"}
     if unknown:
@@ -347,6 +388,7 @@ async def select_download_files(request: web.Request) -> web.Response:
 async def act_on_download(request: web.Request) -> web.Response:
     ctx = context_of(request)
     download_id = path_id(request)
+    await owned_download(request, download_id)
     action = request.match_info["action"]
     manager = ctx.downloads
     operations = {
@@ -364,6 +406,7 @@ async def change_download(request: web.Request) -> web.Response:
     """Change a job's options: ``{"max_download_limit": "1MiB"}`` (bytes a second, 0 = none)."""
     ctx = context_of(request)
     download_id = path_id(request)
+    await owned_download(request, download_id)
     body = await read_json_object(request)
     unknown = set(body) - {"max_download_limit"}
     if unknown:
@@ -381,6 +424,7 @@ async def change_download(request: web.Request) -> web.Response:
 async def delete_download(request: web.Request) -> web.Response:
     ctx = context_of(request)
     download_id = path_id(request)
+    await owned_download(request, download_id)
     delete_file = query_bool(request, "delete_file")
     row = await ctx.downloads.delete(download_id, delete_file=delete_file)
     return web.json_response({"deleted": row.id, "file_deleted": delete_file})

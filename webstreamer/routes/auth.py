@@ -6,6 +6,13 @@ with that token (`POST /login`). The cookie holds only a random secret; the stor
 every node of a cluster accepts it, `POST /logout` ends it, `POST /api/sessions/revoke-all` ends
 every session and `GET /api/sessions` lists the live ones (never a secret).
 
+Users: the bot's `/web` gives a Telegram user a one-time sign-in link (`/signin`, HMAC-signed
+with the link key, ten minutes, its nonce recorded once used). Its session, and a personal API
+token (`/api/tokens`: made by whoever is signed in, acting as them, kept as a SHA-256, shown
+once), act for that user: an admin (telegram.admins) sees everything, an allowed user only their
+own jobs (others' answer 404) and only the routes in `USER_ROUTES` (others 403); a user no
+longer listed is refused. The web token, its sessions and its tokens see everything.
+
 Forgery: a browser sends the cookie with a request that another site's page makes too. So a
 request signed in by the cookie that may change something (POST, PUT, PATCH, DELETE) must have a
 JSON body type (multipart only for the torrent upload), which no plain form or no-cors fetch can
@@ -24,8 +31,12 @@ signature instead.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import html
 import math
+import re
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -37,21 +48,25 @@ from urllib.parse import parse_qs, urlsplit
 from aiohttp import web
 from loguru import logger
 
-from records import WebSession
+from configer import TelegramConfig
+from records import ApiToken, WebSession
 from webstreamer.context import (
     METRICS_PATH,
     SESSION,
+    VIEWER,
     WarningSummary,
     client_of,
     context_of,
     index_response,
     json_error,
     parse_json,
+    read_json_object,
 )
 from webstreamer.openapi import DOCS_PATH, OPENAPI_PATH
 from webstreamer.signing import (
     SESSION_COOKIE,
     SESSION_LIFETIME,
+    SIGN_IN_PATH,
     new_session_secret,
     session_key,
 )
@@ -89,9 +104,36 @@ def _bearer(request: web.Request) -> str | None:
 
 @dataclass(frozen=True)
 class Credential:
-    """How a request signed in: a bearer token (`session` None) or a session cookie."""
+    """How a request signed in: a bearer token (`session` None) or a session cookie, and the
+    user whose jobs alone it may see (`viewer`; None: every job)."""
 
     session: WebSession | None
+    viewer: int | None = None
+    user_id: int | None = None  # the Telegram user it acts for (None: web.token's)
+
+
+# The Telegram user a request acts for, when it signed in as one (a link's session, a token).
+ACTING_USER: web.RequestKey[int] = web.RequestKey("acting_user", int)
+API_TOKEN_PREFIX = "mrt_"
+_API_TOKEN = re.compile(r"mrt_[A-Za-z0-9_-]{43}")
+API_TOKEN_NAME_LIMIT = 64  # characters of a token's name
+API_TOKENS_PER_USER = 50
+
+
+def api_token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _as_user(
+    user_id: int, session: WebSession | None, telegram: TelegramConfig
+) -> Credential | None:
+    """A credential of a Telegram user, following telegram.admins and allowed_users live: an
+    admin sees every job, an allowed user their own, anyone else (no longer listed) nothing."""
+    if user_id in telegram.admins:
+        return Credential(session, None, user_id)
+    if user_id in telegram.allowed_users:
+        return Credential(session, user_id, user_id)
+    return None
 
 
 async def authenticate(request: web.Request) -> Credential | None:
@@ -100,6 +142,12 @@ async def authenticate(request: web.Request) -> Credential | None:
     ctx = context_of(request)
     token = ctx.secrets.web_token
     offered = _bearer(request)
+    if offered is not None and _API_TOKEN.fullmatch(offered):
+        found = await ctx.store.use_api_token(api_token_hash(offered))
+        if found is not None:
+            if found.user_id is None:
+                return Credential(None)
+            return _as_user(found.user_id, None, ctx.config.telegram)
     if offered is not None:
         scrape = ctx.config.web.metrics_token if request.path == METRICS_PATH else ""
         valid = (token and _same_text(offered, token)) or (scrape and _same_text(offered, scrape))
@@ -108,7 +156,41 @@ async def authenticate(request: web.Request) -> Credential | None:
     if key is None:
         return None
     session = await ctx.store.use_web_session(key)
-    return Credential(session) if session is not None else None
+    if session is None:
+        return None
+    if session.user_id is None:
+        return Credential(session)
+    return _as_user(session.user_id, session, ctx.config.telegram)
+
+
+# What a user's session (not an admin's) may reach: its own jobs, adding jobs, the WebSocket.
+USER_ROUTES = frozenset(
+    {
+        ("GET", "/api/downloads"),
+        ("POST", "/api/downloads"),
+        ("POST", "/api/downloads/torrent"),
+        ("GET", "/api/downloads/{id}"),
+        ("DELETE", "/api/downloads/{id}"),
+        ("PATCH", "/api/downloads/{id}"),
+        ("GET", "/api/downloads/{id}/files"),
+        ("PUT", "/api/downloads/{id}/files"),
+        ("POST", "/api/downloads/{id}/{action}"),
+        ("GET", WEBSOCKET_PATH),
+        ("GET", "/api/tokens"),
+        ("POST", "/api/tokens"),
+        ("DELETE", "/api/tokens/{id}"),
+        ("POST", LOGOUT_PATH),
+    }
+)
+
+
+def _user_may(request: web.Request) -> bool:
+    info = request.match_info
+    if info.http_exception is not None:  # no such route: its own 404/405 answers
+        return True
+    canonical = info.route.resource.canonical if info.route.resource is not None else ""
+    canonical = canonical.replace("{action:pause|resume|retry|cancel}", "{action}")
+    return (request.method, canonical) in USER_ROUTES
 
 
 def _endpoint(url: str, scheme: str) -> tuple[str, int] | None:
@@ -183,6 +265,12 @@ async def auth_middleware(
         if problem is not None:
             return json_error(403, "forbidden", problem)
         request[SESSION] = credential.session
+    if credential.viewer is not None:
+        if not _user_may(request):
+            return json_error(403, "forbidden", f"only an admin may use {request.method} {path}")
+        request[VIEWER] = credential.viewer
+    if credential.user_id is not None:
+        request[ACTING_USER] = credential.user_id
     return await handler(request)
 
 
@@ -318,8 +406,17 @@ async def login(request: web.Request) -> web.StreamResponse:
             return json_error(401, "unauthorized", "wrong token")
         return await index_response(401, "failed")
     guard.limiter.succeeded(client)
+    return await _start_session(request, as_json)
+
+
+async def _start_session(
+    request: web.Request, as_json: bool, user_id: int | None = None
+) -> web.StreamResponse:
+    """A new session (for Telegram user `user_id`, or the web token's), its secret in the
+    cookie; the answer goes to the page (a redirect) or is JSON."""
+    ctx = context_of(request)
     secret = new_session_secret()
-    key = session_key(secret, token)
+    key = session_key(secret, ctx.secrets.web_token)
     assert key is not None  # a fresh secret is always well-formed
     expires = datetime.now(UTC) + timedelta(seconds=SESSION_LIFETIME)
     await ctx.store.create_web_session(
@@ -327,6 +424,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         expires.isoformat(timespec="milliseconds"),
         request.remote,
         _printable(request.headers.get("User-Agent"), USER_AGENT_LIMIT),
+        user_id,
     )
     response: web.StreamResponse
     if as_json:
@@ -343,10 +441,99 @@ async def login(request: web.Request) -> web.StreamResponse:
         secure=_is_https(request) or None,
     )
     response.headers["Cache-Control"] = "no-store"
-    logger.bind(peer=request.remote, session=key[:SESSION_ID_LENGTH]).info(
+    logger.bind(peer=request.remote, session=key[:SESSION_ID_LENGTH], user=user_id).info(
         "dashboard session started"
     )
     return response
+
+
+# --- one-time sign-in links (the bot's /web) ----------------------------------------------------
+
+_SIGN_IN_FIELDS = ("user", "nonce", "exp", "sig")
+_SIGN_IN_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<meta name="referrer" content="no-referrer"><title>MistRelay sign-in</title></head>
+<body><form method="post" action="{action}">{fields}
+<button type="submit">Sign in to MistRelay</button></form></body></html>
+"""
+
+
+def _sign_in_refused(request: web.Request, why: str) -> web.Response:
+    guard = request.app[LOGIN_GUARD]
+    client = client_of(request.remote)
+    guard.limiter.failed(client, time.monotonic())
+    guard.refused.add(client)
+    logger.bind(peer=request.remote).info("sign-in link refused: {}", why)
+    return web.Response(
+        status=403, text=f"{why}: ask the bot for a new one with /web", headers=_NO_STORE
+    )
+
+
+_NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+
+
+def _too_many(request: web.Request) -> web.Response | None:
+    ctx = context_of(request)
+    guard = request.app[LOGIN_GUARD]
+    client = client_of(request.remote)
+    wait = guard.limiter.wait(client, ctx.config.web.login_attempts, time.monotonic())
+    if wait <= 0:
+        return None
+    guard.refused.add(client)
+    seconds = max(1, math.ceil(wait))
+    return web.Response(
+        status=429,
+        text=f"too many failed sign-ins from this address; try again in {seconds} s",
+        headers={"Retry-After": str(seconds), **_NO_STORE},
+    )
+
+
+async def sign_in_page(request: web.Request) -> web.Response:
+    """A sign-in link opened: checked (not used up) and answered with a button that uses it, so
+    a link preview that only fetches the page cannot spend it."""
+    refusal = _too_many(request)
+    if refusal is not None:
+        return refusal
+    values = [request.query.get(name) for name in _SIGN_IN_FIELDS]
+    checked = context_of(request).links.signer.verify_sign_in(*values)
+    if isinstance(checked, str):
+        return _sign_in_refused(request, checked)
+    fields = "".join(
+        f'<input type="hidden" name="{name}" value="{html.escape(value or "")}">'
+        for name, value in zip(_SIGN_IN_FIELDS, values, strict=True)
+    )
+    page = _SIGN_IN_PAGE.format(action=SIGN_IN_PATH, fields=fields)
+    return web.Response(text=page, content_type="text/html", headers=_NO_STORE)
+
+
+async def sign_in(request: web.Request) -> web.StreamResponse:
+    """Use a sign-in link (a form post from its page): a good, unexpired, unused link for a user
+    still allowed starts a session for that user; the link never works again."""
+    refusal = _too_many(request)
+    if refusal is not None:
+        return refusal
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != "null" and not _origin_is_ours(request, origin):
+        return _sign_in_refused(request, "the sign-in came from another site")
+    try:
+        body = await _read_small_body(request, LOGIN_BODY_LIMIT)
+        form = parse_qs(body.decode("utf-8"), max_num_fields=10)
+    except (_TooLarge, UnicodeDecodeError, ValueError):
+        return _sign_in_refused(request, "malformed sign-in form")
+    values = [form[name][0] if form.get(name) else None for name in _SIGN_IN_FIELDS]
+    ctx = context_of(request)
+    checked = ctx.links.signer.verify_sign_in(*values)
+    if isinstance(checked, str):
+        return _sign_in_refused(request, checked)
+    user_id, nonce, expires = checked
+    telegram = ctx.config.telegram
+    if user_id not in telegram.admins and user_id not in telegram.allowed_users:
+        return _sign_in_refused(request, "this Telegram user may not use MistRelay")
+    expires_at = datetime.fromtimestamp(expires, UTC).isoformat(timespec="milliseconds")
+    if not await ctx.store.use_sign_in_link(nonce, user_id, expires_at):
+        return _sign_in_refused(request, "this sign-in link was used already")
+    request.app[LOGIN_GUARD].limiter.succeeded(client_of(request.remote))
+    return await _start_session(request, False, user_id)
 
 
 def _signed_out(response: web.StreamResponse) -> web.StreamResponse:
@@ -398,6 +585,66 @@ async def revoke_all_sessions(request: web.Request) -> web.StreamResponse:
     return _signed_out(response) if SESSION in request else response
 
 
+# --- personal API tokens -------------------------------------------------------------------------
+
+
+def api_token_json(token: ApiToken) -> dict[str, Any]:
+    """A token as the API lists it: a short id, never the token or its whole hash."""
+    return {
+        "id": token.token_hash[:SESSION_ID_LENGTH],
+        "name": token.name,
+        "created_at": token.created_at,
+        "last_used_at": token.last_used_at,
+    }
+
+
+async def list_api_tokens(request: web.Request) -> web.Response:
+    """The live tokens of whoever asks (a user's own; the web token's for the web token)."""
+    tokens = await context_of(request).store.list_api_tokens(request.get(ACTING_USER))
+    return web.json_response({"tokens": [api_token_json(t) for t in tokens]})
+
+
+async def create_api_token(request: web.Request) -> web.Response:
+    """``{"name": "..."}`` → a new token acting as whoever asks, shown this once only."""
+    ctx = context_of(request)
+    body = await read_json_object(request)
+    unknown = set(body) - {"name"}
+    if unknown:
+        raise web.HTTPBadRequest(text=f"unknown fields: {', '.join(sorted(unknown))}")
+    name = body.get("name")
+    if (
+        not isinstance(name, str)
+        or not name.strip()
+        or len(name) > API_TOKEN_NAME_LIMIT
+        or not name.isprintable()
+    ):
+        raise web.HTTPBadRequest(
+            text=f'"name" must be printable text of 1 to {API_TOKEN_NAME_LIMIT} characters'
+        )
+    user_id = request.get(ACTING_USER)
+    if len(await ctx.store.list_api_tokens(user_id)) >= API_TOKENS_PER_USER:
+        return json_error(409, "too_many_tokens", f"at most {API_TOKENS_PER_USER} live tokens")
+    token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    made = await ctx.store.create_api_token(api_token_hash(token), user_id, name.strip())
+    logger.bind(peer=request.remote, user=user_id, token=made.token_hash[:SESSION_ID_LENGTH]).info(
+        "API token created"
+    )
+    response = web.json_response({**api_token_json(made), "token": token}, status=201)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def revoke_api_token(request: web.Request) -> web.Response:
+    """Revoke one of the asker's tokens by its id; another's answers 404 like none."""
+    token_id = request.match_info["id"]
+    user_id = request.get(ACTING_USER)
+    valid = len(token_id) == SESSION_ID_LENGTH and all(c in "0123456789abcdef" for c in token_id)
+    if not valid or not await context_of(request).store.revoke_api_token(token_id, user_id):
+        raise web.HTTPNotFound(text=f"no token {token_id[: SESSION_ID_LENGTH * 2]}")
+    logger.bind(peer=request.remote, user=user_id, token=token_id).info("API token revoked")
+    return web.json_response({"revoked": token_id})
+
+
 async def _report_refusals(app: web.Application) -> None:
     app[LOGIN_GUARD].refused.close()
 
@@ -408,5 +655,10 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/login", login_page)
     app.router.add_post("/login", login)
     app.router.add_post(LOGOUT_PATH, logout)
+    app.router.add_get(SIGN_IN_PATH, sign_in_page)
+    app.router.add_post(SIGN_IN_PATH, sign_in)
     app.router.add_get("/api/sessions", list_sessions)
     app.router.add_post("/api/sessions/revoke-all", revoke_all_sessions)
+    app.router.add_get("/api/tokens", list_api_tokens)
+    app.router.add_post("/api/tokens", create_api_token)
+    app.router.add_delete("/api/tokens/{id}", revoke_api_token)

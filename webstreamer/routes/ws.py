@@ -31,8 +31,8 @@ from loguru import logger
 
 from db import DRIVER_ERRORS, Store
 from events import Event, Subscription, SubscriptionClosed
-from records import Statistics, WebSession
-from webstreamer.context import CONTEXT, SESSION, context_of, json_error
+from records import DownloadRemoved, DownloadSnapshot, Statistics, UploadRow, WebSession
+from webstreamer.context import CONTEXT, SESSION, context_of, json_error, viewer_of
 from webstreamer.links import StreamLinks
 from webstreamer.views import event_json
 
@@ -111,6 +111,39 @@ class ClientConnection:
         self.sending_since: float | None = None
         self._transport = request.transport
         self.log = logger.bind(ws=number, peer=request.remote)
+        self.viewer = viewer_of(request)  # None: every event; else only this user's jobs
+        self.store = context_of(request).store
+        self.config = lambda: context_of(request).config
+        self.owned: set[int] = set()  # this user's jobs seen so far (for uploads and removals)
+
+    async def visible(self, event: Event) -> bool:
+        """Whether this client's user may see `event`: a user sees their own jobs, their
+        uploads and removals, never another's and never the totals of everyone's."""
+        viewer = self.viewer
+        if viewer is None:
+            return True
+        data = event.data
+        if isinstance(data, DownloadSnapshot):
+            if data.row.owner_id == viewer:
+                self.owned.add(data.row.id)
+                return True
+            return False
+        if isinstance(data, DownloadRemoved):
+            if data.download_id is None:
+                return True
+            if data.download_id in self.owned:
+                self.owned.discard(data.download_id)
+                return True
+            return False
+        if isinstance(data, UploadRow):
+            if data.download_id in self.owned:
+                return True
+            row = await self.store.get_download_by_id(data.download_id)
+            if row is not None and row.owner_id == viewer:
+                self.owned.add(row.id)
+                return True
+            return False
+        return False
 
     async def send(self, kind: str, data_json: str) -> bool:
         """Send one message (`data_json` already encoded); False once the socket is gone."""
@@ -161,8 +194,16 @@ class ClientConnection:
             except DRIVER_ERRORS as exc:  # the store is away for now: look again later
                 self.log.debug("session check failed: {}", exc)
                 continue
+            if live is not None and live.user_id is not None:
+                # Its user's role changed (struck off, made or unmade admin): what this socket
+                # may see changed too, so it ends; the page connects again if it still may.
+                telegram = self.config().telegram
+                admin = live.user_id in telegram.admins
+                allowed = live.user_id in telegram.allowed_users
+                if admin != (self.viewer is None) or not (admin or allowed):
+                    live = None
             if live is None:
-                self.log.info("WebSocket closed: its session has ended")
+                self.log.info("WebSocket closed: its session has ended or its user's role changed")
                 self.subscription.close()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
@@ -181,6 +222,13 @@ class ClientConnection:
             if self.subscription.dropped:
                 self.cut_off(f"more than {self.settings.queue_size} updates behind")
                 return
+            try:
+                shown = await self.visible(event)
+            except DRIVER_ERRORS as exc:  # cannot tell whose it is: not sent
+                self.log.debug("owner of an update unknown: {}", exc)
+                shown = False
+            if not shown:
+                continue
             if not await self.send(message_type(event.kind), encoded_data(event, self.links)):
                 return
         if self.subscription.dropped:
@@ -232,6 +280,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             ctx.metrics.websocket_client_dropped,
         )
         connection.log.debug("WebSocket client connected")
+        if connection.viewer is not None:  # everyone's totals are for admins
+            statistics = None
         hello = {"statistics": statistics, "version": ctx.version, "server_time": time.time()}
         if not await connection.send("hello", encode_json(hello)):
             return ws

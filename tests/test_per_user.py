@@ -1,0 +1,295 @@
+"""Every allowed Telegram user on the dashboard, seeing only their own jobs: the bot's one-time
+sign-in link (used once, expiring), the API scoped to the user's jobs (others' answer 404), admin
+routes refused, and the WebSocket sending a user nothing of another user's jobs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from configer import ConfigError, Quotas, load_config
+from tests.support.processes import free_port
+from tests.support.sessions import cookie_header
+from tests.support.torrents import make_torrent
+from tests.test_bot import (  # noqa: F401
+    ADMIN,
+    OTHER,
+    USER,
+    Relay,
+    RelayFactory,
+    relay_factory,
+    telegram_section,
+)
+from tests.test_browser import CHROMIUM, chromium
+from tests.test_web_page import session_cookie_from
+from webstreamer.signing import SESSION_COOKIE
+
+LINK = re.compile(r"https?://\S+/signin\?\S+")
+
+
+class _Form(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fields: dict[str, str] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "input" and found.get("type") == "hidden":
+            self.fields[found["name"] or ""] = found["value"] or ""
+
+
+class Web:
+    """The relay's web server, asked without any cookie kept between requests."""
+
+    def __init__(self, relay: Relay, http: aiohttp.ClientSession) -> None:
+        self.relay = relay
+        self.base = relay.running.base_url
+        self.http = http
+
+    async def call(
+        self, method: str, path: str, cookie: dict[str, str] | None = None, **kwargs: Any
+    ) -> tuple[int, Any, aiohttp.ClientResponse]:
+        bearer = {"Authorization": f"Bearer {self.relay.running.token}"}
+        headers = dict(bearer if cookie is None else cookie)
+        if cookie is not None and method != "GET":
+            headers["Origin"] = self.base
+        headers |= kwargs.pop("headers", {})
+        async with self.http.request(
+            method, self.base + path, headers=headers, allow_redirects=False, **kwargs
+        ) as response:
+            body = await response.read()
+            try:
+                return response.status, json.loads(body), response
+            except ValueError:
+                return response.status, body.decode("utf-8", "replace"), response
+
+    async def link_of(self, user_id: int) -> str:
+        """The sign-in link the bot answers /web with, on this server."""
+        [answer] = await self.relay.chat(user_id).say("/web")
+        match = LINK.search(answer.text)
+        assert match is not None, answer.text
+        return self.base + match.group(0)[match.group(0).index("/signin") :]
+
+    async def use(self, link: str) -> tuple[int, Any, aiohttp.ClientResponse]:
+        """Open the link's page (which spends nothing) and press its button."""
+        async with self.http.get(link, allow_redirects=False) as page:
+            assert page.status == 200, await page.text()
+            form = _Form()
+            form.feed(await page.text())
+        return await self.call("POST", "/signin", cookie={}, data=form.fields)
+
+    async def sign_in(self, user_id: int) -> dict[str, str]:
+        status, body, response = await self.use(await self.link_of(user_id))
+        assert status == 303, body
+        return cookie_header(session_cookie_from(response)[SESSION_COOKIE].value)
+
+    async def add(self, cookie: dict[str, str], name: str) -> int:
+        url = f"http://127.0.0.1:{free_port()}/{name}"
+        status, body, _ = await self.call("POST", "/api/downloads", cookie, json={"url": url})
+        assert status == 201, body
+        return int(body["downloads"][0]["id"])
+
+
+@contextlib.asynccontextmanager
+async def web_of(relay: Relay) -> AsyncIterator[Web]:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        yield Web(relay, http)
+
+
+# The jobs here point at this machine, which users may not reach unless allowed.
+PRIVATE = {"aria2": {"allow_private_addresses": True}}
+
+
+@pytest.fixture
+async def web(relay_factory: RelayFactory) -> AsyncIterator[Web]:  # noqa: F811
+    async with web_of(await relay_factory(PRIVATE)) as served:
+        yield served
+
+
+async def test_a_sign_in_link_works_once_and_not_after_its_expiry(web: Web) -> None:
+    link = await web.link_of(USER)
+    status, _, response = await web.use(link)
+    assert status == 303 and SESSION_COOKIE in session_cookie_from(response)
+    status, body, _ = await web.use(link)
+    assert status == 403 and "used already" in body
+    # A link whose signature is good but whose time has passed.
+    signer = web.relay.running.service.parts.links.signer
+    expired = f"{web.base}/signin?{signer.sign_in_query(USER, -5)}"
+    async with web.http.get(expired) as page:
+        assert page.status == 403 and "expired" in await page.text()
+    # A link changed to name another user is forged.
+    forged = link.replace(f"user={USER}", f"user={ADMIN}")
+    async with web.http.get(forged) as page:
+        assert page.status == 403 and "forged" in await page.text()
+
+
+async def test_a_user_sees_and_controls_only_their_own_jobs(web: Web) -> None:
+    mine, theirs = await web.sign_in(USER), await web.sign_in(OTHER)
+    own = await web.add(mine, "mine.bin")
+    other = await web.add(theirs, "theirs.bin")
+    status, body, _ = await web.call("GET", "/api/downloads", mine)
+    assert status == 200 and [d["id"] for d in body["downloads"]] == [own]
+    status, body, _ = await web.call("GET", "/api/downloads?grouped=true", mine)
+    assert [d["id"] for g in body["groups"] for d in g["downloads"]] == [own]
+    assert (await web.call("GET", f"/api/downloads/{own}", mine))[0] == 200
+    # Another user's job answers as no job at all, for reading and for every action.
+    for method, path in (
+        ("GET", f"/api/downloads/{other}"),
+        ("GET", f"/api/downloads/{other}/files"),
+        ("POST", f"/api/downloads/{other}/cancel"),
+        ("PATCH", f"/api/downloads/{other}"),
+        ("DELETE", f"/api/downloads/{other}"),
+    ):
+        status, body, _ = await web.call(method, path, mine, json={})
+        assert status == 404, (method, path)
+        assert body == {"error": "not_found", "detail": f"no download {other}"}, (method, path)
+    assert (await web.call("GET", f"/api/downloads/{other}", theirs))[0] == 200
+    # Everyone's settings, totals and uploads stay with the admins.
+    for method, path in (("GET", "/api/config"), ("GET", "/api/uploads"), ("GET", "/api/sessions")):
+        status, body, _ = await web.call(method, path, mine)
+        assert status == 403 and "only an admin" in body["detail"], path
+    # The admin's link and the web token see both.
+    admin = await web.sign_in(ADMIN)
+    for credential in (admin, None):
+        status, body, _ = await web.call("GET", "/api/downloads", credential)
+        assert {d["id"] for d in body["downloads"]} == {own, other}
+
+
+async def test_the_websocket_sends_a_user_nothing_of_another_users_job(web: Web) -> None:
+    mine, theirs = await web.sign_in(USER), await web.sign_in(OTHER)
+    headers = {**mine, "Origin": web.base}
+    url = web.base.replace("http://", "ws://", 1) + "/api/ws"
+    async with web.http.ws_connect(url, headers=headers) as ws:
+        hello = json.loads((await ws.receive(timeout=10)).data)
+        assert hello["type"] == "hello" and hello["data"]["statistics"] is None
+        other = await web.add(theirs, "secret-of-other.bin")
+        own = await web.add(mine, "mine.bin")
+        seen: list[dict[str, Any]] = []
+        while not any(m["type"] == "download_update" and m["data"]["id"] == own for m in seen):
+            message = await ws.receive(timeout=10)
+            assert message.type == aiohttp.WSMsgType.TEXT, message
+            assert "secret-of-other" not in message.data
+            seen.append(json.loads(message.data))
+    assert all(m["data"].get("id") != other for m in seen)
+    assert all(m["type"] != "statistics_update" for m in seen)
+
+
+async def test_quotas_refuse_a_users_new_job_in_chat_and_on_the_api(
+    relay_factory: RelayFactory,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    section = telegram_section(quotas={"active_jobs": 1, "bytes_per_day": "1MiB"})
+    relay = await relay_factory(PRIVATE, telegram=section)
+    async with web_of(relay) as web:
+        mine = await web.sign_in(USER)
+        # A torrent nobody seeds stays unfinished: it takes the user's one active job.
+        torrent = make_torrent(b"x" * 4096, tmp_path, "http://127.0.0.1:9/announce", "a.bin")
+        form = aiohttp.FormData()
+        form.add_field("file", torrent.torrent_bytes, filename="a.torrent")
+        status, body, _ = await web.call("POST", "/api/downloads/torrent", mine, data=form)
+        assert status == 201, body
+        link = f"http://127.0.0.1:{free_port()}/more.bin"
+        status, body, _ = await web.call("POST", "/api/downloads", mine, json={"url": link})
+        assert status == 429 and body["error"] == "quota_exceeded", body
+        assert "1 unfinished job(s), at most 1 at once" in body["detail"]
+        [answer] = await relay.chat(USER).say(link)
+        assert "1 unfinished job(s), at most 1 at once" in answer.text
+        # Admins have no quota.
+        [answer] = await relay.chat(ADMIN).say(link)
+        assert "quota" not in answer.text
+        assert len(await relay.downloads()) == 2
+
+
+async def test_a_personal_token_is_shown_once_acts_as_its_user_and_can_be_revoked(
+    web: Web,
+) -> None:
+    mine, theirs = await web.sign_in(USER), await web.sign_in(OTHER)
+    own = await web.add(mine, "mine.bin")
+    other = await web.add(theirs, "theirs.bin")
+    status, made, _ = await web.call("POST", "/api/tokens", mine, json={"name": "phone"})
+    assert status == 201 and made["name"] == "phone" and made["token"].startswith("mrt_")
+    bearer = {"Authorization": f"Bearer {made['token']}"}
+    # Listed without the token; the store keeps only its hash.
+    status, listed, _ = await web.call("GET", "/api/tokens", mine)
+    assert listed["tokens"] == [
+        {k: v for k, v in made.items() if k != "token"} | {"last_used_at": None}
+    ]
+    [kept] = await web.relay.db.list_api_tokens(USER)
+    assert made["token"] not in kept and kept.user_id == USER
+    # It sees what its user sees: their own job, 404 for another's, 403 for admin routes.
+    status, body, _ = await web.call("GET", "/api/downloads", bearer)
+    assert status == 200 and [d["id"] for d in body["downloads"]] == [own]
+    assert (await web.call("GET", f"/api/downloads/{other}", bearer))[0] == 404
+    assert (await web.call("GET", "/api/config", bearer))[0] == 403
+    # Another user can neither list nor revoke it.
+    assert (await web.call("GET", "/api/tokens", theirs))[1] == {"tokens": []}
+    assert (await web.call("DELETE", f"/api/tokens/{made['id']}", theirs, json={}))[0] == 404
+    assert (await web.call("DELETE", "/api/tokens/not-an-id", mine, json={}))[0] == 404
+    status, body, _ = await web.call("DELETE", f"/api/tokens/{made['id']}", mine, json={})
+    assert (status, body) == (200, {"revoked": made["id"]})
+    assert (await web.call("GET", "/api/downloads", bearer))[0] == 401
+    # A name that is not printable text is refused, saying so.
+    status, body, _ = await web.call("POST", "/api/tokens", mine, json={"name": "a\nb"})
+    assert status == 400 and "printable" in body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("quotas", "problem"),
+    [
+        ({"active_jobs": -1}, "telegram.quotas.active_jobs: must be an integer"),
+        ({"bytes_per_day": "lots"}, "telegram.quotas.bytes_per_day: must be a size"),
+        ({"jobs": 3}, "telegram.quotas.jobs: 'jobs' is no quota"),
+        ([3], "telegram.quotas: must be a mapping"),
+    ],
+)
+def test_bad_quotas_are_refused_naming_the_key(
+    tmp_path: Path, quotas: object, problem: str
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps({"telegram": {"quotas": quotas}}))
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, env={})
+    assert problem in str(refused.value)
+
+
+def test_quotas_are_read_with_sizes(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps({"telegram": {"quotas": {"bytes_per_day": "2GiB"}}}))
+    assert load_config(path, env={}).telegram.quotas == Quotas(0, 2 * 1024**3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+async def test_a_user_opens_the_link_in_a_browser_and_sees_only_their_jobs(
+    web: Web, tmp_path: Path
+) -> None:
+    mine, theirs = await web.sign_in(USER), await web.sign_in(OTHER)
+    own = await web.add(mine, "mine.bin")
+    other = await web.add(theirs, "theirs.bin")
+    link = await web.link_of(USER)
+    async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
+        await page.send("Page.navigate", {"url": link})
+        await page.wait_for("!!document.querySelector('form button')", 20, "the link's page")
+        await page.evaluate("document.querySelector('form button').click()")
+        await page.wait_for(
+            "document.getElementById('conn').dataset.state === 'live'"
+            " && document.body.dataset.synced === '1'",
+            20,
+            "the live dashboard",
+        )
+        await page.wait_for(
+            f"!!document.querySelector('[data-download-id=\"{own}\"]')", 20, "the user's job"
+        )
+        shown = await page.evaluate(
+            "[...document.querySelectorAll('[data-download-id]')]"
+            ".map(e => Number(e.dataset.downloadId))"
+        )
+    assert own in shown and other not in shown
