@@ -137,6 +137,10 @@ async def test_a_user_sees_and_controls_only_their_own_jobs(web: Web) -> None:
     other = await web.add(theirs, "theirs.bin")
     status, body, _ = await web.call("GET", "/api/downloads", mine)
     assert status == 200 and [d["id"] for d in body["downloads"]] == [own]
+    status, body, _ = await web.call("GET", "/api/downloads?q=theirs", mine)  # a search too
+    assert status == 200 and body["downloads"] == []
+    status, body, _ = await web.call("GET", "/api/downloads?q=theirs", theirs)
+    assert [d["id"] for d in body["downloads"]] == [other]
     status, body, _ = await web.call("GET", "/api/downloads?grouped=true", mine)
     assert [d["id"] for g in body["groups"] for d in g["downloads"]] == [own]
     assert (await web.call("GET", f"/api/downloads/{own}", mine))[0] == 200
