@@ -463,8 +463,16 @@ async def _run_schema(sql: _Statements, dialect: Dialect, script: str) -> None:
     await _run_script(sql, script)
 
 
-async def _schema_1(sql: _Statements, dialect: Dialect) -> None:
-    await _run_schema(sql, dialect, _SCHEMA_1)
+_Step = Callable[[_Statements, Dialect], Awaitable[None]]
+
+
+def _script_step(script: str) -> _Step:
+    """A schema step that is only a script (in SQLite's types; see _run_schema)."""
+
+    async def step(sql: _Statements, dialect: Dialect) -> None:
+        await _run_schema(sql, dialect, script)
+
+    return step
 
 
 async def _schema_2(sql: _Statements, dialect: Dialect) -> None:
@@ -541,10 +549,6 @@ CREATE INDEX downloads_by_node ON downloads(node, status)
 """
 
 
-async def _schema_4(sql: _Statements, dialect: Dialect) -> None:
-    await _run_schema(sql, dialect, _SCHEMA_4)
-
-
 # Schema 5: dashboard sessions kept on the server (revocable), and the bot's outbox: what a chat
 # is owed for a download that reached a final status, written with that status change.
 _SCHEMA_5 = """
@@ -569,10 +573,6 @@ CREATE INDEX bot_notices_undelivered ON bot_notices(id) WHERE delivered_at IS NU
 """
 
 
-async def _schema_5(sql: _Statements, dialect: Dialect) -> None:
-    await _run_schema(sql, dialect, _SCHEMA_5)
-
-
 # Schema 6: the rows an import took from another store (`app.py import-upstream`), by their
 # origin there, so that importing the same database again adds only what is new; and where the
 # main bot forwarded a Telegram file for the worker bots (its copy in the storage channel), so
@@ -591,10 +591,6 @@ CREATE TABLE tg_storage_messages (
     created_at     TEXT NOT NULL
 )
 """
-
-
-async def _schema_6(sql: _Statements, dialect: Dialect) -> None:
-    await _run_schema(sql, dialect, _SCHEMA_6)
 
 
 # Schema 7: statistics kept as running totals. `store_totals` holds, per entity, upload target
@@ -759,10 +755,6 @@ CREATE TABLE settings_changes (
 """
 
 
-async def _schema_8(sql: _Statements, dialect: Dialect) -> None:
-    await _run_schema(sql, dialect, _SCHEMA_8)
-
-
 # Schema 9 (archive options): a job may ask for its archive to be extracted, or its folder to be
 # zipped, before it is uploaded; the password stays only until the extraction ran, and the
 # prepared path is what its uploads send (cleaned up with the job's file).
@@ -775,10 +767,6 @@ CREATE TABLE download_archive_options (
     created_at    TEXT NOT NULL
 )
 """
-
-
-async def _schema_9(sql: _Statements, dialect: Dialect) -> None:
-    await _run_schema(sql, dialect, _SCHEMA_9)
 
 
 # Schema 10 (job destinations): the upload targets a job's owner chose when adding it, a JSON
@@ -795,20 +783,12 @@ ALTER TABLE uploads ADD COLUMN public_link TEXT
 """
 
 
-async def _schema_10(sql: _Statements, dialect: Dialect) -> None:
-    await _run_schema(sql, dialect, _SCHEMA_10)
-
-
 # Schema 11 (finding downloads): the flat list filters by source and by upload target, each
 # read newest first along an index ending in the download's id (keyset paging).
 _SCHEMA_11 = """
 CREATE INDEX downloads_by_source ON downloads(source_type, id);
 CREATE INDEX uploads_by_target_download ON uploads(upload_target, download_id)
 """
-
-
-async def _schema_11(sql: _Statements, dialect: Dialect) -> None:
-    await _run_schema(sql, dialect, _SCHEMA_11)
 
 
 # Schema 12 (per-user sign-in): a session made by a one-time sign-in link carries its Telegram
@@ -833,23 +813,19 @@ CREATE TABLE web_sign_in_links (
 """
 
 
-async def _schema_12(sql: _Statements, dialect: Dialect) -> None:
-    await _run_schema(sql, dialect, _SCHEMA_12)
-
-
-_MIGRATIONS: dict[int, Callable[[_Statements, Dialect], Awaitable[None]]] = {
-    1: _schema_1,
+_MIGRATIONS: dict[int, _Step] = {
+    1: _script_step(_SCHEMA_1),
     2: _schema_2,
     3: _schema_3,
-    4: _schema_4,
-    5: _schema_5,
-    6: _schema_6,
+    4: _script_step(_SCHEMA_4),
+    5: _script_step(_SCHEMA_5),
+    6: _script_step(_SCHEMA_6),
     7: _schema_7,
-    8: _schema_8,
-    9: _schema_9,
-    10: _schema_10,
-    11: _schema_11,
-    12: _schema_12,
+    8: _script_step(_SCHEMA_8),
+    9: _script_step(_SCHEMA_9),
+    10: _script_step(_SCHEMA_10),
+    11: _script_step(_SCHEMA_11),
+    12: _script_step(_SCHEMA_12),
 }
 
 # The tables the steps above make, each with its key, in an order their foreign keys allow

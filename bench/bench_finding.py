@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sqlite3
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -30,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loguru import logger
 
 from bench.bench_store import STAMP
+from bench.bench_store_peer import median_ms, peer_median_ms
 from db import Database
 from records import DownloadSearch
 
 PAGE = 50
-WARM_UP = 2
 TARGET_MS = 50.0
 
 
@@ -77,28 +74,6 @@ def peer_page(conn: sqlite3.Connection, search: DownloadSearch, offset: int) -> 
         params.append(search.target)
     sql = f"SELECT * FROM downloads WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ? OFFSET ?"
     return [row[0] for row in conn.execute(sql, (*params, PAGE, offset))]
-
-
-async def median_ms(rounds: int, run: Callable[[], Awaitable[object]]) -> float:
-    for _ in range(WARM_UP):
-        await run()
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        await run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
-
-
-def peer_median_ms(rounds: int, run: Callable[[], object]) -> float:
-    for _ in range(WARM_UP):
-        run()
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
 
 
 async def compare(rows: int, rounds: int) -> bool:

@@ -283,8 +283,11 @@ def list_cursor(status: str | None, before: int) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-def query_cursor(request: web.Request, status: str | None) -> int | None:
-    """The `cursor` a grouped list page gave (None: the first page); 400 naming it otherwise."""
+def _given_cursor(
+    request: web.Request, pattern: re.Pattern[str]
+) -> tuple[re.Match[str], str] | None:
+    """The `cursor` query value decoded and matched against `pattern`, with the text to show
+    of it (None: none given, the first page); 400 when it is not one a list of this kind gave."""
     text = request.query.get("cursor") or None
     if text is None:
         return None
@@ -295,9 +298,18 @@ def query_cursor(request: web.Request, status: str | None) -> int | None:
         decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
     except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
         raise web.HTTPBadRequest(text=f"cursor {shown!r} is not one this list gave") from None
-    found = _CURSOR.fullmatch(decoded)
+    found = pattern.fullmatch(decoded)
     if found is None:
         raise web.HTTPBadRequest(text=f"cursor {shown!r} is not one this list gave")
+    return found, shown
+
+
+def query_cursor(request: web.Request, status: str | None) -> int | None:
+    """The `cursor` a grouped list page gave (None: the first page); 400 naming it otherwise."""
+    given = _given_cursor(request, _CURSOR)
+    if given is None:
+        return None
+    found, shown = given
     if (found[1] or None) != status:
         raise web.HTTPBadRequest(
             text=f"cursor {shown!r} belongs to the list of status {found[1] or 'any'}"
@@ -321,19 +333,10 @@ def flat_cursor(filters: Sequence[str | None], before: int) -> str:
 
 def query_flat_cursor(request: web.Request, filters: Sequence[str | None]) -> int | None:
     """The `cursor` a flat list page gave (None: the first page); 400 naming it otherwise."""
-    text = request.query.get("cursor") or None
-    if text is None:
+    given = _given_cursor(request, _FLAT_CURSOR)
+    if given is None:
         return None
-    shown = text[:40]
-    try:
-        if len(text) > 64:
-            raise ValueError(text)
-        decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
-    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
-        raise web.HTTPBadRequest(text=f"cursor {shown!r} is not one this list gave") from None
-    found = _FLAT_CURSOR.fullmatch(decoded)
-    if found is None:
-        raise web.HTTPBadRequest(text=f"cursor {shown!r} is not one this list gave")
+    found, shown = given
     if found[1] != _filters_digest(filters):
         raise web.HTTPBadRequest(text=f"cursor {shown!r} belongs to a list of other filters")
     return int(found[2])
