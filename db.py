@@ -23,12 +23,14 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
     Collection,
+    Coroutine,
     Iterable,
     Iterator,
     Mapping,
@@ -252,6 +254,7 @@ class _Statements(Protocol):
 
 
 _StatementsT = TypeVar("_StatementsT", bound=_Statements)
+_T = TypeVar("_T")
 _PLACEHOLDER = re.compile(r"\?")
 
 
@@ -287,6 +290,42 @@ class _SQLiteStatements:
     async def fetch_one(self, sql: str, params: Sequence[object] = ()) -> _Row | None:
         rows = await self.fetch_all(sql, params)
         return rows[0] if rows else None
+
+
+class _SQLiteDirectStatements:
+    """The writer's own sqlite3 connection, used only from inside its thread (see
+    `_SQLiteBackend.run`): each statement runs at once, so a body that awaits nothing but these
+    never suspends."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.committed = False
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        return self.conn.execute(sql, params).rowcount
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+        self.conn.executemany(sql, rows)
+
+    async def fetch_all(self, sql: str, params: Sequence[object] = ()) -> Sequence[_Row]:
+        rows: list[_Row] = self.conn.execute(sql, params).fetchall()
+        return rows
+
+    async def fetch_one(self, sql: str, params: Sequence[object] = ()) -> _Row | None:
+        rows = await self.fetch_all(sql, params)
+        return rows[0] if rows else None
+
+
+def _run_to_end(body: Coroutine[Any, Any, _T]) -> _T:
+    """Run a coroutine that never suspends (its awaits complete at once) to its result, with
+    no event loop: how a transaction's body runs inside the SQLite writer's thread."""
+    try:
+        body.send(None)
+    except StopIteration as finished:
+        result: _T = finished.value
+        return result
+    body.close()
+    raise StoreError("a one-trip transaction waited on something other than its statements")
 
 
 class _PostgresStatements:
@@ -943,6 +982,12 @@ class _Backend(Protocol):
 
     async def close(self) -> None: ...
     def transaction(self) -> AbstractAsyncContextManager[_Statements]: ...
+
+    async def run(self, body: Callable[[_Statements], Coroutine[Any, Any, _T]]) -> _T:
+        """One transaction around `body`, whose awaits are only its statements: BEGIN, `body`,
+        COMMIT (ROLLBACK if it raises), run to the end even if the caller is cancelled."""
+        ...
+
     def reads(self) -> _Statements: ...
     async def schema_version(self) -> int: ...
 
@@ -1050,6 +1095,46 @@ class _SQLiteBackend:
         return _transaction(
             _SQLiteStatements(writer), begin, lambda: writer.execute("COMMIT"), roll_back
         )
+
+    async def run(self, body: Callable[[_Statements], Coroutine[Any, Any, _T]]) -> _T:
+        # The whole transaction in ONE trip to the writer's thread: a thread hop costs about
+        # what a small transaction's statements do, so one per statement would triple a job's
+        # cost. aiosqlite has no public call for this; `_execute` queues a function on that
+        # thread, in order with every other statement of this connection.
+        writer = self.writer
+        if writer is None:
+            raise StoreError("database is not open")
+        conn: sqlite3.Connection = writer._conn
+        abandoned = threading.Event()  # the caller was cancelled: roll back if not too late
+
+        def whole() -> _T:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")  # may wait busy_timeout for another process
+            statements = _SQLiteDirectStatements(conn)
+            try:
+                if abandoned.is_set():
+                    raise asyncio.CancelledError
+                result = _run_to_end(body(statements))
+                if abandoned.is_set():
+                    raise asyncio.CancelledError
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            statements.committed = True
+            return result
+
+        trip: asyncio.Future[_T] = asyncio.ensure_future(writer._execute(whole))
+        try:
+            return await asyncio.shield(trip)
+        except asyncio.CancelledError:
+            abandoned.set()
+            # Rolled back, unless COMMIT had begun; `committed` tells the caller which.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await trip
+            raise
 
     def reads(self) -> _Statements:
         if self._reader is None:
@@ -1189,6 +1274,10 @@ class _PostgresBackend:
         if self._pool is None:
             raise StoreError("database is not open")
         return self._pooled_transaction(self._pool)
+
+    async def run(self, body: Callable[[_Statements], Coroutine[Any, Any, _T]]) -> _T:
+        async with self.transaction() as sql:
+            return await body(sql)
 
     def reads(self) -> _Statements:
         if self._reads is None:
@@ -1457,10 +1546,13 @@ class Store(Protocol):
 
     # downloads: written
     async def create_download(
-        self, new: NewDownload, media: TgMediaRecord | None = None
+        self, new: NewDownload, media: TgMediaRecord | None = None, *, gid: str | None = None
     ) -> int: ...
     async def create_downloads(
-        self, jobs: Sequence[tuple[NewDownload, TgMediaRecord | None]]
+        self,
+        jobs: Sequence[tuple[NewDownload, TgMediaRecord | None]],
+        *,
+        gids: Sequence[str] | None = None,
     ) -> list[int | DuplicateDownload]: ...
     async def mark_download_queued_by_id(
         self, download_id: int, gid: str, status: str = "waiting"
@@ -1766,6 +1858,29 @@ class Database:
                         self._on_write(time.perf_counter() - began)
                     tx.publish(self.hub)
 
+    async def _write_all(self, body: Callable[[_Tx], Coroutine[Any, Any, _T]]) -> _T:
+        """One write transaction whose body awaits nothing but its statements, published like
+        :meth:`_write`'s; on SQLite all of it runs in one trip to the writer's thread."""
+        async with self._write_lock:
+            began = time.perf_counter()
+            opened: list[_Tx] = []
+
+            async def whole(sql: _Statements) -> _T:
+                tx = _Tx(sql, self._backend.dialect)
+                opened.append(tx)
+                result = await body(tx)
+                if self._peers is not None:
+                    await self._peers.announce(sql, tx.events)
+                return result
+
+            try:
+                return await self._backend.run(whole)
+            finally:
+                if opened and opened[0].sql.committed:
+                    if self._on_write is not None:
+                        self._on_write(time.perf_counter() - began)
+                    opened[0].publish(self.hub)
+
     async def _republish(self, notice: _Notice) -> None:
         """Publish what another process committed: the rows as they are now."""
         tx = _Tx(self._backend.reads(), self._backend.dialect)
@@ -1846,23 +1961,33 @@ class Database:
 
     # --- downloads (seed 001 §2.2) --------------------------------------------------------------
 
-    async def create_download(self, new: NewDownload, media: TgMediaRecord | None = None) -> int:
-        """Record a job before aria2 sees it (status `pending`, no gid yet).
+    async def create_download(
+        self, new: NewDownload, media: TgMediaRecord | None = None, *, gid: str | None = None
+    ) -> int:
+        """Record a job before aria2 sees it: `pending` with no gid, or queued under `gid`
+        (see :meth:`create_downloads`).
 
         Telegram media gets its `tg_media` row in the same transaction. A source that is already
         pending, waiting, downloading or paused raises :class:`DuplicateDownload`.
         """
-        [created] = await self.create_downloads([(new, media)])
+        [created] = await self.create_downloads([(new, media)], gids=None if gid is None else [gid])
         if isinstance(created, DuplicateDownload):
             raise created
         return created
 
     async def create_downloads(
-        self, jobs: Sequence[tuple[NewDownload, TgMediaRecord | None]]
+        self,
+        jobs: Sequence[tuple[NewDownload, TgMediaRecord | None]],
+        *,
+        gids: Sequence[str] | None = None,
     ) -> list[int | DuplicateDownload]:
         """Record many jobs (with their Telegram media rows) in ONE transaction, published as
         one batch of events; for each job, in order, its id, or the DuplicateDownload it is (a
         source already pending, waiting, downloading or paused, or earlier in `jobs`).
+
+        With `gids` (one per job, chosen before aria2 is told, which takes a job under a gid
+        given to it), each new job is also queued under its gid in the same transaction, as
+        :meth:`mark_downloads_queued` would: one commit from row to queued.
 
         All or nothing: any other error (an unknown source type, a refused statement) leaves
         no row of any job.
@@ -1870,8 +1995,11 @@ class Database:
         unknown = [new.source_type for new, _ in jobs if new.source_type not in SOURCE_TYPES]
         if unknown:
             raise StoreError(f"unknown source type {unknown[0]!r}")
+        if gids is not None and len(gids) != len(jobs):
+            raise ValueError(f"{len(gids)} gids for {len(jobs)} jobs")
         now = utc_now()
-        async with self._write() as tx:
+
+        async def insert(tx: _Tx) -> tuple[dict[str, DownloadRow], dict[str, int]]:
             active = await tx.active_sources([new.source_key for new, _ in jobs])
             fresh: dict[str, tuple[NewDownload, TgMediaRecord | None]] = {}
             for new, media in jobs:
@@ -1884,7 +2012,17 @@ class Database:
             active.update(await tx.active_sources(missing) if missing else {})
             ids = [row.id for row in created.values()]
             await tx.history_many("download", ids, None, "pending", "created", now)
+            if gids is not None:
+                chosen: dict[str, str] = {}
+                for (new, _), gid in zip(jobs, gids, strict=True):
+                    chosen.setdefault(new.source_key, gid)
+                moved = await tx.queue([(row.id, chosen[key]) for key, row in created.items()])
+                queued = {row.id: row for row in moved}
+                created = {key: queued.get(row.id, row) for key, row in created.items()}
             tx.emit_new(list(created.values()))
+            return created, active
+
+        created, active = await self._write_all(insert)
         answers: list[int | DuplicateDownload] = []
         given: set[int] = set()
         for new, _ in jobs:
@@ -1912,7 +2050,8 @@ class Database:
         self, download_id: int, gid: str, status: str = "waiting"
     ) -> None:
         """aria2 accepted the job: remember its gid (and every earlier one) and leave `pending`."""
-        async with self._write() as tx:
+
+        async def queue(tx: _Tx) -> None:
             current = await tx.claim_gid(download_id, gid, "added")
             # The gid and the status in one UPDATE; the gid alone if the status stays.
             if not await tx.move(
@@ -1921,17 +2060,22 @@ class Database:
                 await tx.update_columns("downloads", download_id, {"gid": gid})
             await tx.emit_download(download_id)
 
+        await self._write_all(queue)
+
     async def mark_downloads_queued(self, queued: Sequence[tuple[int, str]]) -> list[int]:
         """aria2 accepted these jobs (id, gid), handed to it together: each one's gid
         remembered and `waiting`, in ONE transaction and one batch of events. A job that left
         `pending` meanwhile (cancelled) keeps its gid and its status; the ids queued."""
-        async with self._write() as tx:
+
+        async def queue(tx: _Tx) -> list[DownloadRow]:
             moved = await tx.queue(queued)
             # The moved rows as the UPDATE returned them; only the others are read again.
             done = {row.id for row in moved}
             others = await tx.downloads_by_id([i for i, _ in queued if i not in done])
             await tx.emit_rows(sorted([*moved, *others], key=lambda row: row.id))
-        return [row.id for row in moved]
+            return moved
+
+        return [row.id for row in await self._write_all(queue)]
 
     async def follow_gid(self, old_gid: str, new_gid: str) -> int | None:
         """aria2 replaced `old_gid` by `new_gid` (a magnet's metadata gid is followed by its real

@@ -21,7 +21,13 @@ from loguru import logger
 
 from aria2_client.client import Aria2Client
 from aria2_client.egress import EgressProxy
-from aria2_client.models import PROGRESS_KEYS, Aria2Notification, Aria2Status, human_size
+from aria2_client.models import (
+    PROGRESS_KEYS,
+    Aria2Notification,
+    Aria2Status,
+    human_size,
+    new_gid,
+)
 from aria2_client.sources import (
     AddressPolicy,
     ParsedLink,
@@ -154,6 +160,9 @@ class DownloadManager:
         self._submitting: set[int] = set()
         self._claim_lock = asyncio.Lock()
         self._handoffs: dict[int, asyncio.Event] = {}  # jobs being handed to aria2
+        # Gids chosen for new jobs, from before their rows commit until aria2 has them: a row
+        # that names one is not "lost by aria2" yet.
+        self._gids_in_hand: set[str] = set()
         # Jobs waiting, paused, for their files to be chosen: each one's deadline.
         self._choosing: dict[int, asyncio.Task[None]] = {}
 
@@ -213,11 +222,20 @@ class DownloadManager:
                 continue
             accepted.append((len(answers), self._new_from_link(link, requester)))
             answers.append(None)
-        created = await self.store.create_downloads([(new, None) for _, new in accepted])
-        new_ids = [outcome for outcome in created if isinstance(outcome, int)]
-        for download_id in new_ids:
-            await self._set_job_options(download_id, archive, targets)
-        await self.submit_many(new_ids)
+        gids = self._gids_for(len(accepted))
+        with self._holding_gids(gids):
+            created = await self.store.create_downloads(
+                [(new, None) for _, new in accepted], gids=gids
+            )
+            new_ids = [outcome for outcome in created if isinstance(outcome, int)]
+            for download_id in new_ids:
+                await self._set_job_options(download_id, archive, targets)
+            if gids is None:
+                await self.submit_many(new_ids)
+            else:
+                for outcome, gid in zip(created, gids, strict=True):
+                    if isinstance(outcome, int):
+                        await self._hand_queued(outcome, gid)
         for (position, _), outcome in zip(accepted, created, strict=True):
             answers[position] = (
                 outcome if isinstance(outcome, DuplicateDownload) else await self._row(outcome)
@@ -343,12 +361,19 @@ class DownloadManager:
         archive: ArchiveRequest | None = None,
         targets: Sequence[str] | None = None,
     ) -> DownloadRow:
-        download_id = await self.store.create_download(new, media)
-        if files:
-            await self.store.update_download_details_by_id(download_id, files=files)
-        await self._set_job_options(download_id, archive, targets)
-        ask = self._asks_choice(new.chat_id, len(files or ()))
-        await self.submit(download_id, paused=ask)
+        gids = self._gids_for(1)
+        with self._holding_gids(gids):
+            download_id = await self.store.create_download(
+                new, media, gid=None if gids is None else gids[0]
+            )
+            if files:
+                await self.store.update_download_details_by_id(download_id, files=files)
+            await self._set_job_options(download_id, archive, targets)
+            ask = self._asks_choice(new.chat_id, len(files or ()))
+            if gids is None:
+                await self.submit(download_id, paused=ask)
+            else:
+                await self._hand_queued(download_id, gids[0], paused=ask)
         row = await self._row(download_id)
         if ask and row.status == "paused":
             self._await_choice(download_id)
@@ -411,12 +436,16 @@ class DownloadManager:
         if targets is not None:
             await self.store.set_download_targets(download_id, targets)
 
-    async def _hand_to_aria2(self, row: DownloadRow, *, paused: bool) -> str:
-        """Add the row's job to aria2 (paused if asked); returns its gid.
+    async def _hand_to_aria2(
+        self, row: DownloadRow, *, paused: bool, gid: str | None = None
+    ) -> str:
+        """Add the row's job to aria2 (paused if asked; under `gid` if given); returns its gid.
 
         Raises SourceError (nothing aria2 could fetch), Aria2RpcError or Aria2Unavailable.
         """
         options = {"dir": str(self.files.job_dir(row.id))}
+        if gid is not None:
+            options["gid"] = gid
         if paused:
             options["pause"] = "true"
         # Telegram files come from our own loopback link, never through the proxy.
@@ -511,6 +540,46 @@ class DownloadManager:
                 await self.aria2.remove(row.gid)
             except (Aria2RpcError, Aria2Unavailable) as exc:
                 logger.bind(job=download_id, gid=row.gid).info("aria2 remove: {}", exc)
+
+    def _gids_for(self, count: int) -> list[str] | None:
+        """Gids for `count` new jobs, so that each is recorded queued in the transaction that
+        records it (aria2 takes a job under a gid given to it); None when they are to wait,
+        `pending`: in a cluster (until a node claims them) or while aria2 is away."""
+        if self.placement is not None or not self.aria2.connected:
+            return None
+        return [new_gid() for _ in range(count)]
+
+    @contextlib.contextmanager
+    def _holding_gids(self, gids: Sequence[str] | None) -> Iterator[None]:
+        """While new jobs' gids are recorded but not yet given to aria2."""
+        held = set(gids or ())
+        self._gids_in_hand |= held
+        try:
+            yield
+        finally:
+            self._gids_in_hand -= held
+
+    async def _hand_queued(self, download_id: int, gid: str, *, paused: bool = False) -> None:
+        """Give aria2 a new job recorded queued under `gid`. aria2 gone meanwhile: the poller
+        adds the job once aria2 is back (its gid unknown there); aria2 refusing it: it fails."""
+        log = logger.bind(job=download_id, gid=gid)
+        with self._handing_off(download_id):
+            row = await self.store.get_download_by_id(download_id)
+            if row is None or row.status != "waiting" or row.gid != gid:
+                return  # cancelled or deleted meanwhile
+            try:
+                await self._hand_to_aria2(row, paused=paused, gid=gid)
+            except Aria2Unavailable:
+                log.warning("aria2 is unavailable; download {} is added once it is back", row.id)
+                return
+            except (Aria2RpcError, SourceError) as exc:
+                message = exc.message if isinstance(exc, Aria2RpcError) else str(exc)
+                log.warning("aria2 refused download {}: {}", download_id, message)
+                await self.store.mark_download_failed_by_id(download_id, message, "refused")
+                return
+            if paused:  # queued first: a job never goes from pending to paused
+                await self.store.mark_download_paused(gid)
+        log.info("download {} queued in aria2 as {}", download_id, gid)
 
     async def submit(self, download_id: int, *, paused: bool = False) -> None:
         """Hand a `pending` row to aria2; if aria2 is down the row stays pending for later."""
@@ -865,7 +934,7 @@ class DownloadManager:
             for gid, status in found.items():
                 if status is not None:
                     by_gid[gid] = status
-                elif gid not in by_gid:
+                elif gid not in by_gid and gid not in self._gids_in_hand:
                     await self._readd(rows_by_gid[gid])
         await self.apply_status(list(by_gid.values()), rows_by_gid)
         if self.placement is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import posixpath
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
@@ -52,6 +53,13 @@ PROGRESS_KEYS: tuple[str, ...] = (
 )
 
 METADATA_PREFIX = "[METADATA]"
+
+
+def new_gid() -> str:
+    """A gid for aria2 to take a new job under: 16 hex digits, never all zeros (reserved)."""
+    while (gid := secrets.token_hex(8)) == "0" * 16:
+        pass
+    return gid
 
 
 def _to_int(value: Any, default: int = 0) -> int:

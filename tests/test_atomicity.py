@@ -15,7 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -96,20 +104,27 @@ class FailingStatements:
 
 @contextlib.contextmanager
 def failing_transactions(db: Database, injection: Injection) -> Iterator[None]:
-    """Every write transaction of `db` runs its statements through `injection` meanwhile."""
+    """Every write transaction of `db` runs its statements through `injection` meanwhile,
+    those opened as a context and those run whole (on SQLite, in the writer's thread)."""
     backend = db._backend
     original = backend.transaction
+    original_run = backend.run
 
     @contextlib.asynccontextmanager
     async def transaction() -> AsyncIterator[_Statements]:
         async with original() as sql:
             yield FailingStatements(sql, injection)
 
-    setattr(backend, "transaction", transaction)  # noqa: B010 (an instance attribute, undone below)
+    async def run(body: Callable[[_Statements], Coroutine[Any, Any, T]]) -> T:
+        return await original_run(lambda sql: body(FailingStatements(sql, injection)))
+
+    setattr(backend, "transaction", transaction)  # noqa: B010 (instance attributes, undone below)
+    setattr(backend, "run", run)  # noqa: B010
     try:
         yield
     finally:
         delattr(backend, "transaction")
+        delattr(backend, "run")
 
 
 # --- the database an operation meets -----------------------------------------------------------
