@@ -74,6 +74,7 @@ from webstreamer.signing import (
 LOGIN_BODY_LIMIT = 8 * 1024
 PUBLIC_API_PATHS = frozenset({"/api/health", OPENAPI_PATH, DOCS_PATH})
 LOGOUT_PATH = "/logout"
+ME_PATH = "/api/me"
 WEBSOCKET_PATH = "/api/ws"
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 JSON_TYPE = "application/json"
@@ -163,7 +164,8 @@ async def authenticate(request: web.Request) -> Credential | None:
     return _as_user(session.user_id, session, ctx.config.telegram)
 
 
-# What a user's session (not an admin's) may reach: its own jobs, adding jobs, the WebSocket.
+# What a user's session (not an admin's) may reach: its own jobs and their uploads and figures,
+# adding jobs, the WebSocket, who it is, its own tokens.
 USER_ROUTES = frozenset(
     {
         ("GET", "/api/downloads"),
@@ -175,7 +177,13 @@ USER_ROUTES = frozenset(
         ("GET", "/api/downloads/{id}/files"),
         ("PUT", "/api/downloads/{id}/files"),
         ("POST", "/api/downloads/{id}/{action}"),
+        ("POST", "/api/downloads/bulk"),
+        ("GET", "/api/downloads/statistics"),
+        ("GET", "/api/uploads"),
+        ("GET", "/api/uploads/statistics"),
+        ("POST", "/api/uploads/{id}/{action}"),
         ("GET", WEBSOCKET_PATH),
+        ("GET", ME_PATH),
         ("GET", "/api/tokens"),
         ("POST", "/api/tokens"),
         ("DELETE", "/api/tokens/{id}"),
@@ -189,7 +197,7 @@ def _user_may(request: web.Request) -> bool:
     if info.http_exception is not None:  # no such route: its own 404/405 answers
         return True
     canonical = info.route.resource.canonical if info.route.resource is not None else ""
-    canonical = canonical.replace("{action:pause|resume|retry|cancel}", "{action}")
+    canonical = re.sub(r"\{action:[a-z|]+\}", "{action}", canonical)
     return (request.method, canonical) in USER_ROUTES
 
 
@@ -585,6 +593,16 @@ async def revoke_all_sessions(request: web.Request) -> web.StreamResponse:
     return _signed_out(response) if SESSION in request else response
 
 
+# --- who is signed in ---------------------------------------------------------------------------
+
+
+async def who_am_i(request: web.Request) -> web.Response:
+    """``{"role": "admin" | "user", "user_id": ...}``: an admin sees every job (the web token,
+    its sessions and tokens: `user_id` null), a user only their own."""
+    role = "user" if VIEWER in request else "admin"
+    return web.json_response({"role": role, "user_id": request.get(ACTING_USER)})
+
+
 # --- personal API tokens -------------------------------------------------------------------------
 
 
@@ -659,6 +677,7 @@ def setup(app: web.Application) -> None:
     app.router.add_post(SIGN_IN_PATH, sign_in)
     app.router.add_get("/api/sessions", list_sessions)
     app.router.add_post("/api/sessions/revoke-all", revoke_all_sessions)
+    app.router.add_get(ME_PATH, who_am_i)
     app.router.add_get("/api/tokens", list_api_tokens)
     app.router.add_post("/api/tokens", create_api_token)
     app.router.add_delete("/api/tokens/{id}", revoke_api_token)
