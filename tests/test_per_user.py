@@ -156,8 +156,12 @@ async def test_a_user_sees_and_controls_only_their_own_jobs(web: Web) -> None:
         assert status == 404, (method, path)
         assert body == {"error": "not_found", "detail": f"no download {other}"}, (method, path)
     assert (await web.call("GET", f"/api/downloads/{other}", theirs))[0] == 200
-    # Everyone's settings, totals and uploads stay with the admins.
-    for method, path in (("GET", "/api/config"), ("GET", "/api/uploads"), ("GET", "/api/sessions")):
+    # Everyone's settings and sessions stay with the admins.
+    for method, path in (
+        ("GET", "/api/config"),
+        ("GET", "/api/settings"),
+        ("GET", "/api/sessions"),
+    ):
         status, body, _ = await web.call(method, path, mine)
         assert status == 403 and "only an admin" in body["detail"], path
     # The admin's link and the web token see both.
@@ -173,17 +177,30 @@ async def test_the_websocket_sends_a_user_nothing_of_another_users_job(web: Web)
     url = web.base.replace("http://", "ws://", 1) + "/api/ws"
     async with web.http.ws_connect(url, headers=headers) as ws:
         hello = json.loads((await ws.receive(timeout=10)).data)
-        assert hello["type"] == "hello" and hello["data"]["statistics"] is None
+        assert hello["type"] == "hello"
+        assert hello["data"]["statistics"]["downloads"]["total"] == 0  # their own: none yet
         other = await web.add(theirs, "secret-of-other.bin")
         own = await web.add(mine, "mine.bin")
         seen: list[dict[str, Any]] = []
-        while not any(m["type"] == "download_update" and m["data"]["id"] == own for m in seen):
+
+        def own_totals_seen() -> bool:
+            return any(
+                m["type"] == "statistics_update" and m["data"]["downloads"]["total"] == 1
+                for m in seen
+            )
+
+        while not (
+            any(m["type"] == "download_update" and m["data"]["id"] == own for m in seen)
+            and own_totals_seen()
+        ):
             message = await ws.receive(timeout=10)
             assert message.type == aiohttp.WSMsgType.TEXT, message
             assert "secret-of-other" not in message.data
             seen.append(json.loads(message.data))
     assert all(m["data"].get("id") != other for m in seen)
-    assert all(m["type"] != "statistics_update" for m in seen)
+    # The totals pushed are the user's own: their one job, never the other's too.
+    totals = [m["data"] for m in seen if m["type"] == "statistics_update"]
+    assert all(t["downloads"]["total"] <= 1 for t in totals)
 
 
 async def test_quotas_refuse_a_users_new_job_in_chat_and_on_the_api(

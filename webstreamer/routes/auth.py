@@ -49,8 +49,10 @@ from aiohttp import web
 from loguru import logger
 
 from configer import TelegramConfig
+from db import Store
 from records import ApiToken, WebSession
 from webstreamer.context import (
+    CREDENTIAL_CHECK,
     METRICS_PATH,
     SESSION,
     VIEWER,
@@ -111,6 +113,7 @@ class Credential:
     session: WebSession | None
     viewer: int | None = None
     user_id: int | None = None  # the Telegram user it acts for (None: web.token's)
+    api_token: str | None = None  # a personal API token's hash, when it signed in with one
 
 
 # The Telegram user a request acts for, when it signed in as one (a link's session, a token).
@@ -126,15 +129,29 @@ def api_token_hash(token: str) -> str:
 
 
 def _as_user(
-    user_id: int, session: WebSession | None, telegram: TelegramConfig
+    user_id: int | None,
+    session: WebSession | None,
+    api_token: str | None,
+    telegram: TelegramConfig,
 ) -> Credential | None:
-    """A credential of a Telegram user, following telegram.admins and allowed_users live: an
-    admin sees every job, an allowed user their own, anyone else (no longer listed) nothing."""
-    if user_id in telegram.admins:
-        return Credential(session, None, user_id)
+    """A credential of a Telegram user (None: made with web.token, sees every job), following
+    telegram.admins and allowed_users live: an admin sees every job, an allowed user their own,
+    anyone else (no longer listed) nothing."""
+    if user_id is None or user_id in telegram.admins:
+        return Credential(session, None, user_id, api_token)
     if user_id in telegram.allowed_users:
-        return Credential(session, user_id, user_id)
+        return Credential(session, user_id, user_id, api_token)
     return None
+
+
+async def _by_api_token(store: Store, telegram: TelegramConfig, hashed: str) -> Credential | None:
+    found = await store.use_api_token(hashed)
+    return None if found is None else _as_user(found.user_id, None, hashed, telegram)
+
+
+async def _by_session(store: Store, telegram: TelegramConfig, key: str) -> Credential | None:
+    session = await store.use_web_session(key)
+    return None if session is None else _as_user(session.user_id, session, None, telegram)
 
 
 async def authenticate(request: web.Request) -> Credential | None:
@@ -144,11 +161,9 @@ async def authenticate(request: web.Request) -> Credential | None:
     token = ctx.secrets.web_token
     offered = _bearer(request)
     if offered is not None and _API_TOKEN.fullmatch(offered):
-        found = await ctx.store.use_api_token(api_token_hash(offered))
+        found = await _by_api_token(ctx.store, ctx.config.telegram, api_token_hash(offered))
         if found is not None:
-            if found.user_id is None:
-                return Credential(None)
-            return _as_user(found.user_id, None, ctx.config.telegram)
+            return found
     if offered is not None:
         scrape = ctx.config.web.metrics_token if request.path == METRICS_PATH else ""
         valid = (token and _same_text(offered, token)) or (scrape and _same_text(offered, scrape))
@@ -156,12 +171,21 @@ async def authenticate(request: web.Request) -> Credential | None:
     key = session_key(request.cookies.get(SESSION_COOKIE), token)
     if key is None:
         return None
-    session = await ctx.store.use_web_session(key)
-    if session is None:
-        return None
-    if session.user_id is None:
-        return Credential(session)
-    return _as_user(session.user_id, session, ctx.config.telegram)
+    return await _by_session(ctx.store, ctx.config.telegram, key)
+
+
+async def still_holds(request: web.Request, credential: Credential) -> bool:
+    """Whether a session or personal API token still signs in as it did for `request`: not
+    ended, revoked or expired, and its user still seeing what they saw (not struck off from
+    telegram.allowed_users, not made or unmade an admin). The store may raise (it is away)."""
+    ctx = context_of(request)
+    if credential.session is not None:
+        now = await _by_session(ctx.store, ctx.config.telegram, credential.session.token_hash)
+    elif credential.api_token is not None:
+        now = await _by_api_token(ctx.store, ctx.config.telegram, credential.api_token)
+    else:  # web.token itself: what the service runs with
+        return True
+    return now is not None and (now.viewer, now.user_id) == (credential.viewer, credential.user_id)
 
 
 # What a user's session (not an admin's) may reach: its own jobs and their uploads and figures,
@@ -279,6 +303,12 @@ async def auth_middleware(
         request[VIEWER] = credential.viewer
     if credential.user_id is not None:
         request[ACTING_USER] = credential.user_id
+    if credential.session is not None or credential.api_token is not None:
+
+        async def holds() -> bool:
+            return await still_holds(request, credential)
+
+        request[CREDENTIAL_CHECK] = holds
     return await handler(request)
 
 
