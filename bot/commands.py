@@ -209,7 +209,7 @@ class Commands:
         caller = await admit(self.context, message)
         if caller is None:
             return
-        statistics = await self.context.store.get_statistics()
+        statistics = await self.context.store.get_statistics(self._owner_filter(caller))
         text = render.stats_text(caller.lang, statistics, await self._disk_space())
         await reply(self.context, message, text)
 
@@ -359,7 +359,7 @@ class Commands:
         if row is None:
             return translate(lang, _DOWNLOAD.missing_key, id=download_id)
         if not self.context.gatekeeper.may_control(caller.user_id, row):
-            return translate(lang, "bot.not_yours", id=row.id)
+            return translate(lang, _DOWNLOAD.missing_key, id=download_id)  # another's: none
         if row.status not in render.ARCHIVE_OPEN_STATUSES:
             return translate(lang, "bot.archive_too_late", id=row.id)
         await self.context.store.set_archive_option(row.id, action, password)
@@ -374,7 +374,7 @@ class Commands:
         if row is None:
             return translate(lang, _DOWNLOAD.missing_key, id=download_id)
         if not self.context.gatekeeper.may_control(caller.user_id, row):
-            return translate(lang, "bot.not_yours", id=row.id)
+            return translate(lang, _DOWNLOAD.missing_key, id=download_id)  # another's: none
         if row.status not in render.ARCHIVE_OPEN_STATUSES:
             return translate(lang, "bot.archive_too_late", id=row.id)
         targets = self.context.config().upload.targets
@@ -412,12 +412,13 @@ class Commands:
         operation: Callable[[int], Awaitable[_Item]],
         done: Callable[[_Item], str],
     ) -> str:
-        """Run `operation` on `item` if its `job` is the caller's to control; the answer."""
+        """Run `operation` on `item` if its `job` is the caller's to control; the answer (another
+        user's job or upload answers as none at all)."""
         lang = caller.lang
         log = logger.bind(job=job.id, user=caller.user_id)
         if not self.context.gatekeeper.may_control(caller.user_id, job):
             log.info("refused {} on {} {} of someone else", action, kind.name, item.id)
-            return translate(lang, "bot.not_yours", id=job.id)
+            return translate(lang, kind.missing_key, id=item.id)
         try:
             updated = await operation(item.id)
         except TransitionError as exc:

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from configer import ConfigError, Quotas, load_config
+from tests.support.http_files import FileServer
 from tests.support.processes import free_port
 from tests.support.sessions import cookie_header
 from tests.support.torrents import make_torrent
@@ -314,3 +315,38 @@ async def test_a_user_opens_the_link_in_a_browser_and_sees_only_their_jobs(
             ".map(e => Number(e.dataset.downloadId))"
         )
     assert own in shown and other not in shown
+
+
+async def test_a_duplicate_names_the_job_only_to_its_owner_and_admins(
+    relay_factory: RelayFactory,  # noqa: F811
+    file_server: FileServer,
+    tmp_path: Path,
+) -> None:
+    relay = await relay_factory(PRIVATE)
+    owner, other, admin = relay.chat(USER), relay.chat(OTHER), relay.chat(ADMIN)
+    # A link held by the server and a torrent nobody seeds: both stay active, so a second send
+    # of either is a duplicate.
+    file_server.add_file("held.bin", size=4 * 1024 * 1024)
+    link = file_server.url("held.bin", route="hold", bytes=65536)
+    await owner.say(link)
+    [job] = await relay.jobs(1)
+    torrent = make_torrent(b"t" * 4096, tmp_path, "http://127.0.0.1:9/announce", "t.bin")
+    torrent_file = relay.fake.add_file(torrent.torrent_bytes, file_name="t.torrent")
+    await owner.say(file=torrent_file)
+    [_, seeded] = await relay.jobs(2)
+    for existing, send in ((job, {"text": link}), (seeded, {"file": torrent_file})):
+        for chat in (owner, admin):
+            [answer] = await chat.say(**send)
+            assert f"#{existing.id}" in answer.text, answer.text
+        [answer] = await other.say(**send)
+        assert "#" not in answer.text and "someone else" in answer.text, answer.text
+        assert "wait until it is done" in answer.text or "once that is done" in answer.text
+    # Neither job can be reached by the other user, who is told there is none.
+    for command in (f"/cancel {job.id}", f"/pause {seeded.id}"):
+        [answer] = await other.say(command)
+        assert "There is no download" in answer.text, answer.text
+    # Their /stats counts their own jobs (none), not everyone's.
+    [stats] = await other.say("/stats")
+    [everyone] = await admin.say("/stats")
+    assert "Downloads: 0" in stats.text and "Downloads: 2" in everyone.text, stats.text
+    assert len(await relay.downloads()) == 2
