@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from configer import ConfigError, Quotas, load_config
 from tests.support.http_files import FileServer
@@ -31,6 +32,8 @@ from tests.test_bot import (  # noqa: F401
 )
 from tests.test_browser import CHROMIUM, chromium
 from tests.test_web_page import session_cookie_from
+from webstreamer.routes.ws import WS_SETTINGS, WsSettings
+from webstreamer.server import Listener, WebServer
 from webstreamer.signing import SESSION_COOKIE
 
 LINK = re.compile(r"https?://\S+/signin\?\S+")
@@ -350,3 +353,84 @@ async def test_a_duplicate_names_the_job_only_to_its_owner_and_admins(
     [everyone] = await admin.say("/stats")
     assert "Downloads: 0" in stats.text and "Downloads: 2" in everyone.text, stats.text
     assert len(await relay.downloads()) == 2
+
+
+async def test_a_websocket_opened_with_a_token_closes_once_revoked_or_its_user_changes_role(
+    web: Web,
+) -> None:
+    # A server of the same service whose sockets look at their credential often.
+    server = WebServer(web.relay.running.service.parts.web.ctx, Listener("127.0.0.1", 0))
+    server.app[WS_SETTINGS] = WsSettings(session_check_interval=0.2)
+    await server.start()
+    try:
+        url = f"ws://127.0.0.1:{server.port}/api/ws"
+        mine = await web.sign_in(USER)
+        bearers = []
+        for name in ("revoked", "kept"):
+            status, made, _ = await web.call("POST", "/api/tokens", mine, json={"name": name})
+            assert status == 201, made
+            bearers.append((made["id"], {"Authorization": f"Bearer {made['token']}"}))
+        (revoked_id, revoked), (_, kept) = bearers
+        sockets = [await web.http.ws_connect(url, headers=b) for b in (revoked, kept)]
+        for ws in sockets:
+            hello = json.loads((await ws.receive(timeout=10)).data)
+            assert hello["type"] == "hello"
+        first, second = sockets
+        status, _, _ = await web.call("DELETE", f"/api/tokens/{revoked_id}", mine, json={})
+        assert status == 200
+        message = await first.receive(timeout=10)
+        assert message.type == aiohttp.WSMsgType.CLOSE, message
+        assert first.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+        await second.send_str("ping")  # the other token's socket lives on
+        assert json.loads((await second.receive(timeout=10)).data)["type"] == "pong"
+        # Its user made an admin (config.yaml edited, then reloaded): the socket saw only
+        # their jobs, so it ends too.
+        path = web.relay.running.config_path
+        document = yaml.safe_load(path.read_text())
+        document["telegram"]["admins"] = [ADMIN, USER]
+        path.write_text(yaml.safe_dump(document))
+        status, body, _ = await web.call("POST", "/api/config/reload", json={})
+        assert status == 200, body
+        message = await second.receive(timeout=10)
+        assert message.type == aiohttp.WSMsgType.CLOSE, message
+        assert second.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+        # Connecting again, the same token now sees what an admin sees.
+        async with web.http.ws_connect(url, headers=kept) as again:
+            hello = json.loads((await again.receive(timeout=10)).data)
+            assert hello["type"] == "hello"
+        status, me, _ = await web.call("GET", "/api/me", kept)
+        assert (status, me) == (200, {"role": "admin", "user_id": USER})
+    finally:
+        await server.stop()
+
+
+async def test_api_me_and_a_users_uploads_and_totals(web: Web) -> None:
+    mine, theirs = await web.sign_in(USER), await web.sign_in(OTHER)
+    own = await web.add(mine, "mine.bin")
+    other = await web.add(theirs, "theirs.bin")
+    store = web.relay.db
+    own_upload = await store.create_upload(own, "cloud", None, 3)
+    other_upload = await store.create_upload(other, "cloud", None, 3)
+    assert (await web.call("GET", "/api/me", mine))[1] == {"role": "user", "user_id": USER}
+    assert (await web.call("GET", "/api/me"))[1] == {"role": "admin", "user_id": None}
+    status, body, _ = await web.call("GET", "/api/uploads", mine)
+    assert status == 200 and [u["id"] for u in body["uploads"]] == [own_upload]
+    status, body, _ = await web.call("GET", "/api/uploads")
+    assert {u["id"] for u in body["uploads"]} >= {own_upload, other_upload}
+    for path in ("/api/downloads/statistics", "/api/uploads/statistics"):
+        status, body, _ = await web.call("GET", path, mine)
+        assert status == 200 and body["total"] == 1, (path, body)
+        assert (await web.call("GET", path))[1]["total"] == 2, path
+    # Another user's upload, and another user's job in a bulk action, are none at all.
+    status, body, _ = await web.call("POST", f"/api/uploads/{other_upload}/cancel", mine, json={})
+    assert (status, body) == (
+        404,
+        {"error": "not_found", "detail": f"upload {other_upload} not found"},
+    )
+    status, body, _ = await web.call(
+        "POST", "/api/downloads/bulk", mine, json={"action": "cancel", "ids": [other]}
+    )
+    assert status == 200 and body["results"][0]["error"] == "not_found", body
+    assert (await store.get_download_by_id(other)).status != "cancelled"
+    status, body, _ = await web.call("POST", f"/api/uploads/{own_upload}/cancel", mine, json={})
+    assert status == 200 and body["status"] == "cancelled", body
