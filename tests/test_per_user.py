@@ -19,6 +19,7 @@ import yaml
 from configer import ConfigError, Quotas, load_config
 from tests.support.http_files import FileServer
 from tests.support.processes import free_port
+from tests.support.rclone_cloud import add_remote
 from tests.support.sessions import cookie_header
 from tests.support.torrents import make_torrent
 from tests.test_bot import (  # noqa: F401
@@ -27,6 +28,7 @@ from tests.test_bot import (  # noqa: F401
     USER,
     Relay,
     RelayFactory,
+    eventually,
     relay_factory,
     telegram_section,
 )
@@ -434,3 +436,108 @@ async def test_api_me_and_a_users_uploads_and_totals(web: Web) -> None:
     assert (await store.get_download_by_id(other)).status != "cancelled"
     status, body, _ = await web.call("POST", f"/api/uploads/{own_upload}/cancel", mine, json={})
     assert status == 200 and body["status"] == "cancelled", body
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+async def test_a_users_page_shows_their_own_figures_and_manages_their_tokens(
+    relay_factory: RelayFactory,  # noqa: F811
+    rclone_config: Path,
+    tmp_path: Path,
+) -> None:
+    cloud = tmp_path / "cloud"
+    cloud.mkdir()
+    add_remote(rclone_config, "localdisk", {"type": "local"})
+    target = {"name": "disk", "type": "rclone", "remote": "localdisk", "path": str(cloud)}
+    upload = {"targets": [target], "rclone_config": str(rclone_config)}
+    relay = await relay_factory({**PRIVATE, "upload": upload})
+    # One job of the user's and two of another's, each downloaded and uploaded.
+    for user_id, name in ((USER, "mine.bin"), (OTHER, "theirs-1.bin"), (OTHER, "theirs-2.bin")):
+        await relay.chat(user_id).say(file=relay.fake.add_file(b"p" * 5000, file_name=name))
+
+    async def all_uploaded() -> bool:
+        uploads = await relay.db.fetch_recent_uploads(10)
+        return len(uploads) == 3 and all(u.status == "completed" for u in uploads)
+
+    await eventually(all_uploaded, 60, "three uploads")
+    [own] = [r for r in await relay.downloads() if r.owner_id == USER]
+    async with web_of(relay) as web:
+        link = await web.link_of(USER)
+        failed: list[str] = []
+        async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
+
+            def watch(method: str, params: dict[str, Any]) -> None:
+                if method == "Network.responseReceived" and params["response"]["status"] >= 400:
+                    failed.append(f"{params['response']['status']} {params['response']['url']}")
+                elif method == "Runtime.consoleAPICalled" and params["type"] == "error":
+                    failed.append(f"console: {params['args']}")
+                elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+                    failed.append(f"log: {params['entry']['text']}")
+
+            page.on_event(watch)
+            for domain in ("Network", "Runtime", "Log"):
+                await page.send(f"{domain}.enable")
+            await page.send("Page.navigate", {"url": link})
+            await page.wait_for("!!document.querySelector('form button')", 20, "the link's page")
+            await page.evaluate("document.querySelector('form button').click()")
+            await page.wait_for(
+                "document.getElementById('conn').dataset.state === 'live'"
+                " && document.body.dataset.synced === '1'",
+                20,
+                "the live dashboard",
+            )
+            stat = "document.querySelector('[data-stat=\"{}\"] .value').textContent"
+            # Their own figures: one job done, one upload done (everyone's are 3 and 3).
+            await page.wait_for(
+                f"{stat.format('completed')} === '1' && {stat.format('uploads_completed')} === '1'",
+                20,
+                "the user's own totals",
+            )
+            hidden = await page.evaluate(
+                "['settings', 'nodes', 'logout-all'].map(id => document.getElementById(id).hidden)"
+            )
+            assert hidden == [True, True, True]
+            assert await page.evaluate("document.body.dataset.role") == "user"
+            await page.evaluate("document.getElementById('uploads-show').click()")
+            await page.wait_for(
+                "!document.getElementById('uploads-table').hidden", 20, "the uploads table"
+            )
+            rows = await page.evaluate(
+                "[...document.querySelectorAll('#uploads-body tr')]"
+                ".map(r => Number(r.cells[1].textContent))"
+            )
+            assert rows == [own.id]
+
+            # A token made on the page is shown once, acts as the user, and is revoked there.
+            await page.evaluate("document.getElementById('token-name').value = 'laptop'")
+            await page.evaluate("document.getElementById('token-create').click()")
+            token = await page.wait_for(
+                "!document.getElementById('token-made').hidden"
+                " && document.getElementById('token-value').value",
+                20,
+                "the new token",
+            )
+            assert token.startswith("mrt_")
+            await page.wait_for(
+                "document.querySelectorAll('#tokens-body tr').length === 1", 20, "the token's row"
+            )
+            listed = await page.evaluate("document.getElementById('tokens-body').textContent")
+            assert "laptop" in listed and token not in listed
+            bearer = {"Authorization": f"Bearer {token}"}
+            status, body, _ = await web.call("GET", "/api/downloads", bearer)
+            assert status == 200 and [d["id"] for d in body["downloads"]] == [own.id]
+            await page.evaluate(
+                "document.querySelector('#tokens-body button[data-action=\"revoke\"]').click()"
+            )
+            await page.wait_for(
+                "document.getElementById('revoke-dialog').open", 20, "the revoke question"
+            )
+            await page.evaluate("document.getElementById('revoke-confirm').click()")
+            await page.wait_for(
+                "document.querySelectorAll('#tokens-body tr').length === 0"
+                " && document.getElementById('token-made').hidden",
+                20,
+                "the token gone",
+            )
+            assert (await web.call("GET", "/api/downloads", bearer))[0] == 401
+    assert failed == []
