@@ -11,7 +11,9 @@ with the link key, ten minutes, its nonce recorded once used). Its session, and 
 token (`/api/tokens`: made by whoever is signed in, acting as them, kept as a SHA-256, shown
 once), act for that user: an admin (telegram.admins) sees everything, an allowed user only their
 own jobs (others' answer 404) and only the routes in `USER_ROUTES` (others 403); a user no
-longer listed is refused. The web token, its sessions and its tokens see everything.
+longer listed is refused. The web token, its sessions and its tokens see everything. `GET
+/api/me` tells the page which it is. What outlives one request (an open WebSocket) asks the
+request's `CREDENTIAL_CHECK` now and then whether its session or token still holds as it did.
 
 Forgery: a browser sends the cookie with a request that another site's page makes too. So a
 request signed in by the cookie that may change something (POST, PUT, PATCH, DELETE) must have a
@@ -216,12 +218,15 @@ USER_ROUTES = frozenset(
 )
 
 
+_ACTION_CHOICE = re.compile(r"\{action:[a-z|]+\}")  # a route's {action:pause|...} as {action}
+
+
 def _user_may(request: web.Request) -> bool:
     info = request.match_info
     if info.http_exception is not None:  # no such route: its own 404/405 answers
         return True
     canonical = info.route.resource.canonical if info.route.resource is not None else ""
-    canonical = re.sub(r"\{action:[a-z|]+\}", "{action}", canonical)
+    canonical = _ACTION_CHOICE.sub("{action}", canonical)
     return (request.method, canonical) in USER_ROUTES
 
 
