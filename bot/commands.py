@@ -139,14 +139,8 @@ class Commands:
         return [r for r in rows if owner is None or r.owner_id == owner]
 
     async def _visible_uploads(self, caller: Caller) -> list[UploadRow]:
-        store = self.context.store
         owner = self._owner_filter(caller)
-        if owner is None:
-            return await store.fetch_recent_uploads(LIST_LIMIT)
-        own = await store.fetch_recent_downloads(200, owner_id=owner)
-        by_download = await store.get_uploads_for_downloads([r.id for r in own])
-        uploads = [u for group in by_download.values() for u in group]
-        return sorted(uploads, key=lambda u: u.id, reverse=True)[:LIST_LIMIT]
+        return await self.context.store.fetch_recent_uploads(LIST_LIMIT, owner_id=owner)
 
     async def status_page(
         self, caller: Caller, page: int

@@ -419,6 +419,8 @@ async def test_api_me_and_a_users_uploads_and_totals(web: Web) -> None:
     assert status == 200 and [u["id"] for u in body["uploads"]] == [own_upload]
     status, body, _ = await web.call("GET", "/api/uploads")
     assert {u["id"] for u in body["uploads"]} >= {own_upload, other_upload}
+    [listed] = await web.relay.chat(USER).say("/uploads")  # the bot's list alike
+    assert f"↑{own_upload}" in listed.text and f"↑{other_upload}" not in listed.text
     for path in ("/api/downloads/statistics", "/api/uploads/statistics"):
         status, body, _ = await web.call("GET", path, mine)
         assert status == 200 and body["total"] == 1, (path, body)
