@@ -528,6 +528,16 @@ async def test_a_users_page_shows_their_own_figures_and_manages_their_tokens(
             bearer = {"Authorization": f"Bearer {token}"}
             status, body, _ = await web.call("GET", "/api/downloads", bearer)
             assert status == 200 and [d["id"] for d in body["downloads"]] == [own.id]
+            # Shown once: the page opened again lists the token without it.
+            await page.send("Page.reload")
+            await page.wait_for(
+                "document.querySelectorAll('#tokens-body tr').length === 1", 20, "the list again"
+            )
+            shown = await page.evaluate(
+                "document.getElementById('token-made').hidden"
+                " && document.getElementById('token-value').value"
+            )
+            assert shown == "" and token not in await page.evaluate("document.body.innerText")
             await page.evaluate(
                 "document.querySelector('#tokens-body button[data-action=\"revoke\"]').click()"
             )
