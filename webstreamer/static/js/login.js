@@ -93,9 +93,9 @@ export async function onLoginSubmit(event) {
       signedIn(me);
       return;
     }
-    error.textContent = response.status === 401 || response.status === 403
-      ? t("web.login.failed")
-      : t("web.login.error", { message: `HTTP ${response.status}` });
+    if (response.status === 401 || response.status === 403) error.textContent = t("web.login.failed");
+    else if (response.ok) error.textContent = t("web.login.error", { message: t("web.error.network") });
+    else error.textContent = t("web.login.error", { message: `HTTP ${response.status}` });
     document.body.dataset.loginState = "failed";
     input.select();
   } catch (_) {
