@@ -656,7 +656,8 @@ CREATE INDEX downloads_by_status ON downloads(status, id)
 
 @dataclass(frozen=True)
 class _Totalled:
-    """A table whose rows `store_totals` sums, and what one row (`{r}`) adds to its total."""
+    """A table whose rows `store_totals` sums, what one row (`{r}`) adds to its total, and the
+    condition (one parameter: a Telegram user) that keeps the rows of one owner's jobs."""
 
     table: str
     entity: str
@@ -664,6 +665,7 @@ class _Totalled:
     bytes: str
     speed: str
     cleaned: str
+    owned: str
 
     @property
     def sums(self) -> tuple[str, str, str]:
@@ -681,17 +683,29 @@ class _Totalled:
             )
         )
 
-    def recount(self) -> str:
-        """The totals counted from every row of the table (what `store_totals` must hold)."""
+    def recount(self, where: str = "") -> str:
+        """The totals counted from every row of the table (what `store_totals` must hold), or
+        from the rows `where` keeps."""
         sums = ", ".join(f"COALESCE(SUM({t.format(r='r')}), 0)" for t in self.sums)
         return (
             f"SELECT '{self.entity}', {self.target.format(r='r')}, r.status, COUNT(*), {sums}"
-            f" FROM {self.table} AS r GROUP BY 2, 3"
+            f" FROM {self.table} AS r{where} GROUP BY 2, 3"
         )
 
 
+# The uploads of one Telegram user's jobs (the parameter): the owner index, then the uploads'
+# (download_id, upload_target) key.
+_OWNED_UPLOADS = "download_id IN (SELECT id FROM downloads WHERE owner_id = ?)"
 _TOTALLED = (
-    _Totalled("downloads", "download", "''", "{r}.total_length", "{r}.download_speed", "0"),
+    _Totalled(
+        "downloads",
+        "download",
+        "''",
+        "{r}.total_length",
+        "{r}.download_speed",
+        "0",
+        " WHERE r.owner_id = ?",
+    ),
     _Totalled(
         "uploads",
         "upload",
@@ -699,10 +713,13 @@ _TOTALLED = (
         "{r}.total_size",
         "CAST(ROUND({r}.upload_speed) AS BIGINT)",
         "CASE WHEN {r}.cleaned_at IS NULL THEN 0 ELSE 1 END",
+        f" WHERE r.{_OWNED_UPLOADS}",
     ),
 )
 _TOTALS_COLUMNS = "entity, target, status, items, bytes, speed, cleaned"
 _TOTALS_NOW = f"SELECT {_TOTALS_COLUMNS} FROM store_totals"
+# One user's totals, counted from the rows of their jobs: the running totals are everyone's.
+_OWNER_TOTALS = " UNION ALL ".join(t.recount(t.owned) for t in _TOTALLED)
 _TOTALS_ADD = (
     " ON CONFLICT (entity, target, status) DO UPDATE SET"
     " items = store_totals.items + excluded.items, bytes = store_totals.bytes + excluded.bytes,"
@@ -1361,10 +1378,10 @@ class _Total:
         )
 
 
-async def _all_totals(sql: _Statements, query: str) -> list[_Total]:
+async def _all_totals(sql: _Statements, query: str, params: Sequence[object] = ()) -> list[_Total]:
     return [
         _Total(str(r[0]), str(r[1]), str(r[2]), *(int(r[i]) for i in range(3, 7)))
-        for r in await sql.fetch_all(query)
+        for r in await sql.fetch_all(query, params)
     ]
 
 
@@ -1623,7 +1640,7 @@ class Store(Protocol):
         self, limit: int = 50, *, status: str | None = None, before: int | None = None
     ) -> list[DownloadGroup]: ...
     async def search_downloads(self, limit: int, search: DownloadSearch) -> list[DownloadRow]: ...
-    async def get_download_statistics(self) -> DownloadStatistics: ...
+    async def get_download_statistics(self, owner_id: int | None = None) -> DownloadStatistics: ...
 
     # uploads: written
     async def create_upload(
@@ -1681,16 +1698,20 @@ class Store(Protocol):
         self, download_ids: Sequence[int]
     ) -> dict[int, list[UploadRow]]: ...
     async def fetch_recent_uploads(
-        self, limit: int = 50, status: str | None = None, upload_target: str | None = None
+        self,
+        limit: int = 50,
+        status: str | None = None,
+        upload_target: str | None = None,
+        owner_id: int | None = None,
     ) -> list[UploadRow]: ...
     async def fetch_uploads_in_states(
         self, statuses: Sequence[str], *, node: str | None = None
     ) -> list[UploadRow]: ...
     async def get_pending_uploads(self, upload_target: str | None = None) -> list[UploadRow]: ...
-    async def get_upload_statistics(self) -> UploadStatistics: ...
+    async def get_upload_statistics(self, owner_id: int | None = None) -> UploadStatistics: ...
 
     # statistics, history, configuration
-    async def get_statistics(self) -> Statistics: ...
+    async def get_statistics(self, owner_id: int | None = None) -> Statistics: ...
     async def recount_totals(self, *, repair: bool) -> list[str]: ...
     async def get_status_history(self, entity: str, entity_id: int) -> list[HistoryEntry]: ...
 
@@ -2498,8 +2519,9 @@ class Database:
             tx.emit_removed(None)
         return [_download_from_row(r) for r in rows]
 
-    async def get_download_statistics(self) -> DownloadStatistics:
-        return _download_statistics(await self._totals())
+    async def get_download_statistics(self, owner_id: int | None = None) -> DownloadStatistics:
+        """Every job's figures, or (`owner_id`) only those of that Telegram user's jobs."""
+        return _download_statistics(await self._totals(owner_id))
 
     # --- uploads (seed 001 §2.3) ----------------------------------------------------------------
 
@@ -2834,10 +2856,17 @@ class Database:
         return result
 
     async def fetch_recent_uploads(
-        self, limit: int = 50, status: str | None = None, upload_target: str | None = None
+        self,
+        limit: int = 50,
+        status: str | None = None,
+        upload_target: str | None = None,
+        owner_id: int | None = None,
     ) -> list[UploadRow]:
+        """The newest uploads matching the filters given; with `owner_id`, only the uploads of
+        that Telegram user's jobs."""
+        owned = None if owner_id is None else (_OWNED_UPLOADS, owner_id)
         return await self._fetch_recent(
-            _UPLOADS, limit, {"status": status, "upload_target": upload_target}
+            _UPLOADS, limit, {"status": status, "upload_target": upload_target}, owned
         )
 
     async def fetch_uploads_in_states(
@@ -2849,10 +2878,18 @@ class Database:
         )
 
     async def _fetch_recent(
-        self, table: _Table[RowT], limit: int, filters: Mapping[str, object]
+        self,
+        table: _Table[RowT],
+        limit: int,
+        filters: Mapping[str, object],
+        condition: tuple[str, object] | None = None,
     ) -> list[RowT]:
-        """The newest `limit` rows (-1: all) matching every filter given a value."""
+        """The newest `limit` rows (-1: all) matching every filter given a value, and the
+        `condition` (a clause with one parameter, and its value) when given."""
         clause, params = _equal_filters(**filters)
+        if condition is not None:
+            clause += f" AND {condition[0]}" if clause else f"WHERE {condition[0]}"
+            params.append(condition[1])
         limit_clause, limit_params = _limit(limit)
         rows = await self._read_all(
             f"SELECT {table.columns} FROM {table.name} {clause} ORDER BY id DESC {limit_clause}",
@@ -2875,17 +2912,22 @@ class Database:
         uploads = await self.fetch_uploads_in_states(("pending",))
         return [u for u in uploads if upload_target is None or u.upload_target == upload_target]
 
-    async def get_upload_statistics(self) -> UploadStatistics:
-        return _upload_statistics(await self._totals())
+    async def get_upload_statistics(self, owner_id: int | None = None) -> UploadStatistics:
+        """Every upload's figures, or (`owner_id`) only those of that Telegram user's jobs."""
+        return _upload_statistics(await self._totals(owner_id))
 
-    async def get_statistics(self) -> Statistics:
-        """Both statistics, the payload of a `statistics` event."""
-        totals = await self._totals()
+    async def get_statistics(self, owner_id: int | None = None) -> Statistics:
+        """Both statistics, the payload of a `statistics` event (everyone's), or those of one
+        Telegram user's jobs."""
+        totals = await self._totals(owner_id)
         return {"downloads": _download_statistics(totals), "uploads": _upload_statistics(totals)}
 
-    async def _totals(self) -> list[_Total]:
-        """The running totals (schema 7): a few rows, whatever the size of the tables."""
-        return await _all_totals(self._backend.reads(), _TOTALS_NOW)
+    async def _totals(self, owner_id: int | None = None) -> list[_Total]:
+        """The running totals (schema 7): a few rows, whatever the size of the tables; or one
+        owner's, counted from their jobs' rows."""
+        if owner_id is None:
+            return await _all_totals(self._backend.reads(), _TOTALS_NOW)
+        return await _all_totals(self._backend.reads(), _OWNER_TOTALS, (owner_id, owner_id))
 
     async def recount_totals(self, *, repair: bool) -> list[str]:
         """Compare the running totals with a count of every row; each difference, described.

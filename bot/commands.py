@@ -139,14 +139,8 @@ class Commands:
         return [r for r in rows if owner is None or r.owner_id == owner]
 
     async def _visible_uploads(self, caller: Caller) -> list[UploadRow]:
-        store = self.context.store
         owner = self._owner_filter(caller)
-        if owner is None:
-            return await store.fetch_recent_uploads(LIST_LIMIT)
-        own = await store.fetch_recent_downloads(200, owner_id=owner)
-        by_download = await store.get_uploads_for_downloads([r.id for r in own])
-        uploads = [u for group in by_download.values() for u in group]
-        return sorted(uploads, key=lambda u: u.id, reverse=True)[:LIST_LIMIT]
+        return await self.context.store.fetch_recent_uploads(LIST_LIMIT, owner_id=owner)
 
     async def status_page(
         self, caller: Caller, page: int
@@ -209,7 +203,7 @@ class Commands:
         caller = await admit(self.context, message)
         if caller is None:
             return
-        statistics = await self.context.store.get_statistics()
+        statistics = await self.context.store.get_statistics(self._owner_filter(caller))
         text = render.stats_text(caller.lang, statistics, await self._disk_space())
         await reply(self.context, message, text)
 
@@ -359,7 +353,7 @@ class Commands:
         if row is None:
             return translate(lang, _DOWNLOAD.missing_key, id=download_id)
         if not self.context.gatekeeper.may_control(caller.user_id, row):
-            return translate(lang, "bot.not_yours", id=row.id)
+            return translate(lang, _DOWNLOAD.missing_key, id=download_id)  # another's: none
         if row.status not in render.ARCHIVE_OPEN_STATUSES:
             return translate(lang, "bot.archive_too_late", id=row.id)
         await self.context.store.set_archive_option(row.id, action, password)
@@ -374,7 +368,7 @@ class Commands:
         if row is None:
             return translate(lang, _DOWNLOAD.missing_key, id=download_id)
         if not self.context.gatekeeper.may_control(caller.user_id, row):
-            return translate(lang, "bot.not_yours", id=row.id)
+            return translate(lang, _DOWNLOAD.missing_key, id=download_id)  # another's: none
         if row.status not in render.ARCHIVE_OPEN_STATUSES:
             return translate(lang, "bot.archive_too_late", id=row.id)
         targets = self.context.config().upload.targets
@@ -412,12 +406,13 @@ class Commands:
         operation: Callable[[int], Awaitable[_Item]],
         done: Callable[[_Item], str],
     ) -> str:
-        """Run `operation` on `item` if its `job` is the caller's to control; the answer."""
+        """Run `operation` on `item` if its `job` is the caller's to control; the answer (another
+        user's job or upload answers as none at all)."""
         lang = caller.lang
         log = logger.bind(job=job.id, user=caller.user_id)
         if not self.context.gatekeeper.may_control(caller.user_id, job):
             log.info("refused {} on {} {} of someone else", action, kind.name, item.id)
-            return translate(lang, "bot.not_yours", id=job.id)
+            return translate(lang, kind.missing_key, id=item.id)
         try:
             updated = await operation(item.id)
         except TransitionError as exc:

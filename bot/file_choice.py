@@ -128,7 +128,7 @@ class FileChooser:
             return translate(lang, "bot.no_such_job", id=download_id), False
         if not self.context.gatekeeper.may_control(user_id, row):
             logger.bind(job=row.id, user=user_id).info("refused a file choice on another's job")
-            return translate(lang, "bot.not_yours", id=row.id), False
+            return translate(lang, "bot.no_such_job", id=download_id), False
         if not offers_choice(row):
             return translate(lang, "bot.choice.closed", id=row.id), False
         if op == "o" and number is None:

@@ -211,9 +211,11 @@ class JobHandlers:
             try:
                 row = await add(requester_of(message, caller))
             except DuplicateDownload as exc:
-                await self.reply(
-                    message, translate(caller.lang, "bot.duplicate", id=exc.existing_id)
-                )
+                if await self._may_see(caller, exc.existing_id):
+                    text = translate(caller.lang, "bot.duplicate", id=exc.existing_id)
+                else:
+                    text = translate(caller.lang, "bot.duplicate_other")
+                await self.reply(message, text)
                 return
             except TooLarge as exc:
                 await self.reply(message, translate(caller.lang, "bot.refused_job", reason=exc))
@@ -230,6 +232,12 @@ class JobHandlers:
                 "{} {} accepted as download {}", row.source_type, row.file_name, row.id
             )
             await self.progress.announce(row, caller.lang)
+
+    async def _may_see(self, caller: Caller, download_id: int) -> bool:
+        """Whether the caller may know of job `download_id`: its owner or an admin (another
+        user's job is not named to them)."""
+        row = await self.context.store.get_download_by_id(download_id)
+        return row is not None and self.context.gatekeeper.may_control(caller.user_id, row)
 
     async def _torrent_too_large(self, message: Message, caller: Caller, size: int) -> None:
         await self.reply(
@@ -275,9 +283,13 @@ class JobHandlers:
             for link, row in zip(links, outcomes, strict=True):
                 shown = _shorten(link.url, 80)
                 if isinstance(row, DuplicateDownload):
-                    problems.append(
-                        translate(caller.lang, "bot.link_duplicate", link=shown, id=row.existing_id)
-                    )
+                    if await self._may_see(caller, row.existing_id):
+                        text = translate(
+                            caller.lang, "bot.link_duplicate", link=shown, id=row.existing_id
+                        )
+                    else:
+                        text = translate(caller.lang, "bot.link_duplicate_other", link=shown)
+                    problems.append(text)
                     continue
                 if isinstance(row, SourceError):
                     problems.append(

@@ -384,7 +384,7 @@ async def test_callback_on_someone_elses_job_is_refused(
     await relay.wait_status(row.id, "downloading")
     other = relay.chat(OTHER)
     answer = await other.press(ack.message_id, f"d:cancel:{row.id}")
-    assert "not one of your jobs" in (answer.text or "")
+    assert f"no download #{row.id}" in (answer.text or "")  # another's job: as if none
     stranger = relay.chat(STRANGER)
     answer = await stranger.press(ack.message_id, f"d:cancel:{row.id}")
     assert "may not use" in (answer.text or "")
@@ -587,7 +587,7 @@ async def test_choose_files_buttons_pick_a_torrents_files(relay: Relay, tmp_path
     assert page["big.bin"] != last
 
     answer = await relay.chat(OTHER).press(ack.message_id, f"f:{row.id}:o")
-    assert "not one of your jobs" in (answer.text or "")
+    assert f"no download #{row.id}" in (answer.text or "")
     await chat.press(ack.message_id, f"f:{row.id}:o")
     [chooser] = [m for m in relay.fake.sent_messages() if m.text.startswith(f"Files of #{row.id}")]
     assert chooser.reply_to_message_id == ack.message_id
@@ -680,7 +680,7 @@ async def test_pause_resume_cancel_retry_commands(relay: Relay, file_server: Fil
     await relay.wait_status(row.id, "waiting", "downloading")
 
     [foreign] = await relay.chat(USER).say(f"/cancel {row.id}")
-    assert "not one of your jobs" in foreign.text
+    assert f"no download #{row.id}" in foreign.text  # another's job is named to no one
     assert (await relay.db.get_download_by_id(row.id)).status in ("waiting", "downloading")
 
     [cancelled] = await chat.say(f"/cancel {row.id}")
@@ -945,7 +945,7 @@ async def test_target_buttons_choose_where_a_job_goes(
     assert "stay here only" in (answer.text or "")
     assert await relay.db.get_download_targets(row.id) == []
     answer = await relay.chat(OTHER).press(ack.message_id, f"t:{row.id}:0")
-    assert "not one of your jobs" in (answer.text or "")
+    assert f"no download #{row.id}" in (answer.text or "")
     answer = await chat.press(ack.message_id, f"t:{row.id}:7")
     assert "no longer valid" in (answer.text or "")  # no such target (any more)
     answer = await chat.press(ack.message_id, f"t:{row.id}:1")

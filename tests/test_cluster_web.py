@@ -344,5 +344,5 @@ async def test_the_dashboard_shows_the_nodes_and_who_holds_each_job(
         )
         assert label == OTHER_NODE
 
-    # Expected: the signed-out session probe before the sign-in.
-    assert [e for e in console_errors if "/api/downloads/statistics" not in e] == []
+    # Expected: the signed-out session probe (/api/me) before the sign-in.
+    assert [e for e in console_errors if "/api/me " not in e] == []

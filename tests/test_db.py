@@ -1802,6 +1802,35 @@ async def test_download_statistics_count_by_status(db: Database) -> None:
     assert both["downloads"] == statistics and both["uploads"]["total"] == 0
 
 
+async def test_one_owners_statistics_and_uploads_count_only_their_jobs(db: Database) -> None:
+    mine = await new_http(db, "http://h/mine", owner_id=7, total_length=100)
+    theirs = await new_http(db, "http://h/theirs", owner_id=8, total_length=900)
+    nobodys = await new_http(db, "http://h/nobody", total_length=50)
+    await db.mark_download_failed_by_id(mine, "x")
+    own_upload = await db.create_upload(mine, "cloud", None, 3, ready=True)
+    await db.update_upload_status(own_upload, "uploading", total_size=100)
+    other_upload = await db.create_upload(theirs, "cloud", None, 3, ready=True)
+    await db.create_upload(nobodys, "tg", None, 3, ready=True)
+    own = await db.get_statistics(owner_id=7)
+    assert own["downloads"]["total"] == 1 and own["downloads"]["by_status"]["failed"] == 1
+    assert own["downloads"]["total_bytes"] == 100
+    assert own["uploads"]["total"] == 1 and own["uploads"]["by_target"] == {
+        "cloud": {"uploading": 1}
+    }
+    assert own == {
+        "downloads": await db.get_download_statistics(7),
+        "uploads": await db.get_upload_statistics(7),
+    }
+    # A user with no job has zeros; everyone's totals stay the running totals.
+    assert (await db.get_statistics(owner_id=9))["downloads"]["total"] == 0
+    assert (await db.get_statistics())["downloads"]["total"] == 3
+    assert (await db.get_upload_statistics())["total"] == 3
+    assert [u.id for u in await db.fetch_recent_uploads(owner_id=7)] == [own_upload]
+    assert [u.id for u in await db.fetch_recent_uploads(owner_id=8)] == [other_upload]
+    assert await db.fetch_recent_uploads(owner_id=8, status="uploading") == []
+    assert await db.fetch_recent_uploads(owner_id=9) == []
+
+
 async def test_config_settings(db: Database) -> None:
     assert await db.get_all_configs() == {}
     await db.init_config_from_yaml({"web.port": "8080", "web.token": "***"})

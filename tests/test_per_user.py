@@ -14,9 +14,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from configer import ConfigError, Quotas, load_config
+from tests.support.http_files import FileServer
 from tests.support.processes import free_port
+from tests.support.rclone_cloud import add_remote
 from tests.support.sessions import cookie_header
 from tests.support.torrents import make_torrent
 from tests.test_bot import (  # noqa: F401
@@ -25,11 +28,14 @@ from tests.test_bot import (  # noqa: F401
     USER,
     Relay,
     RelayFactory,
+    eventually,
     relay_factory,
     telegram_section,
 )
 from tests.test_browser import CHROMIUM, chromium
 from tests.test_web_page import session_cookie_from
+from webstreamer.routes.ws import WS_SETTINGS, WsSettings
+from webstreamer.server import Listener, WebServer
 from webstreamer.signing import SESSION_COOKIE
 
 LINK = re.compile(r"https?://\S+/signin\?\S+")
@@ -156,8 +162,12 @@ async def test_a_user_sees_and_controls_only_their_own_jobs(web: Web) -> None:
         assert status == 404, (method, path)
         assert body == {"error": "not_found", "detail": f"no download {other}"}, (method, path)
     assert (await web.call("GET", f"/api/downloads/{other}", theirs))[0] == 200
-    # Everyone's settings, totals and uploads stay with the admins.
-    for method, path in (("GET", "/api/config"), ("GET", "/api/uploads"), ("GET", "/api/sessions")):
+    # Everyone's settings and sessions stay with the admins.
+    for method, path in (
+        ("GET", "/api/config"),
+        ("GET", "/api/settings"),
+        ("GET", "/api/sessions"),
+    ):
         status, body, _ = await web.call(method, path, mine)
         assert status == 403 and "only an admin" in body["detail"], path
     # The admin's link and the web token see both.
@@ -173,17 +183,30 @@ async def test_the_websocket_sends_a_user_nothing_of_another_users_job(web: Web)
     url = web.base.replace("http://", "ws://", 1) + "/api/ws"
     async with web.http.ws_connect(url, headers=headers) as ws:
         hello = json.loads((await ws.receive(timeout=10)).data)
-        assert hello["type"] == "hello" and hello["data"]["statistics"] is None
+        assert hello["type"] == "hello"
+        assert hello["data"]["statistics"]["downloads"]["total"] == 0  # their own: none yet
         other = await web.add(theirs, "secret-of-other.bin")
         own = await web.add(mine, "mine.bin")
         seen: list[dict[str, Any]] = []
-        while not any(m["type"] == "download_update" and m["data"]["id"] == own for m in seen):
+
+        def own_totals_seen() -> bool:
+            return any(
+                m["type"] == "statistics_update" and m["data"]["downloads"]["total"] == 1
+                for m in seen
+            )
+
+        while not (
+            any(m["type"] == "download_update" and m["data"]["id"] == own for m in seen)
+            and own_totals_seen()
+        ):
             message = await ws.receive(timeout=10)
             assert message.type == aiohttp.WSMsgType.TEXT, message
             assert "secret-of-other" not in message.data
             seen.append(json.loads(message.data))
     assert all(m["data"].get("id") != other for m in seen)
-    assert all(m["type"] != "statistics_update" for m in seen)
+    # The totals pushed are the user's own: their one job, never the other's too.
+    totals = [m["data"] for m in seen if m["type"] == "statistics_update"]
+    assert all(t["downloads"]["total"] <= 1 for t in totals)
 
 
 async def test_quotas_refuse_a_users_new_job_in_chat_and_on_the_api(
@@ -297,3 +320,236 @@ async def test_a_user_opens_the_link_in_a_browser_and_sees_only_their_jobs(
             ".map(e => Number(e.dataset.downloadId))"
         )
     assert own in shown and other not in shown
+
+
+async def test_a_duplicate_names_the_job_only_to_its_owner_and_admins(
+    relay_factory: RelayFactory,  # noqa: F811
+    file_server: FileServer,
+    tmp_path: Path,
+) -> None:
+    relay = await relay_factory(PRIVATE)
+    owner, other, admin = relay.chat(USER), relay.chat(OTHER), relay.chat(ADMIN)
+    # A link held by the server and a torrent nobody seeds: both stay active, so a second send
+    # of either is a duplicate.
+    file_server.add_file("held.bin", size=4 * 1024 * 1024)
+    link = file_server.url("held.bin", route="hold", bytes=65536)
+    await owner.say(link)
+    [job] = await relay.jobs(1)
+    torrent = make_torrent(b"t" * 4096, tmp_path, "http://127.0.0.1:9/announce", "t.bin")
+    torrent_file = relay.fake.add_file(torrent.torrent_bytes, file_name="t.torrent")
+    await owner.say(file=torrent_file)
+    [_, seeded] = await relay.jobs(2)
+    for existing, send in ((job, {"text": link}), (seeded, {"file": torrent_file})):
+        for chat in (owner, admin):
+            [answer] = await chat.say(**send)
+            assert f"#{existing.id}" in answer.text, answer.text
+        [answer] = await other.say(**send)
+        assert "#" not in answer.text and "someone else" in answer.text, answer.text
+        assert "wait until it is done" in answer.text or "once that is done" in answer.text
+    # Neither job can be reached by the other user, who is told there is none.
+    for command in (f"/cancel {job.id}", f"/pause {seeded.id}"):
+        [answer] = await other.say(command)
+        assert "There is no download" in answer.text, answer.text
+    # Their /stats counts their own jobs (none), not everyone's.
+    [stats] = await other.say("/stats")
+    [everyone] = await admin.say("/stats")
+    assert "Downloads: 0" in stats.text and "Downloads: 2" in everyone.text, stats.text
+    assert len(await relay.downloads()) == 2
+
+
+async def test_a_websocket_opened_with_a_token_closes_once_revoked_or_its_user_changes_role(
+    web: Web,
+) -> None:
+    # A server of the same service whose sockets look at their credential often.
+    server = WebServer(web.relay.running.service.parts.web.ctx, Listener("127.0.0.1", 0))
+    server.app[WS_SETTINGS] = WsSettings(session_check_interval=0.2)
+    await server.start()
+    try:
+        url = f"ws://127.0.0.1:{server.port}/api/ws"
+        mine = await web.sign_in(USER)
+        bearers = []
+        for name in ("revoked", "kept"):
+            status, made, _ = await web.call("POST", "/api/tokens", mine, json={"name": name})
+            assert status == 201, made
+            bearers.append((made["id"], {"Authorization": f"Bearer {made['token']}"}))
+        (revoked_id, revoked), (_, kept) = bearers
+        sockets = [await web.http.ws_connect(url, headers=b) for b in (revoked, kept)]
+        for ws in sockets:
+            hello = json.loads((await ws.receive(timeout=10)).data)
+            assert hello["type"] == "hello"
+        first, second = sockets
+        status, _, _ = await web.call("DELETE", f"/api/tokens/{revoked_id}", mine, json={})
+        assert status == 200
+        message = await first.receive(timeout=10)
+        assert message.type == aiohttp.WSMsgType.CLOSE, message
+        assert first.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+        await second.send_str("ping")  # the other token's socket lives on
+        assert json.loads((await second.receive(timeout=10)).data)["type"] == "pong"
+        # Its user made an admin (config.yaml edited, then reloaded): the socket saw only
+        # their jobs, so it ends too.
+        path = web.relay.running.config_path
+        document = yaml.safe_load(path.read_text())
+        document["telegram"]["admins"] = [ADMIN, USER]
+        path.write_text(yaml.safe_dump(document))
+        status, body, _ = await web.call("POST", "/api/config/reload", json={})
+        assert status == 200, body
+        message = await second.receive(timeout=10)
+        assert message.type == aiohttp.WSMsgType.CLOSE, message
+        assert second.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+        # Connecting again, the same token now sees what an admin sees.
+        async with web.http.ws_connect(url, headers=kept) as again:
+            hello = json.loads((await again.receive(timeout=10)).data)
+            assert hello["type"] == "hello"
+        status, me, _ = await web.call("GET", "/api/me", kept)
+        assert (status, me) == (200, {"role": "admin", "user_id": USER})
+    finally:
+        await server.stop()
+
+
+async def test_api_me_and_a_users_uploads_and_totals(web: Web) -> None:
+    mine, theirs = await web.sign_in(USER), await web.sign_in(OTHER)
+    own = await web.add(mine, "mine.bin")
+    other = await web.add(theirs, "theirs.bin")
+    store = web.relay.db
+    own_upload = await store.create_upload(own, "cloud", None, 3)
+    other_upload = await store.create_upload(other, "cloud", None, 3)
+    assert (await web.call("GET", "/api/me", mine))[1] == {"role": "user", "user_id": USER}
+    assert (await web.call("GET", "/api/me"))[1] == {"role": "admin", "user_id": None}
+    status, body, _ = await web.call("GET", "/api/uploads", mine)
+    assert status == 200 and [u["id"] for u in body["uploads"]] == [own_upload]
+    status, body, _ = await web.call("GET", "/api/uploads")
+    assert {u["id"] for u in body["uploads"]} >= {own_upload, other_upload}
+    [listed] = await web.relay.chat(USER).say("/uploads")  # the bot's list alike
+    assert f"↑{own_upload}" in listed.text and f"↑{other_upload}" not in listed.text
+    for path in ("/api/downloads/statistics", "/api/uploads/statistics"):
+        status, body, _ = await web.call("GET", path, mine)
+        assert status == 200 and body["total"] == 1, (path, body)
+        assert (await web.call("GET", path))[1]["total"] == 2, path
+    # Another user's upload, and another user's job in a bulk action, are none at all.
+    status, body, _ = await web.call("POST", f"/api/uploads/{other_upload}/cancel", mine, json={})
+    assert (status, body) == (
+        404,
+        {"error": "not_found", "detail": f"upload {other_upload} not found"},
+    )
+    status, body, _ = await web.call(
+        "POST", "/api/downloads/bulk", mine, json={"action": "cancel", "ids": [other]}
+    )
+    assert status == 200 and body["results"][0]["error"] == "not_found", body
+    assert (await store.get_download_by_id(other)).status != "cancelled"
+    status, body, _ = await web.call("POST", f"/api/uploads/{own_upload}/cancel", mine, json={})
+    assert status == 200 and body["status"] == "cancelled", body
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+async def test_a_users_page_shows_their_own_figures_and_manages_their_tokens(
+    relay_factory: RelayFactory,  # noqa: F811
+    rclone_config: Path,
+    tmp_path: Path,
+) -> None:
+    cloud = tmp_path / "cloud"
+    cloud.mkdir()
+    add_remote(rclone_config, "localdisk", {"type": "local"})
+    target = {"name": "disk", "type": "rclone", "remote": "localdisk", "path": str(cloud)}
+    upload = {"targets": [target], "rclone_config": str(rclone_config)}
+    relay = await relay_factory({**PRIVATE, "upload": upload})
+    # One job of the user's and two of another's, each downloaded and uploaded.
+    for user_id, name in ((USER, "mine.bin"), (OTHER, "theirs-1.bin"), (OTHER, "theirs-2.bin")):
+        await relay.chat(user_id).say(file=relay.fake.add_file(b"p" * 5000, file_name=name))
+
+    async def all_uploaded() -> bool:
+        uploads = await relay.db.fetch_recent_uploads(10)
+        return len(uploads) == 3 and all(u.status == "completed" for u in uploads)
+
+    await eventually(all_uploaded, 60, "three uploads")
+    [own] = [r for r in await relay.downloads() if r.owner_id == USER]
+    async with web_of(relay) as web:
+        link = await web.link_of(USER)
+        failed: list[str] = []
+        async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
+
+            def watch(method: str, params: dict[str, Any]) -> None:
+                if method == "Network.responseReceived" and params["response"]["status"] >= 400:
+                    failed.append(f"{params['response']['status']} {params['response']['url']}")
+                elif method == "Runtime.consoleAPICalled" and params["type"] == "error":
+                    failed.append(f"console: {params['args']}")
+                elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+                    failed.append(f"log: {params['entry']['text']}")
+
+            page.on_event(watch)
+            for domain in ("Network", "Runtime", "Log"):
+                await page.send(f"{domain}.enable")
+            await page.send("Page.navigate", {"url": link})
+            await page.wait_for("!!document.querySelector('form button')", 20, "the link's page")
+            await page.evaluate("document.querySelector('form button').click()")
+            await page.wait_for(
+                "document.getElementById('conn').dataset.state === 'live'"
+                " && document.body.dataset.synced === '1'",
+                20,
+                "the live dashboard",
+            )
+            stat = "document.querySelector('[data-stat=\"{}\"] .value').textContent"
+            # Their own figures: one job done, one upload done (everyone's are 3 and 3).
+            await page.wait_for(
+                f"{stat.format('completed')} === '1' && {stat.format('uploads_completed')} === '1'",
+                20,
+                "the user's own totals",
+            )
+            hidden = await page.evaluate(
+                "['settings', 'nodes', 'logout-all'].map(id => document.getElementById(id).hidden)"
+            )
+            assert hidden == [True, True, True]
+            assert await page.evaluate("document.body.dataset.role") == "user"
+            await page.evaluate("document.getElementById('uploads-show').click()")
+            await page.wait_for(
+                "!document.getElementById('uploads-table').hidden", 20, "the uploads table"
+            )
+            rows = await page.evaluate(
+                "[...document.querySelectorAll('#uploads-body tr')]"
+                ".map(r => Number(r.cells[1].textContent))"
+            )
+            assert rows == [own.id]
+
+            # A token made on the page is shown once, acts as the user, and is revoked there.
+            await page.evaluate("document.getElementById('token-name').value = 'laptop'")
+            await page.evaluate("document.getElementById('token-create').click()")
+            token = await page.wait_for(
+                "!document.getElementById('token-made').hidden"
+                " && document.getElementById('token-value').value",
+                20,
+                "the new token",
+            )
+            assert token.startswith("mrt_")
+            await page.wait_for(
+                "document.querySelectorAll('#tokens-body tr').length === 1", 20, "the token's row"
+            )
+            listed = await page.evaluate("document.getElementById('tokens-body').textContent")
+            assert "laptop" in listed and token not in listed
+            bearer = {"Authorization": f"Bearer {token}"}
+            status, body, _ = await web.call("GET", "/api/downloads", bearer)
+            assert status == 200 and [d["id"] for d in body["downloads"]] == [own.id]
+            # Shown once: the page opened again lists the token without it.
+            await page.send("Page.reload")
+            await page.wait_for(
+                "document.querySelectorAll('#tokens-body tr').length === 1", 20, "the list again"
+            )
+            shown = await page.evaluate(
+                "document.getElementById('token-made').hidden"
+                " && document.getElementById('token-value').value"
+            )
+            assert shown == "" and token not in await page.evaluate("document.body.innerText")
+            await page.evaluate(
+                "document.querySelector('#tokens-body button[data-action=\"revoke\"]').click()"
+            )
+            await page.wait_for(
+                "document.getElementById('revoke-dialog').open", 20, "the revoke question"
+            )
+            await page.evaluate("document.getElementById('revoke-confirm').click()")
+            await page.wait_for(
+                "document.querySelectorAll('#tokens-body tr').length === 0"
+                " && document.getElementById('token-made').hidden",
+                20,
+                "the token gone",
+            )
+            assert (await web.call("GET", "/api/downloads", bearer))[0] == 401
+    assert failed == []

@@ -141,6 +141,11 @@ SESSION: web.RequestKey[WebSession] = web.RequestKey("session", WebSession)
 # The Telegram user a request acts for when it may see only that user's jobs; absent for the
 # web token and for admins, who see everything.
 VIEWER: web.RequestKey[int] = web.RequestKey("viewer", int)
+# Whether the credential a request signed in with (a session cookie, a personal API token) still
+# signs in and still sees what it saw (same user, same role): set by the auth middleware, asked
+# now and then by what outlives the request's sign-in (an open WebSocket).
+CredentialCheck = Callable[[], Awaitable[bool]]
+CREDENTIAL_CHECK: web.RequestKey[CredentialCheck] = web.RequestKey("credential_check")
 
 
 def viewer_of(request: web.Request) -> int | None:

@@ -936,7 +936,7 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "GET",
         "/api/downloads/statistics",
-        "Counts, bytes and speed of the downloads",
+        "Counts, bytes and speed of the downloads (a user's: of their own jobs)",
         "downloads",
         {"200": _response("statistics", ref("DownloadStatistics")), **STORE_AWAY},
     ),
@@ -1042,7 +1042,7 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "GET",
         "/api/uploads",
-        "The latest uploads",
+        "The latest uploads (a user's: of their own jobs)",
         "uploads",
         {
             "200": _response("uploads, newest first", ref("UploadList")),
@@ -1058,7 +1058,7 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "GET",
         "/api/uploads/statistics",
-        "Counts, bytes and speed of the uploads",
+        "Counts, bytes and speed of the uploads (a user's: of their own jobs)",
         "uploads",
         {"200": _response("statistics", ref("UploadStatistics")), **STORE_AWAY},
     ),
@@ -1113,6 +1113,24 @@ OPERATIONS: tuple[Operation, ...] = (
                     "schema": {"type": "object", "properties": {"token": STR}}
                 },
             },
+        },
+    ),
+    Operation(
+        "GET",
+        "/api/me",
+        "Who is signed in: an admin sees every job, a user only their own",
+        "sessions",
+        {
+            "200": _response(
+                "the role, and the Telegram user it acts for (null: the web token's)",
+                {
+                    "type": "object",
+                    "properties": {
+                        "role": {"type": "string", "enum": ["admin", "user"]},
+                        "user_id": {"type": ["integer", "null"]},
+                    },
+                },
+            ),
         },
     ),
     Operation(

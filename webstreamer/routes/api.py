@@ -297,8 +297,13 @@ async def bulk_action(request: web.Request) -> web.Response:
             text=f'"ids" must be a list of 1 to {MAX_BULK_IDS} download ids (positive integers)'
         )
     results: list[dict[str, object]] = []
+    viewer = viewer_of(request)
     for download_id in dict.fromkeys(ids):
         try:
+            if viewer is not None:  # another user's job is no job to this user
+                owned = await ctx.store.get_download_by_id(download_id)
+                if owned is None or owned.owner_id != viewer:
+                    raise NotFound("download", download_id)
             row = await operations[action](download_id)
         except NotFound as exc:
             results.append(
@@ -443,7 +448,9 @@ async def delete_all(request: web.Request) -> web.Response:
 
 
 async def download_statistics(request: web.Request) -> web.Response:
-    return web.json_response(await context_of(request).store.get_download_statistics())
+    """Every job's figures; a user's own jobs' for a user."""
+    store = context_of(request).store
+    return web.json_response(await store.get_download_statistics(viewer_of(request)))
 
 
 async def reload_config(request: web.Request) -> web.Response:

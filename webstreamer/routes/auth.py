@@ -11,7 +11,9 @@ with the link key, ten minutes, its nonce recorded once used). Its session, and 
 token (`/api/tokens`: made by whoever is signed in, acting as them, kept as a SHA-256, shown
 once), act for that user: an admin (telegram.admins) sees everything, an allowed user only their
 own jobs (others' answer 404) and only the routes in `USER_ROUTES` (others 403); a user no
-longer listed is refused. The web token, its sessions and its tokens see everything.
+longer listed is refused. The web token, its sessions and its tokens see everything. `GET
+/api/me` tells the page which it is. What outlives one request (an open WebSocket) asks the
+request's `CREDENTIAL_CHECK` now and then whether its session or token still holds as it did.
 
 Forgery: a browser sends the cookie with a request that another site's page makes too. So a
 request signed in by the cookie that may change something (POST, PUT, PATCH, DELETE) must have a
@@ -49,8 +51,10 @@ from aiohttp import web
 from loguru import logger
 
 from configer import TelegramConfig
+from db import Store
 from records import ApiToken, WebSession
 from webstreamer.context import (
+    CREDENTIAL_CHECK,
     METRICS_PATH,
     SESSION,
     VIEWER,
@@ -74,6 +78,7 @@ from webstreamer.signing import (
 LOGIN_BODY_LIMIT = 8 * 1024
 PUBLIC_API_PATHS = frozenset({"/api/health", OPENAPI_PATH, DOCS_PATH})
 LOGOUT_PATH = "/logout"
+ME_PATH = "/api/me"
 WEBSOCKET_PATH = "/api/ws"
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 JSON_TYPE = "application/json"
@@ -110,6 +115,7 @@ class Credential:
     session: WebSession | None
     viewer: int | None = None
     user_id: int | None = None  # the Telegram user it acts for (None: web.token's)
+    api_token: str | None = None  # a personal API token's hash, when it signed in with one
 
 
 # The Telegram user a request acts for, when it signed in as one (a link's session, a token).
@@ -125,15 +131,29 @@ def api_token_hash(token: str) -> str:
 
 
 def _as_user(
-    user_id: int, session: WebSession | None, telegram: TelegramConfig
+    user_id: int | None,
+    session: WebSession | None,
+    api_token: str | None,
+    telegram: TelegramConfig,
 ) -> Credential | None:
-    """A credential of a Telegram user, following telegram.admins and allowed_users live: an
-    admin sees every job, an allowed user their own, anyone else (no longer listed) nothing."""
-    if user_id in telegram.admins:
-        return Credential(session, None, user_id)
+    """A credential of a Telegram user (None: made with web.token, sees every job), following
+    telegram.admins and allowed_users live: an admin sees every job, an allowed user their own,
+    anyone else (no longer listed) nothing."""
+    if user_id is None or user_id in telegram.admins:
+        return Credential(session, None, user_id, api_token)
     if user_id in telegram.allowed_users:
-        return Credential(session, user_id, user_id)
+        return Credential(session, user_id, user_id, api_token)
     return None
+
+
+async def _by_api_token(store: Store, telegram: TelegramConfig, hashed: str) -> Credential | None:
+    found = await store.use_api_token(hashed)
+    return None if found is None else _as_user(found.user_id, None, hashed, telegram)
+
+
+async def _by_session(store: Store, telegram: TelegramConfig, key: str) -> Credential | None:
+    session = await store.use_web_session(key)
+    return None if session is None else _as_user(session.user_id, session, None, telegram)
 
 
 async def authenticate(request: web.Request) -> Credential | None:
@@ -143,11 +163,9 @@ async def authenticate(request: web.Request) -> Credential | None:
     token = ctx.secrets.web_token
     offered = _bearer(request)
     if offered is not None and _API_TOKEN.fullmatch(offered):
-        found = await ctx.store.use_api_token(api_token_hash(offered))
+        found = await _by_api_token(ctx.store, ctx.config.telegram, api_token_hash(offered))
         if found is not None:
-            if found.user_id is None:
-                return Credential(None)
-            return _as_user(found.user_id, None, ctx.config.telegram)
+            return found
     if offered is not None:
         scrape = ctx.config.web.metrics_token if request.path == METRICS_PATH else ""
         valid = (token and _same_text(offered, token)) or (scrape and _same_text(offered, scrape))
@@ -155,15 +173,25 @@ async def authenticate(request: web.Request) -> Credential | None:
     key = session_key(request.cookies.get(SESSION_COOKIE), token)
     if key is None:
         return None
-    session = await ctx.store.use_web_session(key)
-    if session is None:
-        return None
-    if session.user_id is None:
-        return Credential(session)
-    return _as_user(session.user_id, session, ctx.config.telegram)
+    return await _by_session(ctx.store, ctx.config.telegram, key)
 
 
-# What a user's session (not an admin's) may reach: its own jobs, adding jobs, the WebSocket.
+async def still_holds(request: web.Request, credential: Credential) -> bool:
+    """Whether a session or personal API token still signs in as it did for `request`: not
+    ended, revoked or expired, and its user still seeing what they saw (not struck off from
+    telegram.allowed_users, not made or unmade an admin). The store may raise (it is away)."""
+    ctx = context_of(request)
+    if credential.session is not None:
+        now = await _by_session(ctx.store, ctx.config.telegram, credential.session.token_hash)
+    elif credential.api_token is not None:
+        now = await _by_api_token(ctx.store, ctx.config.telegram, credential.api_token)
+    else:  # web.token itself: what the service runs with
+        return True
+    return now is not None and (now.viewer, now.user_id) == (credential.viewer, credential.user_id)
+
+
+# What a user's session (not an admin's) may reach: its own jobs and their uploads and figures,
+# adding jobs, the WebSocket, who it is, its own tokens.
 USER_ROUTES = frozenset(
     {
         ("GET", "/api/downloads"),
@@ -175,7 +203,13 @@ USER_ROUTES = frozenset(
         ("GET", "/api/downloads/{id}/files"),
         ("PUT", "/api/downloads/{id}/files"),
         ("POST", "/api/downloads/{id}/{action}"),
+        ("POST", "/api/downloads/bulk"),
+        ("GET", "/api/downloads/statistics"),
+        ("GET", "/api/uploads"),
+        ("GET", "/api/uploads/statistics"),
+        ("POST", "/api/uploads/{id}/{action}"),
         ("GET", WEBSOCKET_PATH),
+        ("GET", ME_PATH),
         ("GET", "/api/tokens"),
         ("POST", "/api/tokens"),
         ("DELETE", "/api/tokens/{id}"),
@@ -184,12 +218,15 @@ USER_ROUTES = frozenset(
 )
 
 
+_ACTION_CHOICE = re.compile(r"\{action:[a-z|]+\}")  # a route's {action:pause|...} as {action}
+
+
 def _user_may(request: web.Request) -> bool:
     info = request.match_info
     if info.http_exception is not None:  # no such route: its own 404/405 answers
         return True
     canonical = info.route.resource.canonical if info.route.resource is not None else ""
-    canonical = canonical.replace("{action:pause|resume|retry|cancel}", "{action}")
+    canonical = _ACTION_CHOICE.sub("{action}", canonical)
     return (request.method, canonical) in USER_ROUTES
 
 
@@ -271,6 +308,12 @@ async def auth_middleware(
         request[VIEWER] = credential.viewer
     if credential.user_id is not None:
         request[ACTING_USER] = credential.user_id
+    if credential.session is not None or credential.api_token is not None:
+
+        async def holds() -> bool:
+            return await still_holds(request, credential)
+
+        request[CREDENTIAL_CHECK] = holds
     return await handler(request)
 
 
@@ -585,6 +628,16 @@ async def revoke_all_sessions(request: web.Request) -> web.StreamResponse:
     return _signed_out(response) if SESSION in request else response
 
 
+# --- who is signed in ---------------------------------------------------------------------------
+
+
+async def who_am_i(request: web.Request) -> web.Response:
+    """``{"role": "admin" | "user", "user_id": ...}``: an admin sees every job (the web token,
+    its sessions and tokens: `user_id` null), a user only their own."""
+    role = "user" if VIEWER in request else "admin"
+    return web.json_response({"role": role, "user_id": request.get(ACTING_USER)})
+
+
 # --- personal API tokens -------------------------------------------------------------------------
 
 
@@ -659,6 +712,7 @@ def setup(app: web.Application) -> None:
     app.router.add_post(SIGN_IN_PATH, sign_in)
     app.router.add_get("/api/sessions", list_sessions)
     app.router.add_post("/api/sessions/revoke-all", revoke_all_sessions)
+    app.router.add_get(ME_PATH, who_am_i)
     app.router.add_get("/api/tokens", list_api_tokens)
     app.router.add_post("/api/tokens", create_api_token)
     app.router.add_delete("/api/tokens/{id}", revoke_api_token)

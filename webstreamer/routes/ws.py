@@ -6,8 +6,12 @@ subscription for falling behind, or when one send stays blocked longer than `sen
 socket is closed and nobody else notices. The auth middleware refuses the upgrade before this
 handler runs, because the path is under /api: 401 without credentials, 403 when the session
 cookie comes from another site's page (cross-site WebSocket hijacking). A socket opened with a
-session cookie is closed (1008) once that session has ended: signed out, here or on another
-node, or expired; it is checked every `session_check_interval` seconds.
+session cookie or a personal API token is closed (1008) once that credential no longer holds as
+it did: the session signed out (here or on another node) or expired, the token revoked, or its
+user struck off or made or unmade an admin; it is checked every `session_check_interval` seconds.
+
+A user's socket (not an admin's) carries only that user's jobs and their uploads, and for
+totals that user's own, sent after a `statistics` event when one of their jobs changed since.
 
 Messages: ``{"type": "hello" | "download_update" | "upload_update" | "cleanup_update" |
 "statistics_update", "seq": n, "data": {...}}`` with `seq` counting 1, 2, 3 … per connection.
@@ -29,10 +33,17 @@ from dataclasses import dataclass
 from aiohttp import WSCloseCode, WSMsgType, web
 from loguru import logger
 
-from db import DRIVER_ERRORS, Store
+from db import DRIVER_ERRORS
 from events import Event, Subscription, SubscriptionClosed
-from records import DownloadRemoved, DownloadSnapshot, Statistics, UploadRow, WebSession
-from webstreamer.context import CONTEXT, SESSION, context_of, json_error, viewer_of
+from records import DownloadRemoved, DownloadSnapshot, Statistics, UploadRow
+from webstreamer.context import (
+    CONTEXT,
+    CREDENTIAL_CHECK,
+    CredentialCheck,
+    context_of,
+    json_error,
+    viewer_of,
+)
 from webstreamer.links import StreamLinks
 from webstreamer.views import event_json
 
@@ -57,7 +68,7 @@ class WsSettings:
     # Kernel send buffer per connection (0 = the kernel's autotuning, up to megabytes): keeps
     # what a stuck client can pin small and lets the send timeout notice it within seconds.
     socket_send_buffer: int = 128 * 1024
-    session_check_interval: float = 15.0  # seconds between checks that a cookie's session lives
+    session_check_interval: float = 15.0  # seconds between checks that a credential holds
 
 
 WS_SETTINGS: web.AppKey[WsSettings] = web.AppKey("ws_settings", WsSettings)
@@ -113,8 +124,8 @@ class ClientConnection:
         self.log = logger.bind(ws=number, peer=request.remote)
         self.viewer = viewer_of(request)  # None: every event; else only this user's jobs
         self.store = context_of(request).store
-        self.config = lambda: context_of(request).config
         self.owned: set[int] = set()  # this user's jobs seen so far (for uploads and removals)
+        self.changed = False  # one of this user's jobs changed since their totals were sent
 
     async def visible(self, event: Event) -> bool:
         """Whether this client's user may see `event`: a user sees their own jobs, their
@@ -122,7 +133,11 @@ class ClientConnection:
         viewer = self.viewer
         if viewer is None:
             return True
-        data = event.data
+        shown = await self._is_own(viewer, event.data)
+        self.changed |= shown
+        return shown
+
+    async def _is_own(self, viewer: int, data: object) -> bool:
         if isinstance(data, DownloadSnapshot):
             if data.row.owner_id == viewer:
                 self.owned.add(data.row.id)
@@ -144,6 +159,14 @@ class ClientConnection:
                 return True
             return False
         return False
+
+    async def own_statistics(self) -> str | None:
+        """A user's own totals, encoded, when one of their jobs changed since they were last
+        sent (the hub's `statistics` event is everyone's); None when nothing of theirs did."""
+        if self.viewer is None or not self.changed:
+            return None
+        self.changed = False
+        return encode_json(await self.store.get_statistics(self.viewer))
 
     async def send(self, kind: str, data_json: str) -> bool:
         """Send one message (`data_json` already encoded); False once the socket is gone."""
@@ -185,25 +208,21 @@ class ClientConnection:
                 self.cut_off(f"a send blocked for over {self.settings.send_timeout:g} s")
                 return
 
-    async def watch_session(self, store: Store, session: WebSession) -> None:
-        """Close the socket once the session it was opened with has ended."""
+    async def watch_credential(self, holds: CredentialCheck) -> None:
+        """Close the socket once the session or token it was opened with no longer holds as it
+        did (ended, revoked, or its user's role changed: what it may see changed too, so it
+        ends; the page connects again if it still may)."""
         while not self.ws.closed:
             await asyncio.sleep(self.settings.session_check_interval)
             try:
-                live = await store.use_web_session(session.token_hash)
+                still = await holds()
             except DRIVER_ERRORS as exc:  # the store is away for now: look again later
-                self.log.debug("session check failed: {}", exc)
+                self.log.debug("credential check failed: {}", exc)
                 continue
-            if live is not None and live.user_id is not None:
-                # Its user's role changed (struck off, made or unmade admin): what this socket
-                # may see changed too, so it ends; the page connects again if it still may.
-                telegram = self.config().telegram
-                admin = live.user_id in telegram.admins
-                allowed = live.user_id in telegram.allowed_users
-                if admin != (self.viewer is None) or not (admin or allowed):
-                    live = None
-            if live is None:
-                self.log.info("WebSocket closed: its session has ended or its user's role changed")
+            if not still:
+                self.log.info(
+                    "WebSocket closed: its session or token has ended or its user's role changed"
+                )
                 self.subscription.close()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
@@ -223,8 +242,13 @@ class ClientConnection:
                 self.cut_off(f"more than {self.settings.queue_size} updates behind")
                 return
             try:
+                if event.kind == "statistics" and self.viewer is not None:
+                    own = await self.own_statistics()
+                    if own is not None and not await self.send(message_type(event.kind), own):
+                        return
+                    continue
                 shown = await self.visible(event)
-            except DRIVER_ERRORS as exc:  # cannot tell whose it is: not sent
+            except DRIVER_ERRORS as exc:  # cannot tell whose it is, or their totals: not sent
                 self.log.debug("owner of an update unknown: {}", exc)
                 shown = False
             if not shown:
@@ -262,8 +286,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     # Subscribe before reading the statistics: nothing committed in between can be missed.
     subscription = ctx.hub.subscribe(f"ws-{number}", maxsize=settings.queue_size)
     try:
-        try:
-            statistics: Statistics | None = await ctx.store.get_statistics()
+        try:  # a user's own totals; everyone's are for admins
+            statistics: Statistics | None = await ctx.store.get_statistics(viewer_of(request))
         except Exception as exc:
             logger.warning("statistics for a new WebSocket client failed: {}", exc)
             statistics = None
@@ -280,8 +304,6 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             ctx.metrics.websocket_client_dropped,
         )
         connection.log.debug("WebSocket client connected")
-        if connection.viewer is not None:  # everyone's totals are for admins
-            statistics = None
         hello = {"statistics": statistics, "version": ctx.version, "server_time": time.time()}
         if not await connection.send("hello", encode_json(hello)):
             return ws
@@ -289,11 +311,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             asyncio.create_task(connection.pump(), name=f"ws-{number}-pump"),
             asyncio.create_task(connection.watchdog(), name=f"ws-{number}-watchdog"),
         ]
-        session = request.get(SESSION)
-        if session is not None:
+        holds = request.get(CREDENTIAL_CHECK)
+        if holds is not None:
             tasks.append(
                 asyncio.create_task(
-                    connection.watch_session(ctx.store, session), name=f"ws-{number}-session"
+                    connection.watch_credential(holds), name=f"ws-{number}-credential"
                 )
             )
         try:

@@ -76,7 +76,8 @@ export function toast(message, kind) {
   window.setTimeout(() => el.remove(), kind === "bad" ? 8000 : 4000);
 }
 
-async function copyText(text) {
+/** Put `text` on the clipboard (or copy it through a selection); whether that worked. */
+export async function copyText(text) {
   try {
     if (navigator.clipboard && window.isSecureContext) {
       await navigator.clipboard.writeText(text);

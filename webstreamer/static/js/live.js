@@ -133,7 +133,7 @@ export function connect() {
     if (!state.signedIn) return;
     scheduleReconnect();
     // A 401 here means the session ended: the API's handler shows the sign-in form.
-    api("GET", "/api/downloads/statistics").catch(() => {});
+    api("GET", "/api/me").catch(() => {});
   });
 }
 

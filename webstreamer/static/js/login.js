@@ -7,6 +7,7 @@ import { connect, disconnect, setConnection } from "./live.js";
 import { loadSettings } from "./settings.js";
 import { state } from "./state.js";
 import { drawChart } from "./stats.js";
+import { forgetShownToken, loadTokens } from "./tokens.js";
 
 export function showLogin() {
   $("dashboard").hidden = true;
@@ -17,11 +18,15 @@ export function showLogin() {
   $("token").focus();
 }
 
-function showDashboard() {
+/** The dashboard for `admin` or a user: settings, nodes and "sign out everywhere" are an
+ * admin's (the server refuses them to a user, so a user's page never asks for them). */
+function showDashboard(admin) {
   $("login-view").hidden = true;
   $("dashboard").hidden = false;
   $("logout").hidden = false;
-  $("logout-all").hidden = false;
+  $("logout-all").hidden = !admin;
+  $("settings").hidden = !admin;
+  if (!admin) $("nodes").hidden = true;
   if (window.location.pathname === "/login") window.history.replaceState(null, "", "/");
   drawChart();
 }
@@ -30,19 +35,41 @@ function showDashboard() {
 export function signedOut(notify) {
   if (!state.signedIn) return;
   state.signedIn = false;
+  state.me = null;
   disconnect();
   stopCluster();
+  forgetShownToken();
   showLogin();
   if (notify) toast(t("web.error.unauthorized"), "bad");
 }
 
-export function signedIn() {
+/** Who is signed in (GET /api/me), or null: not signed in (401) or the server is away. */
+export async function whoAmI() {
+  try {
+    const response = await fetch("/api/me", {
+      credentials: "same-origin",
+      headers: { Accept: "application/json" },
+    });
+    return response.ok ? await response.json() : null;
+  } catch (_) {
+    return null;
+  }
+}
+
+/** Signed in as `me` (the answer of GET /api/me). */
+export function signedIn(me) {
+  const admin = me.role === "admin";
   state.signedIn = true;
+  state.me = me;
   document.body.dataset.loginState = "";
-  showDashboard();
+  document.body.dataset.role = admin ? "admin" : "user";
+  showDashboard(admin);
   connect();
-  startCluster();
-  loadSettings();
+  loadTokens();
+  if (admin) {
+    startCluster();
+    loadSettings();
+  }
 }
 
 export async function onLoginSubmit(event) {
@@ -60,14 +87,15 @@ export async function onLoginSubmit(event) {
       headers: { "Content-Type": "application/json", Accept: "application/json" },
       body: JSON.stringify({ token }),
     });
-    if (response.ok) {
+    const me = response.ok ? await whoAmI() : null;
+    if (me) {
       input.value = "";
-      signedIn();
+      signedIn(me);
       return;
     }
-    error.textContent = response.status === 401 || response.status === 403
-      ? t("web.login.failed")
-      : t("web.login.error", { message: `HTTP ${response.status}` });
+    if (response.status === 401 || response.status === 403) error.textContent = t("web.login.failed");
+    else if (response.ok) error.textContent = t("web.login.error", { message: t("web.error.network") });
+    else error.textContent = t("web.login.error", { message: `HTTP ${response.status}` });
     document.body.dataset.loginState = "failed";
     input.select();
   } catch (_) {

@@ -7,9 +7,10 @@ import { $ } from "./dom.js";
 import { onBulkClick, onFindMore, onFindSubmit, onUploadsShow } from "./finder.js";
 import { renderAll } from "./groups.js";
 import { applyStaticTexts, loadMessages, t, toggleLanguage } from "./i18n.js";
-import { onLoginSubmit, onLogout, onLogoutEverywhere, showLogin, signedIn, signedOut } from "./login.js";
+import { onLoginSubmit, onLogout, onLogoutEverywhere, showLogin, signedIn, signedOut, whoAmI } from "./login.js";
 import { onLimitsSubmit, onSettingsSubmit, renderSettings } from "./settings.js";
-import { drawChart, renderStatistics, sampleSpeeds, setStatistics } from "./stats.js";
+import { drawChart, renderStatistics, sampleSpeeds } from "./stats.js";
+import { onRevokeDialogClosed, onTokenCopy, onTokenSubmit, onTokensClick, renderTokens } from "./tokens.js";
 
 function switchLanguage() {
   toggleLanguage();
@@ -19,23 +20,9 @@ function switchLanguage() {
   renderAll();
   renderNodes();
   renderSettings();
+  renderTokens();
   renderStatistics();
   drawChart();
-}
-
-/** Whether the session cookie is still good; its answer is the first statistics shown. A
- * user's session (not an admin's) is good but gets 403: everyone's totals are for admins. */
-async function probeSession() {
-  try {
-    const response = await fetch("/api/downloads/statistics", {
-      credentials: "same-origin",
-      headers: { Accept: "application/json" },
-    });
-    if (response.ok) setStatistics({ downloads: await response.json() });
-    return response.ok || response.status === 403;
-  } catch (_) {
-    return false;
-  }
 }
 
 async function boot() {
@@ -58,12 +45,17 @@ async function boot() {
   $("find-bulk").addEventListener("click", onBulkClick);
   $("uploads-show").addEventListener("click", onUploadsShow);
   $("delete-dialog").addEventListener("close", onDeleteDialogClosed);
+  $("token-form").addEventListener("submit", onTokenSubmit);
+  $("token-copy").addEventListener("click", onTokenCopy);
+  $("tokens-body").addEventListener("click", onTokensClick);
+  $("revoke-dialog").addEventListener("close", onRevokeDialogClosed);
   window.addEventListener("resize", drawChart);
   document.addEventListener("visibilitychange", refreshCluster);
   window.setInterval(sampleSpeeds, 1000);
-  const authenticated = await probeSession();
+  // Whether the session cookie is still good, and whose: the page shows what they may use.
+  const me = await whoAmI();
   document.documentElement.classList.remove("boot");
-  if (authenticated) signedIn();
+  if (me) signedIn(me);
   else showLogin();
 }
 

@@ -3,6 +3,7 @@
 // cluster.js for the nodes).
 export const state = {
   signedIn: false,
+  me: null, // who is signed in (GET /api/me): {role: "admin" | "user", user_id}
   downloads: new Map(), // id → {data, view, detailsOpen, history, historyError}
   groups: new Map(), // key → {key, sourceType, mediaGroupId, ids, view}
   groupOrder: [],
