@@ -1436,11 +1436,11 @@ _LOOKUP_CHUNK = 500  # ids or keys per IN (…) list
 _INSERT_CHUNK = 1000  # new downloads per INSERT: 15 parameters each, under SQLite's limit
 _NEW_DOWNLOAD_COLUMNS = (
     "source_type, source_key, source_url, file_name, total_length, file_unique_id, owner_id,"
-    " chat_id, message_id, group_key, torrent_data, info_hash, status, created_at, updated_at"
+    " chat_id, message_id, group_key, torrent_data, info_hash, status, gid, created_at, updated_at"
 )
 _NEW_DOWNLOAD_TYPES = (
     "TEXT", "TEXT", "TEXT", "TEXT", "INTEGER", "TEXT", "INTEGER", "INTEGER", "INTEGER", "TEXT",
-    "BLOB", "TEXT", "TEXT", "TEXT", "TEXT",
+    "BLOB", "TEXT", "TEXT", "TEXT", "TEXT", "TEXT",
 )  # fmt: skip
 _UPLOAD_EXTRA_COLUMNS = frozenset(
     {
@@ -2028,18 +2028,24 @@ class Database:
                     fresh.setdefault(new.source_key, (new, media))
             # A duplicate leaves its media row as it was: only the new jobs' rows are written.
             await tx.upsert_media([media for _, media in fresh.values() if media is not None])
-            created = await tx.insert_downloads([new for new, _ in fresh.values()], now)
+            chosen: dict[str, str] = {}
+            for (new, _), gid in zip(jobs, gids or (), strict=False):
+                chosen.setdefault(new.source_key, gid)
+            created = await tx.insert_downloads([new for new, _ in fresh.values()], now, chosen)
             missing = [key for key in fresh if key not in created]  # another process's, meanwhile
             active.update(await tx.active_sources(missing) if missing else {})
+            refused = [key for key in missing if key not in active]
+            if refused:  # not a duplicate: the gid chosen for it is taken
+                raise StoreError(f"the job for {refused[0]!r} was refused: its gid is taken")
             ids = [row.id for row in created.values()]
             await tx.history_many("download", ids, None, "pending", "created", now)
-            if gids is not None:
-                chosen: dict[str, str] = {}
-                for (new, _), gid in zip(jobs, gids, strict=True):
-                    chosen.setdefault(new.source_key, gid)
-                moved = await tx.queue([(row.id, chosen[key]) for key, row in created.items()])
-                queued = {row.id: row for row in moved}
-                created = {key: queued.get(row.id, row) for key, row in created.items()}
+            if gids is not None:  # recorded queued: as mark_downloads_queued would have
+                await tx.executemany(
+                    "INSERT INTO download_gids (gid, download_id, reason, created_at)"
+                    " VALUES (?, ?, 'added', ?)",
+                    [(row.gid, row.id, now) for row in created.values()],
+                )
+                await tx.history_many("download", ids, "pending", "waiting", "queued in aria2", now)
             tx.emit_new(list(created.values()))
             return created, active
 
@@ -3991,11 +3997,13 @@ class _Tx:
         return found
 
     async def insert_downloads(
-        self, news: Sequence[NewDownload], now: str
+        self, news: Sequence[NewDownload], now: str, gids: Mapping[str, str] | None = None
     ) -> dict[str, DownloadRow]:
-        """`pending` rows for `news` (each of its own source), a chunk per statement; the rows
-        made, by source. A source that has an active job meanwhile (another process's) gets
-        none (downloads_one_active_per_source). A job of no group is a group of its own."""
+        """`pending` rows for `news` (each of its own source), or `waiting` under their gids
+        (`gids`, by source), a chunk per statement; the rows made, by source. A source that has
+        an active job meanwhile (another process's) gets none (downloads_one_active_per_source).
+        A job of no group is a group of its own."""
+        gids = gids or {}
         made: dict[str, DownloadRow] = {}
         for first in range(0, len(news), _INSERT_CHUNK):
             chunk = news[first : first + _INSERT_CHUNK]
@@ -4007,7 +4015,8 @@ class _Tx:
                         n.source_type, n.source_key, n.source_url, n.file_name, n.total_length,
                         n.file_unique_id, n.owner_id, n.chat_id, n.message_id,
                         n.group_key or f"job:{n.source_key}", n.torrent_data, n.info_hash,
-                        "pending", now, now,
+                        "waiting" if n.source_key in gids else "pending",
+                        gids.get(n.source_key), now, now,
                     )
                     for n in chunk
                 ],

@@ -13,9 +13,11 @@ workload: a quarter Telegram jobs in albums of four with their media rows, the r
 completed with an upload each, 1000 downloading). Then, side by side:
 
 - job creation, each job a Telegram media row + its download + queued (its gid recorded):
-  the peer one call after another (two commits a job); ours one job at a time
-  (`create_download` + `mark_download_queued_by_id`), and `--jobs` that came together (a message
-  of many links) as one `create_downloads` + one `mark_downloads_queued`; jobs/s;
+  the peer one call after another (two commits a job); ours the way the engine records a new
+  job when it runs alone with aria2 up, the gid chosen first and the job queued under it in the
+  transaction that records it: one job at a time (`create_download(..., gid=)`, one commit a
+  job), and `--jobs` that came together (a message of many links) as one
+  `create_downloads(..., gids=)`; jobs/s;
 - the grouped list of 100 (what the page reads on load), ms;
 - statistics (what the page reads on load and the hub pushes), ms.
 
@@ -255,21 +257,22 @@ def create_on_peer(peer: SyncPeer, numbers: range) -> float:
 
 
 async def create_one_by_one(db: Database, numbers: range) -> float:
-    """Ours, one job at a time: its row (with its media row), then queued; jobs/s."""
+    """Ours, one job at a time: its row (with its media row) queued under its gid; jobs/s."""
     started = time.perf_counter()
     for i in numbers:
         new, media = new_job(i)
-        download_id = await db.create_download(new, media)
-        await db.mark_download_queued_by_id(download_id, f"s{i:015x}")
+        await db.create_download(new, media, gid=f"s{i:015x}")
     return len(numbers) / (time.perf_counter() - started)
 
 
 async def create_together(db: Database, numbers: range) -> float:
-    """Ours, jobs that came together: all rows in one transaction, then all queued; jobs/s."""
+    """Ours, jobs that came together: all rows queued under their gids in one transaction;
+    jobs/s."""
     started = time.perf_counter()
-    created = await db.create_downloads([new_job(i) for i in numbers])
-    queued = [(i, f"b{i:015x}") for i in created if isinstance(i, int)]
-    assert len(await db.mark_downloads_queued(queued)) == len(numbers)
+    created = await db.create_downloads(
+        [new_job(i) for i in numbers], gids=[f"b{i:015x}" for i in numbers]
+    )
+    assert all(isinstance(i, int) for i in created)
     return len(numbers) / (time.perf_counter() - started)
 
 

@@ -127,6 +127,40 @@ async def test_a_pending_row_without_gid_is_reconciled_at_start(
     assert await row_count(second) == 1
 
 
+async def test_a_row_queued_under_a_gid_aria2_never_had_is_added_at_start(
+    service_factory: ServiceFactory, file_server: FileServer
+) -> None:
+    data = file_server.add_file("unhanded.bin", size=700_000, seed=23)
+    url = file_server.url("unhanded.bin")
+    first = await settled(await service_factory(name="svc"))
+    await first.stop()
+
+    # The service died between committing the row, queued under the gid it chose, and giving
+    # the job to aria2 under that gid: a waiting row whose gid aria2 never had.
+    db = Database(first.config.database.path)
+    await db.open()
+    try:
+        link = parse_link(url)
+        new = NewDownload(
+            source_type="http",
+            source_key=link.source_key,
+            source_url=link.url,
+            file_name=link.display_name,
+        )
+        download_id = await db.create_download(new, gid="00c0ffee00c0ffee")
+        row = await db.get_download_by_id(download_id)
+        assert row is not None and row.status == "waiting" and row.gid == "00c0ffee00c0ffee"
+    finally:
+        await db.close()
+
+    second = await service_factory(config_path=first.config_path)
+    done = await second.wait_download(download_id, FINAL, timeout=WAIT)
+    assert done["status"] == "completed", done
+    assert done["gid"] != "00c0ffee00c0ffee"  # aria2 had lost it: added again, a gid of its own
+    assert await read_file(done["local_path"]) == data
+    assert await row_count(second) == 1
+
+
 async def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)

@@ -494,6 +494,70 @@ async def test_jobs_handed_over_together_are_queued_in_one_transaction(
         assert await db.recount_totals(repair=False) == []
 
 
+async def test_jobs_given_their_gids_are_recorded_queued_in_one_transaction(
+    store_backend: StoreBackend, peek: Peek
+) -> None:
+    hub = EventHub()
+    subscription = hub.subscribe("test", maxsize=100)
+    async with store_backend.database(hub) as db:
+        existing = await db.create_download(NewDownload("http", "http://h/taken"))
+        while len(subscription):
+            await subscription.get()
+        history_before = peek.count("status_history")
+        jobs: list[tuple[NewDownload, TgMediaRecord | None]] = [
+            (NewDownload("http", "http://h/a"), None),
+            (NewDownload("http", "http://h/taken"), None),
+            telegram(1, "album-q"),
+        ]
+        answers = await db.create_downloads(jobs, gids=["a" * 16, "b" * 16, "c" * 16])
+        assert isinstance(answers[1], DuplicateDownload) and answers[1].existing_id == existing
+        first, _, third = answers
+        assert isinstance(first, int) and isinstance(third, int)
+        rows = [await db.get_download_by_id(i) for i in (first, third)]
+        assert [(r.status, r.gid) for r in rows if r] == [
+            ("waiting", "a" * 16),
+            ("waiting", "c" * 16),
+        ]
+        # The duplicate's gid was never recorded; each new job's is, with both of its steps.
+        assert sorted(r[0] for r in peek.fetch("SELECT gid FROM download_gids")) == [
+            "a" * 16,
+            "c" * 16,
+        ]
+        assert await db.get_download_id_by_gid("b" * 16) is None
+        assert peek.count("status_history") == history_before + 4
+        assert [
+            (h.from_status, h.to_status) for h in await db.get_status_history("download", first)
+        ] == [
+            (None, "pending"),
+            ("pending", "waiting"),
+        ]
+        # No event ever showed a new job pending: its first one shows it queued.
+        events = [await subscription.get() for _ in range(len(subscription))]
+        shown = [(e.item_id, e.data.row.status) for e in events if e.kind == "download"]
+        assert shown == [(first, "waiting"), (third, "waiting")]
+        assert (await db.get_statistics())["downloads"]["by_status"]["waiting"] == 2
+        assert await db.recount_totals(repair=False) == []
+        # A gid already taken refuses the whole batch.
+        downloads_before = peek.count("downloads")
+        with pytest.raises(StoreError, match="gid is taken"):
+            await db.create_downloads(
+                [
+                    (NewDownload("http", "http://h/x"), None),
+                    (NewDownload("http", "http://h/y"), None),
+                ],
+                gids=["d" * 16, "a" * 16],
+            )
+        assert peek.count("downloads") == downloads_before
+        with pytest.raises(ValueError, match="1 gids for 2 jobs"):
+            await db.create_downloads(
+                [
+                    (NewDownload("http", "http://h/x"), None),
+                    (NewDownload("http", "http://h/y"), None),
+                ],
+                gids=["d" * 16],
+            )
+
+
 async def test_schema_5_is_migrated_with_its_totals_counted(
     store_backend: StoreBackend, peek: Peek
 ) -> None:
