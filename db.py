@@ -1874,10 +1874,7 @@ class Database:
                     if self._peers is not None:
                         await self._peers.announce(sql, tx.events)
             finally:
-                if tx is not None and tx.sql.committed:
-                    if self._on_write is not None:
-                        self._on_write(time.perf_counter() - began)
-                    tx.publish(self.hub)
+                self._after_commit(tx, began)
 
     async def _write_all(self, body: Callable[[_Tx], Coroutine[Any, Any, _T]]) -> _T:
         """One write transaction whose body awaits nothing but its statements, published like
@@ -1897,10 +1894,14 @@ class Database:
             try:
                 return await self._backend.run(whole)
             finally:
-                if opened and opened[0].sql.committed:
-                    if self._on_write is not None:
-                        self._on_write(time.perf_counter() - began)
-                    opened[0].publish(self.hub)
+                self._after_commit(opened[0] if opened else None, began)
+
+    def _after_commit(self, tx: _Tx | None, began: float) -> None:
+        """A write transaction's end: if it committed, its time told and its events published."""
+        if tx is not None and tx.sql.committed:
+            if self._on_write is not None:
+                self._on_write(time.perf_counter() - began)
+            tx.publish(self.hub)
 
     async def _republish(self, notice: _Notice) -> None:
         """Publish what another process committed: the rows as they are now."""
@@ -2238,9 +2239,7 @@ class Database:
         if not batch:
             return 0
         now = utc_now()
-        async with self._write() as tx:
-            changed = await tx.progress(batch, now)
-        return changed
+        return await self._write_all(lambda tx: tx.progress(batch, now))
 
     async def update_download_details_by_id(
         self,

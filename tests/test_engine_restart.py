@@ -93,50 +93,17 @@ async def test_service_restart_mid_download_resumes_from_the_session(
     assert any(start > 0 for start in starts), later
 
 
-async def test_a_pending_row_without_gid_is_reconciled_at_start(
-    service_factory: ServiceFactory, file_server: FileServer
+@pytest.mark.parametrize("chosen_gid", [None, "00c0ffee00c0ffee"], ids=["pending", "queued"])
+async def test_a_row_aria2_never_got_is_handed_to_it_at_start(
+    service_factory: ServiceFactory, file_server: FileServer, chosen_gid: str | None
 ) -> None:
     data = file_server.add_file("orphan.bin", size=700_000, seed=22)
     url = file_server.url("orphan.bin")
     first = await settled(await service_factory(name="svc"))
     await first.stop()
 
-    # The service died between committing the row and asking aria2: a pending row, no gid.
-    db = Database(first.config.database.path)
-    await db.open()
-    try:
-        link = parse_link(url)
-        download_id = await db.create_download(
-            NewDownload(
-                source_type="http",
-                source_key=link.source_key,
-                source_url=link.url,
-                file_name=link.display_name,
-            )
-        )
-        row = await db.get_download_by_id(download_id)
-        assert row is not None and row.status == "pending" and row.gid is None
-    finally:
-        await db.close()
-
-    second = await service_factory(config_path=first.config_path)
-    done = await second.wait_download(download_id, FINAL, timeout=WAIT)
-    assert done["status"] == "completed", done
-    assert done["gid"]
-    assert await read_file(done["local_path"]) == data
-    assert await row_count(second) == 1
-
-
-async def test_a_row_queued_under_a_gid_aria2_never_had_is_added_at_start(
-    service_factory: ServiceFactory, file_server: FileServer
-) -> None:
-    data = file_server.add_file("unhanded.bin", size=700_000, seed=23)
-    url = file_server.url("unhanded.bin")
-    first = await settled(await service_factory(name="svc"))
-    await first.stop()
-
-    # The service died between committing the row, queued under the gid it chose, and giving
-    # the job to aria2 under that gid: a waiting row whose gid aria2 never had.
+    # The service died between committing the row and giving the job to aria2: a pending row
+    # with no gid, or one queued under the gid chosen for it, which aria2 never had.
     db = Database(first.config.database.path)
     await db.open()
     try:
@@ -147,16 +114,17 @@ async def test_a_row_queued_under_a_gid_aria2_never_had_is_added_at_start(
             source_url=link.url,
             file_name=link.display_name,
         )
-        download_id = await db.create_download(new, gid="00c0ffee00c0ffee")
+        download_id = await db.create_download(new, gid=chosen_gid)
         row = await db.get_download_by_id(download_id)
-        assert row is not None and row.status == "waiting" and row.gid == "00c0ffee00c0ffee"
+        assert row is not None and row.gid == chosen_gid
+        assert row.status == ("pending" if chosen_gid is None else "waiting")
     finally:
         await db.close()
 
     second = await service_factory(config_path=first.config_path)
     done = await second.wait_download(download_id, FINAL, timeout=WAIT)
     assert done["status"] == "completed", done
-    assert done["gid"] != "00c0ffee00c0ffee"  # aria2 had lost it: added again, a gid of its own
+    assert done["gid"] and done["gid"] != chosen_gid  # aria2's own gid once it took the job
     assert await read_file(done["local_path"]) == data
     assert await row_count(second) == 1
 

@@ -32,7 +32,7 @@ from tests.test_bot import (  # noqa: F401
     relay_factory,
     telegram_section,
 )
-from tests.test_browser import CHROMIUM, chromium
+from tests.test_browser import CHROMIUM, PageSession, chromium
 from tests.test_web_page import session_cookie_from
 from webstreamer.routes.ws import WS_SETTINGS, WsSettings
 from webstreamer.server import Listener, WebServer
@@ -293,6 +293,19 @@ def test_quotas_are_read_with_sizes(tmp_path: Path) -> None:
     assert load_config(path, env={}).telegram.quotas == Quotas(0, 2 * 1024**3)
 
 
+async def sign_in_on_the_page(page: PageSession, link: str) -> None:
+    """Open a user's one-time link, press its button, and wait for the live dashboard."""
+    await page.send("Page.navigate", {"url": link})
+    await page.wait_for("!!document.querySelector('form button')", 20, "the link's page")
+    await page.evaluate("document.querySelector('form button').click()")
+    await page.wait_for(
+        "document.getElementById('conn').dataset.state === 'live'"
+        " && document.body.dataset.synced === '1'",
+        20,
+        "the live dashboard",
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
 async def test_a_user_opens_the_link_in_a_browser_and_sees_only_their_jobs(
@@ -303,15 +316,7 @@ async def test_a_user_opens_the_link_in_a_browser_and_sees_only_their_jobs(
     other = await web.add(theirs, "theirs.bin")
     link = await web.link_of(USER)
     async with chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
-        await page.send("Page.navigate", {"url": link})
-        await page.wait_for("!!document.querySelector('form button')", 20, "the link's page")
-        await page.evaluate("document.querySelector('form button').click()")
-        await page.wait_for(
-            "document.getElementById('conn').dataset.state === 'live'"
-            " && document.body.dataset.synced === '1'",
-            20,
-            "the live dashboard",
-        )
+        await sign_in_on_the_page(page, link)
         await page.wait_for(
             f"!!document.querySelector('[data-download-id=\"{own}\"]')", 20, "the user's job"
         )
@@ -479,15 +484,7 @@ async def test_a_users_page_shows_their_own_figures_and_manages_their_tokens(
             page.on_event(watch)
             for domain in ("Network", "Runtime", "Log"):
                 await page.send(f"{domain}.enable")
-            await page.send("Page.navigate", {"url": link})
-            await page.wait_for("!!document.querySelector('form button')", 20, "the link's page")
-            await page.evaluate("document.querySelector('form button').click()")
-            await page.wait_for(
-                "document.getElementById('conn').dataset.state === 'live'"
-                " && document.body.dataset.synced === '1'",
-                20,
-                "the live dashboard",
-            )
+            await sign_in_on_the_page(page, link)
             stat = "document.querySelector('[data-stat=\"{}\"] .value').textContent"
             # Their own figures: one job done, one upload done (everyone's are 3 and 3).
             await page.wait_for(
