@@ -1433,7 +1433,7 @@ _SLOT_STATUSES = "('pending', 'waiting', 'downloading')"  # the jobs that take a
 _DOWNLOAD_STAMPS = {"downloading": "started_at", "completed": "completed_at"}
 _PROGRESS_CHUNK = 2000  # rows per statement: 4 parameters each, under both backends' limits
 _LOOKUP_CHUNK = 500  # ids or keys per IN (…) list
-_INSERT_CHUNK = 1000  # new downloads per INSERT: 15 parameters each, under SQLite's limit
+_INSERT_CHUNK = 1000  # new downloads per INSERT: 16 parameters each, under SQLite's limit
 _NEW_DOWNLOAD_COLUMNS = (
     "source_type, source_key, source_url, file_name, total_length, file_unique_id, owner_id,"
     " chat_id, message_id, group_key, torrent_data, info_hash, status, gid, created_at, updated_at"
@@ -2037,7 +2037,7 @@ class Database:
             active.update(await tx.active_sources(missing) if missing else {})
             refused = [key for key in missing if key not in active]
             if refused:  # not a duplicate: the gid chosen for it is taken
-                raise StoreError(f"the job for {refused[0]!r} was refused: its gid is taken")
+                raise StoreError(f"{len(refused)} new job(s) refused: the gid chosen is taken")
             ids = [row.id for row in created.values()]
             await tx.history_many("download", ids, None, "pending", "created", now)
             if gids is not None:  # recorded queued: as mark_downloads_queued would have
