@@ -539,7 +539,7 @@ async def test_jobs_given_their_gids_are_recorded_queued_in_one_transaction(
         assert await db.recount_totals(repair=False) == []
         # A gid already taken refuses the whole batch.
         downloads_before = peek.count("downloads")
-        with pytest.raises(StoreError, match="gid is taken"):
+        with pytest.raises(StoreError, match="the gid chosen is taken"):
             await db.create_downloads(
                 [
                     (NewDownload("http", "http://h/x"), None),
