@@ -3284,16 +3284,23 @@ class Database:
         expires = parse_utc(session.expires_at)
         if session.revoked_at is not None or expires is None or expires <= now:
             return None
-        used = parse_utc(session.last_used_at)
-        if used is None or now - used >= _SESSION_TOUCH:
-            stamp = now.isoformat(timespec="milliseconds")
-            async with self._write() as tx:
-                await tx.execute(
-                    "UPDATE web_sessions SET last_used_at = ? WHERE token_hash = ?",
-                    (stamp, token_hash),
-                )
-            session = session._replace(last_used_at=stamp)
-        return session
+        stamp = await self._touch("web_sessions", token_hash, session.last_used_at, now)
+        return session if stamp is None else session._replace(last_used_at=stamp)
+
+    async def _touch(
+        self, table: str, token_hash: str, last_used_at: str | None, now: datetime
+    ) -> str | None:
+        """Record a session's or token's use (its new `last_used_at`), unless the last one is
+        under `_SESSION_TOUCH` old: not a write per request. None when nothing was written."""
+        used = parse_utc(last_used_at) if last_used_at else None
+        if used is not None and now - used < _SESSION_TOUCH:
+            return None
+        stamp = now.isoformat(timespec="milliseconds")
+        async with self._write() as tx:
+            await tx.execute(
+                f"UPDATE {table} SET last_used_at = ? WHERE token_hash = ?", (stamp, token_hash)
+            )
+        return stamp
 
     async def create_api_token(self, token_hash: str, user_id: int | None, name: str) -> ApiToken:
         now = utc_now()
@@ -3312,17 +3319,8 @@ class Database:
         if row is None or row["revoked_at"] is not None:
             return None
         token = ApiToken(*row)
-        now = datetime.now(UTC)
-        used = parse_utc(token.last_used_at) if token.last_used_at else None
-        if used is None or now - used >= _SESSION_TOUCH:
-            stamp = now.isoformat(timespec="milliseconds")
-            async with self._write() as tx:
-                await tx.execute(
-                    "UPDATE api_tokens SET last_used_at = ? WHERE token_hash = ?",
-                    (stamp, token_hash),
-                )
-            token = token._replace(last_used_at=stamp)
-        return token
+        stamp = await self._touch("api_tokens", token_hash, token.last_used_at, datetime.now(UTC))
+        return token if stamp is None else token._replace(last_used_at=stamp)
 
     async def list_api_tokens(self, user_id: int | None) -> list[ApiToken]:
         """The live tokens made for `user_id` (None: those made with web.token), newest first."""

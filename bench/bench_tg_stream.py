@@ -43,7 +43,8 @@ async def _received_message(fake: FakeTelegram, client: pyrogram.Client, update:
     return await asyncio.wait_for(received, 10)
 
 
-async def _timed(read: Callable[[], AsyncIterator[bytes]], expected: bytes) -> float:
+async def timed_read(read: Callable[[], AsyncIterator[bytes]], expected: bytes) -> float:
+    """Seconds to read a whole stream, checked against the bytes expected."""
     chunks: list[bytes] = []
     started = time.perf_counter()
     async for chunk in read():
@@ -73,7 +74,7 @@ async def run(size_mib: int, delay: float, parts_in_flight: int, runs: int) -> N
             return client.stream_media(message)
 
         # Warm both paths (media sessions opened) before measuring; no delay for this.
-        await _timed(lambda: streamer.iter_range(ref, 0, 0), data[:1])
+        await timed_read(lambda: streamer.iter_range(ref, 0, 0), data[:1])
         async for _ in client.stream_media(message, limit=1):
             pass
 
@@ -85,7 +86,7 @@ async def run(size_mib: int, delay: float, parts_in_flight: int, runs: int) -> N
             order = list(contenders) if index % 2 == 0 else list(reversed(contenders))
             for name in order:
                 before = fake.get_file_calls
-                times[name].append(await _timed(contenders[name], data))
+                times[name].append(await timed_read(contenders[name], data))
                 calls[name] = fake.get_file_calls - before
     finally:
         await streamer.close()

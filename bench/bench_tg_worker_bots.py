@@ -19,14 +19,13 @@ import asyncio
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loguru import logger
 
+from bench.bench_tg_stream import timed_read
 from bot.session import TelegramSession
 from bot.tg_source import TelegramByteSource, TelegramStreamer
 from configer import TelegramConfig
@@ -34,17 +33,6 @@ from db import Database
 from records import NewDownload, TgMediaRecord
 from tests.support.fake_telegram import MIB, FakeTelegram
 from tests.support.http_files import deterministic_bytes
-
-
-async def _timed(read: Callable[[], AsyncIterator[bytes]], expected: bytes) -> float:
-    chunks: list[bytes] = []
-    started = time.perf_counter()
-    async for chunk in read():
-        chunks.append(chunk)
-    elapsed = time.perf_counter() - started
-    if b"".join(chunks) != expected:
-        raise SystemExit("streamed bytes differ from the file")
-    return elapsed
 
 
 async def run(size_mib: int, delay: float, limit: int, workers: int, runs: int) -> None:
@@ -157,7 +145,7 @@ async def _measure(
     }
     # Warm both paths (file forwarded, references read, media sessions opened), no delay yet.
     for read in contenders.values():
-        await _timed(read, data)
+        await timed_read(read, data)
     fake.delay_get_file = delay
     times: dict[str, list[float]] = {name: [] for name in contenders}
     calls: dict[str, int] = {}
@@ -165,7 +153,7 @@ async def _measure(
         order = list(contenders) if index % 2 == 0 else list(reversed(contenders))
         for name in order:
             before = fake.get_file_calls
-            times[name].append(await _timed(contenders[name], data))
+            times[name].append(await timed_read(contenders[name], data))
             calls[name] = fake.get_file_calls - before
     return times, calls
 

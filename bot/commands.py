@@ -344,18 +344,24 @@ class Commands:
         operation = self._download_operations[action]
         return await self._control(caller, action, _DOWNLOAD, row, row, operation, done)
 
+    async def _open_job(self, caller: Caller, download_id: int) -> DownloadRow | str:
+        """The caller's job that has not completed (its upload choices still open), or the
+        answer why not: no such job (another user's counts as none), or too late."""
+        row = await self.context.store.get_download_by_id(download_id)
+        if row is None or not self.context.gatekeeper.may_control(caller.user_id, row):
+            return translate(caller.lang, _DOWNLOAD.missing_key, id=download_id)
+        if row.status not in render.ARCHIVE_OPEN_STATUSES:
+            return translate(caller.lang, "bot.archive_too_late", id=row.id)
+        return row
+
     async def archive_action(
         self, caller: Caller, action: str, download_id: int, password: str | None = None
     ) -> str:
         """Ask for the job's archive step (extract or zip) while it has not completed."""
         lang = caller.lang
-        row = await self.context.store.get_download_by_id(download_id)
-        if row is None:
-            return translate(lang, _DOWNLOAD.missing_key, id=download_id)
-        if not self.context.gatekeeper.may_control(caller.user_id, row):
-            return translate(lang, _DOWNLOAD.missing_key, id=download_id)  # another's: none
-        if row.status not in render.ARCHIVE_OPEN_STATUSES:
-            return translate(lang, "bot.archive_too_late", id=row.id)
+        row = await self._open_job(caller, download_id)
+        if isinstance(row, str):
+            return row
         await self.context.store.set_archive_option(row.id, action, password)
         logger.bind(job=row.id, user=caller.user_id).info("{} before upload asked", action)
         return translate(lang, f"bot.archive_{action}_set", id=row.id)
@@ -364,13 +370,9 @@ class Commands:
         """Send the job to the upload target at `index` of `upload.targets` only, or (None) keep
         it here only, while it has not completed; the answer either way."""
         lang = caller.lang
-        row = await self.context.store.get_download_by_id(download_id)
-        if row is None:
-            return translate(lang, _DOWNLOAD.missing_key, id=download_id)
-        if not self.context.gatekeeper.may_control(caller.user_id, row):
-            return translate(lang, _DOWNLOAD.missing_key, id=download_id)  # another's: none
-        if row.status not in render.ARCHIVE_OPEN_STATUSES:
-            return translate(lang, "bot.archive_too_late", id=row.id)
+        row = await self._open_job(caller, download_id)
+        if isinstance(row, str):
+            return row
         targets = self.context.config().upload.targets
         if index is not None and index >= len(targets):
             return translate(lang, "bot.button_unknown")  # the targets changed since
